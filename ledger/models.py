@@ -1,0 +1,348 @@
+"""The ledger: what exists (resource types, prices, tiers, agents, quotas) and what was spent (usage logs).
+
+Quotas are a cache of the ledger: ``used`` always equals the sum of the consumption rows of ``usage_logs``
+for that period, and ``limit`` equals the base limit plus the sum of the period's grants. Database
+constraints keep the counters within their bounds whatever the caller does.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import F, Q
+
+MONEY = {"max_digits": 20, "decimal_places": 2}
+UNIT_PRICE = {"max_digits": 24, "decimal_places": 12}
+COST = {"max_digits": 28, "decimal_places": 12}
+
+
+class ResourceType(models.Model):
+    """A kind of thing an agent spends, counted in integer units (``COMPUTE_MS``, ``AI_TOKENS``, ...)."""
+
+    code = models.CharField(max_length=32, primary_key=True)
+    name = models.CharField(max_length=100)
+    unit = models.CharField(max_length=32, help_text="What one unit is: milliseconds, tokens, KB, ...")
+    description = models.TextField(blank=True)
+    display_order = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        ordering = ["display_order", "code"]
+
+    def __str__(self) -> str:
+        return self.code
+
+
+class ResourcePriceQuerySet(models.QuerySet):
+    def in_effect(self, at):
+        return self.filter(effective_from__lte=at).order_by("resource_type_id", "-effective_from")
+
+
+class ResourcePrice(models.Model):
+    """A list price in USD per unit, from ``effective_from`` until the next price of the same type.
+
+    New prices apply to new usage only: each usage row copies the unit price it was charged at.
+    """
+
+    resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="prices")
+    unit_price_usd = models.DecimalField(**UNIT_PRICE, validators=[MinValueValidator(Decimal("0"))])
+    effective_from = models.DateTimeField()
+    note = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ResourcePriceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["resource_type_id", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(fields=["resource_type", "effective_from"], name="price_unique_effective"),
+            models.CheckConstraint(condition=Q(unit_price_usd__gte=0), name="price_non_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.resource_type_id} ${self.unit_price_usd} from {self.effective_from:%Y-%m-%d %H:%M}"
+
+
+class Tier(models.Model):
+    FREE = "FREE"
+    PRO = "PRO"
+    ENTERPRISE = "ENTERPRISE"
+    CUSTOM = "CUSTOM"
+
+    code = models.CharField(max_length=32, primary_key=True)
+    name = models.CharField(max_length=100)
+    monthly_price_usd = models.DecimalField(**MONEY, default=Decimal("0"))
+    description = models.TextField(blank=True)
+    display_order = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        ordering = ["display_order", "code"]
+
+    def __str__(self) -> str:
+        return self.code
+
+
+class TierQuota(models.Model):
+    """The monthly limit of one resource type in one tier."""
+
+    tier = models.ForeignKey(Tier, on_delete=models.CASCADE, related_name="quotas")
+    resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="+")
+    limit = models.BigIntegerField(validators=[MinValueValidator(0)])
+
+    class Meta:
+        ordering = ["tier__display_order", "resource_type__display_order"]
+        constraints = [
+            models.UniqueConstraint(fields=["tier", "resource_type"], name="tier_quota_unique"),
+            models.CheckConstraint(condition=Q(limit__gte=0), name="tier_quota_limit_non_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tier_id} {self.resource_type_id}: {self.limit:,}"
+
+
+agent_id_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$",
+    "An agent id is 1-64 letters, digits, '-', '_', '.' or ':', starting with a letter or digit.",
+)
+
+
+class Agent(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        THROTTLED = "throttled", "Throttled"
+        SUSPENDED = "suspended", "Suspended"
+
+    id = models.CharField(max_length=64, primary_key=True, validators=[agent_id_validator])
+    name = models.CharField(max_length=200, blank=True)
+    tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="agents")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True)
+    status_reason = models.CharField(max_length=300, blank=True)
+    monthly_budget_usd = models.DecimalField(
+        **MONEY, null=True, blank=True, validators=[MinValueValidator(Decimal("0"))]
+    )
+    instance_count = models.PositiveIntegerField(default=1)
+    min_instances = models.PositiveIntegerField(default=1)
+    max_instances = models.PositiveIntegerField(default=10)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(min_instances__lte=F("instance_count")) & Q(instance_count__lte=F("max_instances")),
+                name="agent_instances_within_bounds",
+            ),
+            models.CheckConstraint(
+                condition=Q(monthly_budget_usd__isnull=True) | Q(monthly_budget_usd__gte=0),
+                name="agent_budget_non_negative",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class AgentLimitOverride(models.Model):
+    """A per-agent monthly limit that replaces the tier's (how CUSTOM agents get their limits)."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="limit_overrides")
+    resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="+")
+    limit = models.BigIntegerField(validators=[MinValueValidator(0)])
+
+    class Meta:
+        ordering = ["agent_id", "resource_type__display_order"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "resource_type"], name="limit_override_unique"),
+            models.CheckConstraint(condition=Q(limit__gte=0), name="limit_override_non_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} {self.resource_type_id}: {self.limit:,}"
+
+
+class Quota(models.Model):
+    """One agent's allowance of one resource type for one period, with its live counters.
+
+    ``available = limit - used - reserved``. The constraints are the last line of defence: the allocation
+    engine takes quota with a conditional UPDATE, and PostgreSQL refuses any write that would overspend.
+    """
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="quotas")
+    resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="+")
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    base_limit = models.BigIntegerField(help_text="The tier's (or override's) limit when the period opened.")
+    limit = models.BigIntegerField(db_column="limit_amount", help_text="Base limit plus every grant.")
+    used = models.BigIntegerField(default=0)
+    reserved = models.BigIntegerField(default=0, help_text="Held by open holds, not yet settled.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "quotas"
+        ordering = ["agent_id", "-period_start", "resource_type__display_order"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "resource_type", "period_start"], name="quota_unique_period"),
+            models.CheckConstraint(condition=Q(used__gte=0), name="quota_used_non_negative"),
+            models.CheckConstraint(condition=Q(reserved__gte=0), name="quota_reserved_non_negative"),
+            models.CheckConstraint(condition=Q(limit__gte=0), name="quota_limit_non_negative"),
+            models.CheckConstraint(
+                condition=Q(used__lte=F("limit") - F("reserved")), name="quota_used_plus_reserved_within_limit"
+            ),
+            models.CheckConstraint(condition=Q(period_end__gt=F("period_start")), name="quota_period_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} {self.resource_type_id} {self.period_start:%Y-%m}"
+
+    @property
+    def available(self) -> int:
+        return self.limit - self.used - self.reserved
+
+    @property
+    def utilization_percent(self) -> Decimal:
+        if not self.limit:
+            return Decimal("0.00") if not self.used else Decimal("100.00")
+        return (Decimal(self.used + self.reserved) * 100 / Decimal(self.limit)).quantize(Decimal("0.01"))
+
+
+class Grant(models.Model):
+    """A change to a period's limit beyond the tier, so that every limit can be explained. Append-only."""
+
+    class Reason(models.TextChoices):
+        MANUAL = "manual", "Manual grant"
+        SCALING = "scaling", "Vertical scaling"
+        SHARE_IN = "share_in", "Shared in from another agent"
+        SHARE_OUT = "share_out", "Shared out to another agent"
+        MARKETPLACE_PURCHASE = "marketplace_purchase", "Marketplace purchase"
+        MARKETPLACE_SALE = "marketplace_sale", "Marketplace sale"
+        TIER_CHANGE = "tier_change", "Tier change"
+
+    quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="grants")
+    amount = models.BigIntegerField(help_text="Units added to the limit (negative when taken away).")
+    reason = models.CharField(max_length=32, choices=Reason.choices)
+    actor = models.CharField(max_length=150, help_text="Who made the change: a username, agent or task.")
+    counterparty_agent = models.ForeignKey(
+        Agent, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    note = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.amount:+,} {self.quota} ({self.reason})"
+
+
+class UsageLog(models.Model):
+    """One consumption (or purchase) with the unit price it was charged at. Append-only."""
+
+    class Kind(models.TextChoices):
+        ALLOCATION = "allocation", "Allocation"
+        SETTLEMENT = "settlement", "Hold settlement"
+        EXECUTION = "execution", "Execution"
+        PURCHASE = "purchase", "Marketplace purchase"
+
+    # Kinds whose ``amount`` is counted in the period's ``used``; a purchase raises the limit instead.
+    CONSUMPTION_KINDS = (Kind.ALLOCATION, Kind.SETTLEMENT, Kind.EXECUTION)
+
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="usage_logs", db_index=False)
+    resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="+")
+    quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="usage_logs", null=True)
+    amount = models.BigIntegerField()
+    unit_price_usd = models.DecimalField(**UNIT_PRICE)
+    cost_usd = models.DecimalField(**COST)
+    task_id = models.CharField(max_length=200, blank=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(db_index=False)
+
+    class Meta:
+        db_table = "usage_logs"
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["agent", "created_at"], name="usage_agent_time_idx"),
+            models.Index(fields=["agent", "resource_type", "created_at"], name="usage_agent_type_time_idx"),
+            models.Index(fields=["created_at"], name="usage_time_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="usage_amount_positive"),
+            models.CheckConstraint(condition=Q(cost_usd__gte=0), name="usage_cost_non_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} {self.kind} {self.amount:,} {self.resource_type_id} ${self.cost_usd}"
+
+
+class OptimizationRule(models.Model):
+    class Scope(models.TextChoices):
+        GLOBAL = "global", "Global"
+        TIER = "tier", "Tier"
+        AGENT = "agent", "Agent"
+
+    class Metric(models.TextChoices):
+        RESOURCE_UTILIZATION_PERCENT = "resource_utilization_percent", "Resource utilization %"
+        BUDGET_UTILIZATION_PERCENT = "budget_utilization_percent", "Budget utilization %"
+        ERROR_RATE_PERCENT = "error_rate_percent", "Error rate %"
+        COST_SPIKE_RATIO = "cost_spike_ratio", "Cost spike ratio"
+        P95_DURATION_MS = "p95_duration_ms", "p95 duration (ms)"
+        THROUGHPUT_PER_HOUR = "throughput_per_hour", "Throughput per hour"
+
+    class Operator(models.TextChoices):
+        GT = ">", ">"
+        GTE = ">=", ">="
+        LT = "<", "<"
+        LTE = "<=", "<="
+        EQ = "==", "=="
+
+    class Severity(models.TextChoices):
+        INFO = "info", "Info"
+        WARNING = "warning", "Warning"
+        CRITICAL = "critical", "Critical"
+
+    class Action(models.TextChoices):
+        NOTIFY = "notify", "Notify"
+        THROTTLE = "throttle", "Throttle"
+        SCALE_UP = "scale_up", "Scale up"
+        SCALE_DOWN = "scale_down", "Scale down"
+        RECOMMEND = "recommend", "Recommend"
+
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    scope = models.CharField(max_length=16, choices=Scope.choices, default=Scope.GLOBAL)
+    tier = models.ForeignKey(Tier, on_delete=models.CASCADE, null=True, blank=True, related_name="rules")
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="rules")
+    metric = models.CharField(max_length=64, choices=Metric.choices)
+    operator = models.CharField(max_length=2, choices=Operator.choices)
+    threshold = models.DecimalField(max_digits=20, decimal_places=6)
+    duration_seconds = models.PositiveIntegerField(default=0, help_text="How long the condition must hold.")
+    severity = models.CharField(max_length=16, choices=Severity.choices, default=Severity.WARNING)
+    action = models.CharField(max_length=16, choices=Action.choices, default=Action.NOTIFY)
+    cooldown_seconds = models.PositiveIntegerField(default=3600)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    Q(scope="global", tier__isnull=True, agent__isnull=True)
+                    | Q(scope="tier", tier__isnull=False, agent__isnull=True)
+                    | Q(scope="agent", tier__isnull=True, agent__isnull=False)
+                ),
+                name="rule_scope_target_consistent",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def condition(self) -> str:
+        return f"{self.metric} {self.operator} {self.threshold.normalize():f}"

@@ -1,0 +1,58 @@
+"""Read queries of the ledger that more than one place needs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from django.db.models import Sum
+from django.utils import timezone
+
+from ledger.models import Agent, AgentLimitOverride, Quota, ResourcePrice, TierQuota
+from ledger.periods import month_bounds
+
+
+def prices_in_effect(*, at: dt.datetime | None = None) -> dict[str, Decimal]:
+    """Every resource type's list price at ``at`` (now by default), in one query."""
+    at = at or timezone.now()
+    prices: dict[str, Decimal] = {}
+    for resource_type_id, unit_price in ResourcePrice.objects.in_effect(at).values_list(
+        "resource_type_id", "unit_price_usd"
+    ):
+        prices.setdefault(resource_type_id, unit_price)
+    return prices
+
+
+def price_in_effect(*, resource_type_id: str, at: dt.datetime | None = None) -> Decimal | None:
+    return (
+        ResourcePrice.objects.in_effect(at or timezone.now())
+        .filter(resource_type_id=resource_type_id)
+        .values_list("unit_price_usd", flat=True)
+        .first()
+    )
+
+
+def base_limits(*, agent: Agent) -> dict[str, int]:
+    """The agent's monthly limits before grants: the tier's, replaced where the agent has an override."""
+    limits = dict(TierQuota.objects.filter(tier_id=agent.tier_id).values_list("resource_type_id", "limit"))
+    limits.update(AgentLimitOverride.objects.filter(agent=agent).values_list("resource_type_id", "limit"))
+    return limits
+
+
+def current_quotas(*, agent: Agent, at: dt.datetime | None = None):
+    start, _ = month_bounds(at or timezone.now())
+    return Quota.objects.filter(agent=agent, period_start=start).select_related("resource_type")
+
+
+def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
+    """What the counters of ``quota`` should be, recomputed from the append-only rows behind them."""
+    from ledger.models import UsageLog
+
+    used = (
+        UsageLog.objects.filter(quota=quota, kind__in=UsageLog.CONSUMPTION_KINDS).aggregate(total=Sum("amount"))[
+            "total"
+        ]
+        or 0
+    )
+    granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0
+    return {"used": used, "limit": quota.base_limit + granted}

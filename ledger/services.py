@@ -1,0 +1,277 @@
+"""Everything that writes to the ledger, outside the hot allocation path (which lives in ``allocation``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from ledger import reference
+from ledger.models import (
+    Agent,
+    AgentLimitOverride,
+    Grant,
+    OptimizationRule,
+    Quota,
+    ResourcePrice,
+    ResourceType,
+    Tier,
+    TierQuota,
+)
+from ledger.periods import month_bounds
+from ledger.rules_yaml import RuleSpec, parse_rules
+from ledger.selectors import base_limits
+
+
+class LedgerError(Exception):
+    """A refused ledger operation. ``code`` is the machine-readable error code the API answers with."""
+
+    code = "ledger_error"
+    status = 400
+
+    def __init__(self, message: str, *, code: str | None = None, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.details = details or {}
+
+
+class NotFound(LedgerError):
+    code = "not_found"
+    status = 404
+
+
+# --- Reference data -------------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def reference_data_load() -> dict[str, int]:
+    """Create the resource types, first prices, tiers, tier quotas and seed rules that are missing.
+
+    Idempotent and non-destructive: what an operator has since edited in the admin is left as it is.
+    Returns how many rows of each kind were created.
+    """
+    created = {"resource_types": 0, "prices": 0, "tiers": 0, "tier_quotas": 0, "rules": 0}
+    for order, (code, name, unit, price, description) in enumerate(reference.RESOURCE_TYPES):
+        resource_type, was_created = ResourceType.objects.get_or_create(
+            code=code, defaults={"name": name, "unit": unit, "description": description, "display_order": order}
+        )
+        created["resource_types"] += was_created
+        if not ResourcePrice.objects.filter(resource_type=resource_type).exists():
+            ResourcePrice.objects.create(
+                resource_type=resource_type,
+                unit_price_usd=price,
+                effective_from=reference.PRICES_EFFECTIVE_FROM,
+                note="List price of the product description",
+            )
+            created["prices"] += 1
+    for order, (code, (monthly_price, limits)) in enumerate(reference.TIERS.items()):
+        tier, was_created = Tier.objects.get_or_create(
+            code=code, defaults={"name": code.title(), "monthly_price_usd": monthly_price, "display_order": order}
+        )
+        created["tiers"] += was_created
+        for resource_code, limit in limits.items():
+            _, was_created = TierQuota.objects.get_or_create(
+                tier=tier, resource_type_id=resource_code, defaults={"limit": limit}
+            )
+            created["tier_quotas"] += was_created
+    existing = set(OptimizationRule.objects.values_list("name", flat=True))
+    for spec in parse_rules(reference.SEED_RULES_YAML):
+        if spec.name not in existing:
+            _rule_save(spec)
+            created["rules"] += 1
+    return created
+
+
+# --- Rules ----------------------------------------------------------------------------------------------
+
+
+def _rule_save(spec: RuleSpec) -> OptimizationRule:
+    tier = agent = None
+    if spec.tier is not None:
+        tier = Tier.objects.filter(code=spec.tier).first()
+        if tier is None:
+            raise LedgerError(f"rule {spec.name!r}: unknown tier {spec.tier!r}", code="unknown_tier")
+    if spec.agent is not None:
+        agent = Agent.objects.filter(id=spec.agent).first()
+        if agent is None:
+            raise LedgerError(f"rule {spec.name!r}: unknown agent {spec.agent!r}", code="unknown_agent")
+    rule, _ = OptimizationRule.objects.update_or_create(
+        name=spec.name,
+        defaults={
+            "metric": spec.metric,
+            "operator": spec.operator,
+            "threshold": spec.threshold,
+            "duration_seconds": spec.duration_seconds,
+            "severity": spec.severity,
+            "action": spec.action,
+            "cooldown_seconds": spec.cooldown_seconds,
+            "enabled": spec.enabled,
+            "description": spec.description,
+            "scope": spec.scope,
+            "tier": tier,
+            "agent": agent,
+        },
+    )
+    return rule
+
+
+@transaction.atomic
+def rules_load_yaml(*, text: str) -> list[OptimizationRule]:
+    """Create or update the rules of a YAML file, all or none (``RuleFileError`` / ``LedgerError``)."""
+    return [_rule_save(spec) for spec in parse_rules(text)]
+
+
+# --- Agents and quotas ----------------------------------------------------------------------------------
+
+
+def quota_open(*, agent: Agent, resource_type_id: str, at: dt.datetime | None = None) -> Quota:
+    """The agent's quota row for the period containing ``at``, created from its base limit if missing.
+
+    Safe under concurrency: two callers opening the same period race on the unique constraint and the
+    loser reads the winner's row.
+    """
+    start, end = month_bounds(at or timezone.now())
+    quota = Quota.objects.filter(agent=agent, resource_type_id=resource_type_id, period_start=start).first()
+    if quota is not None:
+        return quota
+    limit = base_limits(agent=agent).get(resource_type_id, 0)
+    try:
+        with transaction.atomic():
+            return Quota.objects.create(
+                agent=agent,
+                resource_type_id=resource_type_id,
+                period_start=start,
+                period_end=end,
+                base_limit=limit,
+                limit=limit,
+            )
+    except IntegrityError:
+        return Quota.objects.get(agent=agent, resource_type_id=resource_type_id, period_start=start)
+
+
+def quotas_open_all(*, agent: Agent, at: dt.datetime | None = None) -> list[Quota]:
+    """Open every resource type's quota for the period, so that an agent's page shows all of them."""
+    start, end = month_bounds(at or timezone.now())
+    limits = base_limits(agent=agent)
+    missing = [
+        Quota(
+            agent=agent,
+            resource_type_id=code,
+            period_start=start,
+            period_end=end,
+            base_limit=limits.get(code, 0),
+            limit=limits.get(code, 0),
+        )
+        for code in ResourceType.objects.values_list("code", flat=True)
+    ]
+    Quota.objects.bulk_create(missing, ignore_conflicts=True)
+    return list(Quota.objects.filter(agent=agent, period_start=start).select_related("resource_type"))
+
+
+def quota_grant(
+    *,
+    agent: Agent,
+    resource_type_id: str,
+    amount: int,
+    reason: str,
+    actor: str,
+    note: str = "",
+    counterparty: Agent | None = None,
+    at: dt.datetime | None = None,
+) -> Grant:
+    """Change the current period's limit by ``amount`` (negative to take unused quota away), with its grant.
+
+    A negative grant can only take what is available: the conditional UPDATE refuses to cut into what is
+    used or held, so a grant can never make an agent overspent.
+    """
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount == 0:
+        raise LedgerError("a grant amount is a non-zero whole number of units", code="invalid_amount")
+    if not ResourceType.objects.filter(code=resource_type_id).exists():
+        raise LedgerError(f"unknown resource type {resource_type_id!r}", code="unknown_resource_type")
+    with transaction.atomic():
+        quota = quota_open(agent=agent, resource_type_id=resource_type_id, at=at)
+        updated = Quota.objects.filter(pk=quota.pk, limit__gte=F("used") + F("reserved") - amount).update(
+            limit=F("limit") + amount, updated_at=timezone.now()
+        )
+        if not updated:
+            quota.refresh_from_db()
+            raise LedgerError(
+                f"cannot take {-amount:,} units of {resource_type_id}: only {quota.available:,} are unused",
+                code="quota_exceeded",
+                details={"requested": -amount, "available": quota.available},
+            )
+        return Grant.objects.create(
+            quota=quota, amount=amount, reason=reason, actor=actor, note=note, counterparty_agent=counterparty
+        )
+
+
+@transaction.atomic
+def agent_create(
+    *,
+    agent_id: str,
+    tier_code: str,
+    name: str = "",
+    monthly_budget_usd: Decimal | None = None,
+    custom_limits: dict[str, int] | None = None,
+    metadata: dict | None = None,
+) -> Agent:
+    if Agent.objects.filter(id=agent_id).exists():
+        raise LedgerError(f"agent {agent_id!r} already exists", code="agent_exists")
+    tier = Tier.objects.filter(code=tier_code).first()
+    if tier is None:
+        raise LedgerError(f"unknown tier {tier_code!r}", code="unknown_tier")
+    agent = Agent(id=agent_id, name=name or agent_id, tier=tier, monthly_budget_usd=monthly_budget_usd,
+                  metadata=metadata or {})
+    agent.full_clean()
+    agent.save()
+    for resource_type_id, limit in (custom_limits or {}).items():
+        AgentLimitOverride.objects.create(agent=agent, resource_type_id=resource_type_id, limit=limit)
+    return agent
+
+
+@transaction.atomic
+def agent_change_tier(*, agent: Agent, tier: Tier, actor: str) -> Agent:
+    """Move an agent to another tier, re-basing the current period's limits on the new tier.
+
+    Limits never drop below what is already used or held: such a floor is recorded as a ``tier_change``
+    grant, so that ``limit == base_limit + grants`` still holds.
+    """
+    agent = Agent.objects.select_for_update().get(pk=agent.pk)
+    if agent.tier_id == tier.pk:
+        return agent
+    agent.tier = tier
+    agent.save(update_fields=["tier", "updated_at"])
+    new_limits = base_limits(agent=agent)
+    start, _ = month_bounds(timezone.now())
+    for quota in Quota.objects.select_for_update().filter(agent=agent, period_start=start).order_by("pk"):
+        granted = quota.limit - quota.base_limit
+        new_base = new_limits.get(quota.resource_type_id, 0)
+        floor = quota.used + quota.reserved
+        new_limit = new_base + granted
+        if new_limit < floor:
+            Grant.objects.create(
+                quota=quota,
+                amount=floor - new_limit,
+                reason=Grant.Reason.TIER_CHANGE,
+                actor=actor,
+                note=f"kept at what was already used or held when moving to {tier.code}",
+            )
+            new_limit = floor
+        quota.base_limit = new_base
+        quota.limit = new_limit
+        quota.save(update_fields=["base_limit", "limit", "updated_at"])
+    return agent
+
+
+def agent_set_status(*, agent: Agent, status: str, reason: str = "") -> Agent:
+    if status not in Agent.Status.values:
+        raise LedgerError(f"unknown status {status!r}", code="invalid_status")
+    Agent.objects.filter(pk=agent.pk).update(status=status, status_reason=reason[:300], updated_at=timezone.now())
+    agent.status = status
+    agent.status_reason = reason[:300]
+    return agent
