@@ -6,3 +6,6 @@ from django.apps import AppConfig
 class AllocationConfig(AppConfig):
     name = "allocation"
     verbose_name = "Allocation"
+
+    def ready(self) -> None:
+        from allocation.api import schema  # noqa: F401  (registers the OpenAPI extensions)

@@ -1,11 +1,12 @@
-"""Root URLs: the admin, the health check, and each app's routes."""
+"""Root URLs: the admin, the health check, the API and its documentation."""
 
 from __future__ import annotations
 
 from django.contrib import admin
 from django.db import connection
 from django.http import JsonResponse
-from django.urls import path
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 
 def healthz(request):
@@ -21,4 +22,10 @@ admin.site.index_title = "Back office"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/", include("allocation.urls")),
 ]
+
+handler404 = "allocation.api.errors.json_404"
+handler500 = "allocation.api.errors.json_500"

@@ -56,3 +56,36 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
     )
     granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0
     return {"used": used, "limit": quota.base_limit + granted}
+
+
+class _PriceTable:
+    """Every price row, cached per process for a few seconds: the allocation hot path reads the price in
+    effect without a query. Saving a price clears the cache in this process; other processes see it within
+    ``ttl`` seconds, so price changes are best scheduled with an ``effective_from`` a little ahead."""
+
+    ttl = 30.0
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list[tuple[dt.datetime, Decimal]]] | None = None
+        self._loaded_at = 0.0
+
+    def clear(self) -> None:
+        self._rows = None
+
+    def unit_price(self, resource_type_id: str, at: dt.datetime) -> Decimal | None:
+        import time
+
+        if self._rows is None or time.monotonic() - self._loaded_at > self.ttl:
+            rows: dict[str, list[tuple[dt.datetime, Decimal]]] = {}
+            for code, effective_from, price in ResourcePrice.objects.order_by(
+                "resource_type_id", "-effective_from"
+            ).values_list("resource_type_id", "effective_from", "unit_price_usd"):
+                rows.setdefault(code, []).append((effective_from, price))
+            self._rows, self._loaded_at = rows, time.monotonic()
+        for effective_from, price in self._rows.get(resource_type_id, ()):
+            if effective_from <= at:
+                return price
+        return None
+
+
+price_table = _PriceTable()

@@ -10,6 +10,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from ledger import reference
+from ledger.errors import LedgerError, QuotaExceeded
 from ledger.models import (
     Agent,
     AgentLimitOverride,
@@ -24,25 +25,6 @@ from ledger.models import (
 from ledger.periods import month_bounds
 from ledger.rules_yaml import RuleSpec, parse_rules
 from ledger.selectors import base_limits
-
-
-class LedgerError(Exception):
-    """A refused ledger operation. ``code`` is the machine-readable error code the API answers with."""
-
-    code = "ledger_error"
-    status = 400
-
-    def __init__(self, message: str, *, code: str | None = None, details: dict | None = None):
-        super().__init__(message)
-        self.message = message
-        if code:
-            self.code = code
-        self.details = details or {}
-
-
-class NotFound(LedgerError):
-    code = "not_found"
-    status = 404
 
 
 # --- Reference data -------------------------------------------------------------------------------------
@@ -200,9 +182,8 @@ def quota_grant(
         )
         if not updated:
             quota.refresh_from_db()
-            raise LedgerError(
+            raise QuotaExceeded(
                 f"cannot take {-amount:,} units of {resource_type_id}: only {quota.available:,} are unused",
-                code="quota_exceeded",
                 details={"requested": -amount, "available": quota.available},
             )
         return Grant.objects.create(
@@ -234,18 +215,12 @@ def agent_create(
     return agent
 
 
-@transaction.atomic
-def agent_change_tier(*, agent: Agent, tier: Tier, actor: str) -> Agent:
-    """Move an agent to another tier, re-basing the current period's limits on the new tier.
+def _quotas_rebase(*, agent: Agent, actor: str, why: str) -> None:
+    """Re-base the current period's limits on the agent's base limits, keeping the grants on top.
 
     Limits never drop below what is already used or held: such a floor is recorded as a ``tier_change``
     grant, so that ``limit == base_limit + grants`` still holds.
     """
-    agent = Agent.objects.select_for_update().get(pk=agent.pk)
-    if agent.tier_id == tier.pk:
-        return agent
-    agent.tier = tier
-    agent.save(update_fields=["tier", "updated_at"])
     new_limits = base_limits(agent=agent)
     start, _ = month_bounds(timezone.now())
     for quota in Quota.objects.select_for_update().filter(agent=agent, period_start=start).order_by("pk"):
@@ -259,12 +234,56 @@ def agent_change_tier(*, agent: Agent, tier: Tier, actor: str) -> Agent:
                 amount=floor - new_limit,
                 reason=Grant.Reason.TIER_CHANGE,
                 actor=actor,
-                note=f"kept at what was already used or held when moving to {tier.code}",
+                note=f"kept at what was already used or held ({why})",
             )
             new_limit = floor
-        quota.base_limit = new_base
-        quota.limit = new_limit
-        quota.save(update_fields=["base_limit", "limit", "updated_at"])
+        if (quota.base_limit, quota.limit) != (new_base, new_limit):
+            quota.base_limit = new_base
+            quota.limit = new_limit
+            quota.save(update_fields=["base_limit", "limit", "updated_at"])
+
+
+@transaction.atomic
+def agent_change_tier(*, agent: Agent, tier: Tier, actor: str) -> Agent:
+    """Move an agent to another tier, re-basing the current period's limits on the new tier."""
+    agent = Agent.objects.select_for_update().get(pk=agent.pk)
+    if agent.tier_id == tier.pk:
+        return agent
+    agent.tier = tier
+    agent.save(update_fields=["tier", "updated_at"])
+    _quotas_rebase(agent=agent, actor=actor, why=f"moved to {tier.code}")
+    return agent
+
+
+AGENT_PLAIN_FIELDS = ("name", "monthly_budget_usd", "metadata", "min_instances", "max_instances")
+
+
+@transaction.atomic
+def agent_update(*, agent: Agent, actor: str, **changes) -> Agent:
+    """Apply a partial update: plain fields, tier, status and custom limits (which replace the old set)."""
+    agent = Agent.objects.select_for_update().get(pk=agent.pk)
+    if "tier" in changes:
+        agent = agent_change_tier(agent=agent, tier=changes["tier"], actor=actor)
+    plain = {name: changes[name] for name in AGENT_PLAIN_FIELDS if name in changes}
+    if plain:
+        for name, value in plain.items():
+            setattr(agent, name, value)
+        if not agent.min_instances <= agent.max_instances:
+            raise LedgerError("min_instances cannot exceed max_instances", code="invalid_instances")
+        # Keep the running instance count inside new bounds rather than refusing the change.
+        agent.instance_count = min(max(agent.instance_count, agent.min_instances), agent.max_instances)
+        agent.save(update_fields=[*plain, "instance_count", "updated_at"])
+    if "status" in changes:
+        agent_set_status(agent=agent, status=changes["status"], reason=changes.get("status_reason", ""))
+    if "custom_limits" in changes:
+        limits: dict[str, int] = changes["custom_limits"]
+        AgentLimitOverride.objects.filter(agent=agent).exclude(resource_type_id__in=limits).delete()
+        for resource_type_id, limit in limits.items():
+            AgentLimitOverride.objects.update_or_create(
+                agent=agent, resource_type_id=resource_type_id, defaults={"limit": limit}
+            )
+        _quotas_rebase(agent=agent, actor=actor, why="custom limits changed")
+    agent.refresh_from_db()
     return agent
 
 

@@ -48,9 +48,9 @@ def pytest_collection_modifyitems(config, items):
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL: set DATABASE_URL=postgres://... to run")
     skip_redis = pytest.mark.skip(reason="needs Redis: set REDIS_URL=redis://... to run")
     for item in items:
-        if "postgres" in item.keywords and not POSTGRES:
+        if item.get_closest_marker("postgres") and not POSTGRES:
             item.add_marker(skip_pg)
-        if "redis" in item.keywords and not REDIS:
+        if item.get_closest_marker("redis") and not REDIS:
             item.add_marker(skip_redis)
 
 
@@ -70,3 +70,16 @@ def staff_user(db, django_user_model):
 def admin_client_logged_in(client, staff_user):
     client.force_login(staff_user)
     return client
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_caches():
+    """Per-process caches of reference data must not leak between tests that roll back their rows."""
+    from allocation.services import resource_type_codes_clear
+    from ledger.selectors import price_table
+
+    price_table.clear()
+    resource_type_codes_clear()
+    yield
+    price_table.clear()
+    resource_type_codes_clear()

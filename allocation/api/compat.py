@@ -1,0 +1,144 @@
+"""``/api/resources``: the product description's own endpoint, camelCase like its client code.
+
+It is a thin adapter over the same services, authentication and isolation as v1. Actions that belong to the
+optimization app are looked up in ``COMPAT_ACTIONS``, which that app fills in when it is installed; until
+then they answer 501 ``not_implemented``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from allocation import services
+from allocation.api.auth import agent_for
+from allocation.api.errors import error_body
+from allocation.api.mutation import run_mutation
+from allocation.api.serializers import AmountField, QuotaOut, ResourceTypeField
+from allocation.api.views import GridAPIView, _valid, cost_payload
+from ledger.errors import LedgerError, NotFound
+from ledger.models import Agent
+
+# action name -> callable(request, agent, body) -> (status, data); filled by the optimization app.
+COMPAT_GET_ACTIONS: dict[str, Callable] = {}
+COMPAT_POST_ACTIONS: dict[str, Callable] = {}
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(part.upper() if part in {"usd", "id"} else part.title() for part in rest)
+
+
+def camelize(value):
+    if isinstance(value, dict):
+        return {_camel(str(k)): camelize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [camelize(item) for item in value]
+    return value
+
+
+class CompatQuery(serializers.Serializer):
+    action = serializers.ChoiceField(choices=["quota", "cost", "metrics", "recommendations"])
+    agentId = serializers.CharField(max_length=64)  # noqa: N815 - the product's own parameter name
+
+
+class CompatPost(serializers.Serializer):
+    action = serializers.ChoiceField(choices=["allocate", "check", "share", "purchase", "optimize"])
+    agentId = serializers.CharField(max_length=64)  # noqa: N815
+    resourceType = ResourceTypeField(required=False)  # noqa: N815
+    amount = AmountField(required=False)
+    taskId = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")  # noqa: N815
+    targetAgentId = serializers.CharField(max_length=64, required=False)  # noqa: N815
+    dealId = serializers.CharField(max_length=64, required=False)  # noqa: N815
+    hold = serializers.BooleanField(required=False, default=False)
+
+
+def _require(data: dict, *names: str) -> None:
+    missing = [name for name in names if name not in data]
+    if missing:
+        raise serializers.ValidationError({name: ["This field is required."] for name in missing})
+
+
+def _not_implemented(action: str):
+    return Response(
+        error_body("not_implemented", f"action {action!r} needs the optimization app, which is not enabled"),
+        status=501,
+    )
+
+
+class ResourcesView(GridAPIView):
+    def get(self, request):
+        query = _valid(CompatQuery, request.query_params.dict())
+        agent = agent_for(request.user, query["agentId"])
+        action = query["action"]
+        if action == "quota":
+            quotas = QuotaOut(services.agent_quotas(agent=agent), many=True).data
+            return Response({"agentId": agent.id, "quotas": camelize(quotas)})
+        if action == "cost":
+            cost = cost_payload(services.agent_cost(agent=agent))
+            return Response(
+                {
+                    "agentId": agent.id,
+                    "periodStart": cost["period_start"],
+                    "periodEnd": cost["period_end"],
+                    "byResourceType": cost["by_resource_type"],
+                    "totalUSD": cost["total_usd"],
+                    "monthlyBudgetUSD": cost["monthly_budget_usd"],
+                    "budgetUtilizationPercent": cost["budget_utilization_percent"],
+                }
+            )
+        handler = COMPAT_GET_ACTIONS.get(action)
+        if handler is None:
+            return _not_implemented(action)
+        return Response(handler(request, agent))
+
+    def post(self, request):
+        action = request.query_params.get("action") or (
+            request.data.get("action") if isinstance(request.data, dict) else None
+        )
+        agent_id = request.data.get("agentId", "") if isinstance(request.data, dict) else ""
+
+        def handle(body):
+            data = _valid(CompatPost, {**body, "action": action} if action else body)
+            agent = agent_for(request.user, data["agentId"])
+            name = data["action"]
+            if name == "check":
+                _require(data, "resourceType", "amount")
+                result = services.quota_check(agent=agent, resource_type_id=data["resourceType"],
+                                              amount=data["amount"])
+                return 200, {"allowed": result.allowed, "available": result.available, "reason": result.reason}
+            if name == "allocate":
+                _require(data, "resourceType", "amount")
+                allocation = services.allocation_create(
+                    agent=agent, resource_type_id=data["resourceType"], amount=data["amount"],
+                    task_id=data["taskId"], hold=data["hold"],
+                    idempotency_key=request.headers.get("Idempotency-Key", ""),
+                )
+                return 201, {
+                    "allocationId": str(allocation.pk),
+                    "agentId": agent.id,
+                    "resourceType": allocation.resource_type_id,
+                    "allocatedAmount": allocation.amount,
+                    "costUSD": str(allocation.cost_usd),
+                    "status": allocation.status,
+                    "expiresAt": allocation.expires_at.isoformat() if allocation.expires_at else None,
+                }
+            if name == "share":
+                _require(data, "resourceType", "amount", "targetAgentId")
+                target = Agent.objects.filter(pk=data["targetAgentId"]).first()
+                if target is None:
+                    raise NotFound(f"target agent {data['targetAgentId']!r} not found")
+                result = services.quota_share(source=agent, target=target, resource_type_id=data["resourceType"],
+                                              amount=data["amount"], actor=request.user.label)
+                return 200, camelize(result)
+            handler = COMPAT_POST_ACTIONS.get(name)
+            if handler is None:
+                raise LedgerError(
+                    f"action {name!r} needs the optimization app, which is not enabled",
+                    code="not_implemented", status=501,
+                )
+            return handler(request, agent, data)
+
+        return run_mutation(request, action=f"compat.{action or 'unknown'}", agent_id=str(agent_id), handler=handle)

@@ -1,0 +1,84 @@
+"""Every API error has one shape: ``{"error": {"code", "message", "details"}}``."""
+
+from __future__ import annotations
+
+import logging
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions
+from rest_framework.response import Response
+
+from ledger.errors import LedgerError
+
+logger = logging.getLogger(__name__)
+
+API_EXCEPTION_CODES = {
+    exceptions.ParseError: "malformed_json",
+    exceptions.UnsupportedMediaType: "unsupported_media_type",
+    exceptions.NotAuthenticated: "not_authenticated",
+    exceptions.AuthenticationFailed: "invalid_api_key",
+    exceptions.PermissionDenied: "forbidden",
+    exceptions.NotFound: "not_found",
+    exceptions.MethodNotAllowed: "method_not_allowed",
+    exceptions.NotAcceptable: "not_acceptable",
+    exceptions.Throttled: "rate_limited",
+}
+
+
+def error_body(code: str, message: str, details: dict | None = None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def _field_errors(detail) -> dict:
+    if isinstance(detail, dict):
+        return {str(key): _field_errors(value) for key, value in detail.items()}
+    if isinstance(detail, list):
+        if all(isinstance(item, exceptions.ErrorDetail) for item in detail):
+            return [{"code": item.code, "message": str(item)} for item in detail]  # type: ignore[return-value]
+        return [_field_errors(item) for item in detail]  # type: ignore[return-value]
+    return [{"code": getattr(detail, "code", "invalid"), "message": str(detail)}]  # type: ignore[return-value]
+
+
+def exception_response(exc: Exception) -> Response | None:
+    """The error response for ``exc``, or None for an exception that is not ours to shape."""
+    if isinstance(exc, LedgerError):
+        return Response(error_body(exc.code, exc.message, exc.details), status=exc.status)
+    if isinstance(exc, Http404):
+        return Response(error_body("not_found", "not found"), status=404)
+    if isinstance(exc, DjangoPermissionDenied):
+        return Response(error_body("forbidden", "permission denied"), status=403)
+    if isinstance(exc, exceptions.ValidationError):
+        fields = _field_errors(exc.detail)
+        if not isinstance(fields, dict):
+            fields = {"non_field_errors": fields}
+        first = next(iter(fields.items()), None)
+        message = "invalid request"
+        if first and isinstance(first[1], list) and first[1] and isinstance(first[1][0], dict):
+            message = f"{first[0]}: {first[1][0]['message']}"
+        return Response(error_body("validation_error", message, {"fields": fields}), status=400)
+    if isinstance(exc, exceptions.APIException):
+        code = next((code for cls, code in API_EXCEPTION_CODES.items() if isinstance(exc, cls)), None)
+        code = code or getattr(exc, "default_code", "error")
+        response = Response(error_body(code, str(exc.detail)), status=exc.status_code)
+        if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+            response["WWW-Authenticate"] = "Bearer"
+        return response
+    return None
+
+
+def exception_handler(exc, context):
+    """DRF's EXCEPTION_HANDLER: known errors get their code; anything else a logged 500 in the same shape."""
+    response = exception_response(exc)
+    if response is None:
+        logger.exception("unhandled error in %s", context.get("view").__class__.__name__, exc_info=exc)
+        response = Response(error_body("internal_error", "internal error"), status=500)
+    return response
+
+
+def json_404(request, exception=None):
+    return JsonResponse(error_body("not_found", f"no route for {request.path}"), status=404)
+
+
+def json_500(request):
+    return JsonResponse(error_body("internal_error", "internal error"), status=500)

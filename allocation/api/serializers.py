@@ -1,0 +1,175 @@
+"""Input validation and output shapes of the v1 API. Money is rendered as decimal strings."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from rest_framework import serializers
+
+from allocation.models import Allocation
+from allocation.services import MAX_AMOUNT, resource_type_codes
+from ledger.models import Agent, Quota, Tier, UsageLog, agent_id_validator
+
+
+class AmountField(serializers.Field):
+    """A whole number of units, given as a JSON integer: no strings, floats or booleans."""
+
+    default_error_messages = {
+        "invalid": "must be a JSON integer",
+        "min_value": "must be at least {min_value}",
+        "max_value": "must be at most 2^53",
+    }
+
+    def __init__(self, *, min_value: int = 1, **kwargs):
+        self.min_value = min_value
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        if data < self.min_value:
+            self.fail("min_value", min_value=self.min_value)
+        if data > MAX_AMOUNT:
+            self.fail("max_value")
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+class ResourceTypeField(serializers.CharField):
+    default_error_messages = {"unknown_resource_type": "unknown resource type {value!r}"}
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if value not in resource_type_codes():
+            self.fail("unknown_resource_type", value=value)
+        return value
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses keys it does not know, so a typo is an error rather than a silently ignored field."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({key: ["unknown field"] for key in unknown})
+        return super().to_internal_value(data)
+
+
+class QuotaCheckIn(StrictSerializer):
+    resource_type = ResourceTypeField()
+    amount = AmountField()
+
+
+class QuotaCheckOut(serializers.Serializer):
+    allowed = serializers.BooleanField()
+    available = serializers.IntegerField()
+    reason = serializers.CharField()
+
+
+class AllocationIn(StrictSerializer):
+    resource_type = ResourceTypeField()
+    amount = AmountField()
+    task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    hold = serializers.BooleanField(required=False, default=False)
+    hold_ttl_seconds = serializers.IntegerField(required=False, min_value=1, max_value=7 * 86400)
+
+
+class AllocationOut(serializers.ModelSerializer):
+    resource_type = serializers.CharField(source="resource_type_id")
+    allocated_amount = serializers.SerializerMethodField()
+    agent_id = serializers.CharField()
+
+    class Meta:
+        model = Allocation
+        fields = ["id", "agent_id", "resource_type", "allocated_amount", "cost_usd", "unit_price_usd", "status",
+                  "task_id", "expires_at", "settled_amount", "created_at", "finished_at"]
+
+    def get_allocated_amount(self, obj: Allocation) -> int:
+        return obj.settled_amount if obj.settled_amount is not None else obj.amount
+
+
+class SettleIn(StrictSerializer):
+    amount = AmountField(min_value=0)
+
+
+class ShareIn(StrictSerializer):
+    resource_type = ResourceTypeField()
+    amount = AmountField()
+    target_agent_id = serializers.CharField(max_length=64)
+
+
+class QuotaOut(serializers.ModelSerializer):
+    resource_type = serializers.CharField(source="resource_type_id")
+    available = serializers.IntegerField()
+
+    class Meta:
+        model = Quota
+        fields = ["resource_type", "limit", "used", "reserved", "available", "period_start", "period_end"]
+
+
+class UsageOut(serializers.ModelSerializer):
+    resource_type = serializers.CharField(source="resource_type_id")
+
+    class Meta:
+        model = UsageLog
+        fields = ["id", "agent_id", "resource_type", "amount", "unit_price_usd", "cost_usd", "kind", "task_id",
+                  "idempotency_key", "metadata", "created_at"]
+
+
+class UsageQuery(StrictSerializer):
+    resource_type = ResourceTypeField(required=False)
+    since = serializers.DateTimeField(required=False)
+    until = serializers.DateTimeField(required=False)
+    cursor = serializers.CharField(required=False)
+    page_size = serializers.IntegerField(required=False, min_value=1, max_value=1000)
+
+
+class AgentOut(serializers.ModelSerializer):
+    tier = serializers.CharField(source="tier_id")
+    custom_limits = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Agent
+        fields = ["id", "name", "tier", "status", "status_reason", "monthly_budget_usd", "instance_count",
+                  "min_instances", "max_instances", "custom_limits", "metadata", "created_at", "updated_at"]
+
+    def get_custom_limits(self, obj: Agent) -> dict[str, int]:
+        return {override.resource_type_id: override.limit for override in obj.limit_overrides.all()}
+
+
+class CustomLimitsField(serializers.DictField):
+    child = AmountField(min_value=0)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        unknown = sorted(set(value) - resource_type_codes())
+        if unknown:
+            raise serializers.ValidationError(f"unknown resource types: {', '.join(unknown)}")
+        return value
+
+
+MONEY = {"max_digits": 20, "decimal_places": 2, "min_value": Decimal("0")}
+
+
+class AgentCreateIn(StrictSerializer):
+    id = serializers.CharField(max_length=64, validators=[agent_id_validator])
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    tier = serializers.SlugRelatedField(slug_field="code", queryset=Tier.objects.all())
+    monthly_budget_usd = serializers.DecimalField(**MONEY, required=False, allow_null=True, default=None)
+    custom_limits = CustomLimitsField(required=False, default=dict)
+    metadata = serializers.DictField(required=False, default=dict)
+
+
+class AgentPatchIn(StrictSerializer):
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    tier = serializers.SlugRelatedField(slug_field="code", queryset=Tier.objects.all(), required=False)
+    status = serializers.ChoiceField(choices=Agent.Status.choices, required=False)
+    status_reason = serializers.CharField(max_length=300, required=False, allow_blank=True)
+    monthly_budget_usd = serializers.DecimalField(**MONEY, required=False, allow_null=True)
+    custom_limits = CustomLimitsField(required=False)
+    metadata = serializers.DictField(required=False)
+    min_instances = serializers.IntegerField(required=False, min_value=0, max_value=10_000)
+    max_instances = serializers.IntegerField(required=False, min_value=1, max_value=10_000)

@@ -1,0 +1,255 @@
+"""REST API v1. Views validate input, call one service and shape the output; the rules live in services."""
+
+from __future__ import annotations
+
+import django_filters
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from allocation import services
+from allocation.api.auth import ApiKeyAuthentication, IsAuthenticatedPrincipal, IsOperator, agent_for
+from allocation.api.mutation import run_mutation
+from allocation.api.serializers import (
+    AgentCreateIn,
+    AgentOut,
+    AgentPatchIn,
+    AllocationIn,
+    AllocationOut,
+    QuotaCheckIn,
+    QuotaCheckOut,
+    QuotaOut,
+    SettleIn,
+    ShareIn,
+    UsageOut,
+    UsageQuery,
+)
+from allocation.keys import api_key_issue
+from allocation.models import Allocation
+from ledger.errors import NotFound
+from ledger.models import Agent, UsageLog
+from ledger.services import agent_create, agent_update
+
+
+def _valid(serializer_class, data, **kwargs) -> dict:
+    serializer = serializer_class(data=data, **kwargs)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+class GridAPIView(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes = [IsAuthenticatedPrincipal]
+
+
+class AgentScopedView(GridAPIView):
+    """A view under /agents/{agent_id}/: the caller must be that agent or an operator."""
+
+    def agent(self) -> Agent:
+        return agent_for(self.request.user, self.kwargs["agent_id"])
+
+
+# --- Agents (operator) ----------------------------------------------------------------------------------
+
+
+class AgentFilter(django_filters.FilterSet):
+    tier = django_filters.CharFilter(field_name="tier_id")
+    status = django_filters.ChoiceFilter(choices=Agent.Status.choices)
+
+    class Meta:
+        model = Agent
+        fields = ["tier", "status"]
+
+
+class AgentListCreateView(generics.ListAPIView):
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes = [IsOperator]
+    serializer_class = AgentOut
+    queryset = Agent.objects.prefetch_related("limit_overrides").order_by("id")
+    filterset_class = AgentFilter
+
+    @extend_schema(request=AgentCreateIn, responses={201: AgentOut}, summary="Create an agent and its first key")
+    def post(self, request):
+        def create(body):
+            data = _valid(AgentCreateIn, body)
+            agent = agent_create(
+                agent_id=data["id"],
+                tier_code=data["tier"].code,
+                name=data["name"],
+                monthly_budget_usd=data["monthly_budget_usd"],
+                custom_limits=data["custom_limits"],
+                metadata=data["metadata"],
+            )
+            _, raw_key = api_key_issue(agent=agent, name="first key")
+            return 201, {**AgentOut(agent).data, "api_key": raw_key}
+
+        return run_mutation(request, action="agent.create", agent_id=str(request.data.get("id", ""))
+                            if isinstance(request.data, dict) else "", handler=create)
+
+
+class AgentDetailView(AgentScopedView):
+    @extend_schema(responses=AgentOut)
+    def get(self, request, agent_id):
+        return Response(AgentOut(self.agent()).data)
+
+    @extend_schema(request=AgentPatchIn, responses=AgentOut)
+    def patch(self, request, agent_id):
+        def update(body):
+            agent = self.agent()
+            if not request.user.is_operator:
+                from ledger.errors import LedgerError
+
+                raise LedgerError("only an operator can change an agent", code="forbidden", status=403)
+            data = _valid(AgentPatchIn, body)
+            if "tier" in data:
+                data["tier"] = data["tier"]
+            agent = agent_update(agent=agent, actor=request.user.label, **data)
+            return 200, AgentOut(agent).data
+
+        return run_mutation(request, action="agent.update", agent_id=agent_id, handler=update)
+
+
+# --- Quotas, checks, allocations ------------------------------------------------------------------------
+
+
+class QuotaListView(AgentScopedView):
+    @extend_schema(responses=QuotaOut(many=True))
+    def get(self, request, agent_id):
+        return Response(QuotaOut(services.agent_quotas(agent=self.agent()), many=True).data)
+
+
+class QuotaCheckView(AgentScopedView):
+    @extend_schema(request=QuotaCheckIn, responses=QuotaCheckOut)
+    def post(self, request, agent_id):
+        def check(body):
+            data = _valid(QuotaCheckIn, body)
+            result = services.quota_check(agent=self.agent(), resource_type_id=data["resource_type"],
+                                          amount=data["amount"])
+            return 200, {"allowed": result.allowed, "available": result.available, "reason": result.reason}
+
+        return run_mutation(request, action="quota.check", agent_id=agent_id, handler=check, audited=False)
+
+
+class AllocationCreateView(AgentScopedView):
+    @extend_schema(request=AllocationIn, responses={201: AllocationOut})
+    def post(self, request, agent_id):
+        def allocate(body):
+            data = _valid(AllocationIn, body)
+            allocation = services.allocation_create(
+                agent=self.agent(),
+                resource_type_id=data["resource_type"],
+                amount=data["amount"],
+                task_id=data["task_id"],
+                hold=data["hold"],
+                hold_ttl_seconds=data.get("hold_ttl_seconds"),
+                idempotency_key=request.headers.get("Idempotency-Key", ""),
+            )
+            return 201, AllocationOut(allocation).data
+
+        return run_mutation(request, action="allocation.create", agent_id=agent_id, handler=allocate)
+
+
+class AllocationDetailView(AgentScopedView):
+    @extend_schema(responses=AllocationOut)
+    def get(self, request, agent_id, allocation_id):
+        allocation = Allocation.objects.filter(pk=allocation_id, agent=self.agent()).first()
+        if allocation is None:
+            raise NotFound(f"allocation {allocation_id} not found")
+        return Response(AllocationOut(allocation).data)
+
+
+class AllocationSettleView(AgentScopedView):
+    @extend_schema(request=SettleIn, responses=AllocationOut)
+    def post(self, request, agent_id, allocation_id):
+        def settle(body):
+            data = _valid(SettleIn, body)
+            allocation = services.hold_settle(
+                agent=self.agent(), allocation_id=allocation_id, amount=data["amount"],
+                idempotency_key=request.headers.get("Idempotency-Key", ""),
+            )
+            return 200, AllocationOut(allocation).data
+
+        return run_mutation(request, action="allocation.settle", agent_id=agent_id, handler=settle)
+
+
+class AllocationReleaseView(AgentScopedView):
+    @extend_schema(request=None, responses=AllocationOut)
+    def post(self, request, agent_id, allocation_id):
+        def release(body):
+            _valid(SettleIn.__base__, body)  # a release takes no fields
+            allocation = services.hold_release(agent=self.agent(), allocation_id=allocation_id)
+            return 200, AllocationOut(allocation).data
+
+        return run_mutation(request, action="allocation.release", agent_id=agent_id, handler=release)
+
+
+class ShareCreateView(AgentScopedView):
+    @extend_schema(request=ShareIn, responses={201: dict})
+    def post(self, request, agent_id):
+        def share(body):
+            data = _valid(ShareIn, body)
+            source = self.agent()
+            target = Agent.objects.filter(pk=data["target_agent_id"]).first()
+            if target is None:
+                raise NotFound(f"target agent {data['target_agent_id']!r} not found")
+            result = services.quota_share(source=source, target=target, resource_type_id=data["resource_type"],
+                                          amount=data["amount"], actor=request.user.label)
+            return 201, result
+
+        return run_mutation(request, action="quota.share", agent_id=agent_id, handler=share)
+
+
+# --- Reading the ledger ---------------------------------------------------------------------------------
+
+
+class UsagePagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+class UsageListView(AgentScopedView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("resource_type", str),
+            OpenApiParameter("since", str, description="ISO 8601, inclusive"),
+            OpenApiParameter("until", str, description="ISO 8601, exclusive"),
+        ],
+        responses=UsageOut(many=True),
+    )
+    def get(self, request, agent_id):
+        agent = self.agent()
+        query = _valid(UsageQuery, request.query_params.dict())
+        rows = UsageLog.objects.filter(agent=agent)
+        if "resource_type" in query:
+            rows = rows.filter(resource_type_id=query["resource_type"])
+        if "since" in query:
+            rows = rows.filter(created_at__gte=query["since"])
+        if "until" in query:
+            rows = rows.filter(created_at__lt=query["until"])
+        paginator = UsagePagination()
+        page = paginator.paginate_queryset(rows, request, view=self)
+        return paginator.get_paginated_response(UsageOut(page, many=True).data)
+
+
+class CostView(AgentScopedView):
+    @extend_schema(responses=dict)
+    def get(self, request, agent_id):
+        return Response(cost_payload(services.agent_cost(agent=self.agent())))
+
+
+def cost_payload(cost: dict) -> dict:
+    return {
+        "agent_id": cost["agent_id"],
+        "period_start": cost["period_start"].isoformat(),
+        "period_end": cost["period_end"].isoformat(),
+        "by_resource_type": {code: str(value) for code, value in cost["by_resource_type"].items()},
+        "total_usd": str(cost["total_usd"]),
+        "monthly_budget_usd": None if cost["monthly_budget_usd"] is None else str(cost["monthly_budget_usd"]),
+        "budget_utilization_percent": None
+        if cost["budget_utilization_percent"] is None
+        else str(cost["budget_utilization_percent"]),
+    }

@@ -1,0 +1,34 @@
+"""The audit trail of state-changing calls."""
+
+from __future__ import annotations
+
+import json
+
+from allocation.models import AuditRecord
+
+MAX_BODY_CHARS = 4000
+
+
+def _client_address(request) -> str | None:
+    # REMOTE_ADDR only: X-Forwarded-For is set by clients too; a proxy in front should rewrite REMOTE_ADDR.
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def audit_record(*, request, actor: str, action: str, agent_id: str, status_code: int, outcome: str,
+                 body) -> AuditRecord:
+    if body is not None:
+        text = json.dumps(body, default=str)
+        if len(text) > MAX_BODY_CHARS:
+            body = {"truncated": text[:MAX_BODY_CHARS]}
+    return AuditRecord.objects.create(
+        actor=actor,
+        action=action,
+        agent_id=agent_id[:64],
+        method=request.method,
+        path=request.path[:500],
+        request_body=body,
+        idempotency_key=request.headers.get("Idempotency-Key", "")[:255],
+        status_code=status_code,
+        outcome=outcome[:100],
+        client_address=_client_address(request),
+    )

@@ -1,0 +1,141 @@
+"""Taking and giving back quota: allocations and holds, API keys, idempotency records and the audit trail."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.db.models import Q
+
+from ledger.models import COST, UNIT_PRICE, Agent, Quota, ResourceType
+
+
+class Allocation(models.Model):
+    """One grant of quota to an agent: committed at once, or held and later settled, released or expired."""
+
+    class Status(models.TextChoices):
+        COMMITTED = "committed", "Committed"
+        HELD = "held", "Held"
+        SETTLED = "settled", "Settled"
+        RELEASED = "released", "Released"
+        EXPIRED = "expired", "Expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="allocations")
+    resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="+")
+    quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="allocations")
+    amount = models.BigIntegerField(help_text="Units committed, or held while the hold is open.")
+    settled_amount = models.BigIntegerField(null=True, blank=True)
+    unit_price_usd = models.DecimalField(**UNIT_PRICE)
+    cost_usd = models.DecimalField(**COST, default=0, help_text="Cost of what was committed or settled.")
+    status = models.CharField(max_length=16, choices=Status.choices)
+    task_id = models.CharField(max_length=200, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["agent", "created_at"], name="allocation_agent_time_idx"),
+            # The expiry sweep reads only open holds.
+            models.Index(fields=["expires_at"], name="allocation_open_hold_idx", condition=Q(status="held")),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="allocation_amount_positive"),
+            models.CheckConstraint(
+                condition=~Q(status="held") | Q(expires_at__isnull=False), name="allocation_hold_expires"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} {self.amount:,} {self.resource_type_id} ({self.status})"
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(revoked_at__isnull=True)
+
+
+class ApiKey(models.Model):
+    """A bearer key. Only its SHA-256 is stored: keys carry 256 random bits, so a fast hash is enough.
+
+    An agent key acts on its own agent only; an operator key (tied to a staff user) acts on every agent.
+    """
+
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, db_index=True, help_text="The visible start of the key.")
+    key_hash = models.CharField(max_length=64, unique=True)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="api_keys")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="api_keys"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(agent__isnull=False, user__isnull=True) | Q(agent__isnull=True, user__isnull=False),
+                name="api_key_belongs_to_agent_or_operator",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.owner_label})"
+
+    @property
+    def is_operator(self) -> bool:
+        return self.user_id is not None
+
+    @property
+    def owner_label(self) -> str:
+        return f"operator:{self.user.username}" if self.user_id else f"agent:{self.agent_id}"
+
+
+class IdempotencyRecord(models.Model):
+    """The first successful response to a POST with an ``Idempotency-Key``, replayed to its duplicates."""
+
+    principal = models.CharField(max_length=200, help_text="Whose key space: agent:<id> or operator:<user>.")
+    key = models.CharField(max_length=255)
+    method = models.CharField(max_length=8)
+    path = models.CharField(max_length=500)
+    request_hash = models.CharField(max_length=64)
+    response_status = models.PositiveSmallIntegerField(null=True)
+    response_body = models.JSONField(null=True, encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["principal", "key"], name="idempotency_unique_key")]
+
+    def __str__(self) -> str:
+        return f"{self.principal} {self.key}"
+
+
+class AuditRecord(models.Model):
+    """Who did what to which agent, from where, and how it ended. Written for every state-changing call."""
+
+    actor = models.CharField(max_length=200)
+    action = models.CharField(max_length=100)
+    agent_id = models.CharField(max_length=64, blank=True, db_index=True)
+    method = models.CharField(max_length=8)
+    path = models.CharField(max_length=500)
+    request_body = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    status_code = models.PositiveSmallIntegerField()
+    outcome = models.CharField(max_length=100, help_text="ok, or the error code.")
+    client_address = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.actor} {self.action} {self.agent_id} -> {self.outcome}"

@@ -1,0 +1,27 @@
+"""Routes of the agent-facing API."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from allocation.api import compat, views
+
+app_name = "api"
+
+urlpatterns = [
+    path("v1/agents", views.AgentListCreateView.as_view(), name="agents"),
+    path("v1/agents/<str:agent_id>", views.AgentDetailView.as_view(), name="agent"),
+    path("v1/agents/<str:agent_id>/quotas", views.QuotaListView.as_view(), name="quotas"),
+    path("v1/agents/<str:agent_id>/quota-checks", views.QuotaCheckView.as_view(), name="quota-checks"),
+    path("v1/agents/<str:agent_id>/allocations", views.AllocationCreateView.as_view(), name="allocations"),
+    path("v1/agents/<str:agent_id>/allocations/<uuid:allocation_id>", views.AllocationDetailView.as_view(),
+         name="allocation"),
+    path("v1/agents/<str:agent_id>/allocations/<uuid:allocation_id>/settle", views.AllocationSettleView.as_view(),
+         name="allocation-settle"),
+    path("v1/agents/<str:agent_id>/allocations/<uuid:allocation_id>/release",
+         views.AllocationReleaseView.as_view(), name="allocation-release"),
+    path("v1/agents/<str:agent_id>/usage", views.UsageListView.as_view(), name="usage"),
+    path("v1/agents/<str:agent_id>/cost", views.CostView.as_view(), name="cost"),
+    path("v1/agents/<str:agent_id>/shares", views.ShareCreateView.as_view(), name="shares"),
+    path("resources", compat.ResourcesView.as_view(), name="resources"),
+]

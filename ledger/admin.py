@@ -1,0 +1,578 @@
+"""The back office of the ledger: reference data and rules are edited here, the ledger itself is only read.
+
+Quotas, grants and usage logs are the ledger: they change only through ``ledger.services`` (and the
+allocation engine), so their admin pages are view-only. What an operator may do to an agent beyond editing
+its settings (change its tier, throttle it, grant it extra quota) is an admin action that calls one service.
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from ledger import services
+from ledger.models import (
+    Agent,
+    AgentLimitOverride,
+    Grant,
+    OptimizationRule,
+    Quota,
+    ResourcePrice,
+    ResourceType,
+    Tier,
+    TierQuota,
+    UsageLog,
+)
+from ledger.periods import month_bounds
+from ledger.selectors import base_limits, current_quotas, quota_reconciliation
+
+ACTION_FORM_TEMPLATE = "admin/ledger/agent/action_form.html"
+
+
+def _units(value: int | None) -> str:
+    """A resource amount with thousands separators, the way operators read limits (``3,600,000``)."""
+    return "-" if value is None else f"{value:,}"
+
+
+class ViewOnlyAdmin(admin.ModelAdmin):
+    """The ledger's own rows: visible to whoever may view them, written only by services.
+
+    Viewing stays governed by Django's permissions (``has_view_permission``), so a staff user with the
+    ``view_*`` permission can audit the ledger without being able to touch it.
+    """
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+# --- Reference data -------------------------------------------------------------------------------------
+
+
+@admin.register(ResourceType)
+class ResourceTypeAdmin(admin.ModelAdmin):
+    list_display = ("code", "name", "unit", "current_price", "display_order")
+    search_fields = ("code", "name", "description")
+    ordering = ("display_order", "code")
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        # Editing a primary key in the admin saves a second row instead of renaming the first.
+        return ("code",) if obj else ()
+
+    def get_queryset(self, request: HttpRequest):
+        # The price in effect for every row in the same query, rather than one query per row.
+        price_now = (
+            ResourcePrice.objects.filter(resource_type=OuterRef("pk"), effective_from__lte=timezone.now())
+            .order_by("-effective_from")
+            .values("unit_price_usd")[:1]
+        )
+        return super().get_queryset(request).annotate(price_in_effect=Subquery(price_now))
+
+    @admin.display(description="price in effect (USD per unit)", ordering="price_in_effect")
+    def current_price(self, obj: ResourceType):
+        return obj.price_in_effect if obj.price_in_effect is not None else "-"
+
+
+@admin.register(ResourcePrice)
+class ResourcePriceAdmin(admin.ModelAdmin):
+    list_display = ("resource_type", "unit_price_usd", "effective_from", "note", "created_at")
+    list_filter = ("resource_type",)
+    search_fields = ("resource_type__code", "note")
+    list_select_related = ("resource_type",)
+    date_hierarchy = "effective_from"
+
+    def _in_effect(self, obj: ResourcePrice | None) -> bool:
+        return obj is not None and obj.effective_from <= timezone.now()
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        # A price that has taken effect is history: a new price is a new row from a new moment. Only the
+        # note stays editable; a future price can still be corrected before it applies.
+        if self._in_effect(obj):
+            return ("resource_type", "unit_price_usd", "effective_from", "created_at")
+        return ("created_at",)
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        # Deleting the price in effect would silently bring back the previous one.
+        return not self._in_effect(obj) and super().has_delete_permission(request, obj)
+
+    def get_actions(self, request: HttpRequest):
+        # The bulk delete cannot tell past prices from future ones, so it is not offered.
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+
+class TierQuotaInline(admin.TabularInline):
+    model = TierQuota
+    extra = 0
+    fields = ("resource_type", "limit")
+
+
+@admin.register(Tier)
+class TierAdmin(admin.ModelAdmin):
+    list_display = ("code", "name", "monthly_price_usd", "agent_count", "display_order")
+    search_fields = ("code", "name")
+    inlines = [TierQuotaInline]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": ("code", "name", "monthly_price_usd", "description", "display_order"),
+                "description": "Limits apply to quotas opened from now on. A quota already open for this "
+                "period keeps its limit until the agent changes tier.",
+            },
+        )
+    ]
+
+    def get_queryset(self, request: HttpRequest):
+        return super().get_queryset(request).annotate(agent_count=Count("agents"))
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        # Editing a primary key in the admin saves a second row instead of renaming the first.
+        return ("code",) if obj else ()
+
+    @admin.display(description="agents", ordering="agent_count")
+    def agent_count(self, obj: Tier) -> int:
+        return obj.agent_count
+
+
+# --- Agents ---------------------------------------------------------------------------------------------
+
+
+class AgentLimitOverrideInline(admin.TabularInline):
+    model = AgentLimitOverride
+    extra = 0
+    fields = ("resource_type", "limit")
+    verbose_name_plural = "limit overrides (replace the tier's limit from the next quota opened)"
+
+
+class AgentAdminForm(forms.ModelForm):
+    class Meta:
+        model = Agent
+        fields = "__all__"
+
+    def clean(self):
+        cleaned = super().clean()
+        # The instance count belongs to scaling and is read-only here, so form validation skips the
+        # constraint that ties it to the bounds; check it against the stored count rather than let the
+        # database refuse the save with an IntegrityError.
+        if self.instance._state.adding:
+            return cleaned
+        minimum = cleaned.get("min_instances", self.instance.min_instances)
+        maximum = cleaned.get("max_instances", self.instance.max_instances)
+        count = self.instance.instance_count
+        if minimum is not None and maximum is not None and not minimum <= count <= maximum:
+            raise ValidationError(
+                f"The agent runs {count} instance(s) now: the bounds must satisfy min <= {count} <= max."
+            )
+        return cleaned
+
+
+class ChangeTierForm(forms.Form):
+    tier = forms.ModelChoiceField(queryset=Tier.objects.all(), help_text="The current period is re-based on it.")
+
+
+class GrantQuotaForm(forms.Form):
+    resource_type = forms.ModelChoiceField(queryset=ResourceType.objects.all())
+    # Bounded so that limit + amount stays far inside the 64-bit limit column.
+    amount = forms.IntegerField(
+        min_value=1,
+        max_value=10**15,
+        help_text="Units added to the current period's limit of each selected agent.",
+    )
+    note = forms.CharField(max_length=300, required=False, help_text="Why: kept on the grant.")
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    form = AgentAdminForm
+    list_display = ("id", "name", "tier", "status", "monthly_budget_usd", "instance_count", "created_at")
+    list_filter = ("tier", "status")
+    search_fields = ("id", "name")
+    list_select_related = ("tier",)
+    date_hierarchy = "created_at"
+    inlines = [AgentLimitOverrideInline]
+    actions = ["change_tier", "throttle", "unthrottle", "grant_quota"]
+
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        if obj is None:
+            return [(None, {"fields": ("id", "name", "tier", "monthly_budget_usd", "metadata")})]
+        return [
+            (None, {"fields": ("id", "name", "tier", ("status", "status_reason"), "monthly_budget_usd")}),
+            ("This period's quotas", {"fields": ("current_quotas",)}),
+            ("Instances", {"fields": (("instance_count", "min_instances", "max_instances"),)}),
+            (None, {"fields": ("metadata", "created_at", "updated_at")}),
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        if obj is None:
+            return ()
+        # Tier and status change through the actions, which go through the services: a tier edited in
+        # the form would leave this period's quotas on the old tier's limits. The instance count is
+        # scaling's to change.
+        return (
+            "id",
+            "tier",
+            "status",
+            "status_reason",
+            "instance_count",
+            "created_at",
+            "updated_at",
+            "current_quotas",
+        )
+
+    def save_model(self, request: HttpRequest, obj: Agent, form, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        services.agent_create(
+            agent_id=obj.id,
+            tier_code=obj.tier_id,
+            name=obj.name,
+            monthly_budget_usd=obj.monthly_budget_usd,
+            metadata=obj.metadata,
+        )
+        # The admin goes on with ``obj`` (the overrides inline, the log entry, the redirect), so it must
+        # become the row the service saved.
+        obj.refresh_from_db()
+        obj._state.adding = False
+
+    @admin.display(description="quotas")
+    def current_quotas(self, obj: Agent):
+        start, _ = month_bounds(timezone.now())
+        quotas = {quota.resource_type_id: quota for quota in current_quotas(agent=obj)}
+        limits = base_limits(agent=obj)
+        rows = []
+        # Every resource type gets a row: one the agent has not used yet this month has no quota row
+        # (it is opened on first use), and shows the base limit it will open with.
+        for resource_type in ResourceType.objects.all():
+            quota = quotas.get(resource_type.code)
+            if quota is None:
+                limit = limits.get(resource_type.code, 0)
+                rows.append(
+                    (resource_type.code, "0", "0", _units(limit), "-", _units(limit), "0.00", "not opened yet")
+                )
+                continue
+            rows.append(
+                (
+                    format_html(
+                        '<a href="{}">{}</a>',
+                        reverse("admin:ledger_quota_change", args=[quota.pk]),
+                        resource_type.code,
+                    ),
+                    _units(quota.used),
+                    _units(quota.reserved),
+                    _units(quota.limit),
+                    f"{quota.limit - quota.base_limit:+,}",
+                    _units(quota.available),
+                    f"{quota.utilization_percent}",
+                    resource_type.unit,
+                )
+            )
+        body = format_html_join(
+            "\n",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}%</td><td>{}</td></tr>",
+            rows,
+        )
+        return format_html(
+            "<table><caption>{} (UTC) &middot; <a href=\"{}?agent={}\">usage log</a></caption>"
+            "<thead><tr><th>resource</th><th>used</th><th>reserved</th><th>limit</th><th>granted</th>"
+            "<th>available</th><th>used + reserved</th><th>unit</th></tr></thead><tbody>{}</tbody></table>",
+            f"{start:%B %Y}",
+            reverse("admin:ledger_usagelog_changelist"),
+            obj.pk,
+            body,
+        )
+
+    # --- Actions: each validates its input, then calls a service per agent. ---
+
+    def _action_form_response(
+        self, request: HttpRequest, queryset: QuerySet, *, form: forms.Form, action: str, title: str
+    ) -> TemplateResponse:
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "subtitle": None,
+            "opts": self.opts,
+            "queryset": queryset,
+            "form": form,
+            "action": action,
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "media": self.media + form.media,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, ACTION_FORM_TEMPLATE, context)
+
+    @admin.action(description="Change tier of selected agents", permissions=["change"])
+    def change_tier(self, request: HttpRequest, queryset: QuerySet[Agent]):
+        form = ChangeTierForm(request.POST if "apply" in request.POST else None)
+        if not form.is_valid():
+            return self._action_form_response(
+                request, queryset, form=form, action="change_tier", title="Change the tier of agents"
+            )
+        tier = form.cleaned_data["tier"]
+        actor = request.user.get_username()
+        changed = 0
+        # All or none; in primary-key order because each call locks its agent row.
+        with transaction.atomic():
+            for agent in queryset.order_by("pk"):
+                if agent.tier_id == tier.pk:
+                    continue
+                old_tier = agent.tier_id
+                services.agent_change_tier(agent=agent, tier=tier, actor=actor)
+                # The tier change itself leaves no other trace of who made it.
+                self.log_change(request, agent, f"Changed tier from {old_tier} to {tier.pk}.")
+                changed += 1
+        self.message_user(request, f"Moved {changed} agent(s) to {tier.pk}.", messages.SUCCESS)
+        return None
+
+    def _set_status(self, request: HttpRequest, queryset: QuerySet[Agent], *, from_status: str, to_status: str):
+        reason = f"by {request.user.get_username()} in the admin"
+        changed, skipped = [], []
+        for agent in queryset:
+            # Only the opposite state is switched: unthrottling must not lift a suspension, and
+            # throttling a suspended agent would loosen it.
+            if agent.status != from_status:
+                skipped.append(agent.pk)
+                continue
+            services.agent_set_status(agent=agent, status=to_status, reason=reason)
+            self.log_change(request, agent, f"Set status to {to_status} ({reason}).")
+            changed.append(agent.pk)
+        if changed:
+            self.message_user(request, f"{len(changed)} agent(s) now {to_status}.", messages.SUCCESS)
+        if skipped:
+            self.message_user(
+                request, f"Left alone (not {from_status}): {', '.join(skipped)}.", messages.WARNING
+            )
+
+    @admin.action(description="Throttle selected agents", permissions=["change"])
+    def throttle(self, request: HttpRequest, queryset: QuerySet[Agent]):
+        self._set_status(request, queryset, from_status=Agent.Status.ACTIVE, to_status=Agent.Status.THROTTLED)
+
+    @admin.action(description="Unthrottle selected agents", permissions=["change"])
+    def unthrottle(self, request: HttpRequest, queryset: QuerySet[Agent]):
+        self._set_status(request, queryset, from_status=Agent.Status.THROTTLED, to_status=Agent.Status.ACTIVE)
+
+    @admin.action(description="Grant extra quota for the period", permissions=["change"])
+    def grant_quota(self, request: HttpRequest, queryset: QuerySet[Agent]):
+        form = GrantQuotaForm(request.POST if "apply" in request.POST else None)
+        if not form.is_valid():
+            return self._action_form_response(
+                request, queryset, form=form, action="grant_quota", title="Grant extra quota for this period"
+            )
+        resource_type = form.cleaned_data["resource_type"]
+        amount = form.cleaned_data["amount"]
+        actor = request.user.get_username()
+        agents = list(queryset.order_by("pk"))
+        current: Agent | None = None
+        try:
+            # All or none: an operator who granted to five agents should not have to find out which
+            # three got it.
+            with transaction.atomic():
+                for current in agents:
+                    services.quota_grant(
+                        agent=current,
+                        resource_type_id=resource_type.pk,
+                        amount=amount,
+                        reason=Grant.Reason.MANUAL,
+                        actor=actor,
+                        note=form.cleaned_data["note"],
+                    )
+        except services.LedgerError as error:
+            messages.error(request, f"No quota was granted ({current}: {error.message}).")
+            return None
+        for agent in agents:
+            self.log_change(request, agent, f"Granted {amount:,} {resource_type.pk} for this period.")
+        self.message_user(
+            request,
+            f"Granted {amount:,} {resource_type.unit} of {resource_type.pk} to {len(agents)} agent(s).",
+            messages.SUCCESS,
+        )
+        return None
+
+
+# --- The ledger: view-only ------------------------------------------------------------------------------
+
+
+class GrantInline(admin.TabularInline):
+    model = Grant
+    fk_name = "quota"
+    extra = 0
+    fields = ("created_at", "amount", "reason", "actor", "counterparty_agent", "note")
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(Quota)
+class QuotaAdmin(ViewOnlyAdmin):
+    list_display = (
+        "agent",
+        "resource_type",
+        "period_start",
+        "used_units",
+        "reserved_units",
+        "limit_units",
+        "available_units",
+        "utilization",
+    )
+    list_filter = ("resource_type", "agent__tier", "period_start")
+    search_fields = ("agent__id", "agent__name")
+    list_select_related = ("agent", "resource_type")
+    date_hierarchy = "period_start"
+    inlines = [GrantInline]
+    fields = (
+        ("agent", "resource_type"),
+        ("period_start", "period_end"),
+        ("used", "reserved", "available_units"),
+        ("base_limit", "limit"),
+        "reconciliation",
+        "updated_at",
+    )
+    # Counters are a cache of the usage log and the grants: only the services move them.
+    readonly_fields = (
+        "agent",
+        "resource_type",
+        "period_start",
+        "period_end",
+        "used",
+        "reserved",
+        "base_limit",
+        "limit",
+        "available_units",
+        "reconciliation",
+        "updated_at",
+    )
+
+    @admin.display(description="used", ordering="used")
+    def used_units(self, obj: Quota) -> str:
+        return _units(obj.used)
+
+    @admin.display(description="reserved", ordering="reserved")
+    def reserved_units(self, obj: Quota) -> str:
+        return _units(obj.reserved)
+
+    @admin.display(description="limit", ordering="limit")
+    def limit_units(self, obj: Quota) -> str:
+        return _units(obj.limit)
+
+    @admin.display(description="available")
+    def available_units(self, obj: Quota) -> str:
+        return _units(obj.available)
+
+    @admin.display(description="used + reserved")
+    def utilization(self, obj: Quota) -> str:
+        return f"{obj.utilization_percent}%"
+
+    @admin.display(description="recomputed from the ledger")
+    def reconciliation(self, obj: Quota):
+        expected = quota_reconciliation(quota=obj)
+        verdict = "matches" if expected == {"used": obj.used, "limit": obj.limit} else "DIFFERS"
+        return format_html(
+            'used {} &middot; limit {} &middot; {} &middot; <a href="{}?quota={}">usage log</a>',
+            _units(expected["used"]),
+            _units(expected["limit"]),
+            verdict,
+            reverse("admin:ledger_usagelog_changelist"),
+            obj.pk,
+        )
+
+
+@admin.register(Grant)
+class GrantAdmin(ViewOnlyAdmin):
+    list_display = ("created_at", "agent", "resource_type", "period", "signed_amount", "reason", "actor", "note")
+    list_filter = ("reason", "quota__resource_type")
+    search_fields = ("quota__agent__id", "actor", "note")
+    # The agent, resource and period columns read the quota's own columns; only the quota is joined.
+    list_select_related = ("quota", "counterparty_agent")
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+
+    @admin.display(description="agent", ordering="quota__agent_id")
+    def agent(self, obj: Grant) -> str:
+        return obj.quota.agent_id
+
+    @admin.display(description="resource", ordering="quota__resource_type_id")
+    def resource_type(self, obj: Grant) -> str:
+        return obj.quota.resource_type_id
+
+    @admin.display(description="period", ordering="quota__period_start")
+    def period(self, obj: Grant) -> str:
+        return f"{obj.quota.period_start:%Y-%m}"
+
+    @admin.display(description="amount", ordering="amount")
+    def signed_amount(self, obj: Grant) -> str:
+        return f"{obj.amount:+,}"
+
+
+@admin.register(UsageLog)
+class UsageLogAdmin(ViewOnlyAdmin):
+    list_display = (
+        "created_at",
+        "agent",
+        "resource_type",
+        "kind",
+        "amount_units",
+        "unit_price_usd",
+        "cost_usd",
+        "task_id",
+    )
+    list_filter = ("kind", "resource_type", "agent__tier")
+    search_fields = ("agent__id", "task_id", "idempotency_key")
+    list_select_related = ("agent", "resource_type")
+    date_hierarchy = "created_at"
+    # The usage log is the biggest table: skip the COUNT(*) of all of it on every page.
+    show_full_result_count = False
+
+    @admin.display(description="amount", ordering="amount")
+    def amount_units(self, obj: UsageLog) -> str:
+        return _units(obj.amount)
+
+
+# --- Rules ----------------------------------------------------------------------------------------------
+
+
+@admin.register(OptimizationRule)
+class OptimizationRuleAdmin(admin.ModelAdmin):
+    list_display = ("name", "scope", "target", "condition", "duration_seconds", "severity", "action", "enabled")
+    list_filter = ("enabled", "scope", "severity", "action", "metric")
+    search_fields = ("name", "description")
+    list_select_related = ("tier", "agent")
+    autocomplete_fields = ("agent",)
+    readonly_fields = ("created_at", "updated_at")
+    fieldsets = [
+        (None, {"fields": ("name", "description", "enabled")}),
+        ("Applies to", {"fields": ("scope", "tier", "agent")}),
+        ("When", {"fields": ("metric", "operator", "threshold", "duration_seconds")}),
+        ("Then", {"fields": ("severity", "action", "cooldown_seconds")}),
+        (None, {"fields": ("created_at", "updated_at")}),
+    ]
+
+    @admin.display(description="target")
+    def target(self, obj: OptimizationRule) -> str:
+        if obj.scope == OptimizationRule.Scope.TIER:
+            return f"tier {obj.tier_id}"
+        if obj.scope == OptimizationRule.Scope.AGENT:
+            return f"agent {obj.agent_id}"
+        return "all agents"

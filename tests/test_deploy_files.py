@@ -1,0 +1,516 @@
+"""The deployment files agree with the code they run.
+
+Every command in docker-compose.yml, the Dockerfile and the Procfile must name a Celery app, a WSGI
+callable, a scheduler class or a management command that exists, so that a rename in the code cannot
+leave a container that starts and dies. The README and the CI entry point must keep the two-command
+promise. None of these tests touch the database.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from celery import Celery
+from celery.app.utils import find_app
+from celery.beat import Scheduler
+from django.conf import settings
+from django.core.management import get_commands
+from django.urls import resolve
+
+# Importing the WSGI app starts whitenoise, which warns that var/static/ is missing before collectstatic.
+pytestmark = pytest.mark.filterwarnings("ignore:No directory at:UserWarning")
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_SERVICES = ("web", "worker", "beat")
+HEALTHCHECKED_SERVICES = ("postgres", "redis", "web", "worker")
+LONG_RUNNING_SERVICES = ("postgres", "redis", "web", "worker", "beat")
+SHELLS = {"sh", "bash", "/bin/sh", "/bin/bash"}
+COMMAND_SEPARATORS = {"&&", "||", ";"}
+ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def service_ids(name: str) -> str:
+    # conftest skips tests whose keywords include "postgres" or "redis", and a bare parameter id is a
+    # keyword: these tests read a file and need neither service.
+    return f"{name}-service"
+
+
+# --- Reading the files ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, dict]:
+    return compose["services"]
+
+
+def split_commands(command: str | list) -> list[list[str]]:
+    """The simple commands in a compose/Procfile command: a string or a list, chained with ``&&`` and
+    possibly wrapped in ``sh -c "..."``. Leading ``exec`` and ``VAR=value`` assignments are dropped."""
+    argv = shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+    if len(argv) >= 3 and argv[0] in SHELLS and argv[1].startswith("-") and argv[1].endswith("c"):
+        return split_commands(argv[2])
+    commands: list[list[str]] = []
+    current: list[str] = []
+    for token in [*argv, "&&"]:
+        if token in COMMAND_SEPARATORS:
+            while current and (current[0] == "exec" or ENV_ASSIGNMENT.match(current[0])):
+                current = current[1:]
+            if current:
+                commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    return commands
+
+
+def healthcheck_commands(healthcheck: dict) -> list[list[str]]:
+    test = healthcheck["test"]
+    if isinstance(test, str):
+        return split_commands(test)
+    kind, *rest = test
+    if kind == "CMD-SHELL":
+        return split_commands(rest[0])
+    if kind == "CMD":
+        return split_commands(rest)
+    return []
+
+
+def service_commands(service: dict) -> list[list[str]]:
+    commands = split_commands(service["command"]) if "command" in service else []
+    if "healthcheck" in service:
+        commands += healthcheck_commands(service["healthcheck"])
+    return commands
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def depends_on(service: dict) -> dict[str, str]:
+    """Service name -> condition (compose's short list form means ``service_started``)."""
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, arguments = line.partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def instruction_argv(arguments: str) -> list[str]:
+    """A CMD/ENTRYPOINT in exec form (JSON) or shell form."""
+    if arguments.startswith("["):
+        return json.loads(arguments)
+    return shlex.split(arguments)
+
+
+def procfile() -> dict[str, str]:
+    entries = {}
+    for line in (ROOT / "Procfile").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, command = line.partition(":")
+            entries[name.strip()] = command.strip()
+    return entries
+
+
+# --- Checking one command against the code --------------------------------------------------------------
+
+
+def option_value(argv: list[str], *names: str) -> str | None:
+    for index, token in enumerate(argv):
+        for name in names:
+            if token == name and index + 1 < len(argv):
+                return argv[index + 1]
+            if name.startswith("--") and token.startswith(name + "="):
+                return token.split("=", 1)[1]
+    return None
+
+
+def import_path(path: str) -> object:
+    """``package.module:Name`` or ``package.module.Name``."""
+    module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def program(argv: list[str]) -> str:
+    """The program a command runs, seen through ``python -m``."""
+    name = Path(argv[0]).name
+    if name.startswith("python") and len(argv) > 2 and argv[1] == "-m":
+        return argv[2]
+    return name
+
+
+def program_args(argv: list[str]) -> list[str]:
+    name = Path(argv[0]).name
+    if name.startswith("python") and len(argv) > 2 and argv[1] == "-m":
+        return argv[3:]
+    return argv[1:]
+
+
+def manage_command(argv: list[str]) -> str | None:
+    if Path(argv[0]).name.startswith("python") and len(argv) > 2 and Path(argv[1]).name == "manage.py":
+        return argv[2]
+    return None
+
+
+def check_command(argv: list[str]) -> bool:
+    """Assert that what ``argv`` names exists; return whether it was a command this test knows how to check
+    (python manage.py, celery, gunicorn). Others (pg_isready, redis-cli, python -c) pass unchecked."""
+    where = shlex.join(argv)
+    if (command := manage_command(argv)) is not None:
+        assert command in get_commands(), f"{where}: no management command {command!r}"
+        return True
+    name, args = program(argv), program_args(argv)
+    if name == "celery":
+        app_name = option_value(args, "-A", "--app")
+        assert app_name, f"{where}: celery needs -A/--app"
+        assert importlib.util.find_spec(app_name.partition(":")[0]) is not None, (
+            f"{where}: no module {app_name}"
+        )
+        assert isinstance(find_app(app_name), Celery), f"{where}: {app_name} is not a Celery app"
+        scheduler = option_value(args, "-S", "--scheduler")
+        if scheduler:
+            scheduler_class = import_path(scheduler)
+            assert issubclass(scheduler_class, Scheduler), f"{where}: {scheduler} is not a beat scheduler"
+        return True
+    if name == "gunicorn":
+        targets = [arg for arg in args if re.fullmatch(r"[\w.]+:\w+", arg)]
+        assert targets, f"{where}: gunicorn needs a module:callable"
+        module_name, _, attribute = targets[0].partition(":")
+        assert importlib.util.find_spec(module_name) is not None, f"{where}: no module {module_name}"
+        module = importlib.import_module(module_name)
+        assert hasattr(module, attribute), f"{where}: {module_name} has no {attribute}"
+        assert callable(getattr(module, attribute)), f"{where}: {targets[0]} is not callable"
+        return True
+    if Path(argv[0]).name.startswith("python") and len(argv) > 2 and argv[1] == "-m":
+        assert importlib.util.find_spec(argv[2]) is not None, f"{where}: no module {argv[2]}"
+    return False
+
+
+def runs(commands: list[list[str]], name: str) -> bool:
+    return any(manage_command(argv) == name for argv in commands)
+
+
+# --- The helpers themselves -----------------------------------------------------------------------------
+
+
+def test_split_commands_handles_strings_lists_chains_and_shell_wrappers():
+    expected = [
+        ["python", "manage.py", "migrate", "--noinput"],
+        ["python", "manage.py", "load_reference_data"],
+    ]
+    chained = "python manage.py migrate --noinput && python manage.py load_reference_data"
+    assert split_commands(chained) == expected
+    assert split_commands(["sh", "-c", chained]) == expected
+    assert split_commands(f"sh -c '{chained}'") == expected
+    assert split_commands(["celery", "-A", "axiom_grid", "worker"]) == [
+        ["celery", "-A", "axiom_grid", "worker"]
+    ]
+    assert split_commands("DEBUG=true exec gunicorn a:b") == [["gunicorn", "a:b"]]
+
+
+def test_check_command_refuses_names_that_do_not_exist():
+    with pytest.raises(AssertionError):
+        check_command(["python", "manage.py", "no_such_command"])
+    with pytest.raises(AssertionError):
+        check_command(["gunicorn", "axiom_grid.wsgi:no_such_app"])
+    with pytest.raises(ImportError):
+        check_command(["celery", "-A", "axiom_grid", "beat", "--scheduler", "no_such_module:Scheduler"])
+
+
+# --- docker-compose.yml ---------------------------------------------------------------------------------
+
+
+def test_compose_file_uses_the_compose_spec_without_a_version_key(compose):
+    assert "version" not in compose
+
+
+def test_compose_has_database_broker_web_worker_and_beat(services):
+    for name in ("postgres", "redis", *APP_SERVICES):
+        assert name in services, f"docker-compose.yml has no {name!r} service"
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert services["redis"]["image"].startswith("redis:")
+
+
+@pytest.mark.parametrize("name", HEALTHCHECKED_SERVICES, ids=service_ids)
+def test_service_has_a_health_check(services, name):
+    healthcheck = services[name].get("healthcheck")
+    assert healthcheck, f"{name} has no healthcheck"
+    assert not healthcheck.get("disable")
+    assert healthcheck_commands(healthcheck), f"{name}'s healthcheck runs nothing"
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING_SERVICES, ids=service_ids)
+def test_long_running_service_restarts_unless_stopped(services, name):
+    assert services[name].get("restart") == "unless-stopped"
+
+
+def test_app_services_run_one_image_built_from_the_project(services):
+    builds = {name: services[name].get("build") for name in APP_SERVICES}
+    images = {name: services[name].get("image") for name in APP_SERVICES}
+    assert len({json.dumps(build, sort_keys=True) for build in builds.values()}) == 1, builds
+    assert len(set(images.values())) == 1, images
+    build = builds["web"]
+    context = build if isinstance(build, str) else build.get("context", ".")
+    assert context in {".", "./"}
+    assert images["web"] == "axiom-grid"
+
+
+def test_every_compose_command_names_code_that_exists(services):
+    for name, service in services.items():
+        checked = [argv for argv in service_commands(service) if check_command(argv)]
+        if name in APP_SERVICES:
+            assert checked, f"{name}'s command was not recognised"
+
+
+def test_web_serves_the_wsgi_app_on_port_8000_and_checks_healthz(services):
+    web = services["web"]
+    (command,) = split_commands(web["command"])
+    assert program(command) == "gunicorn"
+    assert "axiom_grid.wsgi:application" in command
+    assert option_value(program_args(command), "-b", "--bind") == "0.0.0.0:8000"
+    assert any(str(port).endswith("8000") for port in web.get("ports", []))
+    probe = " ".join(" ".join(argv) for argv in healthcheck_commands(web["healthcheck"]))
+    assert "http://127.0.0.1:8000/healthz" in probe
+    assert "curl" not in probe, "python:3.11-slim has no curl"
+    assert resolve("/healthz").url_name == "healthz"
+
+
+def test_worker_and_beat_run_celery_with_the_database_scheduler(services):
+    (worker,) = split_commands(services["worker"]["command"])
+    assert program(worker) == "celery" and "worker" in worker
+    (beat,) = split_commands(services["beat"]["command"])
+    assert program(beat) == "celery" and "beat" in beat
+    scheduler = option_value(program_args(beat), "-S", "--scheduler")
+    assert scheduler, "beat must name its scheduler"
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    assert import_path(scheduler) is DatabaseScheduler
+    probe = healthcheck_commands(services["worker"]["healthcheck"])
+    assert any(program(argv) == "celery" and "ping" in argv for argv in probe)
+
+
+def test_migrations_and_reference_data_run_on_start(services):
+    """Either web migrates before it serves, or a one-shot service does and every app service waits for it."""
+    web_commands = split_commands(services["web"]["command"])
+    if runs(web_commands, "migrate"):
+        assert runs(web_commands, "load_reference_data")
+        return
+    migrators = [name for name, service in services.items() if runs(service_commands(service), "migrate")]
+    assert migrators, "nothing runs `python manage.py migrate` on start"
+    (migrator,) = migrators
+    commands = split_commands(services[migrator]["command"])
+    assert runs(commands, "load_reference_data")
+    assert [manage_command(argv) for argv in commands].index("migrate") == 0, "migrate must run first"
+    assert services[migrator].get("restart", "no") == "no", "a one-shot service must not restart"
+    for name in APP_SERVICES:
+        assert depends_on(services[name]).get(migrator) == "service_completed_successfully", name
+
+
+@pytest.mark.parametrize("name", APP_SERVICES, ids=service_ids)
+def test_app_service_waits_for_healthy_postgres_and_redis(services, name):
+    deps = depends_on(services[name])
+    assert deps.get("postgres") == "service_healthy"
+    assert deps.get("redis") == "service_healthy"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES, ids=service_ids)
+def test_app_service_environment_points_at_the_compose_database_and_redis(services, name):
+    env = environment(services[name])
+    database = urlsplit(env["DATABASE_URL"])
+    assert database.scheme in {"postgres", "postgresql"}
+    assert (database.hostname, database.port) == ("postgres", 5432)
+    postgres_env = environment(services["postgres"])
+    assert database.username == postgres_env["POSTGRES_USER"]
+    assert database.password == postgres_env["POSTGRES_PASSWORD"]
+    assert database.path.lstrip("/") == postgres_env["POSTGRES_DB"]
+    redis = urlsplit(env["REDIS_URL"])
+    assert redis.scheme == "redis"
+    assert (redis.hostname, redis.port) == ("redis", 6379)
+
+
+@pytest.mark.parametrize("name", APP_SERVICES, ids=service_ids)
+def test_app_service_environment_is_production_like(services, name):
+    env = environment(services[name])
+    assert env["SECRET_KEY"].startswith("${SECRET_KEY:?"), "compose must refuse to start without SECRET_KEY"
+    assert env["DEBUG"].lower() == "false"
+    assert env["STATIC_MANIFEST"].lower() == "true"
+    assert "127.0.0.1" in env["ALLOWED_HOSTS"], "the web health check calls 127.0.0.1"
+    flags = [setting for setting in dir(settings) if setting.startswith("ENABLE_")]
+    assert len(flags) == 4, flags
+    for flag in flags:
+        assert env.get(flag) == f"${{{flag}:-true}}", flag
+
+
+# --- Dockerfile and .dockerignore -----------------------------------------------------------------------
+
+
+def test_dockerfile_cmd_serves_a_wsgi_callable_that_exists():
+    commands = [arguments for keyword, arguments in dockerfile_instructions() if keyword == "CMD"]
+    assert commands, "the Dockerfile has no CMD"
+    argv = instruction_argv(commands[-1])
+    assert program(argv) == "gunicorn"
+    assert check_command(argv)
+    assert option_value(program_args(argv), "-b", "--bind") == "0.0.0.0:8000"
+
+
+def test_dockerfile_builds_from_python_slim_as_a_non_root_user():
+    instructions = dockerfile_instructions()
+    keywords = [keyword for keyword, _ in instructions]
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    users = [arguments for keyword, arguments in instructions if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert keywords.index("USER") < len(keywords) - 1 - keywords[::-1].index("CMD")
+    assert ("EXPOSE", "8000") in instructions
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_source():
+    instructions = dockerfile_instructions()
+    copies = [index for index, (keyword, _) in enumerate(instructions) if keyword == "COPY"]
+    first_copy = instructions[copies[0]][1].split()
+    assert "pyproject.toml" in first_copy and "README.md" in first_copy
+    install = next(
+        index
+        for index, (keyword, arguments) in enumerate(instructions)
+        if keyword == "RUN" and "pip install ." in arguments
+    )
+    source_copy = next(index for index in copies if instructions[index][1].split()[-2:-1] == ["."])
+    assert copies[0] < install < source_copy
+
+
+def test_dockerfile_collects_static_files_for_the_manifest_storage():
+    instructions = dockerfile_instructions()
+    collect = next(
+        index
+        for index, (keyword, arguments) in enumerate(instructions)
+        if keyword == "RUN" and "manage.py collectstatic --noinput" in arguments
+    )
+    before = " ".join(
+        arguments for keyword, arguments in instructions[: collect + 1] if keyword in {"ENV", "RUN"}
+    )
+    assert "STATIC_MANIFEST=true" in before
+    assert "collectstatic" in get_commands()
+
+
+def test_dockerignore_keeps_local_state_out_but_not_the_build_inputs():
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", "var"} <= ignored
+    assert not ignored & {"pyproject.toml", "README.md", "manage.py", "axiom_grid", "*"}
+
+
+def test_collectstatic_works_with_the_manifest_storage(tmp_path):
+    """What the image build runs: no database, no broker, a throwaway key, the manifest storage."""
+    env = {key: value for key, value in os.environ.items() if key not in {"DATABASE_URL", "REDIS_URL"}}
+    env.update(STATIC_MANIFEST="true", SECRET_KEY="test-build-key", AXIOM_VAR_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--noinput"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "static" / "staticfiles.json").read_text(encoding="utf-8"))
+    assert "admin/css/base.css" in manifest["paths"]
+
+
+# --- Procfile (make run) --------------------------------------------------------------------------------
+
+
+def test_procfile_runs_web_worker_and_beat():
+    entries = procfile()
+    assert {"web", "worker", "beat"} <= set(entries)
+    (web,) = split_commands(entries["web"])
+    assert "127.0.0.1:8000" in web, "the README promises http://127.0.0.1:8000"
+    (worker,) = split_commands(entries["worker"])
+    assert program(worker) == "celery" and "worker" in worker
+    (beat,) = split_commands(entries["beat"])
+    assert program(beat) == "celery" and "beat" in beat
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    assert import_path(option_value(program_args(beat), "-S", "--scheduler")) is DatabaseScheduler
+
+
+@pytest.mark.parametrize("name", ["web", "worker", "beat"])
+def test_procfile_command_names_code_that_exists(name):
+    commands = split_commands(procfile()[name])
+    assert commands
+    assert all(check_command(argv) for argv in commands), f"Procfile {name}: unrecognised command"
+
+
+# --- The two commands of the README ---------------------------------------------------------------------
+
+
+def test_ci_entry_point_runs_make_test():
+    lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert any(line.split()[:2] == ["make", "test"] for line in lines)
+
+
+def test_makefile_has_the_run_and_test_targets():
+    targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(encoding="utf-8"), flags=re.MULTILINE)
+    assert {"run", "test", "lint", "format"} <= set(targets)
+
+
+def test_readme_quick_start_shows_make_run_and_make_test_first():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", readme, flags=re.MULTILINE)
+    assert headings[0] == "Quick start"
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", quick_start, flags=re.DOTALL))
+    lines = [line.strip() for line in code.splitlines()]
+    assert "make run" in lines and "make test" in lines
+    assert lines.index("make run") < lines.index("make test")
+    assert "## API" in readme
+    assert "/api/docs/" in readme and "/api/schema/" in readme
+
+
+def test_readme_documents_every_environment_variable_the_settings_read():
+    source = (ROOT / "axiom_grid" / "settings.py").read_text(encoding="utf-8")
+    names = set(re.findall(r"(?:os\.environ\.get|env_bool|env_list)\(\s*\"([A-Z_][A-Z0-9_]*)\"", source))
+    assert "DATABASE_URL" in names
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = sorted(name for name in names if f"`{name}`" not in readme)
+    assert not missing, f"README.md does not document {missing}"
