@@ -21,6 +21,7 @@ setup: $(STAMP)
 migrate: setup
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py load_reference_data
+	$(BIN)/python manage.py setup_periodic_tasks
 
 # Web (127.0.0.1:8000), Celery worker and beat together; Ctrl-C stops all three.
 run: migrate

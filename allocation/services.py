@@ -345,12 +345,18 @@ def quota_share(*, source: Agent, target: Agent, resource_type_id: str, amount: 
         raise LedgerError(f"agent {target.id} is suspended", code="agent_suspended", status=409)
     now = timezone.now()
     with transaction.atomic():
-        source_quota = quota_open(agent=source, resource_type_id=resource_type_id, at=now)
-        target_quota = quota_open(agent=target, resource_type_id=resource_type_id, at=now)
+        # Open (insert) and lock the two periods in agent-id order: two agents sharing with each other at
+        # once then wait for one another instead of deadlocking, also inside a caller's transaction.
+        opened = {
+            agent.pk: quota_open(agent=agent, resource_type_id=resource_type_id, at=now)
+            for agent in sorted((source, target), key=lambda a: a.pk)
+        }
+        source_quota, target_quota = opened[source.pk], opened[target.pk]
         locked = {
             quota.pk: quota
-            for quota in Quota.objects.select_for_update().filter(pk__in=[source_quota.pk, target_quota.pk])
-            .order_by("pk")
+            for quota in Quota.objects.select_for_update()
+            .filter(pk__in=[source_quota.pk, target_quota.pk])
+            .order_by("agent_id")
         }
         source_quota = locked[source_quota.pk]
         if amount > source_quota.available:

@@ -163,7 +163,8 @@ class AgentLimitOverrideInline(admin.TabularInline):
 class AgentAdminForm(forms.ModelForm):
     class Meta:
         model = Agent
-        fields = "__all__"
+        # The admin narrows these per page (add or change) through its fieldsets and read-only fields.
+        fields = ("id", "name", "tier", "monthly_budget_usd", "min_instances", "max_instances", "metadata")
 
     def clean(self):
         cleaned = super().clean()
@@ -183,7 +184,9 @@ class AgentAdminForm(forms.ModelForm):
 
 
 class ChangeTierForm(forms.Form):
-    tier = forms.ModelChoiceField(queryset=Tier.objects.all(), help_text="The current period is re-based on it.")
+    tier = forms.ModelChoiceField(
+        queryset=Tier.objects.all(), help_text="The current period is re-based on it."
+    )
 
 
 class GrantQuotaForm(forms.Form):
@@ -213,7 +216,7 @@ class AgentAdmin(admin.ModelAdmin):
             return [(None, {"fields": ("id", "name", "tier", "monthly_budget_usd", "metadata")})]
         return [
             (None, {"fields": ("id", "name", "tier", ("status", "status_reason"), "monthly_budget_usd")}),
-            ("This period's quotas", {"fields": ("current_quotas",)}),
+            ("This period's quotas", {"fields": ("period_quotas",)}),
             ("Instances", {"fields": (("instance_count", "min_instances", "max_instances"),)}),
             (None, {"fields": ("metadata", "created_at", "updated_at")}),
         ]
@@ -232,7 +235,7 @@ class AgentAdmin(admin.ModelAdmin):
             "instance_count",
             "created_at",
             "updated_at",
-            "current_quotas",
+            "period_quotas",
         )
 
     def save_model(self, request: HttpRequest, obj: Agent, form, change: bool) -> None:
@@ -252,7 +255,7 @@ class AgentAdmin(admin.ModelAdmin):
         obj._state.adding = False
 
     @admin.display(description="quotas")
-    def current_quotas(self, obj: Agent):
+    def period_quotas(self, obj: Agent):
         start, _ = month_bounds(timezone.now())
         quotas = {quota.resource_type_id: quota for quota in current_quotas(agent=obj)}
         limits = base_limits(agent=obj)
@@ -264,7 +267,16 @@ class AgentAdmin(admin.ModelAdmin):
             if quota is None:
                 limit = limits.get(resource_type.code, 0)
                 rows.append(
-                    (resource_type.code, "0", "0", _units(limit), "-", _units(limit), "0.00", "not opened yet")
+                    (
+                        resource_type.code,
+                        "0",
+                        "0",
+                        _units(limit),
+                        "-",
+                        _units(limit),
+                        "0.00",
+                        "not opened yet",
+                    )
                 )
                 continue
             rows.append(
@@ -289,7 +301,7 @@ class AgentAdmin(admin.ModelAdmin):
             rows,
         )
         return format_html(
-            "<table><caption>{} (UTC) &middot; <a href=\"{}?agent={}\">usage log</a></caption>"
+            '<table><caption>{} (UTC) &middot; <a href="{}?agent={}">usage log</a></caption>'
             "<thead><tr><th>resource</th><th>used</th><th>reserved</th><th>limit</th><th>granted</th>"
             "<th>available</th><th>used + reserved</th><th>unit</th></tr></thead><tbody>{}</tbody></table>",
             f"{start:%B %Y}",
@@ -340,7 +352,9 @@ class AgentAdmin(admin.ModelAdmin):
         self.message_user(request, f"Moved {changed} agent(s) to {tier.pk}.", messages.SUCCESS)
         return None
 
-    def _set_status(self, request: HttpRequest, queryset: QuerySet[Agent], *, from_status: str, to_status: str):
+    def _set_status(
+        self, request: HttpRequest, queryset: QuerySet[Agent], *, from_status: str, to_status: str
+    ):
         reason = f"by {request.user.get_username()} in the admin"
         changed, skipped = [], []
         for agent in queryset:
@@ -437,7 +451,7 @@ class QuotaAdmin(ViewOnlyAdmin):
         "available_units",
         "utilization",
     )
-    list_filter = ("resource_type", "agent__tier", "period_start")
+    list_filter = ("resource_type", "agent__tier")
     search_fields = ("agent__id", "agent__name")
     list_select_related = ("agent", "resource_type")
     date_hierarchy = "period_start"
@@ -501,7 +515,16 @@ class QuotaAdmin(ViewOnlyAdmin):
 
 @admin.register(Grant)
 class GrantAdmin(ViewOnlyAdmin):
-    list_display = ("created_at", "agent", "resource_type", "period", "signed_amount", "reason", "actor", "note")
+    list_display = (
+        "created_at",
+        "agent",
+        "resource_type",
+        "period",
+        "signed_amount",
+        "reason",
+        "actor",
+        "note",
+    )
     list_filter = ("reason", "quota__resource_type")
     search_fields = ("quota__agent__id", "actor", "note")
     # The agent, resource and period columns read the quota's own columns; only the quota is joined.
@@ -555,7 +578,16 @@ class UsageLogAdmin(ViewOnlyAdmin):
 
 @admin.register(OptimizationRule)
 class OptimizationRuleAdmin(admin.ModelAdmin):
-    list_display = ("name", "scope", "target", "condition", "duration_seconds", "severity", "action", "enabled")
+    list_display = (
+        "name",
+        "scope",
+        "target",
+        "condition",
+        "duration_seconds",
+        "severity",
+        "action",
+        "enabled",
+    )
     list_filter = ("enabled", "scope", "severity", "action", "metric")
     search_fields = ("name", "description")
     list_select_related = ("tier", "agent")

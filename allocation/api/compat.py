@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
@@ -69,6 +71,14 @@ def _not_implemented(action: str):
 
 
 class ResourcesView(GridAPIView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("action", str, enum=["quota", "cost", "metrics", "recommendations"], required=True),
+            OpenApiParameter("agentId", str, required=True),
+        ],
+        responses=OpenApiTypes.OBJECT,
+        summary="The product description's resource endpoint (read)",
+    )
     def get(self, request):
         query = _valid(CompatQuery, request.query_params.dict())
         agent = agent_for(request.user, query["agentId"])
@@ -94,6 +104,12 @@ class ResourcesView(GridAPIView):
             return _not_implemented(action)
         return Response(handler(request, agent))
 
+    @extend_schema(
+        parameters=[OpenApiParameter("action", str, enum=["optimize"], required=False)],
+        request=CompatPost,
+        responses=OpenApiTypes.OBJECT,
+        summary="The product description's resource endpoint (allocate, check, share, purchase, optimize)",
+    )
     def post(self, request):
         action = request.query_params.get("action") or (
             request.data.get("action") if isinstance(request.data, dict) else None
