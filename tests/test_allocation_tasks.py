@@ -1,0 +1,91 @@
+"""Hold expiry, idempotency cleanup and their beat schedules."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
+
+from allocation import services
+from allocation.models import Allocation, IdempotencyRecord
+from allocation.tasks import holds_expire_task, idempotency_cleanup_task
+from ledger.models import Quota
+from ledger.services import agent_create
+
+pytestmark = pytest.mark.django_db
+
+
+def _holds(count: int, *, agents: int = 1, ttl: int = 60, prefix: str = "holder"):
+    made = []
+    for a in range(agents):
+        agent = agent_create(agent_id=f"{prefix}-{a}", tier_code="PRO")
+        made += [
+            services.allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=100, hold=True,
+                                       hold_ttl_seconds=ttl)
+            for _ in range(count)
+        ]
+    return made
+
+
+def test_expired_holds_are_released_and_live_ones_kept(reference_data):
+    expired = _holds(3, ttl=60)
+    agent = expired[0].agent
+    live = services.allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=50, hold=True,
+                                      hold_ttl_seconds=3600)
+    later = timezone.now() + dt.timedelta(minutes=5)
+    assert services.holds_expire(now=later) == 3
+    assert services.holds_expire(now=later) == 0  # running again releases nothing twice
+    quota = Quota.objects.get(agent=agent, resource_type_id="COMPUTE_MS")
+    assert (quota.used, quota.reserved) == (0, 50)
+    assert set(Allocation.objects.filter(pk__in=[h.pk for h in expired]).values_list("status", flat=True)) == {
+        "expired"
+    }
+    assert Allocation.objects.get(pk=live.pk).status == "held"
+
+
+def test_expiry_sweep_query_count_does_not_grow_with_agents(reference_data):
+    later = timezone.now() + dt.timedelta(minutes=5)
+    counts = []
+    for agents in (2, 20):
+        _holds(2, agents=agents, prefix=f"fleet{agents}")
+        with CaptureQueriesContext(connection) as ctx:
+            assert services.holds_expire(now=later) == 2 * agents
+        counts.append(len(ctx.captured_queries))
+    assert counts[0] == counts[1]
+    assert not Quota.objects.filter(reserved__gt=0).exists()
+
+
+def test_idempotency_cleanup_keeps_the_last_24_hours(reference_data):
+    now = timezone.now()
+    for key, age in (("old", 25), ("fresh", 23)):
+        IdempotencyRecord.objects.create(principal="agent:x", key=key, method="POST", path="/", request_hash="h",
+                                         response_status=201, response_body={}, created_at=now - dt.timedelta(hours=age))
+    assert idempotency_cleanup_task.apply().get() == 1
+    assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["fresh"]
+
+
+def test_hold_expiry_task_body_runs_the_sweep(reference_data):
+    hold = _holds(1, ttl=1)[0]
+    Allocation.objects.filter(pk=hold.pk).update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    assert holds_expire_task.apply().get() == 1
+    assert Allocation.objects.get(pk=hold.pk).status == "expired"
+
+
+def test_periodic_tasks_are_set_up_idempotently_and_keep_admin_edits(db):
+    call_command("setup_periodic_tasks")
+    tasks = dict(PeriodicTask.objects.values_list("name", "task"))
+    assert tasks["Expire holds"] == "allocation.holds_expire"
+    assert tasks["Clean idempotency keys"] == "allocation.idempotency_cleanup"
+    assert PeriodicTask.objects.get(name="Expire holds").interval.every == 60
+    PeriodicTask.objects.filter(name="Expire holds").update(enabled=False)
+    count = PeriodicTask.objects.count()
+    call_command("setup_periodic_tasks")
+    assert PeriodicTask.objects.count() == count
+    assert PeriodicTask.objects.get(name="Expire holds").enabled is False
+    call_command("setup_periodic_tasks", "--reset")
+    assert PeriodicTask.objects.get(name="Expire holds").enabled is True
