@@ -31,7 +31,7 @@ run: migrate
 	@echo "  Admin:  http://127.0.0.1:8000/admin/   login: admin / admin (demo)"
 	@echo "  Database: $${DATABASE_URL:-SQLite under var/}   Broker: $${REDIS_URL:-filesystem under var/}"
 	@echo ""
-	DEBUG=$${DEBUG:-true} $(BIN)/honcho -f Procfile start
+	PATH="$(CURDIR)/$(BIN):$$PATH" DEBUG=$${DEBUG:-true} $(BIN)/honcho -f Procfile start
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -20,6 +20,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from ledger import services
+from ledger.errors import LedgerError
 from ledger.models import (
     Agent,
     AgentLimitOverride,
@@ -34,6 +35,7 @@ from ledger.models import (
 )
 from ledger.periods import month_bounds
 from ledger.selectors import base_limits, current_quotas, quota_reconciliation
+from ledger.services import AGENT_PLAIN_FIELDS
 
 ACTION_FORM_TEMPLATE = "admin/ledger/agent/action_form.html"
 
@@ -157,7 +159,7 @@ class AgentLimitOverrideInline(admin.TabularInline):
     model = AgentLimitOverride
     extra = 0
     fields = ("resource_type", "limit")
-    verbose_name_plural = "limit overrides (replace the tier's limit from the next quota opened)"
+    verbose_name_plural = "limit overrides (replace the tier's limits, this period included)"
 
 
 class AgentAdminForm(forms.ModelForm):
@@ -168,18 +170,10 @@ class AgentAdminForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
-        # The instance count belongs to scaling and is read-only here, so form validation skips the
-        # constraint that ties it to the bounds; check it against the stored count rather than let the
-        # database refuse the save with an IntegrityError.
-        if self.instance._state.adding:
-            return cleaned
-        minimum = cleaned.get("min_instances", self.instance.min_instances)
-        maximum = cleaned.get("max_instances", self.instance.max_instances)
-        count = self.instance.instance_count
-        if minimum is not None and maximum is not None and not minimum <= count <= maximum:
-            raise ValidationError(
-                f"The agent runs {count} instance(s) now: the bounds must satisfy min <= {count} <= max."
-            )
+        # The service refuses this too, but by then the admin could only answer with an error page.
+        minimum, maximum = cleaned.get("min_instances"), cleaned.get("max_instances")
+        if minimum is not None and maximum is not None and minimum > maximum:
+            raise ValidationError("Min instances cannot exceed max instances.")
         return cleaned
 
 
@@ -224,9 +218,8 @@ class AgentAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj=None):
         if obj is None:
             return ()
-        # Tier and status change through the actions, which go through the services: a tier edited in
-        # the form would leave this period's quotas on the old tier's limits. The instance count is
-        # scaling's to change.
+        # Tier and status change through the actions, one service call per agent with the operator
+        # recorded. The instance count is scaling's to change (narrower bounds clamp it).
         return (
             "id",
             "tier",
@@ -239,20 +232,38 @@ class AgentAdmin(admin.ModelAdmin):
         )
 
     def save_model(self, request: HttpRequest, obj: Agent, form, change: bool) -> None:
-        if change:
-            super().save_model(request, obj, form, change)
+        # Written in save_related instead, which also sees the overrides inline: the agent and its custom
+        # limits go through one service call, which re-bases this period's quotas when the limits change.
+        pass
+
+    def save_related(self, request: HttpRequest, form, formsets, change: bool) -> None:
+        (overrides,) = (formset for formset in formsets if formset.model is AgentLimitOverride)
+        # commit=False writes nothing; it only lists what changed, for the admin's history message.
+        overrides.save(commit=False)
+        custom_limits = {
+            override_form.cleaned_data["resource_type"].pk: override_form.cleaned_data["limit"]
+            for override_form in overrides.forms
+            if override_form.cleaned_data and not override_form.cleaned_data.get("DELETE")
+        }
+        agent: Agent = form.instance
+        if not change:
+            services.agent_create(
+                agent_id=agent.id,
+                tier_code=agent.tier_id,
+                name=agent.name,
+                monthly_budget_usd=agent.monthly_budget_usd,
+                metadata=agent.metadata,
+                custom_limits=custom_limits,
+            )
+            # The admin goes on with this instance (the log entry, the redirect): make it the saved row.
+            agent.refresh_from_db()
+            agent._state.adding = False
             return
-        services.agent_create(
-            agent_id=obj.id,
-            tier_code=obj.tier_id,
-            name=obj.name,
-            monthly_budget_usd=obj.monthly_budget_usd,
-            metadata=obj.metadata,
-        )
-        # The admin goes on with ``obj`` (the overrides inline, the log entry, the redirect), so it must
-        # become the row the service saved.
-        obj.refresh_from_db()
-        obj._state.adding = False
+        changes = {name: form.cleaned_data[name] for name in form.changed_data if name in AGENT_PLAIN_FIELDS}
+        if overrides.has_changed():
+            changes["custom_limits"] = custom_limits
+        if changes:
+            services.agent_update(agent=agent, actor=request.user.get_username(), **changes)
 
     @admin.display(description="quotas")
     def period_quotas(self, obj: Agent):
@@ -406,7 +417,7 @@ class AgentAdmin(admin.ModelAdmin):
                         actor=actor,
                         note=form.cleaned_data["note"],
                     )
-        except services.LedgerError as error:
+        except LedgerError as error:
             messages.error(request, f"No quota was granted ({current}: {error.message}).")
             return None
         for agent in agents:
