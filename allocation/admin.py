@@ -2,8 +2,8 @@
 
 Allocations, the audit trail and the idempotency records are written by the engine and the API, so their
 admin pages are view-only. An API key is created through ``allocation.keys.api_key_issue`` (which stores
-only its hash and hands the raw key back once) and is never deleted: it is revoked, so the audit trail's
-``actor`` still points at a key that existed.
+only its hash and hands the raw key back once) and is never deleted, only revoked, so it still shows
+whose it was and when it stopped working.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_select_related = ("user",)
     autocomplete_fields = ("agent",)
     actions = ["revoke"]
-    # key_hash appears nowhere: it is not a secret, but nothing an operator can do needs it.
+    # key_hash appears nowhere: it cannot be turned back into the key, but no operator task needs it.
     change_fields = ("visible_key", "owner", "name", "created_at", "last_used_at", "revoked_at", "active")
 
     def get_form(self, request: HttpRequest, obj=None, change: bool = False, **kwargs):
@@ -136,8 +136,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return tuple(field for field in self.change_fields if field != "name")
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        # Revoke instead: the audit trail names keys by owner, and a deleted key leaves no trace of when
-        # it stopped working.
+        # Revoke instead: a revoked key still says whose it was and when it stopped working; a deleted
+        # one leaves no trace of either.
         return False
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:

@@ -23,6 +23,8 @@ def api_key_issue(*, agent: Agent | None = None, user=None, name: str = "") -> t
     """Create a key for an agent or an operator (a staff user). The raw key is returned once, never stored."""
     if (agent is None) == (user is None):
         raise ValueError("a key belongs to exactly one agent or one operator")
+    if user is not None and not (user.is_active and user.is_staff):
+        raise ValueError("an operator key needs an active staff user")
     raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
     api_key = ApiKey.objects.create(
         name=name, prefix=raw_key[:VISIBLE_CHARS], key_hash=key_hash(raw_key), agent=agent, user=user
@@ -43,5 +45,6 @@ def operator_key_issue(*, username: str, name: str = "") -> tuple[ApiKey, str]:
     return api_key_issue(user=user, name=name or "operator key")
 
 
-def api_key_revoke(*, api_key: ApiKey) -> None:
-    ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+def api_key_revoke(*, api_key: ApiKey) -> bool:
+    """Revoke the key; False if it already was."""
+    return bool(ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()))

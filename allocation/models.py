@@ -113,6 +113,7 @@ class IdempotencyRecord(models.Model):
     created_at = models.DateTimeField(db_index=True)
 
     class Meta:
+        ordering = ["-created_at"]
         constraints = [models.UniqueConstraint(fields=["principal", "key"], name="idempotency_unique_key")]
 
     def __str__(self) -> str:

@@ -14,11 +14,20 @@ from allocation.idempotency import idempotency_claim, idempotency_complete, vali
 Handler = Callable[[dict], tuple[int, dict]]
 
 
-def run_mutation(request, *, action: str, agent_id: str, handler: Handler, audited: bool = True) -> Response:
+def run_mutation(
+    request,
+    *,
+    action: str,
+    agent_id: str,
+    handler: Handler,
+    audited: bool = True,
+    secret_fields: tuple[str, ...] = (),
+) -> Response:
     """Run ``handler(body) -> (status, data)`` once per idempotency key, atomically, and audit the outcome.
 
     A success is audited in its own transaction, so the record and the change commit together; a refusal
-    rolls everything back and is then audited on its own.
+    rolls everything back and is then audited on its own. ``secret_fields`` of the response (a new API key)
+    are shown once and never stored: a replay answers them as null.
     """
     principal = request.user
     body = None
@@ -45,7 +54,8 @@ def run_mutation(request, *, action: str, agent_id: str, handler: Handler, audit
                     return response
             status, data = handler(body)
             if claim is not None:
-                idempotency_complete(record_id=claim.record_id, status=status, body=data)
+                stored = {**data, **dict.fromkeys(secret_fields)} if secret_fields else data
+                idempotency_complete(record_id=claim.record_id, status=status, body=stored)
             if audited:
                 audit_record(request=request, actor=principal.label, action=action, agent_id=agent_id,
                              status_code=status, outcome="ok", body=body)

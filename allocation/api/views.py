@@ -85,8 +85,9 @@ class AgentListCreateView(generics.ListAPIView):
             _, raw_key = api_key_issue(agent=agent, name="first key")
             return 201, {**AgentOut(agent).data, "api_key": raw_key}
 
-        return run_mutation(request, action="agent.create", agent_id=str(request.data.get("id", ""))
-                            if isinstance(request.data, dict) else "", handler=create)
+        agent_id = str(request.data.get("id", "")) if isinstance(request.data, dict) else ""
+        return run_mutation(request, action="agent.create", agent_id=agent_id, handler=create,
+                            secret_fields=("api_key",))
 
 
 class AgentDetailView(AgentScopedView):
