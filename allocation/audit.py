@@ -14,8 +14,9 @@ def _client_address(request) -> str | None:
     return request.META.get("REMOTE_ADDR") or None
 
 
-def audit_record(*, request, actor: str, action: str, agent_id: str, status_code: int, outcome: str,
-                 body) -> AuditRecord:
+def audit_record(
+    *, request, actor: str, action: str, agent_id: str, status_code: int, outcome: str, body
+) -> AuditRecord:
     if body is not None:
         text = json.dumps(body, default=str)
         if len(text) > MAX_BODY_CHARS:

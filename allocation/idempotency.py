@@ -57,7 +57,14 @@ def idempotency_claim(*, principal: str, key: str, method: str, path: str, body)
     with connection.cursor() as cursor:
         cursor.execute(
             _CLAIM_SQL,
-            [principal, key, method, path, fingerprint, connection.ops.adapt_datetimefield_value(timezone.now())],
+            [
+                principal,
+                key,
+                method,
+                path,
+                fingerprint,
+                connection.ops.adapt_datetimefield_value(timezone.now()),
+            ],
         )
         row = cursor.fetchone()
     if row is not None:

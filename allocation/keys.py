@@ -47,4 +47,6 @@ def operator_key_issue(*, username: str, name: str = "") -> tuple[ApiKey, str]:
 
 def api_key_revoke(*, api_key: ApiKey) -> bool:
     """Revoke the key; False if it already was."""
-    return bool(ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()))
+    return bool(
+        ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    )

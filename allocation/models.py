@@ -83,7 +83,8 @@ class ApiKey(models.Model):
         ordering = ["-created_at"]
         constraints = [
             models.CheckConstraint(
-                condition=Q(agent__isnull=False, user__isnull=True) | Q(agent__isnull=True, user__isnull=False),
+                condition=Q(agent__isnull=False, user__isnull=True)
+                | Q(agent__isnull=True, user__isnull=False),
                 name="api_key_belongs_to_agent_or_operator",
             ),
         ]

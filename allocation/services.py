@@ -82,7 +82,8 @@ def _ensure_amount(amount: int, *, allow_zero: bool = False) -> None:
         raise LedgerError("amount must be a whole number of units", code="invalid_amount")
     if amount < (0 if allow_zero else 1) or amount > MAX_AMOUNT:
         raise LedgerError(
-            f"amount must be between {0 if allow_zero else 1} and 2^53", code="invalid_amount",
+            f"amount must be between {0 if allow_zero else 1} and 2^53",
+            code="invalid_amount",
             details={"amount": amount},
         )
 
@@ -200,13 +201,26 @@ def allocation_create(
         )
         allocation.save(force_insert=True)
         if not hold:
-            _usage_write(allocation, amount=amount, kind=kind, idempotency_key=idempotency_key,
-                         metadata=metadata, at=now)
+            _usage_write(
+                allocation,
+                amount=amount,
+                kind=kind,
+                idempotency_key=idempotency_key,
+                metadata=metadata,
+                at=now,
+            )
     return allocation
 
 
-def _usage_write(allocation: Allocation, *, amount: int, kind: str, idempotency_key: str, metadata: dict | None,
-                 at: dt.datetime) -> UsageLog:
+def _usage_write(
+    allocation: Allocation,
+    *,
+    amount: int,
+    kind: str,
+    idempotency_key: str,
+    metadata: dict | None,
+    at: dt.datetime,
+) -> UsageLog:
     return UsageLog.objects.create(
         agent_id=allocation.agent_id,
         resource_type_id=allocation.resource_type_id,
@@ -228,14 +242,16 @@ def _open_hold(*, agent: Agent, allocation_id) -> Allocation:
         raise NotFound(f"allocation {allocation_id} not found")
     if allocation.status != Allocation.Status.HELD:
         raise Conflict(
-            f"allocation {allocation_id} is {allocation.status}, not an open hold", code="hold_not_open",
+            f"allocation {allocation_id} is {allocation.status}, not an open hold",
+            code="hold_not_open",
             details={"status": allocation.status},
         )
     return allocation
 
 
-def hold_settle(*, agent: Agent, allocation_id, amount: int, idempotency_key: str = "",
-                now: dt.datetime | None = None) -> Allocation:
+def hold_settle(
+    *, agent: Agent, allocation_id, amount: int, idempotency_key: str = "", now: dt.datetime | None = None
+) -> Allocation:
     """Settle a hold at the ``amount`` actually used, charged at the price quoted when it was held.
 
     Less than the hold: the rest goes back. More: the difference must be available, else ``QuotaExceeded``
@@ -256,9 +272,9 @@ def hold_settle(*, agent: Agent, allocation_id, amount: int, idempotency_key: st
         if not claimed:
             raise Conflict(f"allocation {allocation.pk} is no longer an open hold", code="hold_not_open")
         extra = amount - held
-        updated = Quota.objects.filter(pk=allocation.quota_id, limit__gte=F("used") + F("reserved") + extra).update(
-            reserved=F("reserved") - held, used=F("used") + amount, updated_at=now
-        )
+        updated = Quota.objects.filter(
+            pk=allocation.quota_id, limit__gte=F("used") + F("reserved") + extra
+        ).update(reserved=F("reserved") - held, used=F("used") + amount, updated_at=now)
         if not updated:
             quota = Quota.objects.get(pk=allocation.quota_id)
             raise QuotaExceeded(
@@ -272,8 +288,14 @@ def hold_settle(*, agent: Agent, allocation_id, amount: int, idempotency_key: st
                 },
             )
         if amount:
-            _usage_write(allocation, amount=amount, kind=UsageLog.Kind.SETTLEMENT,
-                         idempotency_key=idempotency_key, metadata=None, at=now)
+            _usage_write(
+                allocation,
+                amount=amount,
+                kind=UsageLog.Kind.SETTLEMENT,
+                idempotency_key=idempotency_key,
+                metadata=None,
+                at=now,
+            )
     allocation.refresh_from_db()
     return allocation
 
@@ -321,7 +343,9 @@ def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> i
                 per_quota[quota_id] = per_quota.get(quota_id, 0) + amount
             Quota.objects.filter(pk__in=per_quota).update(
                 reserved=F("reserved")
-                - Case(*[When(pk=pk, then=Value(total)) for pk, total in per_quota.items()], default=Value(0)),
+                - Case(
+                    *[When(pk=pk, then=Value(total)) for pk, total in per_quota.items()], default=Value(0)
+                ),
                 updated_at=now,
             )
             expired_total += len(holds)
@@ -363,17 +387,32 @@ def quota_share(*, source: Agent, target: Agent, resource_type_id: str, amount: 
             raise QuotaExceeded(
                 f"{source.id} has {max(source_quota.available, 0):,} {resource_type_id} unused, "
                 f"{amount:,} asked",
-                details={"resource_type": resource_type_id, "requested": amount,
-                         "available": max(source_quota.available, 0)},
+                details={
+                    "resource_type": resource_type_id,
+                    "requested": amount,
+                    "available": max(source_quota.available, 0),
+                },
             )
         Quota.objects.filter(pk=source_quota.pk).update(limit=F("limit") - amount, updated_at=now)
         Quota.objects.filter(pk=target_quota.pk).update(limit=F("limit") + amount, updated_at=now)
-        Grant.objects.bulk_create([
-            Grant(quota_id=source_quota.pk, amount=-amount, reason=Grant.Reason.SHARE_OUT, actor=actor,
-                  counterparty_agent=target),
-            Grant(quota_id=target_quota.pk, amount=amount, reason=Grant.Reason.SHARE_IN, actor=actor,
-                  counterparty_agent=source),
-        ])
+        Grant.objects.bulk_create(
+            [
+                Grant(
+                    quota_id=source_quota.pk,
+                    amount=-amount,
+                    reason=Grant.Reason.SHARE_OUT,
+                    actor=actor,
+                    counterparty_agent=target,
+                ),
+                Grant(
+                    quota_id=target_quota.pk,
+                    amount=amount,
+                    reason=Grant.Reason.SHARE_IN,
+                    actor=actor,
+                    counterparty_agent=source,
+                ),
+            ]
+        )
     return {
         "resource_type": resource_type_id,
         "amount": amount,

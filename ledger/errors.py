@@ -9,8 +9,9 @@ class LedgerError(Exception):
     code = "invalid_request"
     status = 400
 
-    def __init__(self, message: str, *, code: str | None = None, details: dict | None = None,
-                 status: int | None = None):
+    def __init__(
+        self, message: str, *, code: str | None = None, details: dict | None = None, status: int | None = None
+    ):
         super().__init__(message)
         self.message = message
         if code:

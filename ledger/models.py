@@ -56,7 +56,9 @@ class ResourcePrice(models.Model):
     class Meta:
         ordering = ["resource_type_id", "-effective_from"]
         constraints = [
-            models.UniqueConstraint(fields=["resource_type", "effective_from"], name="price_unique_effective"),
+            models.UniqueConstraint(
+                fields=["resource_type", "effective_from"], name="price_unique_effective"
+            ),
             models.CheckConstraint(condition=Q(unit_price_usd__gte=0), name="price_non_negative"),
         ]
 
@@ -132,7 +134,8 @@ class Agent(models.Model):
         ordering = ["id"]
         constraints = [
             models.CheckConstraint(
-                condition=Q(min_instances__lte=F("instance_count")) & Q(instance_count__lte=F("max_instances")),
+                condition=Q(min_instances__lte=F("instance_count"))
+                & Q(instance_count__lte=F("max_instances")),
                 name="agent_instances_within_bounds",
             ),
             models.CheckConstraint(
@@ -184,14 +187,19 @@ class Quota(models.Model):
         db_table = "quotas"
         ordering = ["agent_id", "-period_start", "resource_type__display_order"]
         constraints = [
-            models.UniqueConstraint(fields=["agent", "resource_type", "period_start"], name="quota_unique_period"),
+            models.UniqueConstraint(
+                fields=["agent", "resource_type", "period_start"], name="quota_unique_period"
+            ),
             models.CheckConstraint(condition=Q(used__gte=0), name="quota_used_non_negative"),
             models.CheckConstraint(condition=Q(reserved__gte=0), name="quota_reserved_non_negative"),
             models.CheckConstraint(condition=Q(limit__gte=0), name="quota_limit_non_negative"),
             models.CheckConstraint(
-                condition=Q(used__lte=F("limit") - F("reserved")), name="quota_used_plus_reserved_within_limit"
+                condition=Q(used__lte=F("limit") - F("reserved")),
+                name="quota_used_plus_reserved_within_limit",
             ),
-            models.CheckConstraint(condition=Q(period_end__gt=F("period_start")), name="quota_period_ordered"),
+            models.CheckConstraint(
+                condition=Q(period_end__gt=F("period_start")), name="quota_period_ordered"
+            ),
         ]
 
     def __str__(self) -> str:

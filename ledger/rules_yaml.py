@@ -26,8 +26,19 @@ from ledger.models import OptimizationRule
 CONDITION_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(>=|<=|==|>|<)\s*(-?\d+(?:\.\d+)?)\s*$")
 DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-ALLOWED_KEYS = {"name", "condition", "duration", "severity", "action", "cooldown", "enabled", "description",
-                "scope", "tier", "agent"}
+ALLOWED_KEYS = {
+    "name",
+    "condition",
+    "duration",
+    "severity",
+    "action",
+    "cooldown",
+    "enabled",
+    "description",
+    "scope",
+    "tier",
+    "agent",
+}
 
 
 class RuleFileError(ValueError):

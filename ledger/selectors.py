@@ -49,9 +49,9 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
     from ledger.models import UsageLog
 
     used = (
-        UsageLog.objects.filter(quota=quota, kind__in=UsageLog.CONSUMPTION_KINDS).aggregate(total=Sum("amount"))[
-            "total"
-        ]
+        UsageLog.objects.filter(quota=quota, kind__in=UsageLog.CONSUMPTION_KINDS).aggregate(
+            total=Sum("amount")
+        )["total"]
         or 0
     )
     granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0

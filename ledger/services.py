@@ -26,7 +26,6 @@ from ledger.periods import month_bounds
 from ledger.rules_yaml import RuleSpec, parse_rules
 from ledger.selectors import base_limits
 
-
 # --- Reference data -------------------------------------------------------------------------------------
 
 
@@ -40,7 +39,8 @@ def reference_data_load() -> dict[str, int]:
     created = {"resource_types": 0, "prices": 0, "tiers": 0, "tier_quotas": 0, "rules": 0}
     for order, (code, name, unit, price, description) in enumerate(reference.RESOURCE_TYPES):
         resource_type, was_created = ResourceType.objects.get_or_create(
-            code=code, defaults={"name": name, "unit": unit, "description": description, "display_order": order}
+            code=code,
+            defaults={"name": name, "unit": unit, "description": description, "display_order": order},
         )
         created["resource_types"] += was_created
         if not ResourcePrice.objects.filter(resource_type=resource_type).exists():
@@ -53,7 +53,8 @@ def reference_data_load() -> dict[str, int]:
             created["prices"] += 1
     for order, (code, (monthly_price, limits)) in enumerate(reference.TIERS.items()):
         tier, was_created = Tier.objects.get_or_create(
-            code=code, defaults={"name": code.title(), "monthly_price_usd": monthly_price, "display_order": order}
+            code=code,
+            defaults={"name": code.title(), "monthly_price_usd": monthly_price, "display_order": order},
         )
         created["tiers"] += was_created
         for resource_code, limit in limits.items():
@@ -206,8 +207,13 @@ def agent_create(
     tier = Tier.objects.filter(code=tier_code).first()
     if tier is None:
         raise LedgerError(f"unknown tier {tier_code!r}", code="unknown_tier")
-    agent = Agent(id=agent_id, name=name or agent_id, tier=tier, monthly_budget_usd=monthly_budget_usd,
-                  metadata=metadata or {})
+    agent = Agent(
+        id=agent_id,
+        name=name or agent_id,
+        tier=tier,
+        monthly_budget_usd=monthly_budget_usd,
+        metadata=metadata or {},
+    )
     agent.full_clean()
     agent.save()
     for resource_type_id, limit in (custom_limits or {}).items():
@@ -290,7 +296,9 @@ def agent_update(*, agent: Agent, actor: str, **changes) -> Agent:
 def agent_set_status(*, agent: Agent, status: str, reason: str = "") -> Agent:
     if status not in Agent.Status.values:
         raise LedgerError(f"unknown status {status!r}", code="invalid_status")
-    Agent.objects.filter(pk=agent.pk).update(status=status, status_reason=reason[:300], updated_at=timezone.now())
+    Agent.objects.filter(pk=agent.pk).update(
+        status=status, status_reason=reason[:300], updated_at=timezone.now()
+    )
     agent.status = status
     agent.status_reason = reason[:300]
     return agent

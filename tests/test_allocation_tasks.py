@@ -25,8 +25,9 @@ def _holds(count: int, *, agents: int = 1, ttl: int = 60, prefix: str = "holder"
     for a in range(agents):
         agent = agent_create(agent_id=f"{prefix}-{a}", tier_code="PRO")
         made += [
-            services.allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=100, hold=True,
-                                       hold_ttl_seconds=ttl)
+            services.allocation_create(
+                agent=agent, resource_type_id="COMPUTE_MS", amount=100, hold=True, hold_ttl_seconds=ttl
+            )
             for _ in range(count)
         ]
     return made
@@ -35,16 +36,17 @@ def _holds(count: int, *, agents: int = 1, ttl: int = 60, prefix: str = "holder"
 def test_expired_holds_are_released_and_live_ones_kept(reference_data):
     expired = _holds(3, ttl=60)
     agent = expired[0].agent
-    live = services.allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=50, hold=True,
-                                      hold_ttl_seconds=3600)
+    live = services.allocation_create(
+        agent=agent, resource_type_id="COMPUTE_MS", amount=50, hold=True, hold_ttl_seconds=3600
+    )
     later = timezone.now() + dt.timedelta(minutes=5)
     assert services.holds_expire(now=later) == 3
     assert services.holds_expire(now=later) == 0  # running again releases nothing twice
     quota = Quota.objects.get(agent=agent, resource_type_id="COMPUTE_MS")
     assert (quota.used, quota.reserved) == (0, 50)
-    assert set(Allocation.objects.filter(pk__in=[h.pk for h in expired]).values_list("status", flat=True)) == {
-        "expired"
-    }
+    assert set(
+        Allocation.objects.filter(pk__in=[h.pk for h in expired]).values_list("status", flat=True)
+    ) == {"expired"}
     assert Allocation.objects.get(pk=live.pk).status == "held"
 
 
@@ -63,8 +65,16 @@ def test_expiry_sweep_query_count_does_not_grow_with_agents(reference_data):
 def test_idempotency_cleanup_keeps_the_last_24_hours(reference_data):
     now = timezone.now()
     for key, age in (("old", 25), ("fresh", 23)):
-        IdempotencyRecord.objects.create(principal="agent:x", key=key, method="POST", path="/", request_hash="h",
-                                         response_status=201, response_body={}, created_at=now - dt.timedelta(hours=age))
+        IdempotencyRecord.objects.create(
+            principal="agent:x",
+            key=key,
+            method="POST",
+            path="/",
+            request_hash="h",
+            response_status=201,
+            response_body={},
+            created_at=now - dt.timedelta(hours=age),
+        )
     assert idempotency_cleanup_task.apply().get() == 1
     assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["fresh"]
 

@@ -173,8 +173,15 @@ def test_allocation_costs_a_fixed_number_of_queries(tight_agent, django_assert_m
     counts = []
     for history in (0, 500):
         UsageLog.objects.bulk_create(
-            UsageLog(agent=agent, resource_type_id="AI_TOKENS", amount=1, unit_price_usd=0, cost_usd=0,
-                     kind="allocation", created_at=services.timezone.now())
+            UsageLog(
+                agent=agent,
+                resource_type_id="AI_TOKENS",
+                amount=1,
+                unit_price_usd=0,
+                cost_usd=0,
+                kind="allocation",
+                created_at=services.timezone.now(),
+            )
             for _ in range(history)
         )
         with CaptureQueriesContext(connection) as ctx:

@@ -79,7 +79,11 @@ def test_seeded_rules_match_the_product_description(reference_data):
     )
     assert (high.severity, high.action) == ("warning", "notify")
     budget = OptimizationRule.objects.get(name="BudgetExceeded")
-    assert (budget.metric, budget.threshold, budget.duration_seconds) == ("budget_utilization_percent", 90, 60)
+    assert (budget.metric, budget.threshold, budget.duration_seconds) == (
+        "budget_utilization_percent",
+        90,
+        60,
+    )
     assert (budget.severity, budget.action) == ("critical", "throttle")
 
 
@@ -97,7 +101,9 @@ def test_new_price_applies_to_new_usage_only(reference_data):
     ResourcePrice.objects.create(
         resource_type_id="AI_TOKENS", unit_price_usd=Decimal("0.000002"), effective_from=now
     )
-    assert price_in_effect(resource_type_id="AI_TOKENS", at=now - dt.timedelta(seconds=1)) == Decimal("0.000001")
+    assert price_in_effect(resource_type_id="AI_TOKENS", at=now - dt.timedelta(seconds=1)) == Decimal(
+        "0.000001"
+    )
     assert price_in_effect(resource_type_id="AI_TOKENS", at=now) == Decimal("0.000002")
     assert prices_in_effect(at=now)["AI_TOKENS"] == Decimal("0.000002")
 
@@ -136,7 +142,13 @@ def test_quota_open_uses_tier_limit_and_override(reference_data):
         {"reserved": F("limit"), "used": 1},
         {"limit": -1},
     ],
-    ids=["used-over-limit", "negative-used", "negative-reserved", "used-plus-reserved-over", "negative-limit"],
+    ids=[
+        "used-over-limit",
+        "negative-used",
+        "negative-reserved",
+        "used-plus-reserved-over",
+        "negative-limit",
+    ],
 )
 def test_database_constraints_refuse_overspend_on_postgres(reference_data, change):
     agent = AgentFactory()
@@ -179,7 +191,9 @@ def test_negative_grant_cannot_take_used_quota(reference_data):
     quota = quota_open(agent=agent, resource_type_id="NETWORK_REQS")
     Quota.objects.filter(pk=quota.pk).update(used=900)
     with pytest.raises(LedgerError) as excinfo:
-        quota_grant(agent=agent, resource_type_id="NETWORK_REQS", amount=-101, reason="share_out", actor="ops")
+        quota_grant(
+            agent=agent, resource_type_id="NETWORK_REQS", amount=-101, reason="share_out", actor="ops"
+        )
     assert excinfo.value.code == "quota_exceeded"
     quota.refresh_from_db()
     assert quota.limit == 1_000

@@ -47,7 +47,8 @@ def test_scoped_rule_with_cooldown(reference_data, rule_file):
         "load_rules",
         rule_file(
             "alerts:\n  - name: Spiky\n    condition: cost_spike_ratio >= 3.5\n    duration: 2h\n"
-            "    cooldown: 30m\n    scope: agent\n    agent: agent-7\n    action: recommend\n    severity: info\n"
+            "    cooldown: 30m\n    scope: agent\n    agent: agent-7\n"
+            "    action: recommend\n    severity: info\n"
         ),
     )
     rule = OptimizationRule.objects.get(name="Spiky")

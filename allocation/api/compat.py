@@ -73,7 +73,9 @@ def _not_implemented(action: str):
 class ResourcesView(GridAPIView):
     @extend_schema(
         parameters=[
-            OpenApiParameter("action", str, enum=["quota", "cost", "metrics", "recommendations"], required=True),
+            OpenApiParameter(
+                "action", str, enum=["quota", "cost", "metrics", "recommendations"], required=True
+            ),
             OpenApiParameter("agentId", str, required=True),
         ],
         responses=OpenApiTypes.OBJECT,
@@ -122,14 +124,22 @@ class ResourcesView(GridAPIView):
             name = data["action"]
             if name == "check":
                 _require(data, "resourceType", "amount")
-                result = services.quota_check(agent=agent, resource_type_id=data["resourceType"],
-                                              amount=data["amount"])
-                return 200, {"allowed": result.allowed, "available": result.available, "reason": result.reason}
+                result = services.quota_check(
+                    agent=agent, resource_type_id=data["resourceType"], amount=data["amount"]
+                )
+                return 200, {
+                    "allowed": result.allowed,
+                    "available": result.available,
+                    "reason": result.reason,
+                }
             if name == "allocate":
                 _require(data, "resourceType", "amount")
                 allocation = services.allocation_create(
-                    agent=agent, resource_type_id=data["resourceType"], amount=data["amount"],
-                    task_id=data["taskId"], hold=data["hold"],
+                    agent=agent,
+                    resource_type_id=data["resourceType"],
+                    amount=data["amount"],
+                    task_id=data["taskId"],
+                    hold=data["hold"],
                     idempotency_key=request.headers.get("Idempotency-Key", ""),
                 )
                 return 201, {
@@ -146,15 +156,23 @@ class ResourcesView(GridAPIView):
                 target = Agent.objects.filter(pk=data["targetAgentId"]).first()
                 if target is None:
                     raise NotFound(f"target agent {data['targetAgentId']!r} not found")
-                result = services.quota_share(source=agent, target=target, resource_type_id=data["resourceType"],
-                                              amount=data["amount"], actor=request.user.label)
+                result = services.quota_share(
+                    source=agent,
+                    target=target,
+                    resource_type_id=data["resourceType"],
+                    amount=data["amount"],
+                    actor=request.user.label,
+                )
                 return 200, camelize(result)
             handler = COMPAT_POST_ACTIONS.get(name)
             if handler is None:
                 raise LedgerError(
                     f"action {name!r} needs the optimization app, which is not enabled",
-                    code="not_implemented", status=501,
+                    code="not_implemented",
+                    status=501,
                 )
             return handler(request, agent, data)
 
-        return run_mutation(request, action=f"compat.{action or 'unknown'}", agent_id=str(agent_id), handler=handle)
+        return run_mutation(
+            request, action=f"compat.{action or 'unknown'}", agent_id=str(agent_id), handler=handle
+        )

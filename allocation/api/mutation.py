@@ -57,15 +57,28 @@ def run_mutation(
                 stored = {**data, **dict.fromkeys(secret_fields)} if secret_fields else data
                 idempotency_complete(record_id=claim.record_id, status=status, body=stored)
             if audited:
-                audit_record(request=request, actor=principal.label, action=action, agent_id=agent_id,
-                             status_code=status, outcome="ok", body=body)
+                audit_record(
+                    request=request,
+                    actor=principal.label,
+                    action=action,
+                    agent_id=agent_id,
+                    status_code=status,
+                    outcome="ok",
+                    body=body,
+                )
         return Response(data, status=status)
     except Exception as exc:
         response = exception_response(exc)
         if response is None:
             raise
         if audited:
-            audit_record(request=request, actor=principal.label, action=action, agent_id=agent_id,
-                         status_code=response.status_code, outcome=response.data["error"]["code"],
-                         body=body if isinstance(body, dict | list) else None)
+            audit_record(
+                request=request,
+                actor=principal.label,
+                action=action,
+                agent_id=agent_id,
+                status_code=response.status_code,
+                outcome=response.data["error"]["code"],
+                body=body if isinstance(body, dict | list) else None,
+            )
         return response

@@ -84,8 +84,20 @@ class AllocationOut(serializers.ModelSerializer):
 
     class Meta:
         model = Allocation
-        fields = ["id", "agent_id", "resource_type", "allocated_amount", "cost_usd", "unit_price_usd", "status",
-                  "task_id", "expires_at", "settled_amount", "created_at", "finished_at"]
+        fields = [
+            "id",
+            "agent_id",
+            "resource_type",
+            "allocated_amount",
+            "cost_usd",
+            "unit_price_usd",
+            "status",
+            "task_id",
+            "expires_at",
+            "settled_amount",
+            "created_at",
+            "finished_at",
+        ]
 
     def get_allocated_amount(self, obj: Allocation) -> int:
         return obj.settled_amount if obj.settled_amount is not None else obj.amount
@@ -115,8 +127,19 @@ class UsageOut(serializers.ModelSerializer):
 
     class Meta:
         model = UsageLog
-        fields = ["id", "agent_id", "resource_type", "amount", "unit_price_usd", "cost_usd", "kind", "task_id",
-                  "idempotency_key", "metadata", "created_at"]
+        fields = [
+            "id",
+            "agent_id",
+            "resource_type",
+            "amount",
+            "unit_price_usd",
+            "cost_usd",
+            "kind",
+            "task_id",
+            "idempotency_key",
+            "metadata",
+            "created_at",
+        ]
 
 
 class UsageQuery(StrictSerializer):
@@ -133,8 +156,21 @@ class AgentOut(serializers.ModelSerializer):
 
     class Meta:
         model = Agent
-        fields = ["id", "name", "tier", "status", "status_reason", "monthly_budget_usd", "instance_count",
-                  "min_instances", "max_instances", "custom_limits", "metadata", "created_at", "updated_at"]
+        fields = [
+            "id",
+            "name",
+            "tier",
+            "status",
+            "status_reason",
+            "monthly_budget_usd",
+            "instance_count",
+            "min_instances",
+            "max_instances",
+            "custom_limits",
+            "metadata",
+            "created_at",
+            "updated_at",
+        ]
 
     def get_custom_limits(self, obj: Agent) -> dict[str, int]:
         return {override.resource_type_id: override.limit for override in obj.limit_overrides.all()}

@@ -70,7 +70,9 @@ class AgentListCreateView(generics.ListAPIView):
     queryset = Agent.objects.prefetch_related("limit_overrides").order_by("id")
     filterset_class = AgentFilter
 
-    @extend_schema(request=AgentCreateIn, responses={201: AgentOut}, summary="Create an agent and its first key")
+    @extend_schema(
+        request=AgentCreateIn, responses={201: AgentOut}, summary="Create an agent and its first key"
+    )
     def post(self, request):
         def create(body):
             data = _valid(AgentCreateIn, body)
@@ -86,8 +88,9 @@ class AgentListCreateView(generics.ListAPIView):
             return 201, {**AgentOut(agent).data, "api_key": raw_key}
 
         agent_id = str(request.data.get("id", "")) if isinstance(request.data, dict) else ""
-        return run_mutation(request, action="agent.create", agent_id=agent_id, handler=create,
-                            secret_fields=("api_key",))
+        return run_mutation(
+            request, action="agent.create", agent_id=agent_id, handler=create, secret_fields=("api_key",)
+        )
 
 
 class AgentDetailView(AgentScopedView):
@@ -126,8 +129,9 @@ class QuotaCheckView(AgentScopedView):
     def post(self, request, agent_id):
         def check(body):
             data = _valid(QuotaCheckIn, body)
-            result = services.quota_check(agent=self.agent(), resource_type_id=data["resource_type"],
-                                          amount=data["amount"])
+            result = services.quota_check(
+                agent=self.agent(), resource_type_id=data["resource_type"], amount=data["amount"]
+            )
             return 200, {"allowed": result.allowed, "available": result.available, "reason": result.reason}
 
         return run_mutation(request, action="quota.check", agent_id=agent_id, handler=check, audited=False)
@@ -167,7 +171,9 @@ class AllocationSettleView(AgentScopedView):
         def settle(body):
             data = _valid(SettleIn, body)
             allocation = services.hold_settle(
-                agent=self.agent(), allocation_id=allocation_id, amount=data["amount"],
+                agent=self.agent(),
+                allocation_id=allocation_id,
+                amount=data["amount"],
                 idempotency_key=request.headers.get("Idempotency-Key", ""),
             )
             return 200, AllocationOut(allocation).data
@@ -195,8 +201,13 @@ class ShareCreateView(AgentScopedView):
             target = Agent.objects.filter(pk=data["target_agent_id"]).first()
             if target is None:
                 raise NotFound(f"target agent {data['target_agent_id']!r} not found")
-            result = services.quota_share(source=source, target=target, resource_type_id=data["resource_type"],
-                                          amount=data["amount"], actor=request.user.label)
+            result = services.quota_share(
+                source=source,
+                target=target,
+                resource_type_id=data["resource_type"],
+                amount=data["amount"],
+                actor=request.user.label,
+            )
             return 201, result
 
         return run_mutation(request, action="quota.share", agent_id=agent_id, handler=share)

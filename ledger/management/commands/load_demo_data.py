@@ -15,5 +15,7 @@ class Command(BaseCommand):
         reference_data_load()
         created = demo_data_load()
         self.stdout.write(
-            self.style.SUCCESS(f"Demo data loaded (created: {created['admin']} admin, {created['agents']} agents).")
+            self.style.SUCCESS(
+                f"Demo data loaded (created: {created['admin']} admin, {created['agents']} agents)."
+            )
         )

@@ -26,5 +26,7 @@ class Command(BaseCommand):
         except (RuleFileError, LedgerError) as exc:
             raise CommandError(f"{path}: {exc} (nothing was loaded)") from exc
         for rule in rules:
-            self.stdout.write(f"  {rule.name}: {rule.condition} for {rule.duration_seconds}s -> {rule.action}")
+            self.stdout.write(
+                f"  {rule.name}: {rule.condition} for {rule.duration_seconds}s -> {rule.action}"
+            )
         self.stdout.write(self.style.SUCCESS(f"Loaded {len(rules)} rule(s) from {path}."))

@@ -37,7 +37,9 @@ class Command(BaseCommand):
     def handle(self, *args, reset: bool, **options):
         created = 0
         for name, task, seconds, description in declared_schedules():
-            interval, _ = IntervalSchedule.objects.get_or_create(every=seconds, period=IntervalSchedule.SECONDS)
+            interval, _ = IntervalSchedule.objects.get_or_create(
+                every=seconds, period=IntervalSchedule.SECONDS
+            )
             periodic, was_created = PeriodicTask.objects.get_or_create(
                 name=name, defaults={"task": task, "interval": interval, "description": description}
             )
