@@ -38,13 +38,15 @@ DEFAULT_HOLD_TTL = dt.timedelta(minutes=15)
 MAX_HOLD_TTL = dt.timedelta(days=7)
 
 _TAKE_USED_SQL = """
-UPDATE quotas SET used = used + %s, updated_at = %s
-WHERE agent_id = %s AND resource_type_id = %s AND period_start = %s AND used + reserved + %s <= limit_amount
+UPDATE quotas SET used = used + %s, spent_usd = spent_usd + %s, updated_at = %s
+WHERE agent_id = %s AND resource_type_id = %s AND period_start = %s
+  AND used + reserved + listed + %s <= limit_amount
 RETURNING id
 """
 _TAKE_RESERVED_SQL = """
-UPDATE quotas SET reserved = reserved + %s, updated_at = %s
-WHERE agent_id = %s AND resource_type_id = %s AND period_start = %s AND used + reserved + %s <= limit_amount
+UPDATE quotas SET reserved = reserved + %s, spent_usd = spent_usd + %s, updated_at = %s
+WHERE agent_id = %s AND resource_type_id = %s AND period_start = %s
+  AND used + reserved + listed + %s <= limit_amount
 RETURNING id
 """
 
@@ -105,7 +107,9 @@ def _unit_price(resource_type_id: str, at: dt.datetime) -> Decimal:
     return price
 
 
-def _take(*, agent: Agent, resource_type_id: str, amount: int, hold: bool, now: dt.datetime) -> int:
+def _take(
+    *, agent: Agent, resource_type_id: str, amount: int, cost: Decimal, hold: bool, now: dt.datetime
+) -> int:
     """Take ``amount`` into ``used`` (or ``reserved`` for a hold) of the current period; return the quota id.
 
     The first allocation of a period finds no row, opens the period from the agent's base limit and tries
@@ -115,6 +119,7 @@ def _take(*, agent: Agent, resource_type_id: str, amount: int, hold: bool, now: 
     sql = _TAKE_RESERVED_SQL if hold else _TAKE_USED_SQL
     params = [
         amount,
+        connection.ops.adapt_decimalfield_value(cost, 28, 12),
         connection.ops.adapt_datetimefield_value(now),
         agent.pk,
         resource_type_id,
@@ -186,15 +191,18 @@ def allocation_create(
             raise LedgerError("hold_ttl_seconds must be between 1 and 604800", code="invalid_hold_ttl")
         expires_at = now + ttl
     unit_price = _unit_price(resource_type_id, now)
+    cost = Decimal(0) if hold else usage_cost(amount, unit_price)
     with transaction.atomic():
-        quota_id = _take(agent=agent, resource_type_id=resource_type_id, amount=amount, hold=hold, now=now)
+        quota_id = _take(
+            agent=agent, resource_type_id=resource_type_id, amount=amount, cost=cost, hold=hold, now=now
+        )
         allocation = Allocation(
             agent=agent,
             resource_type_id=resource_type_id,
             quota_id=quota_id,
             amount=amount,
             unit_price_usd=unit_price,
-            cost_usd=Decimal(0) if hold else usage_cost(amount, unit_price),
+            cost_usd=cost,
             status=Allocation.Status.HELD if hold else Allocation.Status.COMMITTED,
             task_id=task_id,
             expires_at=expires_at,
@@ -273,8 +281,13 @@ def hold_settle(
             raise Conflict(f"allocation {allocation.pk} is no longer an open hold", code="hold_not_open")
         extra = amount - held
         updated = Quota.objects.filter(
-            pk=allocation.quota_id, limit__gte=F("used") + F("reserved") + extra
-        ).update(reserved=F("reserved") - held, used=F("used") + amount, updated_at=now)
+            pk=allocation.quota_id, limit__gte=F("used") + F("reserved") + F("listed") + extra
+        ).update(
+            reserved=F("reserved") - held,
+            used=F("used") + amount,
+            spent_usd=F("spent_usd") + usage_cost(amount, allocation.unit_price_usd),
+            updated_at=now,
+        )
         if not updated:
             quota = Quota.objects.get(pk=allocation.quota_id)
             raise QuotaExceeded(
@@ -441,8 +454,9 @@ def agent_cost(*, agent: Agent, now: dt.datetime | None = None) -> dict:
         .order_by()
     )
     ordered = list(ResourceType.objects.values_list("code", flat=True))
-    spend = {code: by_type.get(code, Decimal(0)).quantize(COST_QUANTUM) for code in ordered}
-    total = sum(spend.values(), Decimal(0))
+    zero = Decimal(0).quantize(COST_QUANTUM)
+    spend = {code: by_type.get(code, zero).quantize(COST_QUANTUM) for code in ordered}
+    total = sum(spend.values(), zero)
     budget = agent.monthly_budget_usd
     return {
         "agent_id": agent.id,

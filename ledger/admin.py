@@ -513,7 +513,8 @@ class QuotaAdmin(ViewOnlyAdmin):
     @admin.display(description="recomputed from the ledger")
     def reconciliation(self, obj: Quota):
         expected = quota_reconciliation(quota=obj)
-        verdict = "matches" if expected == {"used": obj.used, "limit": obj.limit} else "DIFFERS"
+        actual = {"used": obj.used, "limit": obj.limit, "spent_usd": obj.spent_usd}
+        verdict = "matches" if expected == actual else "DIFFERS"
         return format_html(
             'used {} &middot; limit {} &middot; {} &middot; <a href="{}?quota={}">usage log</a>',
             _units(expected["used"]),

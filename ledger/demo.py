@@ -59,6 +59,7 @@ def _demo_usage(agent: Agent, share: float, now: dt.datetime, rng: random.Random
     prices = prices_in_effect(at=now)
     rows: list[UsageLog] = []
     used_by_period: dict[tuple[str, dt.datetime], int] = defaultdict(int)
+    spent_by_period: dict[tuple[str, dt.datetime], Decimal] = defaultdict(Decimal)
     quotas: dict[tuple[str, dt.datetime], Quota] = {}
     first_day = now - dt.timedelta(days=DEMO_DAYS)
     for resource_type_id, limit in limits.items():
@@ -85,6 +86,7 @@ def _demo_usage(agent: Agent, share: float, now: dt.datetime, rng: random.Random
                 if used_by_period[key] + amount > limit:
                     continue
                 used_by_period[key] += amount
+                spent_by_period[key] += usage_cost(amount, prices[resource_type_id])
                 rows.append(
                     UsageLog(
                         agent=agent,
@@ -101,7 +103,7 @@ def _demo_usage(agent: Agent, share: float, now: dt.datetime, rng: random.Random
                 )
     UsageLog.objects.bulk_create(rows, batch_size=1000)
     for key, used in used_by_period.items():
-        Quota.objects.filter(pk=quotas[key].pk).update(used=used)
+        Quota.objects.filter(pk=quotas[key].pk).update(used=used, spent_usd=spent_by_period[key])
 
 
 @transaction.atomic

@@ -169,7 +169,7 @@ class AgentLimitOverride(models.Model):
 class Quota(models.Model):
     """One agent's allowance of one resource type for one period, with its live counters.
 
-    ``available = limit - used - reserved``. The constraints are the last line of defence: the allocation
+    ``available = limit - used - reserved - listed``; ``spent_usd`` caches the period's cost for budgets. The constraints are the last line of defence: the allocation
     engine takes quota with a conditional UPDATE, and PostgreSQL refuses any write that would overspend.
     """
 
@@ -181,6 +181,10 @@ class Quota(models.Model):
     limit = models.BigIntegerField(db_column="limit_amount", help_text="Base limit plus every grant.")
     used = models.BigIntegerField(default=0)
     reserved = models.BigIntegerField(default=0, help_text="Held by open holds, not yet settled.")
+    listed = models.BigIntegerField(default=0, help_text="Set aside for sale in the marketplace.")
+    spent_usd = models.DecimalField(
+        **COST, default=Decimal("0"), help_text="Cost of this period's usage rows (consumption and purchases)."
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -207,13 +211,18 @@ class Quota(models.Model):
 
     @property
     def available(self) -> int:
-        return self.limit - self.used - self.reserved
+        return self.limit - self.used - self.reserved - self.listed
 
     @property
     def utilization_percent(self) -> Decimal:
         if not self.limit:
             return Decimal("0.00") if not self.used else Decimal("100.00")
         return (Decimal(self.used + self.reserved) * 100 / Decimal(self.limit)).quantize(Decimal("0.01"))
+
+    @property
+    def committed(self) -> int:
+        """What may not be taken away by a grant: used, held or listed for sale."""
+        return self.used + self.reserved + self.listed
 
 
 class Grant(models.Model):
@@ -227,6 +236,7 @@ class Grant(models.Model):
         MARKETPLACE_PURCHASE = "marketplace_purchase", "Marketplace purchase"
         MARKETPLACE_SALE = "marketplace_sale", "Marketplace sale"
         TIER_CHANGE = "tier_change", "Tier change"
+        LIMIT_CHANGE = "limit_change", "Custom limit change"
 
     quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="grants")
     amount = models.BigIntegerField(help_text="Units added to the limit (negative when taken away).")

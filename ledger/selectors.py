@@ -54,8 +54,9 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
         )["total"]
         or 0
     )
+    spent = UsageLog.objects.filter(quota=quota).aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
     granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0
-    return {"used": used, "limit": quota.base_limit + granted}
+    return {"used": used, "limit": quota.base_limit + granted, "spent_usd": spent}
 
 
 class _PriceTable:

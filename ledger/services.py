@@ -178,7 +178,9 @@ def quota_grant(
         raise LedgerError(f"unknown resource type {resource_type_id!r}", code="unknown_resource_type")
     with transaction.atomic():
         quota = quota_open(agent=agent, resource_type_id=resource_type_id, at=at)
-        updated = Quota.objects.filter(pk=quota.pk, limit__gte=F("used") + F("reserved") - amount).update(
+        updated = Quota.objects.filter(
+            pk=quota.pk, limit__gte=F("used") + F("reserved") + F("listed") - amount
+        ).update(
             limit=F("limit") + amount, updated_at=timezone.now()
         )
         if not updated:
@@ -190,6 +192,15 @@ def quota_grant(
         return Grant.objects.create(
             quota=quota, amount=amount, reason=reason, actor=actor, note=note, counterparty_agent=counterparty
         )
+
+
+def _custom_limits_validate(limits: dict[str, int]) -> None:
+    known = set(ResourceType.objects.values_list("code", flat=True))
+    for resource_type_id, limit in limits.items():
+        if resource_type_id not in known:
+            raise LedgerError(f"unknown resource type {resource_type_id!r}", code="unknown_resource_type")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise LedgerError(f"the limit of {resource_type_id} must be a whole number >= 0", code="invalid_amount")
 
 
 @transaction.atomic
@@ -221,7 +232,7 @@ def agent_create(
     return agent
 
 
-def _quotas_rebase(*, agent: Agent, actor: str, why: str) -> None:
+def _quotas_rebase(*, agent: Agent, actor: str, why: str, reason: str) -> None:
     """Re-base the current period's limits on the agent's base limits, keeping the grants on top.
 
     Limits never drop below what is already used or held: such a floor is recorded as a ``tier_change``
@@ -232,13 +243,13 @@ def _quotas_rebase(*, agent: Agent, actor: str, why: str) -> None:
     for quota in Quota.objects.select_for_update().filter(agent=agent, period_start=start).order_by("pk"):
         granted = quota.limit - quota.base_limit
         new_base = new_limits.get(quota.resource_type_id, 0)
-        floor = quota.used + quota.reserved
+        floor = quota.committed
         new_limit = new_base + granted
         if new_limit < floor:
             Grant.objects.create(
                 quota=quota,
                 amount=floor - new_limit,
-                reason=Grant.Reason.TIER_CHANGE,
+                reason=reason,
                 actor=actor,
                 note=f"kept at what was already used or held ({why})",
             )
@@ -257,7 +268,7 @@ def agent_change_tier(*, agent: Agent, tier: Tier, actor: str) -> Agent:
         return agent
     agent.tier = tier
     agent.save(update_fields=["tier", "updated_at"])
-    _quotas_rebase(agent=agent, actor=actor, why=f"moved to {tier.code}")
+    _quotas_rebase(agent=agent, actor=actor, why=f"moved to {tier.code}", reason=Grant.Reason.TIER_CHANGE)
     return agent
 
 
@@ -283,12 +294,13 @@ def agent_update(*, agent: Agent, actor: str, **changes) -> Agent:
         agent_set_status(agent=agent, status=changes["status"], reason=changes.get("status_reason", ""))
     if "custom_limits" in changes:
         limits: dict[str, int] = changes["custom_limits"]
+        _custom_limits_validate(limits)
         AgentLimitOverride.objects.filter(agent=agent).exclude(resource_type_id__in=limits).delete()
         for resource_type_id, limit in limits.items():
             AgentLimitOverride.objects.update_or_create(
                 agent=agent, resource_type_id=resource_type_id, defaults={"limit": limit}
             )
-        _quotas_rebase(agent=agent, actor=actor, why="custom limits changed")
+        _quotas_rebase(agent=agent, actor=actor, why="custom limits changed", reason=Grant.Reason.LIMIT_CHANGE)
     agent.refresh_from_db()
     return agent
 

@@ -258,8 +258,8 @@ def cost_payload(cost: dict) -> dict:
         "agent_id": cost["agent_id"],
         "period_start": cost["period_start"].isoformat(),
         "period_end": cost["period_end"].isoformat(),
-        "by_resource_type": {code: str(value) for code, value in cost["by_resource_type"].items()},
-        "total_usd": str(cost["total_usd"]),
+        "by_resource_type": {code: f"{value:f}" for code, value in cost["by_resource_type"].items()},
+        "total_usd": f"{cost['total_usd']:f}",
         "monthly_budget_usd": None if cost["monthly_budget_usd"] is None else str(cost["monthly_budget_usd"]),
         "budget_utilization_percent": None
         if cost["budget_utilization_percent"] is None
