@@ -25,6 +25,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/", include("allocation.urls")),
+    path("api/", include(("optimization.urls", "optimization"))),
 ]
 
 handler404 = "allocation.api.errors.json_404"

@@ -83,3 +83,8 @@ def _fresh_process_caches():
     yield
     price_table.clear()
     resource_type_codes_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -1,0 +1,3 @@
+"""alerts admin."""
+
+from __future__ import annotations

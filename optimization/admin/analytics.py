@@ -1,0 +1,3 @@
+"""analytics admin."""
+
+from __future__ import annotations

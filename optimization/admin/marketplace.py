@@ -1,0 +1,3 @@
+"""marketplace admin."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""scaling admin."""
+
+from __future__ import annotations

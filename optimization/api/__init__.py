@@ -1,0 +1,1 @@
+"""Optimization endpoints of the v1 API; each module has its own ``urlpatterns``."""

@@ -1,0 +1,5 @@
+"""alerts endpoints."""
+
+from __future__ import annotations
+
+urlpatterns: list = []

@@ -1,0 +1,5 @@
+"""analytics endpoints."""
+
+from __future__ import annotations
+
+urlpatterns: list = []

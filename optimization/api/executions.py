@@ -1,0 +1,72 @@
+"""POST /api/v1/agents/{id}/executions: track a superpower execution."""
+
+from __future__ import annotations
+
+from django.urls import path
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+
+from allocation.api.mutation import run_mutation
+from allocation.api.serializers import AmountField, ResourceTypeField, StrictSerializer
+from allocation.api.views import AgentScopedView, _valid
+from optimization.models import Execution
+from optimization.services.executions import execution_record
+
+
+class ExecutionIn(StrictSerializer):
+    superpower = serializers.CharField(max_length=100)
+    resources = serializers.DictField(child=AmountField(), allow_empty=False)
+    duration_ms = serializers.IntegerField(min_value=0, max_value=2**31 - 1)
+    success = serializers.BooleanField()
+    output_units = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
+    task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+
+    def validate_resources(self, value: dict) -> dict:
+        field = ResourceTypeField()
+        for code in value:
+            field.run_validation(code)
+        return value
+
+
+class ExecutionOut(serializers.ModelSerializer):
+    agent_id = serializers.CharField()
+
+    class Meta:
+        model = Execution
+        fields = [
+            "id",
+            "agent_id",
+            "superpower",
+            "resources",
+            "duration_ms",
+            "success",
+            "output_units",
+            "cost_usd",
+            "task_id",
+            "created_at",
+        ]
+
+
+class ExecutionCreateView(AgentScopedView):
+    @extend_schema(request=ExecutionIn, responses={201: ExecutionOut}, summary="Track a superpower execution")
+    def post(self, request, agent_id):
+        def record(body):
+            data = _valid(ExecutionIn, body)
+            execution = execution_record(
+                agent=self.agent(),
+                superpower=data["superpower"],
+                resources=data["resources"],
+                duration_ms=data["duration_ms"],
+                success=data["success"],
+                output_units=data.get("output_units"),
+                task_id=data["task_id"],
+                idempotency_key=request.headers.get("Idempotency-Key", ""),
+            )
+            return 201, ExecutionOut(execution).data
+
+        return run_mutation(request, action="execution.create", agent_id=agent_id, handler=record)
+
+
+urlpatterns = [
+    path("v1/agents/<str:agent_id>/executions", ExecutionCreateView.as_view(), name="executions"),
+]

@@ -1,0 +1,5 @@
+"""marketplace endpoints."""
+
+from __future__ import annotations
+
+urlpatterns: list = []

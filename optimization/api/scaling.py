@@ -1,0 +1,5 @@
+"""scaling endpoints."""
+
+from __future__ import annotations
+
+urlpatterns: list = []

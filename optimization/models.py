@@ -1,0 +1,362 @@
+"""Reading the ledger and acting on it: executions, alerts and their delivery, rule state, scaling,
+the marketplace, and A/B experiments."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.db.models import F, Q
+
+from ledger.models import COST, UNIT_PRICE, Agent, OptimizationRule, Quota, ResourceType, Tier
+
+DEFAULT_BUDGET_THRESHOLDS = [50, 80, 90, 100]
+
+
+def default_thresholds() -> list[int]:
+    return list(DEFAULT_BUDGET_THRESHOLDS)
+
+
+class Execution(models.Model):
+    """One run of an agent's superpower, with the resources it took (all or nothing) and how it went."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="executions")
+    superpower = models.CharField(max_length=100)
+    resources = models.JSONField(default=dict, help_text="resource type -> units taken")
+    duration_ms = models.PositiveIntegerField()
+    success = models.BooleanField()
+    output_units = models.PositiveIntegerField(default=1, help_text="Useful output, for efficiency scores.")
+    cost_usd = models.DecimalField(**COST)
+    task_id = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["agent", "created_at"], name="execution_agent_time_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} {self.superpower} ({'ok' if self.success else 'failed'})"
+
+
+class AlertSettings(models.Model):
+    """Where an agent's alerts go and at which budget percentages. Agents without a row use the defaults."""
+
+    agent = models.OneToOneField(Agent, on_delete=models.CASCADE, related_name="alert_settings")
+    budget_thresholds = models.JSONField(default=default_thresholds, help_text="Percentages, e.g. [50, 80]")
+    email = models.EmailField(blank=True)
+
+    class Meta:
+        verbose_name_plural = "alert settings"
+
+    def __str__(self) -> str:
+        return f"alert settings of {self.agent_id}"
+
+
+class WebhookEndpoint(models.Model):
+    """A URL that receives alerts as signed JSON: for one agent, or for every agent when ``agent`` is empty."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="webhooks")
+    url = models.URLField(max_length=500)
+    secret = models.CharField(max_length=200, help_text="HMAC-SHA256 key for the X-Axiom-Signature header.")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.url} ({self.agent_id or 'global'})"
+
+
+class Alert(models.Model):
+    class Kind(models.TextChoices):
+        BUDGET = "budget", "Budget threshold"
+        RULE = "rule", "Optimization rule"
+        COST_SPIKE = "cost_spike", "Cost spike"
+        SCALING = "scaling", "Scaling"
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="alerts")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    severity = models.CharField(max_length=16, choices=OptimizationRule.Severity.choices)
+    title = models.CharField(max_length=200)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    rule = models.ForeignKey(
+        OptimizationRule, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    # At most one alert per dedup key: e.g. budget:<agent>:<period>:<threshold>. This is what keeps a sweep
+    # that runs twice from alerting twice.
+    dedup_key = models.CharField(max_length=300, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    delivery_queued_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["agent", "created_at"], name="alert_agent_time_idx")]
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.agent_id}: {self.title}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.acknowledged_at is None
+
+
+class AlertDelivery(models.Model):
+    """One channel's delivery of one alert, with its attempts; claimed with a conditional UPDATE."""
+
+    class Channel(models.TextChoices):
+        WEBHOOK = "webhook", "Webhook"
+        EMAIL = "email", "Email"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed"
+
+    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    webhook = models.ForeignKey(WebhookEndpoint, on_delete=models.SET_NULL, null=True, blank=True)
+    target = models.CharField(max_length=500)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "alert deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=["alert", "channel", "target"], name="delivery_unique_target"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} -> {self.target} ({self.status})"
+
+
+class RuleState(models.Model):
+    """Since when a rule's condition has held for one subject (an agent, or an agent's resource type)."""
+
+    rule = models.ForeignKey(OptimizationRule, on_delete=models.CASCADE, related_name="states")
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="+")
+    subject = models.CharField(
+        max_length=64, blank=True, help_text="The resource type, for per-resource metrics."
+    )
+    true_since = models.DateTimeField()
+    last_value = models.DecimalField(max_digits=20, decimal_places=6)
+    last_fired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["rule", "agent", "subject"], name="rule_state_unique_subject"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rule} {self.agent_id} {self.subject}"
+
+
+class ScalingPolicy(models.Model):
+    """How an agent (or every agent of a tier) scales on a metric. An agent's own policy wins over its tier's."""
+
+    agent = models.OneToOneField(
+        Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="scaling_policy"
+    )
+    tier = models.OneToOneField(
+        Tier, on_delete=models.CASCADE, null=True, blank=True, related_name="scaling_policy"
+    )
+    metric = models.CharField(
+        max_length=64,
+        choices=[
+            ("resource_utilization_percent", "Resource utilization %"),
+            ("budget_utilization_percent", "Budget utilization %"),
+        ],
+        default="resource_utilization_percent",
+    )
+    scale_up_threshold = models.DecimalField(max_digits=6, decimal_places=2, default=Decimal("80"))
+    scale_down_threshold = models.DecimalField(max_digits=6, decimal_places=2, default=Decimal("30"))
+    step = models.PositiveIntegerField(default=1, help_text="Instances added or removed per decision.")
+    min_instances = models.PositiveIntegerField(default=1)
+    max_instances = models.PositiveIntegerField(default=10)
+    quota_step_percent = models.PositiveIntegerField(
+        default=0,
+        help_text="Vertical scaling: percent of the base limit granted when at max instances (0: off).",
+    )
+    cooldown_seconds = models.PositiveIntegerField(default=600)
+    enabled = models.BooleanField(default=True, help_text="Auto-scaling on or off.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "scaling policies"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(agent__isnull=False, tier__isnull=True)
+                | Q(agent__isnull=True, tier__isnull=False),
+                name="scaling_policy_agent_or_tier",
+            ),
+            # Hysteresis: a gap between the two thresholds is what stops flapping between up and down.
+            models.CheckConstraint(
+                condition=Q(scale_down_threshold__lt=F("scale_up_threshold")),
+                name="scaling_thresholds_ordered",
+            ),
+            models.CheckConstraint(
+                condition=Q(min_instances__lte=F("max_instances")), name="scaling_bounds_ordered"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"scaling policy of {self.agent_id or self.tier_id}"
+
+
+class ScalingEvent(models.Model):
+    class Direction(models.TextChoices):
+        UP = "up", "Up"
+        DOWN = "down", "Down"
+
+    class Kind(models.TextChoices):
+        HORIZONTAL = "horizontal", "Instances"
+        VERTICAL = "vertical", "Quota"
+
+    class Trigger(models.TextChoices):
+        AUTO = "auto", "Auto-scaling"
+        MANUAL = "manual", "Manual"
+        RULE = "rule", "Rule"
+        OPTIMIZE = "optimize", "Optimization"
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="scaling_events")
+    direction = models.CharField(max_length=8, choices=Direction.choices)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    trigger = models.CharField(max_length=16, choices=Trigger.choices)
+    resource_type = models.ForeignKey(
+        ResourceType, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    before = models.BigIntegerField(help_text="Instances, or the quota limit for vertical scaling.")
+    after = models.BigIntegerField()
+    reason = models.CharField(max_length=300)
+    actor = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["agent", "created_at"], name="scaling_agent_time_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} {self.kind} {self.direction} {self.before}->{self.after}"
+
+
+class Deal(models.Model):
+    """Units for sale at a unit price: from the platform, or an agent's unused quota of the current period."""
+
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        SOLD_OUT = "sold_out", "Sold out"
+        EXPIRED = "expired", "Expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="+")
+    amount_total = models.BigIntegerField()
+    amount_left = models.BigIntegerField()
+    unit_price_usd = models.DecimalField(**UNIT_PRICE)
+    seller = models.ForeignKey(
+        Agent, on_delete=models.PROTECT, null=True, blank=True, related_name="deals_sold"
+    )
+    seller_quota = models.ForeignKey(Quota, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["unit_price_usd", "created_at"]
+        indexes = [
+            models.Index(
+                fields=["resource_type", "unit_price_usd"],
+                name="deal_open_price_idx",
+                condition=Q(status="open"),
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_left__gte=0), name="deal_left_non_negative"),
+            models.CheckConstraint(
+                condition=Q(amount_left__lte=F("amount_total")), name="deal_left_within_total"
+            ),
+            models.CheckConstraint(condition=Q(unit_price_usd__gte=0), name="deal_price_non_negative"),
+            models.CheckConstraint(
+                condition=Q(seller__isnull=True, seller_quota__isnull=True)
+                | Q(seller__isnull=False, seller_quota__isnull=False),
+                name="deal_agent_seller_has_quota",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        seller = self.seller_id or "platform"
+        return f"{self.amount_left:,} {self.resource_type_id} @ ${self.unit_price_usd} from {seller}"
+
+
+class Purchase(models.Model):
+    deal = models.ForeignKey(Deal, on_delete=models.PROTECT, related_name="purchases")
+    buyer = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="purchases")
+    amount = models.BigIntegerField()
+    unit_price_usd = models.DecimalField(**UNIT_PRICE)
+    cost_usd = models.DecimalField(**COST)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.CheckConstraint(condition=Q(amount__gt=0), name="purchase_amount_positive")]
+
+    def __str__(self) -> str:
+        return f"{self.buyer_id} bought {self.amount:,} of {self.deal_id}"
+
+
+class Experiment(models.Model):
+    """An A/B test of optimization strategies: agents are assigned to arms and compared on cost per
+    successful task."""
+
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ExperimentArm(models.Model):
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="arms")
+    name = models.CharField(max_length=100)
+    weight = models.PositiveIntegerField(default=1, help_text="Share of agents assigned to this arm.")
+    rules = models.ManyToManyField(OptimizationRule, blank=True, related_name="+")
+    scaling_policy = models.ForeignKey(ScalingPolicy, on_delete=models.SET_NULL, null=True, blank=True)
+
+    class Meta:
+        ordering = ["experiment_id", "name"]
+        constraints = [models.UniqueConstraint(fields=["experiment", "name"], name="arm_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.experiment.name}/{self.name}"
+
+
+class ExperimentAssignment(models.Model):
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="assignments")
+    arm = models.ForeignKey(ExperimentArm, on_delete=models.CASCADE, related_name="assignments")
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="+")
+    assigned_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "agent"], name="assignment_one_arm_per_agent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} -> {self.arm}"

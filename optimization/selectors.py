@@ -1,0 +1,189 @@
+"""Fleet-wide metrics, computed set-based: each function is a fixed number of queries for any number of agents.
+
+Sweeps (budgets, rules, scaling) read these; per-agent pages read the same functions with ``agent_ids``.
+Percentages are Decimal with two places; a metric with nothing to measure is absent from the result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from django.db import connection
+from django.db.models import Count, Max, Q, Sum
+from django.utils import timezone
+
+from ledger.models import Agent, Quota, UsageLog
+from ledger.money import CENT, percent
+from ledger.periods import month_bounds
+from optimization.models import Execution
+
+SPIKE_BASELINE_HOURS = 24
+
+
+def _agents_filter(queryset, agent_ids, field: str = "agent_id"):
+    return queryset if agent_ids is None else queryset.filter(**{f"{field}__in": list(agent_ids)})
+
+
+def resource_utilization(*, now: dt.datetime | None = None, agent_ids=None) -> dict[tuple[str, str], Decimal]:
+    """(agent, resource type) -> percent of this period's limit used or held. One query."""
+    start, _ = month_bounds(now or timezone.now())
+    rows = _agents_filter(Quota.objects.filter(period_start=start, limit__gt=0), agent_ids).values_list(
+        "agent_id", "resource_type_id", "used", "reserved", "limit"
+    )
+    return {(agent, code): percent(used + reserved, limit) for agent, code, used, reserved, limit in rows}
+
+
+def max_resource_utilization(
+    *, now: dt.datetime | None = None, agent_ids=None
+) -> dict[str, tuple[str, Decimal]]:
+    """agent -> (its most used resource type, that percent)."""
+    best: dict[str, tuple[str, Decimal]] = {}
+    for (agent, code), value in resource_utilization(now=now, agent_ids=agent_ids).items():
+        if agent not in best or value > best[agent][1]:
+            best[agent] = (code, value)
+    return best
+
+
+def period_spend(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, Decimal]:
+    """agent -> this period's spend, from the quota rows' cached ``spent_usd``. One query."""
+    start, _ = month_bounds(now or timezone.now())
+    rows = (
+        _agents_filter(Quota.objects.filter(period_start=start), agent_ids)
+        .values("agent_id")
+        .annotate(total=Sum("spent_usd"))
+        .values_list("agent_id", "total")
+        .order_by()
+    )
+    return {agent: total for agent, total in rows}
+
+
+def budget_utilization(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, dict]:
+    """agent -> spend, budget and percent, for agents with a monthly budget. Two queries."""
+    spend = period_spend(now=now, agent_ids=agent_ids)
+    budgets = _agents_filter(
+        Agent.objects.filter(monthly_budget_usd__gt=0), agent_ids, field="id"
+    ).values_list("id", "monthly_budget_usd")
+    result = {}
+    for agent, budget in budgets:
+        spent = spend.get(agent, Decimal(0))
+        result[agent] = {"spent_usd": spent, "budget_usd": budget, "percent": percent(spent, budget)}
+    return result
+
+
+def execution_stats(
+    *, since: dt.datetime, until: dt.datetime | None = None, agent_ids=None
+) -> dict[str, dict]:
+    """agent -> executions, failures, error rate %, throughput per hour and output over [since, until).
+    One query."""
+    until = until or timezone.now()
+    hours = Decimal((until - since).total_seconds()) / 3600
+    rows = (
+        _agents_filter(Execution.objects.filter(created_at__gte=since, created_at__lt=until), agent_ids)
+        .values("agent_id")
+        .annotate(
+            executions=Count("id"),
+            failures=Count("id", filter=Q(success=False)),
+            output=Sum("output_units", filter=Q(success=True)),
+            cost=Sum("cost_usd"),
+        )
+        .order_by()
+    )
+    stats = {}
+    for row in rows:
+        stats[row["agent_id"]] = {
+            "executions": row["executions"],
+            "failures": row["failures"],
+            "successes": row["executions"] - row["failures"],
+            "error_rate_percent": percent(row["failures"], row["executions"]),
+            "throughput_per_hour": (Decimal(row["executions"]) / hours).quantize(CENT) if hours else None,
+            "output_units": row["output"] or 0,
+            "cost_usd": row["cost"] or Decimal(0),
+        }
+    return stats
+
+
+def duration_percentiles(
+    *, since: dt.datetime, until: dt.datetime | None = None, agent_ids=None, percentiles=(50, 95)
+) -> dict[str, dict[int, Decimal]]:
+    """agent -> {50: p50 ms, 95: p95 ms} of execution durations, interpolated like PostgreSQL's
+    ``percentile_cont``. One query: in SQL on PostgreSQL, over the sorted durations elsewhere."""
+    until = until or timezone.now()
+    queryset = _agents_filter(
+        Execution.objects.filter(created_at__gte=since, created_at__lt=until), agent_ids
+    )
+    if connection.vendor == "postgresql":
+        sql, params = queryset.values("agent_id", "duration_ms").query.sql_with_params()
+        columns = ", ".join(
+            f"percentile_cont({p / 100}) WITHIN GROUP (ORDER BY sub.duration_ms)" for p in percentiles
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT sub.agent_id, {columns} FROM ({sql}) sub GROUP BY sub.agent_id", params)
+            return {
+                row[0]: {
+                    p: Decimal(str(value)).quantize(CENT)
+                    for p, value in zip(percentiles, row[1:], strict=True)
+                }
+                for row in cursor.fetchall()
+            }
+    durations: dict[str, list[int]] = defaultdict(list)
+    for agent, duration in queryset.order_by("agent_id", "duration_ms").values_list(
+        "agent_id", "duration_ms"
+    ):
+        durations[agent].append(duration)
+    return {
+        agent: {p: _percentile_cont(values, p) for p in percentiles} for agent, values in durations.items()
+    }
+
+
+def _percentile_cont(sorted_values: list[int], p: int) -> Decimal:
+    position = Decimal(p) / 100 * (len(sorted_values) - 1)
+    lower = int(position)
+    upper = min(lower + 1, len(sorted_values) - 1)
+    fraction = position - lower
+    value = sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * fraction
+    return Decimal(value).quantize(CENT, rounding=ROUND_HALF_EVEN)
+
+
+def cost_spike_ratio(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, dict]:
+    """agent -> the last hour's spend against its average hourly spend over the 24 hours before. One query.
+
+    Agents with no baseline spend are left out: a first hour of use is not a spike.
+    """
+    now = now or timezone.now()
+    hour_ago = now - dt.timedelta(hours=1)
+    baseline_start = hour_ago - dt.timedelta(hours=SPIKE_BASELINE_HOURS)
+    rows = (
+        _agents_filter(UsageLog.objects.filter(created_at__gte=baseline_start, created_at__lt=now), agent_ids)
+        .values("agent_id")
+        .annotate(
+            last_hour=Sum("cost_usd", filter=Q(created_at__gte=hour_ago)),
+            baseline=Sum("cost_usd", filter=Q(created_at__lt=hour_ago)),
+        )
+        .order_by()
+    )
+    result = {}
+    for row in rows:
+        baseline = row["baseline"] or Decimal(0)
+        if baseline <= 0:
+            continue
+        hourly = baseline / SPIKE_BASELINE_HOURS
+        last_hour = row["last_hour"] or Decimal(0)
+        result[row["agent_id"]] = {
+            "last_hour_usd": last_hour,
+            "baseline_hourly_usd": hourly.quantize(Decimal("0.000000000001")),
+            "ratio": (last_hour / hourly).quantize(CENT),
+        }
+    return result
+
+
+def last_scaling_at(*, agent_ids=None) -> dict[str, dt.datetime]:
+    from optimization.models import ScalingEvent
+
+    rows = (
+        _agents_filter(ScalingEvent.objects.all(), agent_ids)
+        .values("agent_id")
+        .annotate(last=Max("created_at"))
+    )
+    return {row["agent_id"]: row["last"] for row in rows.order_by()}

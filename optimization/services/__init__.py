@@ -1,0 +1,1 @@
+"""Services of the optimization app, one module per area."""

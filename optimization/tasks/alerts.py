@@ -1,0 +1,3 @@
+"""alerts tasks."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""marketplace tasks."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""scaling tasks."""
+
+from __future__ import annotations

@@ -1,0 +1,13 @@
+"""Routes of the optimization endpoints, mounted under /api/ beside the allocation API."""
+
+from __future__ import annotations
+
+from optimization.api import alerts, analytics, executions, marketplace, scaling
+
+urlpatterns = [
+    *executions.urlpatterns,
+    *analytics.urlpatterns,
+    *alerts.urlpatterns,
+    *scaling.urlpatterns,
+    *marketplace.urlpatterns,
+]
