@@ -19,8 +19,9 @@ def audit_record(
 ) -> AuditRecord:
     if body is not None:
         text = json.dumps(body, default=str)
-        if len(text) > MAX_BODY_CHARS:
-            body = {"truncated": text[:MAX_BODY_CHARS]}
+        if len(text) > MAX_BODY_CHARS or "\\u0000" in text:
+            # PostgreSQL's jsonb refuses NUL characters; keep such a body (and a huge one) as text.
+            body = {"truncated": text[:MAX_BODY_CHARS].replace("\\u0000", "")}
     return AuditRecord.objects.create(
         actor=actor,
         action=action,

@@ -244,10 +244,23 @@ def _usage_write(
     )
 
 
-def _open_hold(*, agent: Agent, allocation_id) -> Allocation:
+def _open_hold(
+    *, agent: Agent, allocation_id, settling: bool = False, now: dt.datetime | None = None
+) -> Allocation:
     allocation = Allocation.objects.filter(pk=allocation_id, agent=agent).first()
     if allocation is None:
         raise NotFound(f"allocation {allocation_id} not found")
+    if (
+        settling
+        and allocation.status == Allocation.Status.HELD
+        and allocation.expires_at <= (now or timezone.now())
+    ):
+        # Past its TTL a hold is as good as released, even before the sweep gets to it.
+        raise Conflict(
+            f"allocation {allocation_id} expired at {allocation.expires_at:%Y-%m-%d %H:%M:%S}Z",
+            code="hold_not_open",
+            details={"status": "expired"},
+        )
     if allocation.status != Allocation.Status.HELD:
         raise Conflict(
             f"allocation {allocation_id} is {allocation.status}, not an open hold",
@@ -268,7 +281,7 @@ def hold_settle(
     """
     _ensure_amount(amount, allow_zero=True)
     now = now or timezone.now()
-    allocation = _open_hold(agent=agent, allocation_id=allocation_id)
+    allocation = _open_hold(agent=agent, allocation_id=allocation_id, settling=True, now=now)
     held = allocation.amount
     with transaction.atomic():
         claimed = Allocation.objects.filter(pk=allocation.pk, status=Allocation.Status.HELD).update(
@@ -378,8 +391,10 @@ def quota_share(*, source: Agent, target: Agent, resource_type_id: str, amount: 
     _ensure_amount(amount)
     if source.pk == target.pk:
         raise LedgerError("an agent cannot share with itself", code="invalid_target")
+    if source.status == Agent.Status.SUSPENDED:
+        raise AgentSuspended(f"agent {source.id} is suspended")
     if target.status == Agent.Status.SUSPENDED:
-        raise LedgerError(f"agent {target.id} is suspended", code="agent_suspended", status=409)
+        raise LedgerError(f"target agent {target.id} is suspended", code="target_suspended", status=409)
     now = timezone.now()
     with transaction.atomic():
         # Open (insert) and lock the two periods in agent-id order: two agents sharing with each other at

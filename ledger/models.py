@@ -183,7 +183,9 @@ class Quota(models.Model):
     reserved = models.BigIntegerField(default=0, help_text="Held by open holds, not yet settled.")
     listed = models.BigIntegerField(default=0, help_text="Set aside for sale in the marketplace.")
     spent_usd = models.DecimalField(
-        **COST, default=Decimal("0"), help_text="Cost of this period's usage rows (consumption and purchases)."
+        **COST,
+        default=Decimal("0"),
+        help_text="Cost of this period's usage rows (consumption and purchases).",
     )
     updated_at = models.DateTimeField(auto_now=True)
 

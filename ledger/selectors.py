@@ -9,6 +9,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from ledger.models import Agent, AgentLimitOverride, Quota, ResourcePrice, TierQuota
+from ledger.money import COST_QUANTUM
 from ledger.periods import month_bounds
 
 
@@ -54,7 +55,10 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
         )["total"]
         or 0
     )
-    spent = UsageLog.objects.filter(quota=quota).aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
+    # SQLite sums decimals as floats: quantize back to the ledger's precision.
+    spent = (
+        UsageLog.objects.filter(quota=quota).aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
+    ).quantize(COST_QUANTUM)
     granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0
     return {"used": used, "limit": quota.base_limit + granted, "spent_usd": spent}
 

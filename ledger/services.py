@@ -180,9 +180,7 @@ def quota_grant(
         quota = quota_open(agent=agent, resource_type_id=resource_type_id, at=at)
         updated = Quota.objects.filter(
             pk=quota.pk, limit__gte=F("used") + F("reserved") + F("listed") - amount
-        ).update(
-            limit=F("limit") + amount, updated_at=timezone.now()
-        )
+        ).update(limit=F("limit") + amount, updated_at=timezone.now())
         if not updated:
             quota.refresh_from_db()
             raise QuotaExceeded(
@@ -200,7 +198,9 @@ def _custom_limits_validate(limits: dict[str, int]) -> None:
         if resource_type_id not in known:
             raise LedgerError(f"unknown resource type {resource_type_id!r}", code="unknown_resource_type")
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            raise LedgerError(f"the limit of {resource_type_id} must be a whole number >= 0", code="invalid_amount")
+            raise LedgerError(
+                f"the limit of {resource_type_id} must be a whole number >= 0", code="invalid_amount"
+            )
 
 
 @transaction.atomic
@@ -300,7 +300,9 @@ def agent_update(*, agent: Agent, actor: str, **changes) -> Agent:
             AgentLimitOverride.objects.update_or_create(
                 agent=agent, resource_type_id=resource_type_id, defaults={"limit": limit}
             )
-        _quotas_rebase(agent=agent, actor=actor, why="custom limits changed", reason=Grant.Reason.LIMIT_CHANGE)
+        _quotas_rebase(
+            agent=agent, actor=actor, why="custom limits changed", reason=Grant.Reason.LIMIT_CHANGE
+        )
     agent.refresh_from_db()
     return agent
 

@@ -183,7 +183,7 @@ def test_grant_raises_limit_and_is_recorded(reference_data):
     )
     quota = Quota.objects.get(pk=grant.quota_id)
     assert quota.limit == 10_500
-    assert quota_reconciliation(quota=quota) == {"used": 0, "limit": 10_500}
+    assert quota_reconciliation(quota=quota) == {"used": 0, "limit": 10_500, "spent_usd": 0}
 
 
 def test_negative_grant_cannot_take_used_quota(reference_data):
@@ -235,7 +235,11 @@ def test_demo_loader_is_idempotent_and_consistent(reference_data):
     assert (Agent.objects.count(), UsageLog.objects.count(), Quota.objects.count()) == counts
     for quota in Quota.objects.all():
         assert 0 <= quota.used <= quota.limit
-        assert quota_reconciliation(quota=quota) == {"used": quota.used, "limit": quota.limit}
+        assert quota_reconciliation(quota=quota) == {
+            "used": quota.used,
+            "limit": quota.limit,
+            "spent_usd": quota.spent_usd,
+        }
     # Every row keeps the price it was charged at and its cost follows from it.
     sample = UsageLog.objects.first()
     assert sample.cost_usd == usage_cost(sample.amount, sample.unit_price_usd)

@@ -21,6 +21,7 @@ from allocation.api.mutation import run_mutation
 from allocation.api.serializers import AmountField, QuotaOut, ResourceTypeField
 from allocation.api.views import GridAPIView, _valid, cost_payload
 from ledger.errors import LedgerError, NotFound
+from ledger.money import COST_QUANTUM
 from ledger.models import Agent
 
 # action name -> callable(request, agent, body) -> (status, data); filled by the optimization app.
@@ -30,7 +31,7 @@ COMPAT_POST_ACTIONS: dict[str, Callable] = {}
 
 def _camel(key: str) -> str:
     head, *rest = key.split("_")
-    return head + "".join(part.upper() if part in {"usd", "id"} else part.title() for part in rest)
+    return head + "".join("USD" if part == "usd" else part.title() for part in rest)
 
 
 def camelize(value):
@@ -147,7 +148,7 @@ class ResourcesView(GridAPIView):
                     "agentId": agent.id,
                     "resourceType": allocation.resource_type_id,
                     "allocatedAmount": allocation.amount,
-                    "costUSD": str(allocation.cost_usd),
+                    "costUSD": f"{allocation.cost_usd.quantize(COST_QUANTUM):f}",
                     "status": allocation.status,
                     "expiresAt": allocation.expires_at.isoformat() if allocation.expires_at else None,
                 }

@@ -45,7 +45,7 @@ def run_mutation(
                     principal=principal.label,
                     key=validate_key(key),
                     method=request.method,
-                    path=request.get_full_path(),
+                    path=request.get_full_path()[:500],
                     body=body,
                 )
                 if claim.record_id is None:
