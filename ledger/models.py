@@ -169,8 +169,9 @@ class AgentLimitOverride(models.Model):
 class Quota(models.Model):
     """One agent's allowance of one resource type for one period, with its live counters.
 
-    ``available = limit - used - reserved - listed``; ``spent_usd`` caches the period's cost for budgets. The constraints are the last line of defence: the allocation
-    engine takes quota with a conditional UPDATE, and PostgreSQL refuses any write that would overspend.
+    ``available = limit - used - reserved - listed``; ``spent_usd`` caches the period's cost for budgets.
+    The constraints are the last line of defence: the allocation engine takes quota with a conditional
+    UPDATE, and PostgreSQL refuses any write that would overspend.
     """
 
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="quotas")

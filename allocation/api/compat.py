@@ -21,8 +21,8 @@ from allocation.api.mutation import run_mutation
 from allocation.api.serializers import AmountField, QuotaOut, ResourceTypeField
 from allocation.api.views import GridAPIView, _valid, cost_payload
 from ledger.errors import LedgerError, NotFound
-from ledger.money import COST_QUANTUM
 from ledger.models import Agent
+from ledger.money import COST_QUANTUM
 
 # action name -> callable(request, agent, body) -> (status, data); filled by the optimization app.
 COMPAT_GET_ACTIONS: dict[str, Callable] = {}
