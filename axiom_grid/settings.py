@@ -178,6 +178,7 @@ EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.conso
 EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
 EMAIL_PORT = int(os.environ.get("EMAIL_PORT", "25"))
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "grid@axiom.local")
+ALERT_EMAILS = env_list("ALERT_EMAILS", "")  # every alert is also emailed to these addresses
 
 # --- REST framework -------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -210,7 +210,7 @@ class AgentAdmin(admin.ModelAdmin):
             return [(None, {"fields": ("id", "name", "tier", "monthly_budget_usd", "metadata")})]
         return [
             (None, {"fields": ("id", "name", "tier", ("status", "status_reason"), "monthly_budget_usd")}),
-            ("This period's quotas", {"fields": ("period_quotas",)}),
+            ("This period's quotas", {"fields": ("resource_monitor", "period_quotas")}),
             ("Instances", {"fields": (("instance_count", "min_instances", "max_instances"),)}),
             (None, {"fields": ("metadata", "created_at", "updated_at")}),
         ]
@@ -229,7 +229,14 @@ class AgentAdmin(admin.ModelAdmin):
             "created_at",
             "updated_at",
             "period_quotas",
+            "resource_monitor",
         )
+
+    @admin.display(description="resource monitor")
+    def resource_monitor(self, obj: Agent):
+        # Linked by URL name only: the dashboard lives in the optimization app, which ledger must not import.
+        url = f"{reverse('dashboard:resources')}?agent={obj.pk}"
+        return format_html('<a href="{}">Open the resource monitor of {}</a>', url, obj.pk)
 
     def save_model(self, request: HttpRequest, obj: Agent, form, change: bool) -> None:
         # Written in save_related instead, which also sees the overrides inline: the agent and its custom

@@ -27,7 +27,7 @@ DEMO_DAYS = 21
 # agent id, tier, monthly budget, share of each limit to use over the demo weeks, custom limits
 DEMO_AGENTS: list[tuple[str, str, Decimal | None, float, dict[str, int]]] = [
     ("agent-123", "PRO", Decimal("25.00"), 0.72, {}),
-    ("agent-456", "FREE", Decimal("1.00"), 0.88, {}),
+    ("agent-456", "FREE", Decimal("5.00"), 0.88, {}),
     ("agent-789", "ENTERPRISE", Decimal("250.00"), 0.35, {}),
     (
         "agent-research",

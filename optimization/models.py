@@ -55,7 +55,7 @@ class AlertSettings(models.Model):
 
 
 class WebhookEndpoint(models.Model):
-    """A URL that receives alerts as signed JSON: for one agent, or for every agent when ``agent`` is empty."""
+    """A URL that receives alerts as signed JSON: for one agent, or for all agents when ``agent`` is empty."""
 
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="webhooks")
     url = models.URLField(max_length=500)
@@ -96,7 +96,12 @@ class Alert(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["agent", "created_at"], name="alert_agent_time_idx")]
+        indexes = [
+            models.Index(fields=["agent", "created_at"], name="alert_agent_time_idx"),
+            models.Index(
+                fields=["id"], condition=Q(delivery_queued_at__isnull=True), name="alert_not_fanned_out_idx"
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.agent_id}: {self.title}"
@@ -133,6 +138,9 @@ class AlertDelivery(models.Model):
     class Meta:
         ordering = ["-created_at"]
         verbose_name_plural = "alert deliveries"
+        indexes = [
+            models.Index(fields=["next_attempt_at"], condition=Q(status="pending"), name="delivery_due_idx"),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["alert", "channel", "target"], name="delivery_unique_target"),
         ]
@@ -163,7 +171,7 @@ class RuleState(models.Model):
 
 
 class ScalingPolicy(models.Model):
-    """How an agent (or every agent of a tier) scales on a metric. An agent's own policy wins over its tier's."""
+    """How an agent (or each agent of a tier) scales on a metric; an agent's own policy beats its tier's."""
 
     agent = models.OneToOneField(
         Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="scaling_policy"

@@ -1,4 +1,5 @@
-"""Fleet-wide metrics, computed set-based: each function is a fixed number of queries for any number of agents.
+"""Fleet-wide metrics, computed set-based: each function is a fixed number of queries for any number of
+agents.
 
 Sweeps (budgets, rules, scaling) read these; per-agent pages read the same functions with ``agent_ids``.
 Percentages are Decimal with two places; a metric with nothing to measure is absent from the result.
@@ -56,7 +57,7 @@ def period_spend(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str,
         .values_list("agent_id", "total")
         .order_by()
     )
-    return {agent: total for agent, total in rows}
+    return dict(rows)
 
 
 def budget_utilization(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, dict]:

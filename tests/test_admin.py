@@ -89,6 +89,40 @@ def every_model_has_a_row(reference_data, staff_user):
         status_code=201,
         outcome="ok",
     )
+    # One row of each optimization model, so that their change pages are opened too.
+    from optimization.models import Experiment, ExperimentArm, ScalingPolicy
+    from optimization.services.executions import execution_record
+    from optimization.services.experiments import experiment_assign
+    from optimization.services.marketplace import deal_list, deal_purchase
+    from optimization.services.scaling import scaling_apply
+
+    execution_record(
+        agent=agent, superpower="search", resources={"AI_TOKENS": 10}, duration_ms=120, success=True
+    )
+    experiment = Experiment.objects.create(name="demo", started_at=timezone.now() - dt.timedelta(days=1))
+    ExperimentArm.objects.create(experiment=experiment, name="control")
+    experiment_assign(experiment=experiment, agents=[agent])
+    ScalingPolicy.objects.create(agent=agent, max_instances=5)
+    scaling_apply(agent=agent, direction="up", trigger="manual", reason="fixture", actor="operator")
+    deal = deal_list(
+        agent=agent, resource_type_id="COMPUTE_MS", amount=10, unit_price_usd=Decimal("0.000005")
+    )
+    deal_purchase(deal_id=deal.pk, buyer=Agent.objects.get(id="agent-456"), amount=1, actor="operator")
+    from ledger.models import OptimizationRule
+    from optimization.models import Alert, AlertDelivery, AlertSettings, RuleState, WebhookEndpoint
+
+    alert = Alert.objects.create(
+        agent=agent, kind="budget", severity="warning", title="Budget 80%", message="m", dedup_key="fixture"
+    )
+    webhook = WebhookEndpoint.objects.create(agent=agent, url="http://127.0.0.1:9/hook", secret="s3cret")
+    AlertDelivery.objects.create(alert=alert, channel="webhook", webhook=webhook, target=webhook.url)
+    AlertSettings.objects.create(agent=agent, email="ops@example.com")
+    RuleState.objects.create(
+        rule=OptimizationRule.objects.first(),
+        agent=agent,
+        true_since=timezone.now(),
+        last_value=Decimal("85"),
+    )
 
 
 @pytest.fixture
@@ -260,7 +294,7 @@ def test_staff_with_only_the_view_permission_can_audit_the_usage_log(usage_log, 
 
 
 def test_grants_are_append_only_in_the_admin(every_model_has_a_row, admin_client_logged_in):
-    grant = Grant.objects.get()
+    grant = Grant.objects.get(reason=Grant.Reason.MANUAL)
     assert admin_client_logged_in.get(_url(Grant, "add")).status_code == 403
     response = admin_client_logged_in.post(_url(Grant, "change", grant.pk), {"amount": 9_999_999})
     assert response.status_code == 403

@@ -1353,22 +1353,26 @@ def test_compat_share_answers_with_the_endpoints_own_id_casing(agent_a, agent_b)
     }
 
 
-def test_compat_optimization_actions_not_implemented_yet(agent_a):
+def test_compat_optimization_actions_are_served_by_the_optimization_app(agent_a):
     url = reverse("api:resources")
-    before = ledger_snapshot()
-
-    for action in ("metrics", "recommendations"):
-        assert_error(
-            agent_a.client.get(url, {"action": action, "agentId": agent_a.id}), 501, "not_implemented"
-        )
-    purchase = agent_a.client.post(
-        url, {"action": "purchase", "agentId": agent_a.id, "dealId": "d-1"}, format="json"
+    metrics = agent_a.client.get(url, {"action": "metrics", "agentId": agent_a.id})
+    assert metrics.status_code == 200
+    assert {"current", "performance", "cost"} <= set(metrics.json())
+    recommendations = agent_a.client.get(url, {"action": "recommendations", "agentId": agent_a.id})
+    assert recommendations.status_code == 200
+    missing_deal = agent_a.client.post(
+        url,
+        {
+            "action": "purchase",
+            "agentId": agent_a.id,
+            "dealId": "00000000-0000-0000-0000-000000000000",
+            "amount": 1,
+        },
+        format="json",
     )
-    assert_error(purchase, 501, "not_implemented")
+    assert_error(missing_deal, 404, "not_found")
     optimize = agent_a.client.post(f"{url}?action=optimize", {"agentId": agent_a.id}, format="json")
-    assert_error(optimize, 501, "not_implemented")
-
-    assert ledger_snapshot() == before
+    assert optimize.status_code == 200
 
 
 # --- 12. OpenAPI ------------------------------------------------------------------------------------------

@@ -1,5 +1,160 @@
-"""alerts endpoints."""
+"""Alerts of an agent: list them, acknowledge one, and read or change where they go.
+
+GET  /api/v1/agents/{id}/alerts?status=open|acknowledged|all      newest first, cursor-paginated
+POST /api/v1/agents/{id}/alerts/{alert_id}/acknowledge             idempotent: acknowledging twice is 200
+GET  /api/v1/agents/{id}/alert-settings
+PUT  /api/v1/agents/{id}/alert-settings                            {"budget_thresholds": [...], "email": ...}
+"""
 
 from __future__ import annotations
 
-urlpatterns: list = []
+from django.urls import path
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from rest_framework import serializers
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+
+from allocation.api.mutation import run_mutation
+from allocation.api.serializers import StrictSerializer
+from allocation.api.views import AgentScopedView, _valid
+from ledger.errors import NotFound
+from optimization.models import Alert, AlertSettings
+from optimization.services.alerts import (
+    THRESHOLD_MAX,
+    THRESHOLD_MIN,
+    alert_acknowledge,
+    alert_settings_get,
+    alert_settings_update,
+)
+
+
+class AlertQuery(StrictSerializer):
+    status = serializers.ChoiceField(choices=["open", "acknowledged", "all"], required=False, default="open")
+    cursor = serializers.CharField(required=False)
+    page_size = serializers.IntegerField(required=False, min_value=1, max_value=500)
+
+
+class AlertOut(serializers.ModelSerializer):
+    agent_id = serializers.CharField()
+    rule_id = serializers.IntegerField(allow_null=True)
+    status = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Alert
+        fields = [
+            "id",
+            "agent_id",
+            "kind",
+            "severity",
+            "title",
+            "message",
+            "data",
+            "rule_id",
+            "status",
+            "created_at",
+            "acknowledged_at",
+            "acknowledged_by",
+        ]
+
+    def get_status(self, alert: Alert) -> str:
+        return "open" if alert.is_open else "acknowledged"
+
+
+class AcknowledgeIn(StrictSerializer):
+    """An acknowledgement takes no fields."""
+
+
+@extend_schema_field({"type": "integer", "minimum": THRESHOLD_MIN, "maximum": THRESHOLD_MAX})
+class ThresholdField(serializers.Field):
+    default_error_messages = {"invalid": f"must be a JSON integer from {THRESHOLD_MIN} to {THRESHOLD_MAX}"}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int) or not THRESHOLD_MIN <= data <= THRESHOLD_MAX:
+            self.fail("invalid")
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+class AlertSettingsIn(StrictSerializer):
+    budget_thresholds = serializers.ListField(
+        child=ThresholdField(), min_length=1, max_length=20, required=False
+    )
+    email = serializers.EmailField(required=False, allow_blank=True)
+
+
+class AlertSettingsOut(serializers.ModelSerializer):
+    agent_id = serializers.CharField()
+
+    class Meta:
+        model = AlertSettings
+        fields = ["agent_id", "budget_thresholds", "email"]
+
+
+class AlertPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+class AlertListView(AgentScopedView):
+    @extend_schema(
+        parameters=[OpenApiParameter("status", str, enum=["open", "acknowledged", "all"], default="open")],
+        responses=AlertOut(many=True),
+        summary="The agent's alerts, newest first",
+    )
+    def get(self, request, agent_id):
+        agent = self.agent()
+        query = _valid(AlertQuery, request.query_params.dict())
+        alerts = Alert.objects.filter(agent=agent)
+        if query["status"] == "open":
+            alerts = alerts.filter(acknowledged_at__isnull=True)
+        elif query["status"] == "acknowledged":
+            alerts = alerts.filter(acknowledged_at__isnull=False)
+        paginator = AlertPagination()
+        page = paginator.paginate_queryset(alerts, request, view=self)
+        return paginator.get_paginated_response(AlertOut(page, many=True).data)
+
+
+class AlertAcknowledgeView(AgentScopedView):
+    @extend_schema(request=None, responses=AlertOut, summary="Acknowledge an alert (idempotent)")
+    def post(self, request, agent_id, alert_id):
+        def acknowledge(body):
+            _valid(AcknowledgeIn, body)
+            alert = Alert.objects.filter(pk=alert_id, agent=self.agent()).first()
+            if alert is None:
+                raise NotFound(f"alert {alert_id} not found")
+            alert = alert_acknowledge(alert=alert, actor=request.user.label)
+            return 200, AlertOut(alert).data
+
+        return run_mutation(request, action="alert.acknowledge", agent_id=agent_id, handler=acknowledge)
+
+
+class AlertSettingsView(AgentScopedView):
+    @extend_schema(responses=AlertSettingsOut, summary="Where the agent's alerts go")
+    def get(self, request, agent_id):
+        return Response(AlertSettingsOut(alert_settings_get(agent=self.agent())).data)
+
+    @extend_schema(request=AlertSettingsIn, responses=AlertSettingsOut, summary="Change the alert settings")
+    def put(self, request, agent_id):
+        def update(body):
+            data = _valid(AlertSettingsIn, body)
+            settings_row = alert_settings_update(
+                agent=self.agent(), budget_thresholds=data.get("budget_thresholds"), email=data.get("email")
+            )
+            return 200, AlertSettingsOut(settings_row).data
+
+        return run_mutation(request, action="alert_settings.update", agent_id=agent_id, handler=update)
+
+
+urlpatterns = [
+    path("v1/agents/<str:agent_id>/alerts", AlertListView.as_view(), name="alerts"),
+    path(
+        "v1/agents/<str:agent_id>/alerts/<int:alert_id>/acknowledge",
+        AlertAcknowledgeView.as_view(),
+        name="alert-acknowledge",
+    ),
+    path("v1/agents/<str:agent_id>/alert-settings", AlertSettingsView.as_view(), name="alert-settings"),
+]

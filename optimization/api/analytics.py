@@ -1,5 +1,199 @@
-"""analytics endpoints."""
+"""Performance analytics endpoints: metrics, analysis, recommendations, optimize, and experiment reports.
+
+The numbers come from ``optimization.services.analytics`` / ``recommendations`` / ``experiments``; these
+views validate the query, call one service and render it: money and percentages as decimal strings, times
+as ISO 8601. The ``compat_*`` functions give the same numbers to ``/api/resources`` with camelCase keys.
+With ``ENABLE_PERFORMANCE_ANALYTICS`` off every endpoint answers 403 ``feature_disabled``.
+"""
 
 from __future__ import annotations
 
-urlpatterns: list = []
+import datetime as dt
+from decimal import Decimal
+
+from django.urls import path
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from allocation.api.auth import IsOperator
+from allocation.api.mutation import run_mutation
+from allocation.api.serializers import StrictSerializer
+from allocation.api.views import AgentScopedView, GridAPIView, _valid
+from ledger.errors import NotFound
+from ledger.models import Agent
+from optimization.models import Experiment
+from optimization.services.analytics import (
+    DEFAULT_WINDOW_HOURS,
+    MAX_WINDOW_HOURS,
+    agent_analysis,
+    agent_metrics,
+)
+from optimization.services.experiments import experiment_report
+from optimization.services.recommendations import agent_recommendations, optimization_run
+
+
+def render(value):
+    """JSON-ready: Decimals as exact strings (never floats), datetimes as ISO 8601, containers recursively."""
+    if isinstance(value, Decimal):
+        return f"{value:f}"
+    if isinstance(value, dt.datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, dict):
+        return {str(key): render(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [render(item) for item in value]
+    return value
+
+
+def _camel(key: str) -> str:
+    # Resource type codes (COMPUTE_MS) are data, not field names: keys with capitals stay as they are.
+    if key != key.lower() or "_" not in key:
+        return key
+    head, *rest = key.split("_")
+    return head + "".join("USD" if part == "usd" else part.title() for part in rest)
+
+
+def camelize(value):
+    if isinstance(value, dict):
+        return {_camel(str(key)): camelize(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [camelize(item) for item in value]
+    return value
+
+
+# --- Payloads -------------------------------------------------------------------------------------------
+
+
+def metrics_payload(agent: Agent, window_hours: int = DEFAULT_WINDOW_HOURS) -> dict:
+    return render(agent_metrics(agent=agent, window_hours=window_hours))
+
+
+def recommendations_payload(agent: Agent) -> dict:
+    items = agent_recommendations(agent=agent)
+    return render({"agent_id": agent.id, "count": len(items), "recommendations": items})
+
+
+# --- v1 views -------------------------------------------------------------------------------------------
+
+
+class MetricsQuery(StrictSerializer):
+    window_hours = serializers.IntegerField(
+        min_value=1, max_value=MAX_WINDOW_HOURS, required=False, default=DEFAULT_WINDOW_HOURS
+    )
+
+
+class OptimizeIn(StrictSerializer):
+    """An optimize run takes no fields; an unknown one is refused rather than ignored."""
+
+
+class MetricsView(AgentScopedView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "window_hours", int, description=f"Performance window, 1-{MAX_WINDOW_HOURS} (default 24)"
+            )
+        ],
+        responses=OpenApiTypes.OBJECT,
+        summary="Current usage, performance over a window, and this period's cost with a forecast",
+    )
+    def get(self, request, agent_id):
+        agent = self.agent()
+        query = _valid(MetricsQuery, request.query_params.dict())
+        return Response(metrics_payload(agent, query["window_hours"]))
+
+
+class AnalysisView(AgentScopedView):
+    @extend_schema(
+        responses=OpenApiTypes.OBJECT, summary="Bottlenecks, efficiency score and optimization actions"
+    )
+    def get(self, request, agent_id):
+        return Response(render(agent_analysis(agent=self.agent())))
+
+
+class RecommendationsView(AgentScopedView):
+    @extend_schema(responses=OpenApiTypes.OBJECT, summary="Ranked recommendations with expected savings")
+    def get(self, request, agent_id):
+        return Response(recommendations_payload(self.agent()))
+
+
+class OptimizeView(AgentScopedView):
+    @extend_schema(
+        request=None,
+        responses=OpenApiTypes.OBJECT,
+        summary="Apply the safe high-priority recommendations (scaling, deals within budget)",
+    )
+    def post(self, request, agent_id):
+        def optimize(body):
+            _valid(OptimizeIn, body)
+            return 200, render(optimization_run(agent=self.agent(), actor=request.user.label))
+
+        return run_mutation(request, action="agent.optimize", agent_id=agent_id, handler=optimize)
+
+
+class ExperimentReportView(GridAPIView):
+    permission_classes = [IsOperator]
+
+    @extend_schema(responses=OpenApiTypes.OBJECT, summary="An A/B experiment's results per arm (operator)")
+    def get(self, request, experiment_id):
+        experiment = Experiment.objects.filter(pk=experiment_id).first()
+        if experiment is None:
+            raise NotFound(f"experiment {experiment_id} not found")
+        arms = experiment_report(experiment=experiment)
+        return Response(
+            render(
+                {
+                    "experiment_id": experiment.pk,
+                    "name": experiment.name,
+                    "started_at": experiment.started_at,
+                    "ended_at": experiment.ended_at,
+                    "arms": arms,
+                }
+            )
+        )
+
+
+# --- /api/resources actions (registered by the app's ready()) --------------------------------------------
+
+
+class CompatMetricsQuery(serializers.Serializer):
+    windowHours = serializers.IntegerField(  # noqa: N815 - the compat endpoint's camelCase
+        min_value=1, max_value=MAX_WINDOW_HOURS, required=False, default=DEFAULT_WINDOW_HOURS
+    )
+
+
+def compat_metrics(request, agent: Agent) -> dict:
+    query = _valid(CompatMetricsQuery, request.query_params.dict())
+    payload = metrics_payload(agent, query["windowHours"])
+    payload.pop("agent_id")
+    return {"agentId": agent.id, **camelize(payload)}
+
+
+def compat_recommendations(request, agent: Agent) -> dict:
+    payload = recommendations_payload(agent)
+    payload.pop("agent_id")
+    return {"agentId": agent.id, **camelize(payload)}
+
+
+def compat_optimize(request, agent: Agent, data: dict) -> tuple[int, dict]:
+    payload = render(optimization_run(agent=agent, actor=request.user.label))
+    payload.pop("agent_id")
+    return 200, {"agentId": agent.id, **camelize(payload)}
+
+
+urlpatterns = [
+    path("v1/agents/<str:agent_id>/metrics", MetricsView.as_view(), name="agent-metrics"),
+    path("v1/agents/<str:agent_id>/analysis", AnalysisView.as_view(), name="agent-analysis"),
+    path(
+        "v1/agents/<str:agent_id>/recommendations",
+        RecommendationsView.as_view(),
+        name="agent-recommendations",
+    ),
+    path("v1/agents/<str:agent_id>/optimize", OptimizeView.as_view(), name="agent-optimize"),
+    path(
+        "v1/experiments/<int:experiment_id>/report",
+        ExperimentReportView.as_view(),
+        name="experiment-report",
+    ),
+]

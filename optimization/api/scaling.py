@@ -1,5 +1,193 @@
-"""scaling endpoints."""
+"""Scaling endpoints: manual scaling, the agent's policy, and its scaling events.
+
+* ``POST /api/v1/agents/{id}/scaling`` ``{"direction": "up"|"down", "step"?, "reason"?}``: operator only
+  (an agent's key on itself answers 403 ``forbidden``; on another agent 404, as everywhere). 201 with the
+  scaling event, or 200 ``{"changed": false, ...}`` when the agent is already at that bound.
+* ``GET|PUT /api/v1/agents/{id}/scaling-policy``: the policy that governs the agent (its own, else its
+  tier's, with ``scope``); PUT (operator) creates or changes the agent's own policy, ``enabled`` included.
+* ``GET /api/v1/agents/{id}/scaling-events``: newest first, cursor-paginated.
+"""
 
 from __future__ import annotations
 
-urlpatterns: list = []
+from decimal import Decimal
+
+from django.urls import path
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+
+from allocation.api.mutation import run_mutation
+from allocation.api.serializers import StrictSerializer
+from allocation.api.views import AgentScopedView, _valid
+from ledger.errors import LedgerError, NotFound
+from optimization.models import ScalingEvent, ScalingPolicy
+from optimization.services.scaling import (
+    scaling_apply,
+    scaling_bounds,
+    scaling_policy_resolve,
+    scaling_policy_set,
+)
+
+MAX_INSTANCES = 10_000
+THRESHOLD = {"max_digits": 6, "decimal_places": 2, "min_value": Decimal("0")}
+
+
+def _ensure_operator(request, what: str) -> None:
+    if not request.user.is_operator:
+        raise LedgerError(f"only an operator can {what}", code="forbidden", status=403)
+
+
+class ScaleIn(StrictSerializer):
+    direction = serializers.ChoiceField(choices=ScalingEvent.Direction.choices)
+    step = serializers.IntegerField(required=False, default=1, min_value=1, max_value=MAX_INSTANCES)
+    reason = serializers.CharField(required=False, allow_blank=True, max_length=300, default="")
+
+
+class ScalingEventOut(serializers.ModelSerializer):
+    agent_id = serializers.CharField()
+    resource_type = serializers.CharField(source="resource_type_id", allow_null=True)
+
+    class Meta:
+        model = ScalingEvent
+        fields = [
+            "id",
+            "agent_id",
+            "direction",
+            "kind",
+            "trigger",
+            "resource_type",
+            "before",
+            "after",
+            "reason",
+            "actor",
+            "created_at",
+        ]
+
+
+class ScalingPolicyIn(StrictSerializer):
+    metric = serializers.ChoiceField(choices=ScalingPolicy._meta.get_field("metric").choices, required=False)
+    scale_up_threshold = serializers.DecimalField(**THRESHOLD, required=False)
+    scale_down_threshold = serializers.DecimalField(**THRESHOLD, required=False)
+    step = serializers.IntegerField(min_value=1, max_value=MAX_INSTANCES, required=False)
+    min_instances = serializers.IntegerField(min_value=0, max_value=MAX_INSTANCES, required=False)
+    max_instances = serializers.IntegerField(min_value=1, max_value=MAX_INSTANCES, required=False)
+    quota_step_percent = serializers.IntegerField(min_value=0, max_value=1000, required=False)
+    cooldown_seconds = serializers.IntegerField(min_value=0, max_value=30 * 86400, required=False)
+    enabled = serializers.BooleanField(required=False)
+
+
+class ScalingPolicyOut(serializers.ModelSerializer):
+    scope = serializers.SerializerMethodField()
+    agent_id = serializers.CharField(allow_null=True)
+    tier = serializers.CharField(source="tier_id", allow_null=True)
+
+    class Meta:
+        model = ScalingPolicy
+        fields = [
+            "id",
+            "scope",
+            "agent_id",
+            "tier",
+            "metric",
+            "scale_up_threshold",
+            "scale_down_threshold",
+            "step",
+            "min_instances",
+            "max_instances",
+            "quota_step_percent",
+            "cooldown_seconds",
+            "enabled",
+            "updated_at",
+        ]
+
+    def get_scope(self, obj: ScalingPolicy) -> str:
+        return "agent" if obj.agent_id else "tier"
+
+
+class ScaleView(AgentScopedView):
+    @extend_schema(
+        request=ScaleIn,
+        responses={201: ScalingEventOut, 200: dict},
+        summary="Scale an agent up or down now (operator)",
+    )
+    def post(self, request, agent_id):
+        def scale(body):
+            agent = self.agent()  # another agent's id answers 404 before the operator check
+            _ensure_operator(request, "scale an agent")
+            data = _valid(ScaleIn, body)
+            event = scaling_apply(
+                agent=agent,
+                direction=data["direction"],
+                trigger=ScalingEvent.Trigger.MANUAL,
+                reason=data["reason"] or f"manual scale {data['direction']} by {request.user.label}",
+                actor=request.user.label,
+                step=data["step"],
+            )
+            if event is not None:
+                return 201, ScalingEventOut(event).data
+            agent.refresh_from_db()
+            low, high = scaling_bounds(
+                agent_min=agent.min_instances,
+                agent_max=agent.max_instances,
+                policy=scaling_policy_resolve(agent=agent),
+            )
+            bound = "maximum" if data["direction"] == ScalingEvent.Direction.UP else "minimum"
+            return 200, {
+                "changed": False,
+                "agent_id": agent.pk,
+                "direction": data["direction"],
+                "instance_count": agent.instance_count,
+                "min_instances": low,
+                "max_instances": high,
+                "reason": f"already at the {bound} of {high if bound == 'maximum' else low} instances",
+            }
+
+        return run_mutation(request, action="scaling.manual", agent_id=agent_id, handler=scale)
+
+
+class ScalingPolicyView(AgentScopedView):
+    @extend_schema(responses=ScalingPolicyOut, summary="The scaling policy that governs the agent")
+    def get(self, request, agent_id):
+        policy = scaling_policy_resolve(agent=self.agent())
+        if policy is None:
+            raise NotFound(f"agent {agent_id!r} has no scaling policy, of its own or of its tier")
+        return Response(ScalingPolicyOut(policy).data)
+
+    @extend_schema(
+        request=ScalingPolicyIn,
+        responses={200: ScalingPolicyOut, 201: ScalingPolicyOut},
+        summary="Create or change the agent's own scaling policy (operator)",
+    )
+    def put(self, request, agent_id):
+        def save(body):
+            agent = self.agent()
+            _ensure_operator(request, "change a scaling policy")
+            policy, created = scaling_policy_set(agent=agent, **_valid(ScalingPolicyIn, body))
+            return (201 if created else 200), ScalingPolicyOut(policy).data
+
+        return run_mutation(request, action="scaling.policy", agent_id=agent_id, handler=save)
+
+
+class ScalingEventPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+class ScalingEventListView(AgentScopedView):
+    @extend_schema(responses=ScalingEventOut(many=True), summary="The agent's scaling events, newest first")
+    def get(self, request, agent_id):
+        events = ScalingEvent.objects.filter(agent=self.agent())
+        paginator = ScalingEventPagination()
+        page = paginator.paginate_queryset(events, request, view=self)
+        return paginator.get_paginated_response(ScalingEventOut(page, many=True).data)
+
+
+urlpatterns = [
+    path("v1/agents/<str:agent_id>/scaling", ScaleView.as_view(), name="scaling"),
+    path("v1/agents/<str:agent_id>/scaling-policy", ScalingPolicyView.as_view(), name="scaling-policy"),
+    path("v1/agents/<str:agent_id>/scaling-events", ScalingEventListView.as_view(), name="scaling-events"),
+]

@@ -1,15 +1,149 @@
-"""Scaling: horizontal (instance count within bounds) and vertical (a quota grant for the period)."""
+"""Scaling: horizontal (instance count within bounds) and vertical (a quota grant for the period).
+
+Auto-scaling (``scaling_evaluate``, every five minutes) follows these rules:
+
+* **Policy**: an agent's own ``ScalingPolicy`` wins over its tier's. No policy, or a policy with
+  ``enabled=False``, means the agent is not auto-scaled (an agent's disabled policy also hides its tier's:
+  that is how one agent of a tier is taken out of auto-scaling).
+* **Metric**: ``resource_utilization_percent`` is the agent's most utilized resource this period
+  (used + reserved over the limit); ``budget_utilization_percent`` is this period's spend over the monthly
+  budget. An agent with nothing to measure (no quota opened this period, no budget) is left alone.
+* **Decision**: above ``scale_up_threshold`` scale up, below ``scale_down_threshold`` scale down, in between
+  do nothing. The model requires ``down < up``: the gap between the two is the hysteresis.
+* **Cooldown**: nothing happens within ``cooldown_seconds`` of the agent's last scaling event of any kind
+  or trigger (a manual one included).
+* **No flapping**: the direction never reverses within twice the cooldown of the last event in the
+  opposite direction.
+* **Bounds**: the narrower of the policy's and the agent's min/max instances (the policy can narrow the
+  agent's range, never leave it). A step stops at the bound.
+* **Vertical**: scaling up at the upper bound with ``quota_step_percent > 0`` grants
+  ``ceil(base_limit * quota_step_percent / 100)`` units of the agent's most utilized resource for the
+  period (a ``scaling`` grant), recorded as a ``vertical`` event whose before/after is that quota's limit.
+  Nothing is ever taken away vertically.
+
+Only changes are recorded: a decision that changes nothing (at a bound, in cooldown) writes no event, so it
+does not restart the cooldown either. The evaluation is set-based: a fixed number of queries for any number
+of agents, in one transaction that first locks the agents it may scale, so two evaluations running at once
+take turns and the second sees the first one's events (and is then in cooldown).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
+from decimal import Decimal
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import (
+    BigIntegerField,
+    Case,
+    Exists,
+    F,
+    Max,
+    OuterRef,
+    PositiveIntegerField,
+    Q,
+    Value,
+    When,
+)
 from django.utils import timezone
 
-from ledger.errors import LedgerError
-from ledger.models import Agent
-from optimization.models import ScalingEvent
+from ledger.errors import Conflict, LedgerError
+from ledger.models import Agent, Grant, Quota
+from ledger.periods import month_bounds
+from optimization import selectors
+from optimization.models import ScalingEvent, ScalingPolicy
+
+AUTO_ACTOR = "auto-scaler"
+RESOURCE_METRIC = "resource_utilization_percent"
+BUDGET_METRIC = "budget_utilization_percent"
+UP = ScalingEvent.Direction.UP
+DOWN = ScalingEvent.Direction.DOWN
+
+POLICY_FIELDS = (
+    "metric",
+    "scale_up_threshold",
+    "scale_down_threshold",
+    "step",
+    "min_instances",
+    "max_instances",
+    "quota_step_percent",
+    "cooldown_seconds",
+    "enabled",
+)
+
+
+# --- Policies and bounds --------------------------------------------------------------------------------
+
+
+def scaling_policy_resolve(*, agent: Agent) -> ScalingPolicy | None:
+    """The policy that governs ``agent``: its own, else its tier's (enabled or not). One query."""
+    policies = list(ScalingPolicy.objects.filter(Q(agent_id=agent.pk) | Q(tier_id=agent.tier_id)))
+    own = next((policy for policy in policies if policy.agent_id == agent.pk), None)
+    return own or next(iter(policies), None)
+
+
+def scaling_bounds(*, agent_min: int, agent_max: int, policy: ScalingPolicy | None) -> tuple[int, int]:
+    """The narrower of the agent's and an enabled policy's instance bounds, always inside the agent's own
+    (which a database constraint enforces), so a policy can narrow the range but never leave it."""
+    low, high = agent_min, agent_max
+    if policy is not None and policy.enabled:
+        low, high = max(low, policy.min_instances), min(high, policy.max_instances)
+    high = max(high, agent_min)
+    low = min(low, high)
+    return low, high
+
+
+def _step_target(*, before: int, direction: str, step: int, low: int, high: int) -> int:
+    """Where one step in ``direction`` lands. It never moves against ``direction``: an instance count
+    already outside the bounds (a policy narrowed since) is only brought back by a step towards them."""
+    if direction == UP:
+        return min(before + step, high) if before < high else before
+    return max(before - step, low) if before > low else before
+
+
+@transaction.atomic
+def scaling_policy_set(*, agent: Agent, **fields) -> tuple[ScalingPolicy, bool]:
+    """Create or change the agent's own policy; return it and whether it was created.
+
+    Fields not given keep their value; a new policy starts from its tier's policy (so that turning
+    auto-scaling off for one agent is ``enabled=False`` and nothing else), else from the model defaults.
+    """
+    unknown = sorted(set(fields) - set(POLICY_FIELDS))
+    if unknown:
+        raise LedgerError(f"unknown policy fields: {', '.join(unknown)}", code="invalid_policy")
+    policy = ScalingPolicy.objects.select_for_update().filter(agent_id=agent.pk).first()
+    created = policy is None
+    if created:
+        tier_policy = ScalingPolicy.objects.filter(tier_id=agent.tier_id).first()
+        policy = ScalingPolicy(agent_id=agent.pk)
+        if tier_policy is not None:
+            for name in POLICY_FIELDS:
+                setattr(policy, name, getattr(tier_policy, name))
+    for name, value in fields.items():
+        setattr(policy, name, value)
+    if not policy.scale_down_threshold < policy.scale_up_threshold:
+        raise LedgerError(
+            "scale_down_threshold must be below scale_up_threshold (the gap stops flapping)",
+            code="invalid_policy",
+            details={
+                "scale_down_threshold": str(policy.scale_down_threshold),
+                "scale_up_threshold": str(policy.scale_up_threshold),
+            },
+        )
+    if not policy.min_instances <= policy.max_instances:
+        raise LedgerError("min_instances cannot exceed max_instances", code="invalid_policy")
+    if policy.step < 1:
+        raise LedgerError("step must be at least 1", code="invalid_policy")
+    try:
+        with transaction.atomic():
+            policy.save()
+    except IntegrityError as exc:  # a concurrent first PUT created it in the meantime
+        raise Conflict("the scaling policy changed meanwhile; try again", code="policy_conflict") from exc
+    return policy, created
+
+
+# --- One agent, now -------------------------------------------------------------------------------------
 
 
 @transaction.atomic
@@ -23,21 +157,30 @@ def scaling_apply(
     step: int = 1,
     now: dt.datetime | None = None,
 ) -> ScalingEvent | None:
-    """Change the agent's instance count by ``step`` in ``direction``, clamped to its min and max.
+    """Change the agent's instance count by ``step`` in ``direction``, within its bounds (the narrower of
+    the agent's and its enabled policy's). No cooldown: this is what an operator or a rule asks for now.
 
     Returns the scaling event, or None when the agent is already at the bound (nothing changes).
     """
     if direction not in ScalingEvent.Direction.values:
         raise LedgerError(f"direction must be up or down, not {direction!r}", code="invalid_direction")
-    if step < 1:
+    if trigger not in ScalingEvent.Trigger.values:
+        raise LedgerError(f"unknown scaling trigger {trigger!r}", code="invalid_trigger")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise LedgerError("step must be at least 1", code="invalid_step")
-    agent = Agent.objects.select_for_update().get(pk=agent.pk)
+    now = now or timezone.now()
+    # NO KEY UPDATE: allocations inserting rows that reference the agent are not blocked by this lock.
+    agent = Agent.objects.select_for_update(no_key=True).get(pk=agent.pk)
+    low, high = scaling_bounds(
+        agent_min=agent.min_instances,
+        agent_max=agent.max_instances,
+        policy=scaling_policy_resolve(agent=agent),
+    )
     before = agent.instance_count
-    wanted = before + step if direction == ScalingEvent.Direction.UP else before - step
-    after = min(max(wanted, agent.min_instances), agent.max_instances)
+    after = _step_target(before=before, direction=direction, step=step, low=low, high=high)
     if after == before:
         return None
-    Agent.objects.filter(pk=agent.pk).update(instance_count=after, updated_at=timezone.now())
+    Agent.objects.filter(pk=agent.pk).update(instance_count=after, updated_at=now)
     return ScalingEvent.objects.create(
         agent=agent,
         direction=direction,
@@ -46,6 +189,236 @@ def scaling_apply(
         before=before,
         after=after,
         reason=reason[:300],
-        actor=actor,
-        created_at=now or timezone.now(),
+        actor=actor[:150],
+        created_at=now,
     )
+
+
+# --- The fleet, set-based -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Decision:
+    agent_id: str
+    direction: str
+    kind: str
+    before: int
+    after: int
+    reason: str
+    resource_type_id: str | None = None
+    quota_step_percent: int = 0
+    quota_id: int | None = None
+
+
+def _threshold(value: Decimal) -> str:
+    return f"{value.normalize():f}"
+
+
+def _last_by_direction(*, since: dt.datetime) -> dict[tuple[str, str], dt.datetime]:
+    """(agent, direction) -> its last scaling event since ``since``. One query."""
+    rows = (
+        ScalingEvent.objects.filter(created_at__gte=since)
+        .values("agent_id", "direction")
+        .annotate(last=Max("created_at"))
+        .order_by()
+    )
+    return {(row["agent_id"], row["direction"]): row["last"] for row in rows}
+
+
+def scaling_evaluate(*, now: dt.datetime | None = None) -> dict:
+    """Evaluate every agent's scaling policy and apply the decisions (see the module docstring).
+
+    A fixed number of queries whatever the number of agents. Returns counts of what happened.
+    """
+    now = now or timezone.now()
+    summary = {
+        "evaluated": 0,
+        "scaled_up": 0,
+        "scaled_down": 0,
+        "vertical": 0,
+        "in_cooldown": 0,
+        "held_against_flapping": 0,
+        "at_bound": 0,
+        "no_metric": 0,
+    }
+    with transaction.atomic():
+        policies = list(ScalingPolicy.objects.all())
+        if not policies:
+            return summary
+        by_agent = {policy.agent_id: policy for policy in policies if policy.agent_id}
+        by_tier = {policy.tier_id: policy for policy in policies if policy.tier_id}
+        # Lock first, read the rest after: a second evaluation waits here and then sees our events.
+        agents = list(
+            Agent.objects.select_for_update(no_key=True, of=("self",))
+            .filter(
+                Exists(ScalingPolicy.objects.filter(agent_id=OuterRef("pk")))
+                | Exists(ScalingPolicy.objects.filter(tier_id=OuterRef("tier_id")))
+            )
+            .order_by("pk")
+            .values_list("pk", "tier_id", "instance_count", "min_instances", "max_instances")
+        )
+        governed = []
+        for agent_id, tier_id, count, agent_min, agent_max in agents:
+            policy = by_agent.get(agent_id) or by_tier.get(tier_id)
+            if policy is not None and policy.enabled:
+                governed.append((agent_id, count, agent_min, agent_max, policy))
+        if not governed:
+            return summary
+        summary["evaluated"] = len(governed)
+        active = [entry[4] for entry in governed]
+        needs_resources = any(p.metric == RESOURCE_METRIC or p.quota_step_percent for p in active)
+        resource = selectors.max_resource_utilization(now=now) if needs_resources else {}
+        budget = (
+            selectors.budget_utilization(now=now) if any(p.metric == BUDGET_METRIC for p in active) else {}
+        )
+        last_any = selectors.last_scaling_at()
+        longest = max(p.cooldown_seconds for p in active)
+        last_directed = _last_by_direction(since=now - dt.timedelta(seconds=2 * longest))
+
+        decisions: list[_Decision] = []
+        for agent_id, count, agent_min, agent_max, policy in governed:
+            most_used = resource.get(agent_id)  # (resource type, percent) or None
+            if policy.metric == RESOURCE_METRIC:
+                value = most_used[1] if most_used else None
+                subject = f" ({most_used[0]})" if most_used else ""
+            else:
+                value = budget.get(agent_id, {}).get("percent")
+                subject = ""
+            if value is None:
+                summary["no_metric"] += 1
+                continue
+            cooldown = dt.timedelta(seconds=policy.cooldown_seconds)
+            last_at = last_any.get(agent_id)
+            if last_at is not None and now - last_at < cooldown:
+                summary["in_cooldown"] += 1
+                continue
+            if value > policy.scale_up_threshold:
+                direction, opposite = UP, DOWN
+                reason = f"{policy.metric} {value} > {_threshold(policy.scale_up_threshold)}{subject}"
+            elif value < policy.scale_down_threshold:
+                direction, opposite = DOWN, UP
+                reason = f"{policy.metric} {value} < {_threshold(policy.scale_down_threshold)}{subject}"
+            else:
+                continue
+            opposite_at = last_directed.get((agent_id, opposite))
+            if opposite_at is not None and now - opposite_at < 2 * cooldown:
+                summary["held_against_flapping"] += 1
+                continue
+            low, high = scaling_bounds(agent_min=agent_min, agent_max=agent_max, policy=policy)
+            after = _step_target(before=count, direction=direction, step=policy.step, low=low, high=high)
+            if after != count:
+                decisions.append(
+                    _Decision(agent_id, direction, ScalingEvent.Kind.HORIZONTAL, count, after, reason)
+                )
+            elif direction == UP and policy.quota_step_percent and most_used:
+                decisions.append(
+                    _Decision(
+                        agent_id,
+                        UP,
+                        ScalingEvent.Kind.VERTICAL,
+                        0,
+                        0,
+                        f"{reason}; at max instances ({high}): +{policy.quota_step_percent}% of the base "
+                        f"limit of {most_used[0]}",
+                        resource_type_id=most_used[0],
+                        quota_step_percent=policy.quota_step_percent,
+                    )
+                )
+            else:
+                summary["at_bound"] += 1
+
+        horizontal = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL]
+        vertical = [d for d in decisions if d.kind == ScalingEvent.Kind.VERTICAL]
+        if horizontal:
+            Agent.objects.filter(pk__in=[d.agent_id for d in horizontal]).update(
+                instance_count=Case(
+                    *[When(pk=d.agent_id, then=Value(d.after)) for d in horizontal],
+                    default=F("instance_count"),
+                    output_field=PositiveIntegerField(),
+                ),
+                updated_at=now,
+            )
+        grants = _vertical_apply(decisions=vertical, now=now)
+        decisions = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL or d.quota_id]
+        ScalingEvent.objects.bulk_create(
+            ScalingEvent(
+                agent_id=d.agent_id,
+                direction=d.direction,
+                kind=d.kind,
+                trigger=ScalingEvent.Trigger.AUTO,
+                resource_type_id=d.resource_type_id,
+                before=d.before,
+                after=d.after,
+                reason=d.reason[:300],
+                actor=AUTO_ACTOR,
+                created_at=now,
+            )
+            for d in decisions
+        )
+        summary["scaled_up"] = sum(1 for d in horizontal if d.direction == UP)
+        summary["scaled_down"] = sum(1 for d in horizontal if d.direction == DOWN)
+        summary["vertical"] = grants
+        summary["at_bound"] += len(vertical) - grants  # a base limit of 0 has no step to grant
+    return summary
+
+
+def _vertical_apply(*, decisions: list[_Decision], now: dt.datetime) -> int:
+    """Grant each decision's quota step on its resource for the period, in three queries for all of them.
+
+    Fills in each decision's quota and its before/after limit; returns how many grants were made.
+    """
+    if not decisions:
+        return 0
+    start, _ = month_bounds(now)
+    wanted = {(d.agent_id, d.resource_type_id): d for d in decisions}
+    # The quota rows are locked in primary-key order, like every writer that locks several of them.
+    quotas = (
+        Quota.objects.select_for_update(no_key=True, of=("self",))
+        .filter(period_start=start, agent_id__in=list({d.agent_id for d in decisions}))
+        .order_by("pk")
+    )
+    amounts: dict[int, int] = {}
+    made: list[Grant] = []
+    for quota in quotas:
+        decision = wanted.get((quota.agent_id, quota.resource_type_id))
+        if decision is None:
+            continue
+        amount = -(-quota.base_limit * decision.quota_step_percent // 100)  # ceil, in whole units
+        if amount <= 0:
+            continue
+        decision.quota_id = quota.pk
+        decision.before, decision.after = quota.limit, quota.limit + amount
+        amounts[quota.pk] = amount
+        made.append(
+            Grant(
+                quota_id=quota.pk,
+                amount=amount,
+                reason=Grant.Reason.SCALING,
+                actor=AUTO_ACTOR,
+                note=f"vertical scaling: +{decision.quota_step_percent}% of the base limit",
+            )
+        )
+    if not amounts:
+        return 0
+    # A positive grant always fits (limit only grows), so the UPDATE needs no condition beyond its rows.
+    Quota.objects.filter(pk__in=list(amounts)).update(
+        limit=F("limit")
+        + Case(
+            *[When(pk=pk, then=Value(amount)) for pk, amount in amounts.items()],
+            default=Value(0),
+            output_field=BigIntegerField(),
+        ),
+        updated_at=now,
+    )
+    Grant.objects.bulk_create(made)
+    return len(made)
+
+
+__all__ = [
+    "POLICY_FIELDS",
+    "scaling_apply",
+    "scaling_bounds",
+    "scaling_evaluate",
+    "scaling_policy_resolve",
+    "scaling_policy_set",
+]

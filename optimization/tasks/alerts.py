@@ -1,3 +1,53 @@
-"""alerts tasks."""
+"""Periodic work on budgets and alerts. Thin: each task calls one idempotent service.
+
+Running any of them twice in a row creates nothing twice: alerts are unique per dedup key, rule states
+remember when they fired, and each delivery attempt is claimed with a conditional UPDATE.
+"""
 
 from __future__ import annotations
+
+from celery import shared_task
+
+from optimization.services.alerts import (
+    alert_delivery_attempt,
+    alerts_deliver,
+    budget_sweep,
+    cost_spike_sweep,
+)
+from optimization.services.rules import rules_evaluate
+from optimization.tasks.common import TASK_OPTIONS
+
+__all__ = [
+    "alert_delivery_task",
+    "alerts_deliver_task",
+    "budget_sweep_task",
+    "cost_spike_sweep_task",
+    "rules_evaluate_task",
+]
+
+
+@shared_task(name="optimization.budget_sweep", **TASK_OPTIONS)
+def budget_sweep_task() -> int:
+    return budget_sweep()
+
+
+@shared_task(name="optimization.rules_evaluate", **TASK_OPTIONS)
+def rules_evaluate_task() -> dict:
+    return rules_evaluate()
+
+
+@shared_task(name="optimization.cost_spike_sweep", **TASK_OPTIONS)
+def cost_spike_sweep_task() -> int:
+    return cost_spike_sweep()
+
+
+@shared_task(name="optimization.alerts_deliver", **TASK_OPTIONS)
+def alerts_deliver_task() -> int:
+    return alerts_deliver()
+
+
+@shared_task(name="optimization.alert_delivery", **TASK_OPTIONS)
+def alert_delivery_task(delivery_id: int) -> str | None:
+    """Attempt one delivery now. Retries are not scheduled here: a failed attempt records when the next one
+    is due, and the periodic ``optimization.alerts_deliver`` makes it."""
+    return alert_delivery_attempt(delivery_id=delivery_id)

@@ -1,0 +1,440 @@
+"""Budgets and alerts: the budget sweep, cost spike detection, alert delivery and acknowledgement.
+
+Every alert has a ``dedup_key`` that is unique in the database, so a sweep that runs twice (or twice at the
+same time) alerts once. Each new alert fans out to one ``AlertDelivery`` row per channel and target, in the
+transaction that creates it; the HTTP and SMTP calls happen later, outside any transaction, each attempt
+claimed with a conditional UPDATE so that two workers never send the same attempt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from ledger.errors import LedgerError
+from ledger.models import Agent, OptimizationRule
+from ledger.money import CENT, COST_QUANTUM
+from ledger.periods import UTC, month_bounds
+from optimization.models import (
+    DEFAULT_BUDGET_THRESHOLDS,
+    Alert,
+    AlertDelivery,
+    AlertSettings,
+    WebhookEndpoint,
+)
+from optimization.selectors import SPIKE_BASELINE_HOURS, budget_utilization, cost_spike_ratio
+from optimization.webhooks import WebhookResult, webhook_post
+
+logger = logging.getLogger(__name__)
+
+Severity = OptimizationRule.Severity
+
+MAX_ATTEMPTS = 6
+BACKOFF_BASE = dt.timedelta(seconds=30)
+BACKOFF_CAP = dt.timedelta(hours=1)
+DELIVERY_BATCH_SIZE = 200
+# Stop starting new attempts after this long, well inside the task's soft time limit: each send can take
+# the webhook timeout, and what is left is due again at the next run.
+DELIVERY_TIME_BUDGET_SECONDS = 120
+FAN_OUT_BATCH_SIZE = 2000
+THRESHOLD_MIN, THRESHOLD_MAX = 1, 1000
+DEFAULT_SPIKE_RATIO = Decimal("3")
+SUB_CENT = Decimal("0.0001")
+
+
+# --- Creating alerts ------------------------------------------------------------------------------------
+
+
+def alerts_create(*, alerts: Sequence[Alert], now: dt.datetime | None = None) -> int:
+    """Insert the alerts whose dedup key is new, fan them out to their channels, and enqueue delivery after
+    commit. Returns how many were new. A fixed number of queries for any number of alerts.
+
+    The count is exact unless another sweep inserts the same key at the same moment; the unique key (and
+    ``ignore_conflicts``) still keeps the alert single in that case.
+    """
+    unique: dict[str, Alert] = {}
+    for alert in alerts:
+        unique.setdefault(alert.dedup_key, alert)
+    if not unique:
+        return 0
+    existing = set(Alert.objects.filter(dedup_key__in=list(unique)).values_list("dedup_key", flat=True))
+    new = [alert for key, alert in unique.items() if key not in existing]
+    if not new:
+        return 0
+    with transaction.atomic():
+        Alert.objects.bulk_create(new, ignore_conflicts=True)
+        alerts_fan_out(now=now, dedup_keys=[alert.dedup_key for alert in new])
+        transaction.on_commit(_delivery_enqueue)
+    return len(new)
+
+
+def _delivery_enqueue() -> None:
+    """Ask a worker to deliver now rather than at the next periodic run. A broker that is down loses
+    nothing: the deliveries are rows, and the periodic ``alerts_deliver`` picks them up."""
+    from optimization.tasks.alerts import alerts_deliver_task
+
+    try:
+        alerts_deliver_task.delay()
+    except Exception:  # any broker error; the periodic task is the safety net
+        logger.warning("could not enqueue alert delivery; the periodic task will deliver", exc_info=True)
+
+
+def _global_alert_emails() -> list[str]:
+    value = getattr(settings, "ALERT_EMAILS", [])
+    if isinstance(value, str):
+        value = value.split(",")
+    return [address.strip() for address in value if address and address.strip()]
+
+
+def alerts_fan_out(
+    *,
+    now: dt.datetime | None = None,
+    dedup_keys: Iterable[str] | None = None,
+    limit: int = FAN_OUT_BATCH_SIZE,
+) -> int:
+    """Create the deliveries of alerts not fanned out yet: the agent's and the global enabled webhooks, the
+    agent's alert email and ``settings.ALERT_EMAILS``. Returns how many deliveries were created.
+
+    Idempotent without a claim: a delivery is unique per (alert, channel, target), so two fan-outs of one
+    alert insert its rows once. An alert created elsewhere (e.g. by scaling) is fanned out by the periodic
+    delivery task.
+    """
+    now = now or timezone.now()
+    pending = Alert.objects.filter(delivery_queued_at=None)
+    if dedup_keys is not None:
+        pending = pending.filter(dedup_key__in=list(dedup_keys))
+    alerts = list(pending.order_by("id").values_list("id", "agent_id")[:limit])
+    if not alerts:
+        return 0
+    agent_ids = {agent_id for _, agent_id in alerts}
+    webhooks = list(
+        WebhookEndpoint.objects.filter(enabled=True)
+        .filter(Q(agent_id__in=agent_ids) | Q(agent__isnull=True))
+        .order_by("id")
+        .values_list("id", "agent_id", "url")
+    )
+    agent_emails = dict(
+        AlertSettings.objects.filter(agent_id__in=agent_ids)
+        .exclude(email="")
+        .values_list("agent_id", "email")
+    )
+    global_emails = _global_alert_emails()
+    deliveries = []
+    for alert_id, agent_id in alerts:
+        targets: set[tuple[str, str]] = set()
+        for webhook_id, webhook_agent_id, url in webhooks:
+            if webhook_agent_id in (None, agent_id) and (AlertDelivery.Channel.WEBHOOK, url) not in targets:
+                targets.add((AlertDelivery.Channel.WEBHOOK, url))
+                deliveries.append(
+                    AlertDelivery(
+                        alert_id=alert_id,
+                        channel=AlertDelivery.Channel.WEBHOOK,
+                        webhook_id=webhook_id,
+                        target=url,
+                        next_attempt_at=now,
+                    )
+                )
+        for address in [agent_emails.get(agent_id), *global_emails]:
+            if address and (AlertDelivery.Channel.EMAIL, address) not in targets:
+                targets.add((AlertDelivery.Channel.EMAIL, address))
+                deliveries.append(
+                    AlertDelivery(
+                        alert_id=alert_id,
+                        channel=AlertDelivery.Channel.EMAIL,
+                        target=address,
+                        next_attempt_at=now,
+                    )
+                )
+    with transaction.atomic():
+        if deliveries:
+            AlertDelivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+        Alert.objects.filter(pk__in=[alert_id for alert_id, _ in alerts], delivery_queued_at=None).update(
+            delivery_queued_at=now
+        )
+    return len(deliveries)
+
+
+# --- Budgets --------------------------------------------------------------------------------------------
+
+
+def budget_severity(threshold: int) -> str:
+    if threshold >= 100:
+        return Severity.CRITICAL
+    if threshold >= 80:
+        return Severity.WARNING
+    return Severity.INFO
+
+
+def budget_thresholds_clean(value) -> list[int]:
+    """The usable thresholds of a stored setting: whole percentages in range, sorted, without repeats.
+    An empty list is an agent's way of opting out of budget alerts."""
+    if not isinstance(value, list | tuple):
+        return list(DEFAULT_BUDGET_THRESHOLDS)
+    return sorted(
+        {
+            item
+            for item in value
+            if isinstance(item, int) and not isinstance(item, bool) and THRESHOLD_MIN <= item <= THRESHOLD_MAX
+        }
+    )
+
+
+def budget_sweep(*, now: dt.datetime | None = None) -> int:
+    """Alert once per agent, threshold and period when this period's spend reaches a budget threshold.
+
+    Set-based: the spend of every agent with a budget (``quotas.spent_usd``), every agent's thresholds and
+    the existing alerts are one query each, whatever the number of agents. Returns the alerts created.
+    """
+    now = now or timezone.now()
+    period_start, _ = month_bounds(now)
+    utilization = budget_utilization(now=now)
+    if not utilization:
+        return 0
+    thresholds = dict(
+        AlertSettings.objects.filter(agent_id__in=list(utilization)).values_list(
+            "agent_id", "budget_thresholds"
+        )
+    )
+    alerts = []
+    for agent_id, row in utilization.items():
+        spent, budget = row["spent_usd"], row["budget_usd"]
+        for threshold in budget_thresholds_clean(thresholds.get(agent_id, DEFAULT_BUDGET_THRESHOLDS)):
+            # Compared exactly, not on the rounded percent: 49.996% has not reached 50%.
+            if spent * 100 < budget * threshold:
+                continue
+            alerts.append(
+                Alert(
+                    agent_id=agent_id,
+                    kind=Alert.Kind.BUDGET,
+                    severity=budget_severity(threshold),
+                    title=f"Budget {threshold}% reached",
+                    message=(
+                        f"Agent {agent_id} has spent ${spent.quantize(CENT)} of its ${budget} monthly budget "
+                        f"({row['percent']}%) in {period_start:%B %Y}."
+                    ),
+                    data={
+                        "threshold": threshold,
+                        "percent": str(row["percent"]),
+                        "spent_usd": str(spent.quantize(COST_QUANTUM)),
+                        "budget_usd": str(budget),
+                        "period_start": period_start.isoformat(),
+                    },
+                    dedup_key=f"budget:{agent_id}:{period_start:%Y-%m}:{threshold}",
+                )
+            )
+    return alerts_create(alerts=alerts, now=now)
+
+
+# --- Cost spikes ----------------------------------------------------------------------------------------
+
+
+def cost_spike_sweep(
+    *, now: dt.datetime | None = None, ratio_threshold: Decimal = DEFAULT_SPIKE_RATIO
+) -> int:
+    """Alert when an agent's last hour cost ``ratio_threshold`` times (or more) its average hour over the
+    24 hours before. At most one alert per agent per clock hour. Returns the alerts created."""
+    now = now or timezone.now()
+    hour = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    alerts = []
+    for agent_id, row in cost_spike_ratio(now=now).items():
+        if row["ratio"] < ratio_threshold:
+            continue
+        alerts.append(
+            Alert(
+                agent_id=agent_id,
+                kind=Alert.Kind.COST_SPIKE,
+                severity=Severity.WARNING,
+                title=f"Cost spike: {row['ratio']}x the usual hourly spend",
+                message=(
+                    f"Agent {agent_id} spent ${row['last_hour_usd'].quantize(CENT)} in the last hour, "
+                    f"{row['ratio']} times its average of ${row['baseline_hourly_usd'].quantize(SUB_CENT)} "
+                    f"an hour over the {SPIKE_BASELINE_HOURS} hours before."
+                ),
+                data={
+                    "ratio": str(row["ratio"]),
+                    "ratio_threshold": str(ratio_threshold),
+                    "last_hour_usd": str(row["last_hour_usd"].quantize(COST_QUANTUM)),
+                    "baseline_hourly_usd": str(row["baseline_hourly_usd"].quantize(COST_QUANTUM)),
+                    "hour": hour.isoformat(),
+                },
+                dedup_key=f"cost_spike:{agent_id}:{hour:%Y-%m-%dT%H}",
+            )
+        )
+    return alerts_create(alerts=alerts, now=now)
+
+
+# --- Delivery -------------------------------------------------------------------------------------------
+
+
+def delivery_backoff(attempts: int) -> dt.timedelta:
+    """How long to wait after the ``attempts``-th failed attempt: 30 s, 1 min, 2 min, ... capped at 1 h."""
+    return min(BACKOFF_BASE * 2 ** max(attempts - 1, 0), BACKOFF_CAP)
+
+
+def _due(now: dt.datetime) -> Q:
+    return Q(status=AlertDelivery.Status.PENDING, attempts__lt=MAX_ATTEMPTS) & (
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
+    )
+
+
+def alert_payload(alert: Alert) -> dict:
+    return {
+        "id": alert.pk,
+        "agent_id": alert.agent_id,
+        "kind": alert.kind,
+        "severity": alert.severity,
+        "title": alert.title,
+        "message": alert.message,
+        "data": alert.data,
+        "created_at": alert.created_at.isoformat(),
+    }
+
+
+def _send(delivery: AlertDelivery) -> WebhookResult:
+    alert = delivery.alert
+    if delivery.channel == AlertDelivery.Channel.EMAIL:
+        try:
+            send_mail(
+                subject=f"[Axiom {alert.severity}] {alert.agent_id}: {alert.title}"[:200],
+                message=f"{alert.message}\n\nAlert {alert.pk} ({alert.kind}), {alert.created_at.isoformat()}",
+                from_email=None,
+                recipient_list=[delivery.target],
+            )
+        except Exception as exc:  # SMTP and backend errors vary; each is one failed attempt
+            return WebhookResult(ok=False, status_code=None, error=f"{type(exc).__name__}: {exc}"[:500])
+        return WebhookResult(ok=True, status_code=None)
+    webhook = delivery.webhook
+    if webhook is None:
+        return WebhookResult(ok=False, status_code=None, error="the webhook endpoint was deleted")
+    if not webhook.enabled:
+        return WebhookResult(ok=False, status_code=None, error="the webhook endpoint is disabled")
+    # The endpoint's current URL and secret: a rotated secret applies to the retries too.
+    return webhook_post(url=webhook.url, secret=webhook.secret, payload=alert_payload(alert))
+
+
+def _delivery_attempt(delivery: AlertDelivery, *, now: dt.datetime) -> str | None:
+    """Claim the next attempt, send, record. Returns the new status, or None when another worker claimed
+    the attempt first (or it is not due)."""
+    attempt = delivery.attempts + 1
+    # The claim also moves next_attempt_at to when a retry would be due: it is the lease that keeps other
+    # workers off this row while it is in flight, and the retry time if this worker dies mid-send.
+    claimed = (
+        AlertDelivery.objects.filter(_due(now), pk=delivery.pk, attempts=delivery.attempts).update(
+            attempts=attempt, next_attempt_at=now + delivery_backoff(attempt)
+        )
+        == 1
+    )
+    if not claimed:
+        return None
+    result = _send(delivery)
+    this_attempt = AlertDelivery.objects.filter(pk=delivery.pk, attempts=attempt)
+    if result.ok:
+        status = AlertDelivery.Status.DELIVERED
+        this_attempt.update(
+            status=status,
+            delivered_at=now,
+            next_attempt_at=None,
+            last_status_code=result.status_code,
+            last_error="",
+        )
+    elif attempt >= MAX_ATTEMPTS:
+        status = AlertDelivery.Status.FAILED
+        this_attempt.update(
+            status=status, next_attempt_at=None, last_status_code=result.status_code, last_error=result.error
+        )
+    else:
+        status = AlertDelivery.Status.PENDING
+        this_attempt.update(last_status_code=result.status_code, last_error=result.error)
+    if status != AlertDelivery.Status.DELIVERED:
+        logger.info("alert delivery %s attempt %s failed: %s", delivery.pk, attempt, result.error)
+    return status
+
+
+def alert_delivery_attempt(*, delivery_id: int, now: dt.datetime | None = None) -> str | None:
+    """Attempt one delivery now if it is due (for a task that targets one row)."""
+    now = now or timezone.now()
+    delivery = (
+        AlertDelivery.objects.select_related("alert", "webhook").filter(_due(now), pk=delivery_id).first()
+    )
+    if delivery is None:
+        return None
+    return _delivery_attempt(delivery, now=now)
+
+
+def alerts_deliver(*, now: dt.datetime | None = None, limit: int = DELIVERY_BATCH_SIZE) -> int:
+    """Fan out alerts not fanned out yet, then attempt every due delivery (oldest due first, up to
+    ``limit``). Returns how many were delivered.
+
+    The due rows are one query for any number of agents; the sends are one per delivery, by nature.
+    """
+    now = now or timezone.now()
+    alerts_fan_out(now=now)
+    # A worker that died during a last attempt leaves it pending with no attempts left: close it.
+    AlertDelivery.objects.filter(
+        status=AlertDelivery.Status.PENDING, attempts__gte=MAX_ATTEMPTS, next_attempt_at__lte=now
+    ).update(status=AlertDelivery.Status.FAILED, next_attempt_at=None)
+    due = list(
+        AlertDelivery.objects.filter(_due(now))
+        .select_related("alert", "webhook")
+        .order_by("next_attempt_at", "id")[:limit]
+    )
+    deadline = time.monotonic() + DELIVERY_TIME_BUDGET_SECONDS
+    delivered = 0
+    for delivery in due:
+        if time.monotonic() > deadline:
+            break
+        delivered += _delivery_attempt(delivery, now=now) == AlertDelivery.Status.DELIVERED
+    return delivered
+
+
+# --- Acknowledgement and settings -----------------------------------------------------------------------
+
+
+def alert_acknowledge(*, alert: Alert, actor: str, now: dt.datetime | None = None) -> Alert:
+    """Mark the alert as seen by ``actor``. Idempotent: the first acknowledgement is the one kept."""
+    Alert.objects.filter(pk=alert.pk, acknowledged_at=None).update(
+        acknowledged_at=now or timezone.now(), acknowledged_by=actor[:150]
+    )
+    alert.refresh_from_db(fields=["acknowledged_at", "acknowledged_by"])
+    return alert
+
+
+def alerts_acknowledge(*, alert_ids: Iterable[int], actor: str, now: dt.datetime | None = None) -> int:
+    """Acknowledge many alerts in one UPDATE; those already acknowledged keep their first acknowledgement."""
+    return Alert.objects.filter(pk__in=list(alert_ids), acknowledged_at=None).update(
+        acknowledged_at=now or timezone.now(), acknowledged_by=actor[:150]
+    )
+
+
+def alert_settings_get(*, agent: Agent) -> AlertSettings:
+    """The agent's settings, or unsaved defaults when it has none."""
+    return AlertSettings.objects.filter(agent=agent).first() or AlertSettings(agent=agent)
+
+
+def alert_settings_update(
+    *, agent: Agent, budget_thresholds: list[int] | None = None, email: str | None = None
+) -> AlertSettings:
+    changes: dict = {}
+    if budget_thresholds is not None:
+        if not all(
+            isinstance(item, int) and not isinstance(item, bool) and THRESHOLD_MIN <= item <= THRESHOLD_MAX
+            for item in budget_thresholds
+        ):
+            raise LedgerError(
+                f"budget thresholds are whole percentages from {THRESHOLD_MIN} to {THRESHOLD_MAX}",
+                code="invalid_thresholds",
+            )
+        changes["budget_thresholds"] = sorted(set(budget_thresholds))
+    if email is not None:
+        changes["email"] = email
+    settings_row, _ = AlertSettings.objects.update_or_create(agent=agent, defaults=changes)
+    return settings_row

@@ -1,0 +1,719 @@
+"""Budgets and alerts: the budget sweep, cost spikes, signed webhook delivery with retries, email, the alert
+API and admin, and the periodic tasks that must create nothing twice."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.core import mail
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from allocation.services import allocation_create
+from ledger.models import Agent, Quota
+from ledger.periods import UTC
+from ledger.services import agent_create, quota_open
+from optimization.models import Alert, AlertDelivery, AlertSettings, WebhookEndpoint
+from optimization.services import alerts as alert_services
+from optimization.services.alerts import (
+    MAX_ATTEMPTS,
+    alert_acknowledge,
+    alerts_deliver,
+    budget_sweep,
+    cost_spike_sweep,
+    delivery_backoff,
+)
+from optimization.services.rules import rules_evaluate
+from optimization.tasks import alerts as alert_tasks
+
+pytest.register_assert_rewrite("tests.api_fixtures")
+from tests.api_fixtures import assert_error  # noqa: E402
+
+pytestmark = pytest.mark.django_db
+pytest_plugins = ["tests.api_fixtures"]
+
+NOW = dt.datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
+SECRET = "whsec-test-0123456789"
+
+
+# --- Helpers --------------------------------------------------------------------------------------------
+
+
+def budget_agent(agent_id: str, *, budget: str | None = "100.00", spent: str = "0", at=NOW) -> Agent:
+    """An agent whose period spend (``quotas.spent_usd``) is exactly ``spent`` dollars."""
+    agent = agent_create(
+        agent_id=agent_id, tier_code="PRO", monthly_budget_usd=Decimal(budget) if budget else None
+    )
+    quota = quota_open(agent=agent, resource_type_id="AI_TOKENS", at=at)
+    Quota.objects.filter(pk=quota.pk).update(spent_usd=Decimal(spent))
+    return agent
+
+
+def alert_keys(**filters) -> set[str]:
+    return set(Alert.objects.filter(**filters).values_list("dedup_key", flat=True))
+
+
+@contextmanager
+def sqlite_real_variable_limit():
+    """Django assumes SQLite's old limit of 999 variables and splits a bulk INSERT into batches of
+    999 // columns rows; SQLite has allowed 32,766 since 3.32. Using the real limit keeps a bulk insert one
+    statement, so the query counts below measure queries per agent, not insert batch sizes. A no-op on
+    PostgreSQL, which has no such limit."""
+    if connection.vendor != "sqlite":
+        yield
+        return
+    limit = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    features = connection.features
+    original = features.max_query_params
+    features.max_query_params = limit
+    try:
+        yield
+    finally:
+        features.max_query_params = original
+
+
+class WebhookReceiver:
+    """A local HTTP server that records every POST and answers with the planned statuses (then 200)."""
+
+    def __init__(self, statuses: list[int] | None = None, *, max_requests: int = 100):
+        self.statuses = list(statuses or [])
+        self.requests: list[dict] = []
+        self.max_requests = max_requests
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    over = len(receiver.requests) > receiver.max_requests
+                    status = 429 if over else (receiver.statuses.pop(0) if receiver.statuses else 200)
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/axiom"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.daemon = True
+
+    def __enter__(self) -> WebhookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def receiver():
+    with WebhookReceiver() as running:
+        yield running
+
+
+def signature_of(request: dict, secret: str = SECRET) -> str:
+    timestamp = request["headers"]["X-Axiom-Timestamp"]
+    message = f"{timestamp}.{request['body'].decode()}".encode()
+    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+# --- Budget sweep ---------------------------------------------------------------------------------------
+
+
+def test_budget_sweep_alerts_at_exactly_each_threshold_reached(reference_data):
+    budget_agent("under", spent="49.99")
+    budget_agent("half", spent="50.00")
+    budget_agent("eighty", spent="80.00")
+    budget_agent("ninety-nine", spent="99.99")
+    budget_agent("over", spent="130.00")
+    budget_agent("no-budget", budget=None, spent="1000.00")
+    custom = budget_agent("custom", spent="30.00")
+    AlertSettings.objects.create(agent=custom, budget_thresholds=[25, 75])
+
+    assert budget_sweep(now=NOW) == 1 + 2 + 3 + 4 + 1
+
+    assert alert_keys() == {
+        "budget:half:2025-06:50",
+        "budget:eighty:2025-06:50",
+        "budget:eighty:2025-06:80",
+        "budget:ninety-nine:2025-06:50",
+        "budget:ninety-nine:2025-06:80",
+        "budget:ninety-nine:2025-06:90",
+        "budget:over:2025-06:50",
+        "budget:over:2025-06:80",
+        "budget:over:2025-06:90",
+        "budget:over:2025-06:100",
+        "budget:custom:2025-06:25",
+    }
+    severities = dict(Alert.objects.filter(agent_id="over").values_list("dedup_key", "severity"))
+    assert severities == {
+        "budget:over:2025-06:50": "info",
+        "budget:over:2025-06:80": "warning",
+        "budget:over:2025-06:90": "warning",
+        "budget:over:2025-06:100": "critical",
+    }
+    alert = Alert.objects.get(dedup_key="budget:ninety-nine:2025-06:90")
+    assert alert.kind == "budget"
+    assert alert.title == "Budget 90% reached"
+    assert alert.data == {
+        "threshold": 90,
+        "percent": "99.99",
+        "spent_usd": "99.990000000000",
+        "budget_usd": "100.00",
+        "period_start": "2025-06-01T00:00:00+00:00",
+    }
+    assert "$99.99 of its $100.00 monthly budget (99.99%) in June 2025" in alert.message
+
+
+def test_budget_sweep_run_twice_creates_nothing_twice_and_alerts_again_next_period(reference_data):
+    agent = budget_agent("twice", spent="85.00")
+    assert budget_sweep(now=NOW) == 2
+    assert budget_sweep(now=NOW + dt.timedelta(minutes=1)) == 0
+    assert Alert.objects.count() == 2
+
+    # More spend crosses the next threshold only.
+    Quota.objects.filter(agent=agent).update(spent_usd=Decimal("91"))
+    assert budget_sweep(now=NOW + dt.timedelta(minutes=2)) == 1
+    assert alert_keys() == {f"budget:twice:2025-06:{t}" for t in (50, 80, 90)}
+
+    # A new month is a new period: its own spend, its own alerts.
+    july = dt.datetime(2025, 7, 1, 0, 5, tzinfo=UTC)
+    quota = quota_open(agent=agent, resource_type_id="AI_TOKENS", at=july)
+    Quota.objects.filter(pk=quota.pk).update(spent_usd=Decimal("50"))
+    assert budget_sweep(now=july) == 1
+    assert "budget:twice:2025-07:50" in alert_keys()
+
+
+def test_budget_sweep_ignores_invalid_threshold_settings_and_allows_opting_out(reference_data):
+    quiet = budget_agent("quiet", spent="100")
+    odd = budget_agent("odd", spent="100")
+    AlertSettings.objects.create(agent=quiet, budget_thresholds=[])
+    AlertSettings.objects.create(agent=odd, budget_thresholds=[0, "50", True, 60, 60, 2000])
+    assert budget_sweep(now=NOW) == 1
+    assert alert_keys() == {"budget:odd:2025-06:60"}
+
+
+def _budget_fleet(count: int, prefix: str) -> None:
+    for i in range(count):
+        budget_agent(f"{prefix}-{i:03d}", spent="95.00")
+
+
+def test_budget_sweep_query_count_does_not_grow_with_agents(reference_data):
+    WebhookEndpoint.objects.create(url="http://127.0.0.1:9/hook", secret=SECRET)  # a global webhook
+    counts = []
+    for count, prefix in ((10, "small"), (200, "large")):
+        Alert.objects.all().delete()
+        Agent.objects.exclude(id__startswith=prefix).update(monthly_budget_usd=None)
+        _budget_fleet(count, prefix)
+        with sqlite_real_variable_limit(), CaptureQueriesContext(connection) as ctx:
+            assert budget_sweep(now=NOW) == 3 * count
+        counts.append(len(ctx.captured_queries))
+        assert AlertDelivery.objects.count() == 3 * count
+    assert counts[0] == counts[1], counts
+
+
+def test_budget_sweep_enqueues_delivery_after_commit_only_when_it_created_alerts(
+    reference_data, django_capture_on_commit_callbacks, monkeypatch
+):
+    sent = []
+    monkeypatch.setattr(alert_tasks.alerts_deliver_task, "delay", lambda: sent.append("deliver"))
+    budget_agent("enqueued", spent="60")
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        assert budget_sweep(now=NOW) == 1
+    assert len(callbacks) == 1
+    assert sent == ["deliver"]
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        assert budget_sweep(now=NOW) == 0
+    assert callbacks == []
+    assert sent == ["deliver"]
+
+
+def test_a_broker_that_is_down_loses_no_alert(
+    reference_data, django_capture_on_commit_callbacks, monkeypatch
+):
+    def broker_down():
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(alert_tasks.alerts_deliver_task, "delay", broker_down)
+    budget_agent("brokerless", spent="60")
+    AlertSettings.objects.create(agent_id="brokerless", email="ops@example.com")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert budget_sweep(now=NOW) == 1
+    delivery = AlertDelivery.objects.get()
+    assert delivery.status == "pending"
+    assert alerts_deliver(now=NOW) == 1  # the periodic task delivers it
+
+
+# --- Cost spikes ----------------------------------------------------------------------------------------
+
+SPIKE_NOW = dt.datetime(2025, 6, 15, 12, 55, tzinfo=UTC)
+
+
+def _spend_history(agent_id: str, *, last_hour_requests: int) -> Agent:
+    """$1 an hour for the 24 hours before the last hour, then ``last_hour_requests`` at $0.001 each."""
+    agent = agent_create(agent_id=agent_id, tier_code="CUSTOM", custom_limits={"NETWORK_REQS": 10**9})
+    for hour in range(24):
+        allocation_create(
+            agent=agent,
+            resource_type_id="NETWORK_REQS",
+            amount=1_000,
+            now=SPIKE_NOW - dt.timedelta(hours=1, minutes=30) - dt.timedelta(hours=hour),
+        )
+    if last_hour_requests:
+        allocation_create(
+            agent=agent,
+            resource_type_id="NETWORK_REQS",
+            amount=last_hour_requests,
+            now=SPIKE_NOW - dt.timedelta(minutes=20),
+        )
+    return agent
+
+
+def test_cost_spike_alerts_at_three_times_the_baseline_once_per_hour(reference_data):
+    _spend_history("spiking", last_hour_requests=3_000)  # $3.00 against $1.00 an hour
+    _spend_history("busy", last_hour_requests=2_990)  # $2.99: 2.99x, below the threshold
+    newcomer = agent_create(agent_id="newcomer", tier_code="PRO")
+    allocation_create(agent=newcomer, resource_type_id="NETWORK_REQS", amount=5_000, now=SPIKE_NOW)
+
+    assert cost_spike_sweep(now=SPIKE_NOW) == 1
+    alert = Alert.objects.get()
+    assert (alert.agent_id, alert.kind, alert.severity) == ("spiking", "cost_spike", "warning")
+    assert alert.dedup_key == "cost_spike:spiking:2025-06-15T12"
+    assert alert.data == {
+        "ratio": "3.00",
+        "ratio_threshold": "3",
+        "last_hour_usd": "3.000000000000",
+        "baseline_hourly_usd": "1.000000000000",
+        "hour": "2025-06-15T12:00:00+00:00",
+    }
+    assert alert.message == (
+        "Agent spiking spent $3.00 in the last hour, 3.00 times its average of $1.0000 an hour "
+        "over the 24 hours before."
+    )
+
+    # The same hour again: nothing new. The next clock hour, with the spike still in the window: again.
+    assert cost_spike_sweep(now=SPIKE_NOW + dt.timedelta(minutes=4)) == 0
+    assert cost_spike_sweep(now=SPIKE_NOW + dt.timedelta(minutes=10)) == 1
+    assert alert_keys() == {"cost_spike:spiking:2025-06-15T12", "cost_spike:spiking:2025-06-15T13"}
+    # A lower threshold catches the busy agent too.
+    assert cost_spike_sweep(now=SPIKE_NOW, ratio_threshold=Decimal("2.5")) == 1
+    assert "cost_spike:busy:2025-06-15T12" in alert_keys()
+
+
+# --- Delivery -------------------------------------------------------------------------------------------
+
+
+def _alert_with_webhook(url: str, *, agent_id: str = "hooked") -> Alert:
+    agent = budget_agent(agent_id, spent="50")
+    WebhookEndpoint.objects.create(agent=agent, url=url, secret=SECRET)
+    assert budget_sweep(now=NOW) == 1
+    return Alert.objects.get(agent=agent)
+
+
+def test_webhook_is_signed_retried_with_backoff_and_delivered_once(reference_data, receiver):
+    receiver.statuses = [500]  # the first request fails, the second is accepted
+    alert = _alert_with_webhook(receiver.url)
+    delivery = AlertDelivery.objects.get()
+    assert (delivery.channel, delivery.target, delivery.status) == ("webhook", receiver.url, "pending")
+
+    assert alerts_deliver(now=NOW) == 0
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("pending", 1, 500)
+    assert delivery.last_error == "HTTP 500 Internal Server Error"
+    assert delivery.next_attempt_at == NOW + dt.timedelta(seconds=30)
+
+    assert alerts_deliver(now=NOW + dt.timedelta(seconds=29)) == 0  # not due yet: nothing is sent
+    assert len(receiver.requests) == 1
+
+    assert alerts_deliver(now=NOW + dt.timedelta(seconds=30)) == 1
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("delivered", 2, 200)
+    assert delivery.delivered_at == NOW + dt.timedelta(seconds=30)
+    assert delivery.next_attempt_at is None
+    assert delivery.last_error == ""
+
+    assert alerts_deliver(now=NOW + dt.timedelta(hours=2)) == 0  # delivered once, never again
+    assert len(receiver.requests) == 2
+    for request in receiver.requests:
+        assert request["path"] == "/hooks/axiom"
+        assert request["headers"]["Content-Type"] == "application/json"
+        assert request["headers"]["X-Axiom-Signature"] == signature_of(request)
+        assert request["headers"]["X-Axiom-Signature"] != signature_of(request, secret="another-secret")
+        assert abs(int(request["headers"]["X-Axiom-Timestamp"]) - timezone.now().timestamp()) < 60
+    body = json.loads(receiver.requests[1]["body"])
+    assert body == {
+        "id": alert.pk,
+        "agent_id": "hooked",
+        "kind": "budget",
+        "severity": "info",
+        "title": "Budget 50% reached",
+        "message": alert.message,
+        "data": alert.data,
+        "created_at": alert.created_at.isoformat(),
+    }
+
+
+def test_a_receiver_that_always_fails_ends_failed_after_the_maximum_attempts(reference_data):
+    with WebhookReceiver(statuses=[503] * 20) as failing:
+        _alert_with_webhook(failing.url)
+        at = NOW
+        waits = []
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            assert alerts_deliver(now=at) == 0
+            delivery = AlertDelivery.objects.get()
+            assert delivery.attempts == attempt
+            if attempt < MAX_ATTEMPTS:
+                waits.append(delivery.next_attempt_at - at)
+                at = delivery.next_attempt_at
+        assert waits == [dt.timedelta(seconds=s) for s in (30, 60, 120, 240, 480)]
+        assert (delivery.status, delivery.last_status_code, delivery.next_attempt_at) == ("failed", 503, None)
+        assert alerts_deliver(now=at + dt.timedelta(days=1)) == 0
+        assert len(failing.requests) == MAX_ATTEMPTS
+
+
+def test_backoff_doubles_from_thirty_seconds_and_is_capped_at_an_hour():
+    assert [delivery_backoff(n).total_seconds() for n in range(1, 10)] == [
+        30,
+        60,
+        120,
+        240,
+        480,
+        960,
+        1920,
+        3600,
+        3600,
+    ]
+
+
+def test_an_unreachable_receiver_records_the_error_without_a_status_code(reference_data):
+    with WebhookReceiver() as closed:
+        url = closed.url
+    _alert_with_webhook(url)  # the server is shut down: connection refused
+    assert alerts_deliver(now=NOW) == 0
+    delivery = AlertDelivery.objects.get()
+    assert (delivery.attempts, delivery.last_status_code, delivery.status) == (1, None, "pending")
+    assert "refused" in delivery.last_error.lower() or "error" in delivery.last_error.lower()
+
+
+def test_a_stale_copy_of_a_delivery_cannot_send_the_same_attempt(reference_data, receiver):
+    _alert_with_webhook(receiver.url)
+    first = AlertDelivery.objects.select_related("alert", "webhook").get()
+    second = AlertDelivery.objects.select_related("alert", "webhook").get()  # another worker's read
+    assert alert_services._delivery_attempt(first, now=NOW) == "delivered"
+    assert alert_services._delivery_attempt(second, now=NOW) is None
+    assert len(receiver.requests) == 1
+    assert AlertDelivery.objects.get().attempts == 1
+
+
+def test_alerts_fan_out_to_agent_and_global_webhooks_and_emails(reference_data, settings, receiver):
+    settings.ALERT_EMAILS = ["oncall@example.com"]
+    agent = budget_agent("fanned", spent="50")
+    other = budget_agent("other", spent="0")
+    AlertSettings.objects.create(agent=agent, email="owner@example.com")
+    WebhookEndpoint.objects.create(agent=agent, url=receiver.url, secret=SECRET)
+    WebhookEndpoint.objects.create(agent=None, url=receiver.url + "/global", secret="global-secret-123")
+    WebhookEndpoint.objects.create(agent=agent, url=receiver.url + "/off", secret=SECRET, enabled=False)
+    WebhookEndpoint.objects.create(agent=other, url=receiver.url + "/other", secret=SECRET)
+
+    assert budget_sweep(now=NOW) == 1
+    assert set(AlertDelivery.objects.values_list("channel", "target")) == {
+        ("webhook", receiver.url),
+        ("webhook", receiver.url + "/global"),
+        ("email", "owner@example.com"),
+        ("email", "oncall@example.com"),
+    }
+    assert alerts_deliver(now=NOW) == 4
+    assert set(AlertDelivery.objects.values_list("status", flat=True)) == {"delivered"}
+    assert sorted(message.to[0] for message in mail.outbox) == ["oncall@example.com", "owner@example.com"]
+    assert mail.outbox[0].subject == "[Axiom info] fanned: Budget 50% reached"
+    assert "$50.00 of its $100.00 monthly budget" in mail.outbox[0].body
+    by_path = {request["path"]: request for request in receiver.requests}
+    assert set(by_path) == {"/hooks/axiom", "/hooks/axiom/global"}
+    assert by_path["/hooks/axiom/global"]["headers"]["X-Axiom-Signature"] == signature_of(
+        by_path["/hooks/axiom/global"], secret="global-secret-123"
+    )
+
+
+def test_alerts_created_elsewhere_are_fanned_out_by_the_periodic_delivery(reference_data):
+    agent = budget_agent("scaled")
+    AlertSettings.objects.create(agent=agent, email="owner@example.com")
+    Alert.objects.create(
+        agent=agent, kind="scaling", severity="info", title="Scaled up", message="1 -> 2", dedup_key="s:1"
+    )
+    assert alerts_deliver(now=NOW) == 1
+    assert [message.to for message in mail.outbox] == [["owner@example.com"]]
+    assert Alert.objects.get().delivery_queued_at == NOW
+
+
+def test_email_that_fails_is_retried(reference_data, settings):
+    settings.EMAIL_BACKEND = "tests.test_alerts.FailingEmailBackend"
+    agent = budget_agent("mailer", spent="50")
+    AlertSettings.objects.create(agent=agent, email="owner@example.com")
+    budget_sweep(now=NOW)
+    assert alerts_deliver(now=NOW) == 0
+    delivery = AlertDelivery.objects.get()
+    assert (delivery.status, delivery.attempts) == ("pending", 1)
+    assert delivery.last_error == "OSError: SMTP server unreachable"
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    assert alerts_deliver(now=delivery.next_attempt_at) == 1
+    assert len(mail.outbox) == 1
+
+
+class FailingEmailBackend:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def send_messages(self, messages):
+        raise OSError("SMTP server unreachable")
+
+
+# --- Periodic tasks -------------------------------------------------------------------------------------
+
+
+def test_every_periodic_alert_task_run_twice_creates_nothing_twice(reference_data, receiver):
+    now = timezone.now()
+    agent = budget_agent("periodic", spent="95", at=now)
+    WebhookEndpoint.objects.create(agent=agent, url=receiver.url, secret=SECRET)
+    AlertSettings.objects.create(agent=agent, email="owner@example.com")
+    # Spend the last hour at ten times the baseline, so that the cost spike sweep has work too.
+    custom = agent_create(agent_id="spiky", tier_code="CUSTOM", custom_limits={"NETWORK_REQS": 10**9})
+    allocation_create(
+        agent=custom, resource_type_id="NETWORK_REQS", amount=240, now=now - dt.timedelta(hours=3)
+    )
+    allocation_create(
+        agent=custom, resource_type_id="NETWORK_REQS", amount=100, now=now - dt.timedelta(minutes=1)
+    )
+
+    assert alert_tasks.budget_sweep_task() == 3
+    assert alert_tasks.budget_sweep_task() == 0
+    assert alert_tasks.cost_spike_sweep_task() == 1
+    assert alert_tasks.cost_spike_sweep_task() == 0
+    first = alert_tasks.rules_evaluate_task()
+    second = alert_tasks.rules_evaluate_task()
+    assert first["alerts"] == second["alerts"] == 0  # the seed rules' durations have not passed
+    assert alert_tasks.alerts_deliver_task() == 3 * 2  # a webhook and an email for each budget alert
+    assert alert_tasks.alerts_deliver_task() == 0
+    assert Alert.objects.count() == 4
+    assert len(receiver.requests) == 3
+    assert len(mail.outbox) == 3
+    delivery = AlertDelivery.objects.filter(channel="email").first()
+    assert alert_tasks.alert_delivery_task(delivery.pk) is None  # already delivered: nothing to do
+
+
+def test_alert_tasks_have_the_scheduled_names():
+    from optimization.schedules import SCHEDULES
+
+    scheduled = {task for _, task, _, _ in SCHEDULES}
+    names = {getattr(alert_tasks, name).name for name in alert_tasks.__all__}
+    assert {
+        "optimization.budget_sweep",
+        "optimization.rules_evaluate",
+        "optimization.cost_spike_sweep",
+        "optimization.alerts_deliver",
+    } <= scheduled & names
+    assert "optimization.alert_delivery" in names
+    assert alert_tasks.budget_sweep_task.acks_late is True
+
+
+# --- API ------------------------------------------------------------------------------------------------
+
+
+def _alerts_for(agent: Agent, count: int) -> list[Alert]:
+    return [
+        Alert.objects.create(
+            agent=agent,
+            kind="budget",
+            severity="info",
+            title=f"alert {i}",
+            message="m",
+            dedup_key=f"{agent}:{i}",
+        )
+        for i in range(count)
+    ]
+
+
+def test_api_lists_open_alerts_newest_first_and_filters_by_status(agent_a):
+    alerts = _alerts_for(agent_a.agent, 3)
+    alert_acknowledge(alert=alerts[0], actor="someone")
+    url = reverse("optimization:alerts", args=[agent_a.id])
+
+    response = agent_a.client.get(url)
+    assert response.status_code == 200
+    assert [row["id"] for row in response.json()["results"]] == [alerts[2].pk, alerts[1].pk]
+    assert response.json()["results"][0]["status"] == "open"
+
+    acknowledged = agent_a.client.get(url, {"status": "acknowledged"}).json()["results"]
+    assert [(row["id"], row["acknowledged_by"]) for row in acknowledged] == [(alerts[0].pk, "someone")]
+    everything = agent_a.client.get(url, {"status": "all", "page_size": 2}).json()
+    assert [row["id"] for row in everything["results"]] == [alerts[2].pk, alerts[1].pk]
+    assert everything["next"]
+    assert [row["id"] for row in agent_a.client.get(everything["next"]).json()["results"]] == [alerts[0].pk]
+
+    assert_error(agent_a.client.get(url, {"status": "closed"}), 400, "validation_error")
+
+
+def test_api_acknowledge_is_idempotent_and_keeps_the_first_acknowledgement(agent_a, operator_client):
+    (alert,) = _alerts_for(agent_a.agent, 1)
+    url = reverse("optimization:alert-acknowledge", args=[agent_a.id, alert.pk])
+
+    first = agent_a.client.post(url, {}, format="json")
+    assert first.status_code == 200
+    assert first.json()["status"] == "acknowledged"
+    assert first.json()["acknowledged_by"] == f"agent:{agent_a.id}"
+    again = operator_client.post(url, {}, format="json")
+    assert again.status_code == 200
+    assert again.json()["acknowledged_at"] == first.json()["acknowledged_at"]
+    assert again.json()["acknowledged_by"] == f"agent:{agent_a.id}"
+    assert agent_a.client.get(reverse("optimization:alerts", args=[agent_a.id])).json()["results"] == []
+    assert_error(agent_a.client.post(url, {"note": "x"}, format="json"), 400, "validation_error")
+
+
+def test_api_hides_another_agents_alerts(agent_a, agent_b):
+    (alert,) = _alerts_for(agent_a.agent, 1)
+    assert_error(agent_b.client.get(reverse("optimization:alerts", args=[agent_a.id])), 404, "not_found")
+    steal = reverse("optimization:alert-acknowledge", args=[agent_a.id, alert.pk])
+    assert_error(agent_b.client.post(steal, {}, format="json"), 404, "not_found")
+    # Its own URL with the other agent's alert id: not found either.
+    own = reverse("optimization:alert-acknowledge", args=[agent_b.id, alert.pk])
+    assert_error(agent_b.client.post(own, {}, format="json"), 404, "not_found")
+    alert.refresh_from_db()
+    assert alert.acknowledged_at is None
+    assert_error(
+        agent_b.client.get(reverse("optimization:alert-settings", args=[agent_a.id])), 404, "not_found"
+    )
+
+
+def test_api_reads_and_changes_alert_settings(agent_a):
+    url = reverse("optimization:alert-settings", args=[agent_a.id])
+    assert agent_a.client.get(url).json() == {
+        "agent_id": agent_a.id,
+        "budget_thresholds": [50, 80, 90, 100],
+        "email": "",
+    }
+    response = agent_a.client.put(
+        url, {"budget_thresholds": [95, 25, 25], "email": "me@example.com"}, format="json"
+    )
+    assert response.status_code == 200
+    assert response.json() == {
+        "agent_id": agent_a.id,
+        "budget_thresholds": [25, 95],
+        "email": "me@example.com",
+    }
+    assert AlertSettings.objects.get(agent=agent_a.agent).budget_thresholds == [25, 95]
+
+    for bad in (
+        {"budget_thresholds": []},
+        {"budget_thresholds": [0]},
+        {"budget_thresholds": [1001]},
+        {"budget_thresholds": ["50"]},
+        {"email": "not-an-email"},
+        {"colour": "red"},
+    ):
+        assert_error(agent_a.client.put(url, bad, format="json"), 400, "validation_error")
+    assert AlertSettings.objects.get(agent=agent_a.agent).budget_thresholds == [25, 95]
+
+
+# --- Admin ----------------------------------------------------------------------------------------------
+
+
+def test_admin_pages_render_and_mask_webhook_secrets(reference_data, admin_client_logged_in):
+    agent = budget_agent("admin-agent", spent="95")
+    AlertSettings.objects.create(agent=agent, email="owner@example.com")
+    WebhookEndpoint.objects.create(agent=agent, url="http://127.0.0.1:9/hook", secret="topsecret-value-42")
+    budget_sweep(now=NOW)
+    Quota.objects.filter(agent=agent, resource_type_id="AI_TOKENS").update(used=900_000)
+    assert rules_evaluate(now=NOW)["conditions_true"] == 2  # two rule states to show
+    for model in ("alert", "alertdelivery", "alertsettings", "webhookendpoint", "rulestate"):
+        changelist = admin_client_logged_in.get(reverse(f"admin:optimization_{model}_changelist"))
+        assert changelist.status_code == 200, model
+        assert b"topsecret-value-42" not in changelist.content
+    assert (
+        b"to\xe2\x80\xa2"
+        in admin_client_logged_in.get(reverse("admin:optimization_webhookendpoint_changelist")).content
+    )
+    alert = Alert.objects.first()
+    assert (
+        admin_client_logged_in.get(reverse("admin:optimization_alert_change", args=[alert.pk])).status_code
+        == 200
+    )
+    assert admin_client_logged_in.get(reverse("admin:optimization_alert_add")).status_code == 403
+    delivery = AlertDelivery.objects.first()
+    page = admin_client_logged_in.get(reverse("admin:optimization_alertdelivery_change", args=[delivery.pk]))
+    assert page.status_code == 200
+    assert b'name="status"' not in page.content  # read-only
+
+
+def test_admin_acknowledge_action_and_open_filter(reference_data, admin_client_logged_in, staff_user):
+    agent = budget_agent("acked", spent="95")
+    budget_sweep(now=NOW)
+    alerts = list(Alert.objects.filter(agent=agent).order_by("pk"))
+    alert_acknowledge(alert=alerts[0], actor="earlier")
+    url = reverse("admin:optimization_alert_changelist")
+    response = admin_client_logged_in.post(
+        url, {"action": "acknowledge", "_selected_action": [a.pk for a in alerts]}, follow=True
+    )
+    assert response.status_code == 200
+    assert "Acknowledged 2 alert(s)." in response.content.decode()
+    assert dict(Alert.objects.values_list("pk", "acknowledged_by")) == {
+        alerts[0].pk: "earlier",
+        alerts[1].pk: staff_user.username,
+        alerts[2].pk: staff_user.username,
+    }
+    assert admin_client_logged_in.get(url, {"open": "yes"}).context["cl"].result_count == 0
+    assert admin_client_logged_in.get(url, {"open": "no"}).context["cl"].result_count == 3
+
+
+def test_alert_changelist_makes_no_query_per_row(reference_data, admin_client_logged_in):
+    url = reverse("admin:optimization_alert_changelist")
+    agent = budget_agent("rows")
+    _alerts_for(agent, 1)
+    with CaptureQueriesContext(connection) as one_row:
+        assert admin_client_logged_in.get(url).status_code == 200
+    _alerts_for(budget_agent("more-rows"), 5)
+    with CaptureQueriesContext(connection) as six_rows:
+        assert admin_client_logged_in.get(url).status_code == 200
+    assert len(six_rows) == len(one_row)
+
+
+def test_admin_adds_a_webhook_endpoint(reference_data, admin_client_logged_in):
+    agent = budget_agent("hooked-in-admin")
+    response = admin_client_logged_in.post(
+        reverse("admin:optimization_webhookendpoint_add"),
+        {
+            "agent": agent.pk,
+            "url": "https://hooks.example.com/axiom",
+            "secret": "s3cret-s3cret",
+            "enabled": "on",
+        },
+    )
+    assert response.status_code == 302, response.content[:2000]
+    assert WebhookEndpoint.objects.get().url == "https://hooks.example.com/axiom"
+
+
+def test_openapi_schema_describes_the_alert_paths(client):
+    schema = client.get(reverse("schema"), {"format": "json"}).json()
+    for path in (
+        "/api/v1/agents/{agent_id}/alerts",
+        "/api/v1/agents/{agent_id}/alerts/{alert_id}/acknowledge",
+        "/api/v1/agents/{agent_id}/alert-settings",
+    ):
+        assert path in schema["paths"], path
