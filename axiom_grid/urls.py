@@ -18,9 +18,11 @@ def healthz(request):
 admin.site.site_header = "Axiom Energy Grid"
 admin.site.site_title = "Axiom Energy Grid"
 admin.site.index_title = "Back office"
+admin.site.site_url = "/dashboard/"  # the admin's "View site" link opens the resource monitor
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("dashboard/", include("optimization.dashboard.urls")),
     path("healthz", healthz, name="healthz"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

@@ -1,0 +1,253 @@
+"""What the resource monitor shows, assembled from the same selectors and services as the API.
+
+Every function returns plain JSON-ready data (money as strings), so the page's first render and its polling
+endpoint show exactly the same figures.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from django.db.models import Count, Sum
+from django.db.models.functions import TruncDate
+from django.urls import reverse
+from django.utils import timezone
+
+from ledger.models import Agent, Quota, ResourceType, Tier, UsageLog
+from ledger.money import CENT, COST_QUANTUM, percent
+from ledger.periods import month_bounds
+from ledger.services import quotas_open_all
+from optimization import selectors
+from optimization.models import Alert, ScalingEvent
+from optimization.services.analytics import efficiency_score
+from optimization.services.recommendations import recommendations_for
+from optimization.services.scaling import scaling_policy_resolve
+
+WARNING_PERCENT = Decimal("80")
+CRITICAL_PERCENT = Decimal("90")
+PERFORMANCE_WINDOW = dt.timedelta(hours=24)
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else f"{Decimal(value).quantize(COST_QUANTUM):f}"
+
+
+def _level(value: Decimal | None) -> str:
+    if value is None:
+        return "ok"
+    if value >= CRITICAL_PERCENT:
+        return "critical"
+    if value >= WARNING_PERCENT:
+        return "warning"
+    return "ok"
+
+
+def resource_url(agent_id: str) -> str:
+    return f"{reverse('dashboard:resources')}?agent={agent_id}"
+
+
+# --- Fleet ----------------------------------------------------------------------------------------------
+
+
+def fleet_overview(*, now: dt.datetime | None = None) -> dict:
+    now = now or timezone.now()
+    by_tier_status = {
+        (row["tier_id"], row["status"]): row["n"]
+        for row in Agent.objects.values("tier_id", "status").annotate(n=Count("id")).order_by()
+    }
+    statuses = list(Agent.Status.values)
+    tiers = [
+        {
+            "tier": tier,
+            "counts": {status: by_tier_status.get((tier, status), 0) for status in statuses},
+            "total": sum(by_tier_status.get((tier, status), 0) for status in statuses),
+        }
+        for tier in Tier.objects.values_list("code", flat=True)
+    ]
+    spend = selectors.period_spend(now=now)
+    top = sorted(spend.items(), key=lambda item: item[1], reverse=True)[:10]
+    utilization = selectors.max_resource_utilization(now=now)
+    budgets = selectors.budget_utilization(now=now)
+    nearest = []
+    for agent_id in set(utilization) | set(budgets):
+        resource, resource_pct = utilization.get(agent_id, (None, None))
+        budget_pct = budgets.get(agent_id, {}).get("percent")
+        worst = max(value for value in (resource_pct, budget_pct, Decimal(-1)) if value is not None)
+        nearest.append((worst, agent_id, resource, resource_pct, budget_pct))
+    nearest.sort(reverse=True)
+    return {
+        "statuses": statuses,
+        "tiers": tiers,
+        "total_agents": sum(row["total"] for row in tiers),
+        "top_spenders": [
+            {"agent_id": agent_id, "spent_usd": _money(value), "url": resource_url(agent_id)}
+            for agent_id, value in top
+        ],
+        "nearest_limits": [
+            {
+                "agent_id": agent_id,
+                "url": resource_url(agent_id),
+                "resource_type": resource,
+                "resource_percent": None if resource_pct is None else str(resource_pct),
+                "budget_percent": None if budget_pct is None else str(budget_pct),
+                "level": _level(worst),
+            }
+            for worst, agent_id, resource, resource_pct, budget_pct in nearest[:10]
+        ],
+        "open_alerts": [_alert(alert) for alert in Alert.objects.filter(acknowledged_at__isnull=True)[:20]],
+        "scaling_events": [_scaling_event(event) for event in ScalingEvent.objects.all()[:20]],
+    }
+
+
+# --- One agent ------------------------------------------------------------------------------------------
+
+
+def _alert(alert: Alert) -> dict:
+    return {
+        "id": alert.pk,
+        "agent_id": alert.agent_id,
+        "url": resource_url(alert.agent_id),
+        "kind": alert.kind,
+        "severity": alert.severity,
+        "title": alert.title,
+        "message": alert.message,
+        "created_at": alert.created_at.isoformat(),
+    }
+
+
+def _scaling_event(event: ScalingEvent) -> dict:
+    return {
+        "agent_id": event.agent_id,
+        "url": resource_url(event.agent_id),
+        "direction": event.direction,
+        "kind": event.kind,
+        "trigger": event.trigger,
+        "resource_type": event.resource_type_id,
+        "before": event.before,
+        "after": event.after,
+        "reason": event.reason,
+        "created_at": event.created_at.isoformat(),
+    }
+
+
+def _exhaustion(quota: Quota, now: dt.datetime) -> str | None:
+    """When the quota runs out at the last 24 hours' burn rate, if that is before the period ends."""
+    since = now - dt.timedelta(hours=24)
+    burned = (
+        UsageLog.objects.filter(
+            quota=quota, kind__in=UsageLog.CONSUMPTION_KINDS, created_at__gte=since, created_at__lt=now
+        ).aggregate(total=Sum("amount"))["total"]
+        or 0
+    )
+    if burned <= 0 or quota.available <= 0:
+        return now.isoformat() if quota.available <= 0 and quota.limit > 0 else None
+    at = now + dt.timedelta(hours=24 * quota.available / burned)
+    return at.isoformat() if at < quota.period_end else None
+
+
+def gauges(*, agent: Agent, now: dt.datetime) -> list[dict]:
+    result = []
+    for quota in sorted(quotas_open_all(agent=agent, at=now), key=lambda q: q.resource_type.display_order):
+        value = percent(quota.used + quota.reserved, quota.limit) if quota.limit else None
+        result.append(
+            {
+                "resource_type": quota.resource_type_id,
+                "unit": quota.resource_type.unit,
+                "used": quota.used,
+                "reserved": quota.reserved,
+                "limit": quota.limit,
+                "available": quota.available,
+                "percent": None if value is None else str(value),
+                "level": _level(value),
+                "exhaustion_at": _exhaustion(quota, now),
+            }
+        )
+    return result
+
+
+def cost_chart(*, agent: Agent, now: dt.datetime) -> dict:
+    """Cumulative spend per day this period by resource type, the budget line and a straight forecast."""
+    start, end = month_bounds(now)
+    codes = list(ResourceType.objects.values_list("code", flat=True))
+    days = [(start + dt.timedelta(days=i)).date() for i in range((end - start).days)]
+    today = now.date()
+    daily = {
+        (row["day"], row["resource_type_id"]): row["total"]
+        for row in UsageLog.objects.filter(agent=agent, created_at__gte=start, created_at__lt=end)
+        .annotate(day=TruncDate("created_at", tzinfo=dt.UTC))
+        .values("day", "resource_type_id")
+        .annotate(total=Sum("cost_usd"))
+        .order_by()
+    }
+    series = []
+    for code in codes:
+        running = Decimal(0)
+        points = []
+        for day in days:
+            if day > today:
+                break
+            running += Decimal(daily.get((day, code)) or 0)
+            points.append(str(running.quantize(CENT)))
+        series.append({"name": code, "points": points})
+    spent = sum((Decimal(value or 0) for value in daily.values()), Decimal(0))
+    elapsed = max((now - start).total_seconds(), 1.0)
+    forecast_total = spent * Decimal((end - start).total_seconds()) / Decimal(elapsed)
+    return {
+        "days": [day.isoformat() for day in days],
+        "today_index": min((today - start.date()).days, len(days) - 1),
+        "series": series,
+        "budget_usd": None if agent.monthly_budget_usd is None else str(agent.monthly_budget_usd),
+        "spent_usd": str(spent.quantize(CENT)),
+        "forecast_usd": str(forecast_total.quantize(CENT)),
+    }
+
+
+def performance(*, agent: Agent, now: dt.datetime) -> dict:
+    since = now - PERFORMANCE_WINDOW
+    stats = selectors.execution_stats(since=since, until=now, agent_ids=[agent.pk]).get(agent.pk, {})
+    pct = selectors.duration_percentiles(since=since, until=now, agent_ids=[agent.pk]).get(agent.pk, {})
+    efficiency = efficiency_score(agent=agent, now=now)
+    return {
+        "window_hours": int(PERFORMANCE_WINDOW.total_seconds() // 3600),
+        "executions": stats.get("executions", 0),
+        "p50_ms": None if 50 not in pct else str(pct[50]),
+        "p95_ms": None if 95 not in pct else str(pct[95]),
+        "throughput_per_hour": None
+        if stats.get("throughput_per_hour") is None
+        else str(stats["throughput_per_hour"]),
+        "error_rate_percent": None
+        if stats.get("error_rate_percent") is None
+        else str(stats["error_rate_percent"]),
+        "efficiency_score": None if efficiency is None else str(efficiency),
+    }
+
+
+def recommendations(*, agent: Agent, now: dt.datetime) -> list[dict]:
+    return recommendations_for(agent=agent, now=now)
+
+
+def agent_monitor(*, agent: Agent, now: dt.datetime | None = None) -> dict:
+    now = now or timezone.now()
+    policy = scaling_policy_resolve(agent=agent)
+    return {
+        "agent": {
+            "id": agent.pk,
+            "name": agent.name,
+            "tier": agent.tier_id,
+            "status": agent.status,
+            "status_reason": agent.status_reason,
+            "instance_count": agent.instance_count,
+            "min_instances": agent.min_instances,
+            "max_instances": agent.max_instances,
+            "monthly_budget_usd": None if agent.monthly_budget_usd is None else str(agent.monthly_budget_usd),
+            "autoscaling_enabled": bool(policy and policy.enabled),
+        },
+        "generated_at": now.isoformat(),
+        "gauges": gauges(agent=agent, now=now),
+        "cost": cost_chart(agent=agent, now=now),
+        "performance": performance(agent=agent, now=now),
+        "alerts": [_alert(alert) for alert in agent.alerts.filter(acknowledged_at__isnull=True)[:50]],
+        "scaling_events": [_scaling_event(event) for event in agent.scaling_events.all()[:20]],
+        "recommendations": recommendations(agent=agent, now=now),
+    }

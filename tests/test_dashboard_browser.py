@@ -1,0 +1,199 @@
+"""The resource monitor in a real browser: headless Chromium (Debian's package) driven by Playwright, against
+a live test server with a seeded history. Screenshots go to artifacts/screenshots/ (git-ignored)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from django.conf import settings as django_settings
+from django.utils import timezone
+
+from ledger.demo import demo_data_load
+from ledger.models import Agent, Quota
+from ledger.periods import month_bounds
+from ledger.services import reference_data_load
+from optimization.models import Alert, ScalingEvent
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-features=Translate,OptimizationHints,MediaRouter",
+]
+
+# Playwright's sync API runs an event loop in this thread; the test's own ORM calls are still synchronous.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"CI=true but Chromium is not installed at {CHROMIUM}")
+        pytest.skip(f"needs Chromium at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def seeded(db):
+    reference_data_load()
+    demo_data_load()
+    agent = Agent.objects.get(pk="agent-456")
+    Alert.objects.create(
+        agent=agent,
+        kind="budget",
+        severity="warning",
+        title="Budget 80% used",
+        message="$0.80 of $1.00",
+        dedup_key="test:budget:80",
+    )
+    Alert.objects.create(
+        agent=agent,
+        kind="budget",
+        severity="critical",
+        title="Budget 90% used",
+        message="$0.90 of $1.00",
+        dedup_key="test:budget:90",
+    )
+    ScalingEvent.objects.create(
+        agent=agent,
+        direction="up",
+        kind="horizontal",
+        trigger="auto",
+        before=1,
+        after=2,
+        reason="resource_utilization_percent 92.16 > 80 (COMPUTE_MS)",
+        created_at=timezone.now() - dt.timedelta(hours=2),
+    )
+    Agent.objects.filter(pk=agent.pk).update(instance_count=2, max_instances=5)
+    return agent
+
+
+@pytest.fixture
+def page_for(browser, live_server, admin_user, client):
+    """A page logged in as a staff user, recording console errors and any request that leaves localhost."""
+    client.force_login(admin_user)
+    session_cookie = client.cookies[django_settings.SESSION_COOKIE_NAME].value
+    opened = []
+
+    def make(width: int):
+        context = browser.new_context(viewport={"width": width, "height": 900})
+        context.add_cookies(
+            [{"name": django_settings.SESSION_COOKIE_NAME, "value": session_cookie, "url": live_server.url}]
+        )
+        page = context.new_page()
+        page.console_errors = []
+        page.outside_requests = []
+        page.on("console", lambda msg: msg.type == "error" and page.console_errors.append(msg.text))
+        page.on("pageerror", lambda exc: page.console_errors.append(str(exc)))
+
+        def guard(route):
+            host = urlparse(route.request.url).hostname
+            if host in {"127.0.0.1", "localhost", "::1"} or route.request.url.startswith(("data:", "blob:")):
+                route.continue_()
+            else:
+                page.outside_requests.append(route.request.url)
+                route.abort()
+
+        context.route("**/*", guard)
+        opened.append(context)
+        return page
+
+    yield make
+    for context in opened:
+        context.close()
+
+
+def _expected_percents(agent: Agent) -> dict[str, str]:
+    start, _ = month_bounds(timezone.now())
+    return {
+        quota.resource_type_id: f"{quota.utilization_percent}"
+        for quota in Quota.objects.filter(agent=agent, period_start=start)
+    }
+
+
+def test_resource_monitor_shows_gauges_chart_and_acts(seeded, page_for, live_server):
+    page = page_for(1280)
+    page.goto(f"{live_server.url}/dashboard/resources/?agent={seeded.pk}")
+    page.wait_for_selector("figure.gauge")
+
+    # Gauges: one per resource type, with the percentages of the ledger.
+    expected = _expected_percents(seeded)
+    shown = {
+        figure.get_attribute("data-resource"): figure.get_attribute("data-percent")
+        for figure in page.query_selector_all("figure.gauge")
+    }
+    assert shown == expected
+    compute = page.query_selector('figure.gauge[data-resource="COMPUTE_MS"]')
+    assert f"{expected['COMPUTE_MS']}%" in compute.inner_text()
+    assert "Critical" in compute.inner_text()  # 92% is past the critical threshold, said in words too
+
+    # The cost chart: five resource series, the budget line and the forecast, each drawn.
+    series = page.query_selector_all("svg.chart [data-series]")
+    assert sorted(s.get_attribute("data-series") for s in series) == sorted(
+        ["COMPUTE_MS", "AI_TOKENS", "STORAGE_KB", "NETWORK_REQS", "SOLANA_LAMPORTS", "budget", "forecast"]
+    )
+    area = page.query_selector('svg.chart path[data-series="COMPUTE_MS"]').bounding_box()
+    assert area["width"] > 100 and area["height"] > 1
+
+    # Acknowledging an alert removes it from the panel.
+    alert = Alert.objects.get(dedup_key="test:budget:80")
+    page.click(f'li[data-alert="{alert.pk}"] button[data-action="acknowledge"]')
+    page.wait_for_selector(f'li[data-alert="{alert.pk}"]', state="detached")
+    alert.refresh_from_db()
+    assert alert.acknowledged_at is not None
+    assert page.query_selector(f'li[data-alert="{Alert.objects.get(dedup_key="test:budget:90").pk}"]')
+
+    # A manual scale-up shows a new scaling event.
+    rows_before = len(page.query_selector_all('[data-panel="scaling"] tbody tr'))
+    page.click('button[data-action="scale"][aria-label^="Scale up"]')
+    page.wait_for_function(
+        f"document.querySelectorAll('[data-panel=\"scaling\"] tbody tr').length > {rows_before}"
+    )
+    assert "manual" in page.inner_text('[data-panel="scaling"] tbody tr:first-child')
+    assert Agent.objects.get(pk=seeded.pk).instance_count == 3
+
+    assert page.console_errors == []
+    assert page.outside_requests == []
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_pages_render_at_desktop_and_phone_widths(seeded, page_for, live_server, width):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = page_for(width)
+    page.goto(f"{live_server.url}/dashboard/")
+    page.wait_for_selector('[data-panel="top"] table')
+    assert "agent-" in page.inner_text('[data-panel="top"]')
+    page.screenshot(path=str(ARTIFACTS / f"fleet-{width}.png"), full_page=True)
+    page.click(f'[data-panel="top"] a[href$="agent={seeded.pk}"]')
+    page.wait_for_selector("figure.gauge")
+    page.screenshot(path=str(ARTIFACTS / f"resources-{width}.png"), full_page=True)
+    # Nothing wider than the viewport: readable without sideways scrolling of the page.
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    # Every control has an accessible name.
+    unnamed = page.evaluate(
+        """Array.from(document.querySelectorAll('button, input:not([type=hidden]), select')).filter(el =>
+            !(el.getAttribute('aria-label') || el.textContent.trim() || (el.id && document.querySelector(
+            'label[for="' + el.id + '"]')))).length"""
+    )
+    assert unnamed == 0
+    assert page.console_errors == []
+    assert page.outside_requests == []
