@@ -26,13 +26,13 @@ DEMO_DAYS = 21
 
 # agent id, tier, monthly budget, share of each limit to use over the demo weeks, custom limits
 DEMO_AGENTS: list[tuple[str, str, Decimal | None, float, dict[str, int]]] = [
-    ("agent-123", "PRO", Decimal("25.00"), 0.72, {}),
+    ("agent-123", "PRO", Decimal("60.00"), 0.72, {}),
     ("agent-456", "FREE", Decimal("5.00"), 0.88, {}),
-    ("agent-789", "ENTERPRISE", Decimal("250.00"), 0.35, {}),
+    ("agent-789", "ENTERPRISE", Decimal("400.00"), 0.35, {}),
     (
         "agent-research",
         "CUSTOM",
-        Decimal("60.00"),
+        Decimal("120.00"),
         0.55,
         {
             "COMPUTE_MS": 7_200_000,

@@ -99,3 +99,24 @@ def test_periodic_tasks_are_set_up_idempotently_and_keep_admin_edits(db):
     assert PeriodicTask.objects.get(name="Expire holds").enabled is False
     call_command("setup_periodic_tasks", "--reset")
     assert PeriodicTask.objects.get(name="Expire holds").enabled is True
+
+
+def test_every_schedule_names_a_registered_task_with_its_interval(db):
+    from axiom_grid.celery import app
+
+    call_command("setup_periodic_tasks")
+    app.loader.import_default_modules()
+    schedules = {task.name: (task.task, task.interval.every) for task in PeriodicTask.objects.all()}
+    assert schedules == {
+        "Expire holds": ("allocation.holds_expire", 60),
+        "Clean idempotency keys": ("allocation.idempotency_cleanup", 3600),
+        "Budget alert sweep": ("optimization.budget_sweep", 60),
+        "Rule evaluation": ("optimization.rules_evaluate", 60),
+        "Cost spike detection": ("optimization.cost_spike_sweep", 300),
+        "Alert delivery": ("optimization.alerts_deliver", 60),
+        "Auto-scaling evaluation": ("optimization.scaling_evaluate", 300),
+        "Marketplace refresh": ("optimization.marketplace_refresh", 900),
+    }
+    for task_name, _ in schedules.values():
+        task = app.tasks[task_name]
+        assert task.acks_late and task.reject_on_worker_lost and task.time_limit

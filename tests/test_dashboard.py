@@ -1,0 +1,146 @@
+"""The dashboard's server side: staff-only pages, the polling endpoints, CSRF-protected audited actions."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from allocation.models import AuditRecord
+from ledger.demo import demo_data_load
+from ledger.models import Agent, Quota
+from optimization.models import Alert, ScalingEvent, ScalingPolicy
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fleet(reference_data):
+    demo_data_load()
+    agent = Agent.objects.get(pk="agent-123")
+    Alert.objects.create(
+        agent=agent, kind="budget", severity="warning", title="Budget 80% used", message="m", dedup_key="t:80"
+    )
+    return agent
+
+
+def test_pages_need_a_staff_login(fleet, client, django_user_model):
+    resources = f"{reverse('dashboard:resources')}?agent=agent-123"
+    for url in (reverse("dashboard:fleet"), resources, reverse("dashboard:fleet-data")):
+        response = client.get(url)
+        assert response.status_code == 302 and "/admin/login/" in response["Location"]
+    django_user_model.objects.create_user("visitor", password="pw-visitor-1")
+    client.login(username="visitor", password="pw-visitor-1")
+    assert client.get(reverse("dashboard:fleet")).status_code == 302
+
+
+def test_fleet_page_and_data(fleet, admin_client_logged_in):
+    page = admin_client_logged_in.get(reverse("dashboard:fleet"))
+    assert page.status_code == 200
+    assert b'id="fleet-data"' in page.content
+    data = admin_client_logged_in.get(reverse("dashboard:fleet-data")).json()
+    assert data["total_agents"] == 4
+    assert {row["tier"]: row["total"] for row in data["tiers"]} == {
+        "FREE": 1,
+        "PRO": 1,
+        "ENTERPRISE": 1,
+        "CUSTOM": 1,
+    }
+    spend = {row["agent_id"]: Decimal(row["spent_usd"]) for row in data["top_spenders"]}
+    for agent_id, spent in spend.items():
+        assert spent == sum(q.spent_usd for q in Quota.objects.filter(agent_id=agent_id))
+    assert list(spend.values()) == sorted(spend.values(), reverse=True)
+    assert data["nearest_limits"][0]["agent_id"] == "agent-456"  # 92% of its compute
+    assert [alert["title"] for alert in data["open_alerts"]] == ["Budget 80% used"]
+
+
+def test_monitor_data_matches_the_ledger(fleet, admin_client_logged_in):
+    data = admin_client_logged_in.get(f"{reverse('dashboard:resources-data')}?agent=agent-123").json()
+    gauges = {gauge["resource_type"]: gauge for gauge in data["gauges"]}
+    for quota in Quota.objects.filter(agent_id="agent-123"):
+        gauge = gauges[quota.resource_type_id]
+        assert (gauge["used"], gauge["limit"]) == (quota.used, quota.limit)
+        assert gauge["percent"] == str(quota.utilization_percent)
+    cost = data["cost"]
+    assert len(cost["series"]) == 5
+    assert Decimal(cost["spent_usd"]) == sum(
+        q.spent_usd for q in Quota.objects.filter(agent_id="agent-123")
+    ).quantize(Decimal("0.01"))
+    assert [alert["title"] for alert in data["alerts"]] == ["Budget 80% used"]
+
+
+def test_unknown_agent_is_404(fleet, admin_client_logged_in):
+    assert admin_client_logged_in.get(f"{reverse('dashboard:resources')}?agent=nobody").status_code == 404
+
+
+def test_actions_need_csrf(fleet, staff_user):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(staff_user)
+    response = client.post(
+        reverse("dashboard:action", args=["scale"]), {"agent": "agent-123", "direction": "up"}
+    )
+    assert response.status_code == 403
+    assert not ScalingEvent.objects.exists()
+
+
+def test_actions_go_through_services_and_are_audited(fleet, admin_client_logged_in, staff_user):
+    json = {"HTTP_ACCEPT": "application/json"}
+    url = reverse("dashboard:action", args=["scale"])
+    response = admin_client_logged_in.post(url, {"agent": "agent-123", "direction": "up"}, **json)
+    assert response.json()["ok"] is True
+    event = ScalingEvent.objects.get()
+    assert (event.trigger, event.before, event.after, event.actor) == (
+        "manual",
+        1,
+        2,
+        f"user:{staff_user.username}",
+    )
+
+    alert = Alert.objects.get()
+    response = admin_client_logged_in.post(
+        reverse("dashboard:action", args=["acknowledge"]),
+        {"agent": "agent-123", "alert_id": alert.pk},
+        **json,
+    )
+    assert response.status_code == 200
+    alert.refresh_from_db()
+    assert alert.acknowledged_by == f"user:{staff_user.username}"
+
+    response = admin_client_logged_in.post(
+        reverse("dashboard:action", args=["autoscaling"]), {"agent": "agent-123"}, **json
+    )
+    assert response.status_code == 200
+    assert ScalingPolicy.objects.get(agent_id="agent-123").enabled is False
+
+    refused = admin_client_logged_in.post(
+        reverse("dashboard:action", args=["scale"]), {"agent": "agent-123", "direction": "sideways"}, **json
+    )
+    assert refused.status_code == 400 and refused.json()["ok"] is False
+
+    audit = list(AuditRecord.objects.order_by("id").values_list("action", "outcome", "actor"))
+    actor = f"user:{staff_user.username}"
+    assert audit == [
+        ("dashboard.scale", "ok", actor),
+        ("dashboard.acknowledge", "ok", actor),
+        ("dashboard.autoscaling", "ok", actor),
+        ("dashboard.scale", "invalid_direction", actor),
+    ]
+
+
+def test_action_without_javascript_redirects_back_with_a_message(fleet, admin_client_logged_in):
+    response = admin_client_logged_in.post(
+        reverse("dashboard:action", args=["scale"]), {"agent": "agent-123", "direction": "up"}, follow=True
+    )
+    assert response.redirect_chain[-1][0].endswith("?agent=agent-123")
+    assert b"Scaled up: 1" in response.content
+
+
+def test_admin_links_to_the_dashboard(fleet, admin_client_logged_in):
+    index = admin_client_logged_in.get(reverse("admin:index")).content.decode()
+    assert reverse("dashboard:fleet") in index
+    agent_page = admin_client_logged_in.get(
+        reverse("admin:ledger_agent_change", args=["agent-123"])
+    ).content.decode()
+    assert f"{reverse('dashboard:resources')}?agent=agent-123" in agent_page
