@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import connection, transaction
 from django.db.models import Sum
 from rest_framework.test import APIClient
 
@@ -17,25 +15,11 @@ from allocation.models import Allocation, IdempotencyRecord
 from ledger.errors import QuotaExceeded
 from ledger.models import Agent, Quota, UsageLog
 from ledger.services import agent_create, reference_data_load
+from tests.concurrency import race
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 THREADS = 60
-
-
-def race(count: int, work):
-    """Run ``work(i)`` in ``count`` threads released at the same moment; each closes its own connection."""
-    barrier = threading.Barrier(count)
-
-    def run(i):
-        try:
-            barrier.wait(timeout=30)
-            return work(i)
-        finally:
-            connections.close_all()
-
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(run, range(count)))
 
 
 @pytest.fixture

@@ -4,13 +4,10 @@ switches, the admin, and exact totals when buyers race for the last units on Pos
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
-from django.db import connections
 from django.db.models import Sum
 from django.urls import reverse
 from django.utils import timezone
@@ -32,6 +29,7 @@ from optimization.services.marketplace import (
     marketplace_refresh,
 )
 from optimization.tasks.marketplace import marketplace_refresh_task
+from tests.concurrency import race
 
 pytest.register_assert_rewrite("tests.api_fixtures")
 
@@ -556,21 +554,6 @@ def test_admin_marketplace_pages_render_read_only(seller, buyer, admin_client_lo
 
 
 # --- Concurrency on PostgreSQL --------------------------------------------------------------------------
-
-
-def race(count: int, work):
-    """Run ``work(i)`` in ``count`` threads released at the same moment; each closes its own connection."""
-    barrier = threading.Barrier(count)
-
-    def run(i):
-        try:
-            barrier.wait(timeout=30)
-            return work(i)
-        finally:
-            connections.close_all()
-
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(run, range(count)))
 
 
 def _racing_buyers(count: int) -> tuple[Agent, Deal]:

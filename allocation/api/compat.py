@@ -30,6 +30,9 @@ COMPAT_POST_ACTIONS: dict[str, Callable] = {}
 
 
 def _camel(key: str) -> str:
+    # Resource type codes (COMPUTE_MS) are data, not field names: keys with capitals stay as they are.
+    if key != key.lower() or "_" not in key:
+        return key
     head, *rest = key.split("_")
     return head + "".join("USD" if part == "usd" else part.title() for part in rest)
 

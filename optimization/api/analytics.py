@@ -18,6 +18,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from allocation.api.auth import IsOperator
+from allocation.api.compat import camelize
 from allocation.api.mutation import run_mutation
 from allocation.api.serializers import StrictSerializer
 from allocation.api.views import AgentScopedView, GridAPIView, _valid
@@ -44,22 +45,6 @@ def render(value):
         return {str(key): render(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [render(item) for item in value]
-    return value
-
-
-def _camel(key: str) -> str:
-    # Resource type codes (COMPUTE_MS) are data, not field names: keys with capitals stay as they are.
-    if key != key.lower() or "_" not in key:
-        return key
-    head, *rest = key.split("_")
-    return head + "".join("USD" if part == "usd" else part.title() for part in rest)
-
-
-def camelize(value):
-    if isinstance(value, dict):
-        return {_camel(str(key)): camelize(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [camelize(item) for item in value]
     return value
 
 
