@@ -1,9 +1,13 @@
 """Idempotency keys: the same key with the same body replays the first response and charges once.
 
-The key is claimed with ``INSERT ... ON CONFLICT DO NOTHING`` inside the request's transaction. A duplicate
-arriving while the first is still running blocks on the unique index until the first commits, then finds
-its stored response; if the first rolled back (it was refused), the duplicate claims the key and runs.
-Only successful responses are stored: a refused request leaves nothing behind and may be retried.
+Most calls claim the key with ``INSERT ... ON CONFLICT DO NOTHING`` inside the request's transaction and
+store the response at the end of it. The allocation hot path instead writes the record, response included,
+in the one statement that makes the allocation (``idempotency_values``), without ``ON CONFLICT``: a
+duplicate's statement fails on the unique index and is undone as a whole, and the duplicate then replays
+the stored response (``idempotency_replay``). Either way a duplicate arriving while the first is still
+running blocks on the unique index until the first commits; if the first rolled back (it was refused), the
+duplicate takes the key and runs. Only successful responses are stored: a refused request leaves nothing
+behind and may be retried.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ def request_fingerprint(*, method: str, path: str, body) -> str:
     return hashlib.sha256(f"{method}\n{path}\n{canonical}".encode()).hexdigest()
 
 
+def idempotency_header(request) -> str | None:
+    """The request's Idempotency-Key header. Read from ``META``: ``request.headers`` would first build a
+    dict of every header of the request, for this one."""
+    return request.META.get("HTTP_IDEMPOTENCY_KEY")
+
+
 def validate_key(key: str) -> str:
     if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
         raise LedgerError(
@@ -72,6 +82,17 @@ def idempotency_claim(*, principal: str, key: str, method: str, path: str, body)
     record = IdempotencyRecord.objects.filter(principal=principal, key=key).first()
     if record is None:  # cleaned up between the two statements: treat as new
         return idempotency_claim(principal=principal, key=key, method=method, path=path, body=body)
+    return _replay(record, fingerprint)
+
+
+def idempotency_replay(*, principal: str, key: str, fingerprint: str) -> Claim | None:
+    """The stored response to replay for ``key``, None if the key is free; raises if it was used for
+    another request, or if that request is still running."""
+    record = IdempotencyRecord.objects.filter(principal=principal, key=key).first()
+    return None if record is None else _replay(record, fingerprint)
+
+
+def _replay(record: IdempotencyRecord, fingerprint: str) -> Claim:
     if record.request_hash != fingerprint:
         raise LedgerError(
             "this Idempotency-Key was used with a different request",
@@ -81,6 +102,23 @@ def idempotency_claim(*, principal: str, key: str, method: str, path: str, body)
     if record.response_status is None:
         raise Conflict("a request with this Idempotency-Key is still running", code="idempotency_in_progress")
     return Claim(record_id=None, replay_status=record.response_status, replay_body=record.response_body)
+
+
+def idempotency_values(
+    *, principal: str, key: str, method: str, path: str, fingerprint: str, status: int, body
+) -> dict[str, object]:
+    """The field values of a record that stores ``body`` as the response to replay for ``key``, for a
+    statement that writes it together with the change (see the module docstring)."""
+    return {
+        "principal": principal,
+        "key": key,
+        "method": method,
+        "path": path,
+        "request_hash": fingerprint,
+        "response_status": status,
+        "response_body": body,
+        "created_at": timezone.now(),
+    }
 
 
 def idempotency_complete(*, record_id: int, status: int, body) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from django.urls import path
 
-from allocation.api import compat, views
+from allocation.api import batch, compat, views
 
 app_name = "api"
 
 urlpatterns = [
+    *batch.urlpatterns,
     path("v1/agents", views.AgentListCreateView.as_view(), name="agents"),
     path("v1/agents/<str:agent_id>", views.AgentDetailView.as_view(), name="agent"),
     path("v1/agents/<str:agent_id>/quotas", views.QuotaListView.as_view(), name="quotas"),

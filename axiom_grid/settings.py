@@ -87,6 +87,12 @@ TEMPLATES = [
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # Lets psycopg keep server-side prepared statements (Django turns them off by default). Only the
+        # hot path's own cursor asks for them (allocation.services.prepared_cursor): Django's cursors bind
+        # parameters client-side and are never prepared. Prepared statements live in one connection, so a
+        # pooler in transaction mode in front of PostgreSQL would need to support them (PgBouncer >= 1.21).
+        DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -114,7 +120,7 @@ if REDIS_URL:
 else:
     # kombu's filesystem transport: a broker that needs no server, shared by web, worker and beat.
     BROKER_DIR = VAR_DIR / "broker"
-    for sub in ("out", "processed"):
+    for sub in ("out", "processed", "control"):
         (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
     CACHES = {
         "default": {
@@ -128,6 +134,7 @@ else:
         "data_folder_in": str(BROKER_DIR / "out"),
         "data_folder_out": str(BROKER_DIR / "out"),
         "processed_folder": str(BROKER_DIR / "processed"),
+        "control_folder": str(BROKER_DIR / "control"),  # kombu's default is ./control
         "store_processed": False,
     }
 

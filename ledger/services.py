@@ -263,7 +263,7 @@ def _quotas_rebase(*, agent: Agent, actor: str, why: str, reason: str) -> None:
 @transaction.atomic
 def agent_change_tier(*, agent: Agent, tier: Tier, actor: str) -> Agent:
     """Move an agent to another tier, re-basing the current period's limits on the new tier."""
-    agent = Agent.objects.select_for_update().get(pk=agent.pk)
+    agent = Agent.objects.select_for_update(no_key=True).get(pk=agent.pk)
     if agent.tier_id == tier.pk:
         return agent
     agent.tier = tier
@@ -278,7 +278,7 @@ AGENT_PLAIN_FIELDS = ("name", "monthly_budget_usd", "metadata", "min_instances",
 @transaction.atomic
 def agent_update(*, agent: Agent, actor: str, **changes) -> Agent:
     """Apply a partial update: plain fields, tier, status and custom limits (which replace the old set)."""
-    agent = Agent.objects.select_for_update().get(pk=agent.pk)
+    agent = Agent.objects.select_for_update(no_key=True).get(pk=agent.pk)
     if "tier" in changes:
         agent = agent_change_tier(agent=agent, tier=changes["tier"], actor=actor)
     plain = {name: changes[name] for name in AGENT_PLAIN_FIELDS if name in changes}

@@ -103,6 +103,30 @@ class AllocationOut(serializers.ModelSerializer):
         return obj.settled_amount if obj.settled_amount is not None else obj.amount
 
 
+class _Reused:
+    """One instance of a serializer kept for the life of the process, for the allocation hot path.
+
+    Instantiating a serializer builds its fields again (a ``ModelSerializer`` reads its model too): that
+    was most of what the API spent in Python on an allocation. Representing and validating do not change
+    the serializer, so one bound instance serves every request, from any thread.
+    """
+
+    def __init__(self, serializer_class: type[serializers.Serializer]) -> None:
+        self._serializer = serializer_class()
+
+    def validated(self, data) -> dict:
+        """What ``is_valid(raise_exception=True)`` then ``validated_data`` give, errors included."""
+        return self._serializer.run_validation(data)
+
+    def represent(self, instance) -> dict:
+        """What ``.data`` gives for ``instance``."""
+        return self._serializer.to_representation(instance)
+
+
+allocation_in = _Reused(AllocationIn)
+allocation_out = _Reused(AllocationOut)
+
+
 class SettleIn(StrictSerializer):
     amount = AmountField(min_value=0)
 

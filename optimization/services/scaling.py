@@ -35,19 +35,14 @@ from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 from django.db.models import (
-    BigIntegerField,
-    Case,
     Exists,
-    F,
     Max,
     OuterRef,
-    PositiveIntegerField,
     Q,
-    Value,
-    When,
 )
 from django.utils import timezone
 
+from ledger.bulk import bulk_update_column
 from ledger.errors import Conflict, LedgerError
 from ledger.models import Agent, Grant, Quota
 from ledger.periods import month_bounds
@@ -330,13 +325,11 @@ def scaling_evaluate(*, now: dt.datetime | None = None) -> dict:
         horizontal = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL]
         vertical = [d for d in decisions if d.kind == ScalingEvent.Kind.VERTICAL]
         if horizontal:
-            Agent.objects.filter(pk__in=[d.agent_id for d in horizontal]).update(
-                instance_count=Case(
-                    *[When(pk=d.agent_id, then=Value(d.after)) for d in horizontal],
-                    default=F("instance_count"),
-                    output_field=PositiveIntegerField(),
-                ),
-                updated_at=now,
+            bulk_update_column(
+                model=Agent,
+                field="instance_count",
+                values={d.agent_id: d.after for d in horizontal},
+                touch=now,
             )
         grants = _vertical_apply(decisions=vertical, now=now)
         decisions = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL or d.quota_id]
@@ -401,15 +394,7 @@ def _vertical_apply(*, decisions: list[_Decision], now: dt.datetime) -> int:
     if not amounts:
         return 0
     # A positive grant always fits (limit only grows), so the UPDATE needs no condition beyond its rows.
-    Quota.objects.filter(pk__in=list(amounts)).update(
-        limit=F("limit")
-        + Case(
-            *[When(pk=pk, then=Value(amount)) for pk, amount in amounts.items()],
-            default=Value(0),
-            output_field=BigIntegerField(),
-        ),
-        updated_at=now,
-    )
+    bulk_update_column(model=Quota, field="limit", values=amounts, add=True, touch=now)
     Grant.objects.bulk_create(made)
     return len(made)
 

@@ -1,0 +1,304 @@
+"""Batch allocation routes: up to 1,000 committed allocations in one call, each item with its own result.
+
+``POST /api/v1/agents/{id}/allocations/batch`` takes items of one agent (its key, or an operator's);
+``POST /api/v1/usage/batch`` is for operators and takes items across agents, each naming its ``agent_id``.
+The answer is 200 with one result per item, in order, and a summary: an invalid or refused item refuses
+nothing else. A malformed body, or fewer than 1 or more than 1,000 items, refuses the whole request.
+Holds are not supported in a batch: items are committed at once.
+
+Items are validated one by one here with the single endpoint's fields; the rules live in
+``allocation.batch``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.urls import path
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.views import APIView
+
+from allocation.api.auth import ApiKeyAuthentication, IsAuthenticatedPrincipal, IsOperator, agent_for
+from allocation.api.errors import exception_response
+from allocation.api.mutation import run_mutation
+from allocation.api.serializers import AllocationOut, AmountField, ResourceTypeField, StrictSerializer
+from allocation.audit import audit_record
+from allocation.batch import MAX_BATCH_ITEMS, MAX_ITEM_KEY_LENGTH, BatchItem, allocations_batch_create
+from allocation.idempotency import request_fingerprint
+from allocation.services import MAX_AMOUNT, resource_type_codes
+from ledger.errors import LedgerError
+
+MAX_METADATA_CHARS = 4000
+AUDITED_AGENT_IDS = 100
+
+
+class BatchIn(StrictSerializer):
+    # Items are checked one by one below, so that an invalid item refuses only itself.
+    items = serializers.ListField(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+
+def _printable(value: str) -> None:
+    if not value.isprintable():
+        raise serializers.ValidationError("must be printable characters")
+
+
+def _metadata_ok(value: dict) -> bool:
+    text = json.dumps(value)
+    return len(text) <= MAX_METADATA_CHARS and "\\u0000" not in text  # jsonb refuses NUL characters
+
+
+class BatchItemIn(StrictSerializer):
+    resource_type = ResourceTypeField()
+    amount = AmountField()
+    task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    idempotency_key = serializers.CharField(
+        max_length=MAX_ITEM_KEY_LENGTH, required=False, trim_whitespace=False, validators=[_printable]
+    )
+    metadata = serializers.DictField(required=False, default=dict)
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict) and ("hold" in data or "hold_ttl_seconds" in data):
+            raise serializers.ValidationError(
+                {"hold": ["holds are not supported in a batch: POST .../allocations takes a hold"]}
+            )
+        return super().to_internal_value(data)
+
+    def validate_metadata(self, value: dict) -> dict:
+        if not _metadata_ok(value):
+            raise serializers.ValidationError(
+                f"must be at most {MAX_METADATA_CHARS} characters as JSON, without NUL characters"
+            )
+        return value
+
+
+class UsageBatchItemIn(BatchItemIn):
+    agent_id = serializers.CharField(max_length=64)
+
+
+class AllocationBatchIn(serializers.Serializer):
+    """The request body of the agent route, for the API schema."""
+
+    items = BatchItemIn(many=True, min_length=1, max_length=MAX_BATCH_ITEMS)
+
+
+class UsageBatchIn(serializers.Serializer):
+    """The request body of the operator route, for the API schema."""
+
+    items = UsageBatchItemIn(many=True, min_length=1, max_length=MAX_BATCH_ITEMS)
+
+
+class BatchErrorOut(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+    details = serializers.DictField()
+
+
+class BatchResultOut(serializers.Serializer):
+    index = serializers.IntegerField()
+    status = serializers.IntegerField(
+        help_text="201, or the status a single allocation would be refused with"
+    )
+    allocation = AllocationOut(required=False, help_text="When the item was accepted (or replayed).")
+    error = BatchErrorOut(required=False, help_text="When the item was refused.")
+    replayed = serializers.BooleanField(required=False, help_text="The stored result of an item key.")
+
+
+class BatchSummaryOut(serializers.Serializer):
+    accepted = serializers.IntegerField()
+    refused = serializers.IntegerField()
+    replayed = serializers.IntegerField()
+
+
+class BatchOut(serializers.Serializer):
+    results = BatchResultOut(many=True)
+    summary = BatchSummaryOut()
+
+
+_ITEM_FIELDS = frozenset(BatchItemIn._declared_fields)
+_USAGE_ITEM_FIELDS = frozenset(UsageBatchItemIn._declared_fields)
+
+
+def _plain_text(value, max_length: int) -> bool:
+    """What the CharFields accept unchanged: a string, not too long, nothing to trim, no NUL or surrogate."""
+    return (
+        type(value) is str
+        and len(value) <= max_length
+        and value.isprintable()
+        and not value.startswith(" ")
+        and not value.endswith(" ")
+    )
+
+
+def _key_plain(value) -> bool:
+    return bool(value) and _plain_text(value, MAX_ITEM_KEY_LENGTH)
+
+
+def _item_fast(raw, *, with_agent: bool) -> dict | None:
+    """The validated item for a plainly valid ``raw`` item, else None and the serializer says what is wrong.
+
+    DRF runs a few dozen calls per field; at 1,000 items that is most of a batch's time. This accepts only
+    what ``BatchItemIn`` (``UsageBatchItemIn``) accepts and returns the same data, so anything unusual
+    (and every invalid item) still goes through the serializer; a test holds the two together.
+    """
+    if type(raw) is not dict or not raw.keys() <= (_USAGE_ITEM_FIELDS if with_agent else _ITEM_FIELDS):
+        return None
+    resource_type = raw.get("resource_type")
+    amount = raw.get("amount")
+    task_id = raw.get("task_id", "")
+    metadata = raw.get("metadata", {})
+    agent_id = raw.get("agent_id") if with_agent else None
+    if (
+        type(resource_type) is not str
+        or resource_type not in resource_type_codes()
+        or type(amount) is not int
+        or not 1 <= amount <= MAX_AMOUNT
+        or not _plain_text(task_id, 200)
+        or ("idempotency_key" in raw and not _key_plain(raw["idempotency_key"]))
+        or (with_agent and not (agent_id and _plain_text(agent_id, 64)))
+        or type(metadata) is not dict
+        or (metadata and not _metadata_ok(metadata))
+    ):
+        return None
+    data = {"resource_type": resource_type, "amount": amount, "task_id": task_id, "metadata": metadata}
+    if "idempotency_key" in raw:
+        data["idempotency_key"] = raw["idempotency_key"]
+    if with_agent:
+        data["agent_id"] = agent_id
+    return data
+
+
+def _items_read(request, body: dict, item_serializer: BatchItemIn, agent_id: str | None) -> list[BatchItem]:
+    """Each raw item as a ``BatchItem``, an invalid one carrying its 400 (and its key, if that is valid)."""
+    raw_items = BatchIn(data=body)
+    raw_items.is_valid(raise_exception=True)
+    key_field = item_serializer.fields["idempotency_key"]
+    items = []
+    for raw in raw_items.validated_data["items"]:
+        key = ""
+        fingerprint = ""
+        if isinstance(raw, dict) and "idempotency_key" in raw:
+            # The key is read first and on its own: like the Idempotency-Key of a single request, a key
+            # used before with another item answers 422 even when this item is invalid.
+            key = raw["idempotency_key"]
+            if not _key_plain(key):
+                try:
+                    key = key_field.run_validation(key)
+                except serializers.ValidationError:
+                    key = ""
+            if key:
+                fingerprint = request_fingerprint(method="POST", path=request.path, body=raw)
+        try:
+            data = _item_fast(raw, with_agent=agent_id is None) or item_serializer.run_validation(raw)
+        except serializers.ValidationError as exc:
+            error = exception_response(exc).data["error"]
+            items.append(
+                BatchItem(
+                    agent_id=agent_id or "",
+                    idempotency_key=key,
+                    fingerprint=fingerprint,
+                    error=LedgerError(error["message"], code=error["code"], details=error["details"]),
+                )
+            )
+            continue
+        items.append(
+            BatchItem(
+                agent_id=agent_id or data["agent_id"],
+                resource_type_id=data["resource_type"],
+                amount=data["amount"],
+                task_id=data["task_id"],
+                metadata=data["metadata"],
+                idempotency_key=key,
+                fingerprint=fingerprint,
+            )
+        )
+    return items
+
+
+def _batch_run(request, *, action: str, agent_id: str, item_serializer: BatchItemIn, resolve_agent):
+    """The frame of both routes: ``run_mutation`` (request-level Idempotency-Key, one transaction), and one
+    audit record with the counts rather than the (up to 1,000 items) body."""
+
+    def handle(body):
+        agent = resolve_agent()
+        items = _items_read(request, body, item_serializer, agent.pk if agent else None)
+        outcome = allocations_batch_create(
+            items=items, principal=request.user.label, path=request.path[:500], agent=agent
+        )
+        audit_record(
+            request=request,
+            actor=request.user.label,
+            action=action,
+            agent_id=agent_id,
+            status_code=200,
+            outcome="ok",
+            body={
+                "items": len(items),
+                **outcome.summary,
+                "agent_ids": outcome.agent_ids[:AUDITED_AGENT_IDS],
+            },
+        )
+        return 200, {"results": outcome.results, "summary": outcome.summary}
+
+    response = run_mutation(request, action=action, agent_id=agent_id, handler=handle, audited=False)
+    if response.status_code >= 400:  # refused as a whole, and rolled back: audited on its own
+        items = request.data.get("items") if isinstance(request.data, dict) else None
+        audit_record(
+            request=request,
+            actor=request.user.label,
+            action=action,
+            agent_id=agent_id,
+            status_code=response.status_code,
+            outcome=response.data["error"]["code"],
+            body={"items": len(items) if isinstance(items, list) else None},
+        )
+    return response
+
+
+class _BatchView(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes = [IsAuthenticatedPrincipal]
+
+
+class AllocationBatchView(_BatchView):
+    @extend_schema(
+        request=AllocationBatchIn,
+        responses={200: BatchOut},
+        summary="Commit up to 1,000 allocations of an agent",
+    )
+    def post(self, request, agent_id):
+        return _batch_run(
+            request,
+            action="allocation.batch",
+            agent_id=agent_id,
+            item_serializer=BatchItemIn(),
+            resolve_agent=lambda: agent_for(request.user, agent_id),
+        )
+
+
+class UsageBatchView(_BatchView):
+    permission_classes = [IsOperator]
+
+    @extend_schema(
+        request=UsageBatchIn,
+        responses={200: BatchOut},
+        summary="Commit up to 1,000 allocations across agents",
+    )
+    def post(self, request):
+        return _batch_run(
+            request,
+            action="usage.batch",
+            agent_id="",
+            item_serializer=UsageBatchItemIn(),
+            resolve_agent=lambda: None,
+        )
+
+
+urlpatterns = [
+    path(
+        "v1/agents/<str:agent_id>/allocations/batch",
+        AllocationBatchView.as_view(),
+        name="allocations-batch",
+    ),
+    path("v1/usage/batch", UsageBatchView.as_view(), name="usage-batch"),
+]

@@ -1,0 +1,564 @@
+"""Batches of committed allocations: up to 1,000 items in one transaction, each with its own result.
+
+Every item gets exactly the result the same items sent one by one as single allocations would get: items
+are decided in order, each against its quota as the items before it left it, and a refused item refuses
+nothing else. A batch costs a fixed number of queries whatever its size:
+
+1. read the agents and the current-period quota rows, and open the missing periods (``ON CONFLICT DO
+   NOTHING``), before any row is locked: an insert may wait for another batch opening the same period;
+2. lock the quota rows ``FOR NO KEY UPDATE`` in primary-key order, like every writer that locks several,
+   and read the results already stored under the items' idempotency keys;
+3. decide every item in Python: a key seen before with the same item replays its stored result and
+   charges nothing, with another item it refuses the item (422);
+4. write: one UPDATE of the quotas, one INSERT of the allocations, one of the usage rows, and one INSERT
+   of the accepted items' results under their keys (``ON CONFLICT DO NOTHING RETURNING``). A refused
+   item, like a refused single request, leaves its key free for a retry.
+
+Keys are stored optimistically, after deciding: if a concurrent batch took one of them meanwhile (the
+INSERT waits for it to commit, then skips the key), everything after step 1 is rolled back to a savepoint
+and decided again, now replaying that key. Waiting there cannot deadlock: a batch holding a key it has
+inserted holds all the quota locks it needs already, and keys are inserted in sorted order.
+
+Rows go to PostgreSQL as one JSON document per statement: a multi-row VALUES list of 10,000 placeholders
+costs psycopg more to build client-side than the server takes to insert the rows. SQLite gets VALUES lists.
+
+Holds are not supported: a batch commits allocations only (``POST .../allocations`` takes holds).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connection, transaction
+from django.db.models import BigIntegerField, Case, DecimalField, F, JSONField, Q, Value, When
+from django.utils import timezone
+
+from allocation.idempotency import MAX_KEY_LENGTH
+from allocation.models import Allocation, IdempotencyRecord
+from ledger.errors import AgentSuspended, AgentThrottled, Conflict, LedgerError, NotFound, QuotaExceeded
+from ledger.models import COST, Agent, AgentLimitOverride, Quota, TierQuota, UsageLog
+from ledger.money import COST_QUANTUM, usage_cost
+from ledger.periods import month_bounds
+from ledger.selectors import price_table
+
+MAX_BATCH_ITEMS = 1000
+# Item keys share the caller's key space with the Idempotency-Key header, under their own prefix.
+ITEM_KEY_PREFIX = "item:"
+MAX_ITEM_KEY_LENGTH = MAX_KEY_LENGTH - len(ITEM_KEY_PREFIX)
+# Deciding again is needed only when a concurrent batch stored one of our keys meanwhile; each attempt
+# knows more stored keys than the one before, so a few always suffice in practice.
+MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One item as the API read it. ``error`` is set when it was invalid: it is refused with that error,
+    unless its idempotency key was used before (then it is answered as a use of that key)."""
+
+    agent_id: str
+    resource_type_id: str = ""
+    amount: int = 0
+    task_id: str = ""
+    metadata: dict = field(default_factory=dict)
+    idempotency_key: str = ""
+    fingerprint: str = ""  # of the item as sent, to tell a retry from another item under the same key
+    error: LedgerError | None = None
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    results: list[dict]
+    summary: dict[str, int]
+    agent_ids: list[str]
+
+
+def allocations_batch_create(
+    *,
+    items: Sequence[BatchItem],
+    principal: str,
+    path: str,
+    agent: Agent | None = None,
+    now: dt.datetime | None = None,
+) -> BatchOutcome:
+    """Commit each item that fits, in order, and answer every item with its own result.
+
+    ``agent`` is the agent of every item when the batch comes from an agent's route (already resolved);
+    without it each item names its agent and an unknown one refuses that item. ``principal`` and ``path``
+    scope the items' idempotency keys. One transaction, a fixed number of queries.
+    """
+    now = now or timezone.now()
+    period_start, period_end = month_bounds(now)
+    prices = {
+        code: price_table.unit_price(code, now)
+        for code in {item.resource_type_id for item in items if item.error is None}
+    }
+    keys = sorted({item.idempotency_key for item in items if item.idempotency_key})
+    # No savepoint of its own: an error rolls back the caller's transaction with everything in it.
+    with transaction.atomic(savepoint=False):
+        agents = _agents_read(items, agent)
+        pairs = {
+            (item.agent_id, item.resource_type_id)
+            for item in items
+            if item.error is None
+            and agents.get(item.agent_id, (None,))[0] == Agent.Status.ACTIVE
+            and prices[item.resource_type_id] is not None
+        }
+        _quotas_open(pairs, agents=agents, period_start=period_start, period_end=period_end)
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                with transaction.atomic():
+                    quotas = _quotas_lock(pairs, period_start=period_start)
+                    stored = _results_read(keys, principal=principal)
+                    decider = _Decider(agents=agents, prices=prices, quotas=quotas, stored=stored, now=now)
+                    results = [decider.decide(index, item) for index, item in enumerate(items)]
+                    _write(decider, now=now)
+                    _results_store(decider, principal=principal, path=path, now=now)
+                break
+            except _KeyTaken:
+                continue
+        else:
+            raise Conflict(
+                "other requests kept storing this batch's idempotency keys; try again",
+                code="idempotency_in_progress",
+            )
+    return BatchOutcome(
+        results=results,
+        summary={
+            "accepted": decider.accepted,
+            "refused": len(items) - decider.accepted - decider.replayed,
+            "replayed": decider.replayed,
+        },
+        agent_ids=sorted({item.agent_id for item in items if item.agent_id}),
+    )
+
+
+class _KeyTaken(Exception):
+    """A concurrent batch stored one of this batch's keys after it read them: decide again."""
+
+
+# --- Reading and locking ----------------------------------------------------------------------------------
+
+
+def _agents_read(items: Sequence[BatchItem], agent: Agent | None) -> dict[str, tuple[str, str, str]]:
+    """Each item's agent as (status, status reason, tier), in one query (none for an agent's own route)."""
+    if agent is not None:
+        return {agent.pk: (agent.status, agent.status_reason, agent.tier_id)}
+    ids = {item.agent_id for item in items if item.error is None}
+    if not ids:
+        return {}
+    rows = Agent.objects.filter(pk__in=ids).values_list("id", "status", "status_reason", "tier_id")
+    return {agent_id: (status, reason, tier_id) for agent_id, status, reason, tier_id in rows}
+
+
+def _pairs_filter(pairs: set[tuple[str, str]], period_start: dt.datetime) -> Q:
+    """The quota rows of ``pairs`` (agent, resource type), grouped by resource type: a handful of terms."""
+    by_type: dict[str, list[str]] = {}
+    for agent_id, resource_type_id in pairs:
+        by_type.setdefault(resource_type_id, []).append(agent_id)
+    condition = Q()
+    for resource_type_id, agent_ids in by_type.items():
+        condition |= Q(resource_type_id=resource_type_id, agent_id__in=agent_ids)
+    return Q(period_start=period_start) & condition
+
+
+def _quotas_open(
+    pairs: set[tuple[str, str]],
+    *,
+    agents: dict[str, tuple[str, str, str]],
+    period_start: dt.datetime,
+    period_end: dt.datetime,
+) -> None:
+    """Create the missing current-period rows from each agent's base limit, as ``quota_open`` would."""
+    if not pairs:
+        return
+    existing = set(
+        Quota.objects.filter(_pairs_filter(pairs, period_start)).values_list("agent_id", "resource_type_id")
+    )
+    missing = sorted(pairs - existing)  # sorted: two batches opening the same rows insert in one order
+    if not missing:
+        return
+    agent_ids = {agent_id for agent_id, _ in missing}
+    type_ids = {resource_type_id for _, resource_type_id in missing}
+    tier_limits = {
+        (tier_id, resource_type_id): limit
+        for tier_id, resource_type_id, limit in TierQuota.objects.filter(
+            tier_id__in={agents[agent_id][2] for agent_id in agent_ids}, resource_type_id__in=type_ids
+        ).values_list("tier_id", "resource_type_id", "limit")
+    }
+    overrides = {
+        (agent_id, resource_type_id): limit
+        for agent_id, resource_type_id, limit in AgentLimitOverride.objects.filter(
+            agent_id__in=agent_ids, resource_type_id__in=type_ids
+        ).values_list("agent_id", "resource_type_id", "limit")
+    }
+    rows = []
+    for agent_id, resource_type_id in missing:
+        limit = overrides.get(
+            (agent_id, resource_type_id), tier_limits.get((agents[agent_id][2], resource_type_id), 0)
+        )
+        rows.append(
+            Quota(
+                agent_id=agent_id,
+                resource_type_id=resource_type_id,
+                period_start=period_start,
+                period_end=period_end,
+                base_limit=limit,
+                limit=limit,
+            )
+        )
+    Quota.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+@dataclass
+class _QuotaState:
+    id: int
+    available: int  # limit - used - reserved - listed, as the items decided so far left it
+    taken: int = 0
+    cost: Decimal = Decimal(0)
+
+
+def _quotas_lock(
+    pairs: set[tuple[str, str]], *, period_start: dt.datetime
+) -> dict[tuple[str, str], _QuotaState]:
+    if not pairs:
+        return {}
+    rows = (
+        Quota.objects.select_for_update(no_key=True)
+        .filter(_pairs_filter(pairs, period_start))
+        .order_by("pk")
+        .values_list("pk", "agent_id", "resource_type_id", "limit", "used", "reserved", "listed")
+    )
+    return {
+        (agent_id, resource_type_id): _QuotaState(id=pk, available=limit - used - reserved - listed)
+        for pk, agent_id, resource_type_id, limit, used, reserved, listed in rows
+    }
+
+
+# --- Idempotency keys -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StoredResult:
+    fingerprint: str
+    status: int | None
+    body: dict | None
+
+
+def _results_read(keys: list[str], *, principal: str) -> dict[str, _StoredResult]:
+    if not keys:
+        return {}
+    wanted = _Rows(IdempotencyRecord, ("key",))
+    for key in keys:
+        wanted.add(ITEM_KEY_PREFIX + key)
+    rows = wanted.execute(
+        "SELECT r.key, r.request_hash, r.response_status, r.response_body FROM {table} r "
+        "WHERE r.principal = %s AND r.key IN (SELECT v.key FROM {rows})",
+        params=[principal],
+    )
+    return {
+        key.removeprefix(ITEM_KEY_PREFIX): _StoredResult(
+            request_hash, status, json.loads(body) if isinstance(body, str) else body
+        )
+        for key, request_hash, status, body in rows
+    }
+
+
+def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.datetime) -> None:
+    """Keep each accepted item's result under its key; raise ``_KeyTaken`` if another batch has one."""
+    if not decider.owned:
+        return
+    records = _Rows(
+        IdempotencyRecord,
+        ("key", "request_hash", "response_status", "response_body"),
+        same={
+            "principal": principal,
+            "method": "POST",
+            "path": path,
+            "created_at": connection.ops.adapt_datetimefield_value(now),
+        },
+    )
+    for key in sorted(decider.owned):  # sorted: batches storing the same keys wait in one order
+        result = decider.owned[key]
+        records.add(ITEM_KEY_PREFIX + key, result.fingerprint, result.status, records.json(result.body))
+    stored = records.insert(suffix="ON CONFLICT (principal, key) DO NOTHING RETURNING id")
+    if len(stored) != len(decider.owned):
+        raise _KeyTaken
+
+
+# --- Deciding ---------------------------------------------------------------------------------------------
+
+
+def _iso(value: dt.datetime) -> str:
+    """A datetime as the API renders it (DRF's ISO 8601, 'Z' for UTC)."""
+    text = timezone.localtime(value).isoformat()
+    return text.removesuffix("+00:00") + "Z" if text.endswith("+00:00") else text
+
+
+class _Decider:
+    """Decides the items in order against the locked quotas and collects what to write."""
+
+    def __init__(
+        self,
+        *,
+        agents: dict[str, tuple[str, str, str]],
+        prices: dict[str, Decimal | None],
+        quotas: dict[tuple[str, str], _QuotaState],
+        stored: dict[str, _StoredResult],
+        now: dt.datetime,
+    ):
+        self.agents = agents
+        self.prices = prices
+        self.price_texts = {
+            code: f"{price.quantize(COST_QUANTUM):f}" for code, price in prices.items() if price
+        }
+        self.quotas = quotas
+        self.stored = stored
+        self.created_at = _iso(now)
+        self.owned: dict[str, _StoredResult] = {}  # keys whose result this batch stores
+        self.accepted_items: list[tuple[str, BatchItem, int, Decimal]] = []
+        self.accepted = 0
+        self.replayed = 0
+
+    def decide(self, index: int, item: BatchItem) -> dict:
+        key = item.idempotency_key
+        if key:
+            earlier = self.owned.get(key) or self.stored.get(key)
+            if earlier is not None:
+                return self._replay(index, item, earlier)
+        if item.error is not None:
+            return _refused(index, item.error)
+        refusal = self._refusal(item)
+        if refusal is not None:
+            return _refused(index, refusal)
+        return self._accept(index, item)
+
+    def _replay(self, index: int, item: BatchItem, earlier: _StoredResult) -> dict:
+        if earlier.fingerprint != item.fingerprint:
+            return _refused(
+                index,
+                LedgerError(
+                    "this idempotency_key was used with a different item",
+                    code="idempotency_key_reused",
+                    status=422,
+                ),
+            )
+        if earlier.status is None:  # a request-level Idempotency-Key spelt "item:..." still running
+            return _refused(
+                index,
+                Conflict(
+                    "a request with this idempotency_key is still running", code="idempotency_in_progress"
+                ),
+            )
+        self.replayed += 1
+        return {"index": index, "status": earlier.status, **earlier.body, "replayed": True}
+
+    def _refusal(self, item: BatchItem) -> LedgerError | None:
+        agent = self.agents.get(item.agent_id)
+        if agent is None:
+            return NotFound(f"agent {item.agent_id!r} not found")
+        status, reason, _ = agent
+        if status == Agent.Status.SUSPENDED:
+            return AgentSuspended(f"agent {item.agent_id} is suspended", details={"reason": reason})
+        if status == Agent.Status.THROTTLED:
+            return AgentThrottled(
+                f"agent {item.agent_id} is throttled: allocations are refused until it is lifted",
+                details={"reason": reason},
+            )
+        if self.prices[item.resource_type_id] is None:
+            return LedgerError(f"{item.resource_type_id} has no price in effect", code="no_price", status=409)
+        available = self.quotas[(item.agent_id, item.resource_type_id)].available
+        if item.amount > available:
+            available = max(available, 0)
+            return QuotaExceeded(
+                f"{item.amount:,} {item.resource_type_id} requested, {available:,} available",
+                details={
+                    "resource_type": item.resource_type_id,
+                    "requested": item.amount,
+                    "available": available,
+                },
+            )
+        return None
+
+    def _accept(self, index: int, item: BatchItem) -> dict:
+        quota = self.quotas[(item.agent_id, item.resource_type_id)]
+        cost = usage_cost(item.amount, self.prices[item.resource_type_id])
+        quota.available -= item.amount
+        quota.taken += item.amount
+        quota.cost += cost
+        allocation_id = str(uuid.uuid4())
+        self.accepted_items.append((allocation_id, item, quota.id, cost))
+        self.accepted += 1
+        body = {
+            "allocation": {  # AllocationOut's shape
+                "id": allocation_id,
+                "agent_id": item.agent_id,
+                "resource_type": item.resource_type_id,
+                "allocated_amount": item.amount,
+                "cost_usd": f"{cost:f}",
+                "unit_price_usd": self.price_texts[item.resource_type_id],
+                "status": Allocation.Status.COMMITTED.value,
+                "task_id": item.task_id,
+                "expires_at": None,
+                "settled_amount": None,
+                "created_at": self.created_at,
+                "finished_at": None,
+            }
+        }
+        if item.idempotency_key:
+            self.owned[item.idempotency_key] = _StoredResult(item.fingerprint, 201, body)
+        return {"index": index, "status": 201, **body}
+
+
+def _refused(index: int, error: LedgerError) -> dict:
+    return {
+        "index": index,
+        "status": error.status,
+        "error": {"code": error.code, "message": error.message, "details": error.details},
+    }
+
+
+# --- Writing ----------------------------------------------------------------------------------------------
+
+
+def _write(decider: _Decider, *, now: dt.datetime) -> None:
+    """The quota counters, the allocations and their usage rows of the accepted items: three statements."""
+    if not decider.accepted_items:
+        return
+    taken = [quota for quota in decider.quotas.values() if quota.taken]
+    Quota.objects.filter(pk__in=[quota.id for quota in taken]).update(
+        used=F("used")
+        + Case(
+            *[When(pk=quota.id, then=Value(quota.taken)) for quota in taken],
+            default=Value(0),
+            output_field=BigIntegerField(),
+        ),
+        spent_usd=F("spent_usd")
+        + Case(
+            *[When(pk=quota.id, then=Value(quota.cost)) for quota in taken],
+            default=Value(Decimal(0)),
+            output_field=DecimalField(**COST),
+        ),
+        updated_at=now,
+    )
+    at = connection.ops.adapt_datetimefield_value(now)
+    allocations = _Rows(
+        Allocation,
+        ("id", "agent", "resource_type", "quota", "amount", "unit_price_usd", "cost_usd", "task_id"),
+        same={"status": Allocation.Status.COMMITTED.value, "created_at": at},
+    )
+    usage = _Rows(
+        UsageLog,
+        ("agent", "resource_type", "quota", "amount", "unit_price_usd", "cost_usd", "task_id")
+        + ("idempotency_key", "metadata"),
+        same={"kind": UsageLog.Kind.ALLOCATION.value, "created_at": at},
+    )
+    for allocation_id, item, quota_id, cost in decider.accepted_items:
+        unit_price, cost_text = decider.price_texts[item.resource_type_id], f"{cost:f}"
+        allocations.add(
+            allocations.uuid(allocation_id),
+            item.agent_id,
+            item.resource_type_id,
+            quota_id,
+            item.amount,
+            unit_price,
+            cost_text,
+            item.task_id,
+        )
+        usage.add(
+            item.agent_id,
+            item.resource_type_id,
+            quota_id,
+            item.amount,
+            unit_price,
+            cost_text,
+            item.task_id,
+            item.idempotency_key,
+            usage.json({**item.metadata, "allocation_id": allocation_id}),
+        )
+    allocations.insert()
+    usage.insert()
+
+
+class _Rows:
+    """Rows of values for some columns of one table, sent in one statement on PostgreSQL.
+
+    There the rows travel as one JSON array of arrays, taken apart in the server: a short statement
+    whatever the number of rows (psycopg parses it once and caches it), encoded by the C JSON encoder.
+    ``jsonb``, not ``json``: every ``->`` on a ``json`` value parses its text again, column after column.
+    Elsewhere (SQLite) the rows are VALUES lists, split under the parameter limit. Values every row shares
+    are given once, as ``same`` (ordinary query parameters). Give the rows' values as the backend takes
+    them, through ``uuid`` and ``json``, and decimals as text.
+    """
+
+    def __init__(self, model, fields: Sequence[str], *, same: dict | None = None):
+        self.table = connection.ops.quote_name(model._meta.db_table)
+        self.fields = [model._meta.get_field(name) for name in fields]
+        self.same = [(model._meta.get_field(name), value) for name, value in (same or {}).items()]
+        self.columns = [model_field.column for model_field in self.fields + [f for f, _ in self.same]]
+        self.postgres = connection.vendor == "postgresql"
+        self.rows: list[tuple] = []
+
+    def add(self, *values) -> None:
+        self.rows.append(values)
+
+    def uuid(self, value: str) -> str:
+        return value if self.postgres else value.replace("-", "")
+
+    def json(self, value):
+        return value if self.postgres else json.dumps(value, cls=DjangoJSONEncoder)
+
+    def insert(self, *, suffix: str = "") -> list[tuple]:
+        """INSERT the rows; returns what a RETURNING ``suffix`` returns. (``WHERE true`` tells SQLite that
+        an ON CONFLICT clause belongs to the INSERT, not to its SELECT.)"""
+        names = ", ".join(self.columns)
+        return self.execute(
+            f"INSERT INTO {{table}} ({names}) SELECT {names} FROM {{rows}} WHERE true {suffix}"
+        )
+
+    def execute(self, sql: str, *, params: Sequence = ()) -> list[tuple]:
+        """Run ``sql``, where ``{rows}`` stands for the rows as a relation ``v`` (and ``{table}`` for the
+        table), in as few statements as the backend allows; ``params`` go before the rows'."""
+        returned: list[tuple] = []
+        with connection.cursor() as cursor:
+            for source, source_params in self._sources():
+                cursor.execute(sql.format(table=self.table, rows=source), [*params, *source_params])
+                if cursor.description:
+                    returned.extend(cursor.fetchall())
+        return returned
+
+    def _sources(self) -> Iterator[tuple[str, list]]:
+        if not self.rows:
+            return
+        same_values = [value for _, value in self.same]
+        if self.postgres:
+            columns = [
+                f"(r->{i})::jsonb AS {model_field.column}"
+                if isinstance(model_field, JSONField)
+                else f"(r->>{i})::{model_field.db_type(connection)} AS {model_field.column}"
+                for i, model_field in enumerate(self.fields)
+            ]
+            columns += [f"%s::{field.db_type(connection)} AS {field.column}" for field, _ in self.same]
+            source = f"(SELECT {', '.join(columns)} FROM jsonb_array_elements(%s::jsonb) AS r) AS v"
+            yield source, [*same_values, json.dumps(self.rows)]
+            return
+        columns = [f"column{i} AS {model_field.column}" for i, model_field in enumerate(self.fields, 1)]
+        columns += [f"%s AS {model_field.column}" for model_field, _ in self.same]
+        row_sql = "(" + ", ".join(["%s"] * len(self.fields)) + ")"
+        room = (connection.features.max_query_params or 65_535) - len(self.same)
+        per_statement = max(1, room // len(self.fields))
+        for start in range(0, len(self.rows), per_statement):
+            chunk = self.rows[start : start + per_statement]
+            values = ", ".join([row_sql] * len(chunk))
+            yield (
+                f"(SELECT {', '.join(columns)} FROM (VALUES {values})) AS v",
+                [*same_values, *(value for row in chunk for value in row)],
+            )
+
+
+__all__ = ["MAX_BATCH_ITEMS", "MAX_ITEM_KEY_LENGTH", "BatchItem", "BatchOutcome", "allocations_batch_create"]

@@ -1,0 +1,6 @@
+"""Benchmarks of the grid: ``python -m bench.run [--quick]`` (``make bench`` / ``make bench-quick``).
+
+Everything here is bench-only: its own settings module (which mounts a bare baseline view beside the real
+URLs), its own databases (``axiom_bench`` and ``axiom_bench_quick``) and Redis database 14. Load stays on
+loopback and every loop is bounded in requests and in seconds. See docs/benchmarks.md.
+"""

@@ -1,0 +1,223 @@
+"""The bench's own database and Redis database, and the SQL that fills them.
+
+The database is derived from the environment's ``DATABASE_URL`` (same server and user, another name:
+``axiom_bench`` or ``axiom_bench_quick``), so a bench never touches the development database or the
+test databases. It is dropped and created anew at the start of every run, under an advisory lock that
+makes two runs on the same database take turns. ``BENCH_DATABASE_URL`` overrides the derived URL; the
+name must contain "bench", because the run drops it.
+
+Bulk data is written with ``INSERT ... SELECT generate_series`` in the database itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import psycopg.errors
+
+DEFAULT_SERVER_URL = "postgres://postgres@127.0.0.1:5432/postgres"
+POSTGRES_SCHEMES = {"postgres", "postgresql", "pgsql"}
+REDIS_DB = 14
+LOCK_WAIT_SECONDS = 300
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def bench_database_url(*, quick: bool) -> str:
+    explicit = os.environ.get("BENCH_DATABASE_URL")
+    if explicit:
+        return explicit
+    base = os.environ.get("DATABASE_URL", "")
+    if urlsplit(base).scheme not in POSTGRES_SCHEMES:
+        base = DEFAULT_SERVER_URL
+    return _with_database(base, "axiom_bench_quick" if quick else "axiom_bench")
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def bench_redis_url() -> str:
+    """Database 14 of the environment's Redis (or of the local one)."""
+    base = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    return urlunsplit(urlsplit(base)._replace(path=f"/{REDIS_DB}"))
+
+
+def redis_flush(url: str) -> bool:
+    """Empty the bench's Redis database (only that one). False when Redis is not reachable."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2)
+        client.flushdb()
+        client.close()
+        return True
+    except Exception:
+        return False
+
+
+class DatabaseLock:
+    """A session advisory lock on the server's maintenance database, one per bench database name."""
+
+    def __init__(self, url: str):
+        self.maintenance_url = _with_database(url, "postgres")
+        self.key = zlib.crc32(f"axiom-bench:{database_name(url)}".encode())
+        self.connection: psycopg.Connection | None = None
+
+    def __enter__(self) -> DatabaseLock:
+        self.connection = psycopg.connect(self.maintenance_url, autocommit=True, connect_timeout=10)
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not self.connection.execute("SELECT pg_try_advisory_lock(%s)", [self.key]).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("another bench run holds the bench database; gave up waiting")
+            time.sleep(1)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.connection is not None:
+            self.connection.close()  # ends the session, and with it the lock
+
+
+def database_recreate(url: str) -> None:
+    name = database_name(url)
+    if "bench" not in name:
+        raise RuntimeError(f"refusing to drop {name!r}: a bench database's name contains 'bench'")
+    with psycopg.connect(_with_database(url, "postgres"), autocommit=True, connect_timeout=10) as conn:
+        # FORCE: a server left over from a run that was killed may still hold connections. A session busy
+        # in code that does not look at interrupts (a JIT compile) takes longer to go: try for a while.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                break
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def server_facts(url: str) -> dict:
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        version = conn.execute("SHOW server_version").fetchone()[0]
+        settings = dict(
+            conn.execute(
+                "SELECT name, current_setting(name) FROM pg_settings WHERE name IN ('shared_buffers', "
+                "'max_connections', 'synchronous_commit', 'work_mem', 'max_wal_size', 'jit')"
+            ).fetchall()
+        )
+    return {"version": version, "settings": settings}
+
+
+def deadlocks(cursor) -> int:
+    cursor.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    return int(cursor.fetchone()[0])
+
+
+# --- Sweep agents ---------------------------------------------------------------------------------------
+
+SWEEP_PREFIX = "sw-"
+
+# Agents sw-000001 .. sw-N: FREE/PRO/ENTERPRISE in turn, a $100 budget, one instance.
+SWEEP_AGENTS_SQL = """
+INSERT INTO ledger_agent (id, name, tier_id, status, status_reason, monthly_budget_usd, instance_count,
+                          min_instances, max_instances, metadata, created_at, updated_at)
+SELECT 'sw-' || lpad(g::text, 6, '0'), '', (ARRAY['FREE', 'PRO', 'ENTERPRISE'])[1 + g %% 3], 'active', '',
+       100.00, 1, 1, 10, '{}'::jsonb, now(), now()
+FROM generate_series(%(first)s, %(last)s) AS g
+"""
+
+# Every resource type's quota for the current period. Utilization is spread evenly over 0-99 % by a hash
+# of (agent, resource type), so about a fifth of the rows are above 80 %; the period's spend is spread over
+# 0-59 % of the budget, so about a sixth of the agents have crossed the 50 % alert threshold.
+SWEEP_QUOTAS_SQL = """
+INSERT INTO quotas (agent_id, resource_type_id, period_start, period_end, base_limit, limit_amount, used,
+                    reserved, listed, spent_usd, updated_at)
+SELECT a.id, tq.resource_type_id, %(start)s, %(end)s, tq.limit, tq.limit,
+       tq.limit * (abs(hashtext(a.id || tq.resource_type_id)) %% 100) / 100, 0, 0,
+       ((substr(a.id, 4)::int %% 100) * 0.12)::numeric(28, 12), now()
+FROM ledger_agent a
+JOIN ledger_tierquota tq ON tq.tier_id = a.tier_id
+WHERE a.id LIKE 'sw-%%' AND substr(a.id, 4)::int BETWEEN %(first)s AND %(last)s
+"""
+
+# Three usage rows per agent in the last day (what the cost-spike metric of the rules reads).
+SWEEP_USAGE_SQL = """
+INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
+                        idempotency_key, metadata, created_at)
+SELECT 'sw-' || lpad(g::text, 6, '0'), 'AI_TOKENS', NULL, 1000, 0.000001, 0.001, '', 'allocation', '',
+       '{}'::jsonb, now() - make_interval(mins => (g * 7 + k * 480) %% 1440)
+FROM generate_series(%(first)s, %(last)s) AS g, generate_series(0, 2) AS k
+"""
+
+SWEEP_RESET_SQL = """
+TRUNCATE optimization_alertdelivery, optimization_alert, optimization_rulestate, optimization_scalingevent;
+UPDATE ledger_agent SET instance_count = 1, status = 'active', status_reason = ''
+WHERE id LIKE 'sw-%' AND (instance_count <> 1 OR status <> 'active');
+"""
+
+
+# --- Reading at scale -----------------------------------------------------------------------------------
+
+READ_PREFIX = "rd-"
+READ_AGENTS = 1000
+
+READ_AGENTS_SQL = """
+INSERT INTO ledger_agent (id, name, tier_id, status, status_reason, monthly_budget_usd, instance_count,
+                          min_instances, max_instances, metadata, created_at, updated_at)
+SELECT 'rd-' || lpad(g::text, 4, '0'), '', 'ENTERPRISE', 'active', '', 5000.00, 1, 1, 10, '{}'::jsonb,
+       now(), now()
+FROM generate_series(0, %(agents)s - 1) AS g
+"""
+
+# %(rows)s usage rows over the read agents (round robin, so each agent's rows are spread over the whole
+# table, as they are when many agents write at once) and over the last 30 days, oldest first.
+READ_USAGE_SQL = """
+INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
+                        idempotency_key, metadata, created_at)
+SELECT 'rd-' || lpad((g %% %(agents)s)::text, 4, '0'),
+       (ARRAY['COMPUTE_MS', 'AI_TOKENS', 'STORAGE_KB', 'NETWORK_REQS', 'SOLANA_LAMPORTS'])[1 + (g / 7) %% 5],
+       NULL, 1 + g %% 1000, 0.000001, (1 + g %% 1000) * 0.000001, '', 'allocation', '', '{}'::jsonb,
+       %(now)s - make_interval(secs => 2592000.0 * (%(rows)s - g) / %(rows)s)
+FROM generate_series(1, %(rows)s) AS g
+"""
+
+# The current period's quota rows of the read agents, from their usage: the counters the metrics read.
+READ_QUOTAS_SQL = """
+INSERT INTO quotas (agent_id, resource_type_id, period_start, period_end, base_limit, limit_amount, used,
+                    reserved, listed, spent_usd, updated_at)
+SELECT u.agent_id, u.resource_type_id, %(start)s, %(end)s, GREATEST(tq.limit, SUM(u.amount)),
+       GREATEST(tq.limit, SUM(u.amount)), SUM(u.amount), 0, 0, SUM(u.cost_usd), now()
+FROM usage_logs u
+JOIN ledger_tierquota tq ON tq.tier_id = 'ENTERPRISE' AND tq.resource_type_id = u.resource_type_id
+WHERE u.agent_id LIKE 'rd-%%' AND u.created_at >= %(start)s
+GROUP BY u.agent_id, u.resource_type_id, tq.limit
+"""
+
+
+def usage_bulk_insert(cursor, sql: str, params: dict) -> None:
+    """Insert many usage rows the way a bulk load does: the secondary indexes dropped and built again
+    afterwards, and the foreign-key triggers off (the rows are made to be valid). All in one transaction,
+    so a run that dies half-way leaves the table, and its indexes, as they were."""
+    cursor.execute(
+        """
+        SELECT i.indexname, i.indexdef FROM pg_indexes i
+        WHERE i.tablename = 'usage_logs' AND i.schemaname = current_schema()
+          AND i.indexname NOT IN (SELECT conname FROM pg_constraint
+                                  WHERE conrelid = 'usage_logs'::regclass AND contype IN ('p', 'u', 'x'))
+        """
+    )
+    indexes = cursor.fetchall()
+    cursor.execute("SET LOCAL session_replication_role = replica")
+    cursor.execute("SET LOCAL maintenance_work_mem = '1GB'")
+    for name, _ in indexes:
+        cursor.execute(f'DROP INDEX "{name}"')
+    cursor.execute(sql, params)
+    for _, definition in indexes:
+        cursor.execute(definition)

@@ -1,0 +1,180 @@
+"""Run every benchmark scenario and print one table: ``python -m bench.run [--quick]``.
+
+Scenarios (docs/benchmarks.md says what each measures and why):
+
+1. One allocation over HTTP (API key, unique Idempotency-Key, audit, usage row) against a bare baseline
+   view, both under gunicorn at 32 connections.
+2. Batch ingestion: 1000-item batches, items per second (skipped when the batch routes do not exist).
+3. Hot agent: 32 clients allocating on one agent; exact final counts; pgbench's hot-row figure beside it.
+4. Sweeps (budget, rules, scaling) over N agents in a fresh process: seconds, queries, peak RSS.
+5. Reading at scale: p95 of the metrics, cost and usage endpoints of one agent over a large usage log.
+6. The allocation service alone, in one process.
+
+The full run (``make bench``) writes its table and the machine into docs/benchmarks.md. ``--quick``
+(``make bench-quick``, and tests/test_bench_quick.py) runs a small version of each in well under two
+minutes: it checks that the harness works, not the timings.
+
+Exit status: 0 when every scenario ran (whether or not it met its target), 1 when an invariant was broken
+(the hot agent's counters disagree with its usage log), 2 when a scenario could not run at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench import db, scenarios
+from bench.loadgen import wrk_available
+from bench.report import DOCS_PATH, Report, docs_write, log, machine_facts
+from bench.server import ROOT, GunicornServer
+
+
+def _guarded(report: Report, scenario: str, function, *args) -> None:
+    """Run one scenario; a scenario that cannot run is an ERROR row, and the others still run."""
+    started = time.perf_counter()
+    try:
+        function(report, *args)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        report.add(scenario, "could not run", message, "-", "ERROR")
+        report.harness_errors.append(f"{scenario}: {message}")
+        traceback.print_exc()
+    log(f"{scenario} took {time.perf_counter() - started:.0f} s")
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small version of each scenario (< 2 minutes)")
+    parser.add_argument(
+        "--loadgen",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="load generator of scenario 1: wrk if installed (auto), or the built-in Python client",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=3, help="gunicorn workers (default 3, as the Dockerfile)"
+    )
+    parser.add_argument("--worker-class", default="sync", help="gunicorn worker class (default sync)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread)")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="a subset to run, e.g. 1,3 (default: all)")
+    parser.add_argument(
+        "--docs",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="write the results into docs/benchmarks.md (auto: a full run of every scenario)",
+    )
+    args = parser.parse_args(argv)
+    if args.loadgen == "wrk" and not wrk_available():
+        parser.error("--loadgen wrk: wrk is not installed (apt-get install wrk)")
+    return args
+
+
+def _environment(database_url: str, redis_url: str, redis_ok: bool) -> None:
+    """Point this process and every process it starts at the bench's database and Redis database."""
+    os.environ.update(
+        {
+            "DATABASE_URL": database_url,
+            "DJANGO_SETTINGS_MODULE": "bench.settings",
+            "DEBUG": "false",
+            "LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if redis_ok:
+        os.environ["REDIS_URL"] = redis_url
+    else:
+        os.environ.pop("REDIS_URL", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    profile = scenarios.QUICK if args.quick else scenarios.FULL
+    chosen = {part.strip() for part in args.scenarios.split(",") if part.strip()}
+    use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and wrk_available())
+    started = time.perf_counter()
+
+    database_url = db.bench_database_url(quick=args.quick)
+    redis_url = db.bench_redis_url()
+    redis_ok = db.redis_flush(redis_url)
+    _environment(database_url, redis_url, redis_ok)
+    report = Report()
+    redis_text = redis_url if redis_ok else "not reachable"
+    log(f"{profile.name} run: database {db.database_name(database_url)}, Redis {redis_text}")
+    if not redis_ok:
+        report.notes.append(
+            f"Redis not reachable at {redis_url}: ran with the filesystem broker and file cache"
+        )
+
+    with db.DatabaseLock(database_url), tempfile.TemporaryDirectory(prefix="axiom-bench-") as workdir:
+        db.database_recreate(database_url)
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+        from django.db import connections
+
+        from ledger.services import reference_data_load
+
+        call_command("migrate", verbosity=0, interactive=False)
+        reference_data_load()
+        scenarios.baseline_tables_create(scenarios.ALLOC_AGENTS)
+        fixtures = scenarios.fixtures_create()
+        facts = machine_facts(database_url, redis_ok, redis_url)
+        log(f"setup took {time.perf_counter() - started:.0f} s")
+
+        server = GunicornServer(
+            workers=args.workers,
+            worker_class=args.worker_class,
+            threads=args.threads,
+            log_path=Path(workdir) / "gunicorn.log",
+        )
+        # In this order: the writes on a small database first, then the 10 million rows, then the sweeps
+        # (which then also read a large usage log, as they would in production).
+        with_server = [
+            ("1", "1 allocation HTTP", scenarios.allocation, (profile, fixtures, server, use_wrk)),
+            ("2", "2 batch", scenarios.batch, (profile, fixtures, server)),
+            ("3", "3 hot agent", scenarios.hot_agent, (profile, fixtures, server, database_url)),
+            ("6", "6 allocate in-process", scenarios.in_process, (profile, fixtures)),
+            ("5", "5 reads", scenarios.reads, (profile, fixtures, server)),
+        ]
+        if {"1", "2", "3", "5"} & chosen:
+            with server:
+                for key, label, function, extra in with_server:
+                    if key in chosen:
+                        _guarded(report, label, function, *extra)
+        elif "6" in chosen:
+            _guarded(report, "6 allocate in-process", scenarios.in_process, profile, fixtures)
+        if "4" in chosen:
+            _guarded(report, "4 sweeps", scenarios.sweeps, profile)
+        connections.close_all()
+
+    if redis_ok:
+        db.redis_flush(redis_url)
+    report.rows.sort(key=lambda row: row.scenario[0])  # stable: scenario order, rows as measured
+    loadgen = "wrk (scenario 1) + asyncio client" if use_wrk else "asyncio client"
+    print()
+    print(f"Axiom Grid bench ({profile.name}): {server.description}, loopback, load generator {loadgen}")
+    print(report.table())
+    for note in report.notes:
+        print(f"note: {note}")
+    elapsed = time.perf_counter() - started
+    if args.docs == "yes" or (args.docs == "auto" and not args.quick and chosen == set("123456")):
+        docs_write(report, facts, profile.name, server.description, loadgen)
+        print(f"results written to {DOCS_PATH.relative_to(ROOT)}")
+    if report.harness_errors:
+        print(f"bench: harness errors in {len(report.harness_errors)} scenario(s) ({elapsed:.0f} s)")
+        return 2
+    if report.invariant_errors:
+        print(f"bench: invariant broken: {'; '.join(report.invariant_errors)} ({elapsed:.0f} s)")
+        return 1
+    print(f"bench: harness ok, every scenario ran ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,817 @@
+"""The six scenarios of the bench, each bounded in requests and in seconds (see bench/run.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from bench import db
+from bench.loadgen import LoadResult, python_load, wrk_load
+from bench.report import Report, log, ms, per_second, statements_seen
+from bench.server import ROOT, CpuMeter, GunicornServer
+
+CONNECTIONS = 32
+AMOUNT = 1
+HOT_AMOUNT = 3  # not 1, so that "used == 201s x amount" cannot hold by accident
+ALLOC_AGENTS = 64
+HUGE_LIMIT = 10**15
+BATCH_ITEMS = 1000
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    http_requests: int
+    http_seconds: float
+    warmup_requests: int
+    batch_batches: int
+    batch_seconds: float
+    batch_connections: int
+    hot_requests: int
+    hot_seconds: float
+    pgbench_seconds: int
+    sweep_sizes: tuple[int, int]
+    sweep_timeout: float
+    read_rows: int
+    read_requests: int
+    read_warmup: int
+    inproc_count: int
+    inproc_seconds: float
+
+
+FULL = Profile(
+    name="full",
+    http_requests=400_000,
+    http_seconds=20,
+    warmup_requests=400,
+    batch_batches=300,
+    batch_seconds=20,
+    batch_connections=4,
+    hot_requests=30_000,
+    hot_seconds=15,
+    pgbench_seconds=10,
+    sweep_sizes=(1_000, 100_000),
+    sweep_timeout=120,
+    read_rows=10_000_000,
+    read_requests=200,
+    read_warmup=20,
+    inproc_count=50_000,
+    inproc_seconds=15,
+)
+QUICK = Profile(
+    name="quick",
+    http_requests=30_000,
+    http_seconds=3,
+    warmup_requests=96,
+    batch_batches=4,
+    batch_seconds=4,
+    batch_connections=2,
+    hot_requests=600,
+    hot_seconds=3,
+    pgbench_seconds=2,
+    sweep_sizes=(200, 1_000),
+    sweep_timeout=60,
+    read_rows=100_000,
+    read_requests=40,
+    read_warmup=5,
+    inproc_count=300,
+    inproc_seconds=3,
+)
+
+TARGETS = {
+    "batch_items_per_second": 20_000,
+    "sweep_seconds": 5.0,
+    "sweep_rss_mb": 300.0,
+    "read_p95_ms": 30.0,
+    "inproc_per_second": 2_500,
+}
+
+
+@dataclass
+class Fixtures:
+    operator_key: str
+    alloc_agents: list[tuple[str, str]]  # (agent id, key)
+    hot_agent: tuple[str, str]
+    inproc_agent: str
+
+
+def fixtures_create() -> Fixtures:
+    from allocation.keys import api_key_issue, operator_key_issue
+    from ledger.services import agent_create
+
+    def custom_agent(agent_id: str):
+        from ledger.models import ResourceType
+
+        limits = dict.fromkeys(ResourceType.objects.values_list("code", flat=True), HUGE_LIMIT)
+        return agent_create(agent_id=agent_id, tier_code="CUSTOM", name=agent_id, custom_limits=limits)
+
+    _, operator_key = operator_key_issue(username="bench", name="bench")
+    alloc_agents = []
+    for index in range(ALLOC_AGENTS):
+        agent = custom_agent(f"alloc-{index:03d}")
+        alloc_agents.append((agent.pk, api_key_issue(agent=agent, name="bench")[1]))
+    hot = custom_agent("hot-agent")
+    inproc = custom_agent("inproc-agent")
+    return Fixtures(
+        operator_key=operator_key,
+        alloc_agents=alloc_agents,
+        hot_agent=(hot.pk, api_key_issue(agent=hot, name="bench")[1]),
+        inproc_agent=inproc.pk,
+    )
+
+
+def baseline_tables_create(rows: int) -> None:
+    from django.db import connection
+
+    from bench.baseline import BASELINE_SCHEMA_SQL
+
+    with connection.cursor() as cursor:
+        for statement in BASELINE_SCHEMA_SQL.split(";"):
+            if statement.strip():
+                cursor.execute(statement)
+        cursor.execute(
+            "INSERT INTO bench_quota (id, used, lim) SELECT g, 0, %s FROM generate_series(1, %s) g "
+            "ON CONFLICT (id) DO NOTHING",
+            [HUGE_LIMIT, rows],
+        )
+
+
+def sql(statement: str, params=None) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+
+
+def scalar(statement: str, params=None):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchone()[0]
+
+
+def json_headers(token: str | None, idempotency_key: str | None = None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    return headers
+
+
+def run_id() -> str:
+    return f"b{time.time_ns():x}"
+
+
+def cpu_meter(server: GunicornServer) -> CpuMeter:
+    from django.db import connection
+
+    return CpuMeter(server=server, database_name=connection.settings_dict["NAME"])
+
+
+# --- Scenario 1: one allocation over HTTP against the bare baseline --------------------------------------
+
+
+def _post_load(
+    *,
+    port: int,
+    targets: list[tuple[str, str | None]],
+    body: str,
+    idempotency: bool,
+    requests: int,
+    seconds: float,
+    use_wrk: bool,
+) -> LoadResult:
+    run = run_id()
+    if use_wrk:
+        return wrk_load(
+            port=port,
+            targets=targets,
+            body=body,
+            connections=CONNECTIONS,
+            max_requests=requests,
+            seconds=seconds,
+            idempotency=idempotency,
+            run_id=run,
+        )
+    encoded = body.encode()
+
+    def make(index: int):
+        path, token = targets[index % len(targets)]
+        return "POST", path, json_headers(token, f"{run}-{index}" if idempotency else None), encoded
+
+    return python_load(
+        port=port, make_request=make, connections=CONNECTIONS, max_requests=requests, seconds=seconds
+    )
+
+
+def allocation(
+    report: Report, profile: Profile, fixtures: Fixtures, server: GunicornServer, use_wrk: bool
+) -> None:
+    """Scenario 1: the allocation endpoint with everything on (API key, unique Idempotency-Key, audit,
+    usage row) against the bare baseline view, both at 32 connections on the same server."""
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+    from django.urls import reverse
+
+    port = server.port
+    body = json.dumps({"resource_type": "AI_TOKENS", "amount": AMOUNT})
+    ours = [(reverse("api:allocations", kwargs={"agent_id": a}), key) for a, key in fixtures.alloc_agents]
+    baseline = [(reverse("bench-baseline", kwargs={"quota_id": i}), None) for i in range(1, ALLOC_AGENTS + 1)]
+
+    # Preflight in this process: the endpoint works, and how many queries one request costs once the
+    # process is warm (the first request of a process also loads the per-process caches).
+    client = Client()
+    path, key = ours[0]
+    for attempt in range(3):
+        with CaptureQueriesContext(connection) as queries, statements_seen(connection) as kinds:
+            response = client.post(
+                path,
+                body,
+                content_type="application/json",
+                headers={"authorization": f"Bearer {key}", "idempotency-key": f"{run_id()}-preflight"},
+            )
+        if response.status_code != 201:
+            raise RuntimeError(
+                f"allocation preflight {attempt} answered {response.status_code}: {response.content[:300]!r}"
+            )
+    report.add(
+        "1 allocation HTTP",
+        "queries per request (warm, in process)",
+        f"{len(queries.captured_queries)} ({' '.join(kinds)})",
+    )
+    response = client.post(baseline[0][0], body, content_type="application/json")
+    if response.status_code != 201:
+        raise RuntimeError(f"baseline preflight answered {response.status_code}: {response.content[:300]!r}")
+
+    tool = "wrk" if use_wrk else "python"
+    results: dict[str, LoadResult] = {}
+    meters: dict[str, CpuMeter] = {}
+    for label, targets, idempotency in (("baseline", baseline, False), ("ours", ours, True)):
+        # Warm-up with the Python client: opens every agent's quota period and warms the workers.
+        _post_load(
+            port=port,
+            targets=targets,
+            body=body,
+            idempotency=idempotency,
+            requests=profile.warmup_requests,
+            seconds=10,
+            use_wrk=False,
+        )
+        log(f"scenario 1: {label} ({tool}, {CONNECTIONS} connections, {profile.http_seconds:.0f} s)")
+        with cpu_meter(server) as meters[label]:
+            results[label] = _post_load(
+                port=port,
+                targets=targets,
+                body=body,
+                idempotency=idempotency,
+                requests=profile.http_requests,
+                seconds=profile.http_seconds,
+                use_wrk=use_wrk,
+            )
+    for label, scenario in (("ours", "1 allocation HTTP"), ("baseline", "1 baseline HTTP")):
+        result = results[label]
+        bound = " (request bound hit: a lower bound)" if result.request_bound_hit else ""
+        report.add(
+            scenario, f"throughput ({result.tool}, {CONNECTIONS} conn)", per_second(result.rps) + bound
+        )
+        report.add(scenario, "latency p50", ms(result.p50_ms))
+        report.add(scenario, "latency p99", ms(result.p99_ms))
+        report.add(scenario, "server CPU per request", meters[label].per_request(result.requests))
+        errors = result.errors(ok=(201,))
+        report.check(scenario, "errors (non-201, socket)", f"{errors} of {result.requests}", "0", errors == 0)
+    ours_result, base_result = results["ours"], results["baseline"]
+    if base_result.rps and base_result.p99_ms:
+        report.add(
+            "1 allocation HTTP", "throughput ours/baseline", f"{ours_result.rps / base_result.rps:.2f}x"
+        )
+        report.add(
+            "1 allocation HTTP", "p99 ours/baseline", f"{ours_result.p99_ms / base_result.p99_ms:.2f}x"
+        )
+
+
+# --- Scenario 2: batch ingestion ------------------------------------------------------------------------
+
+
+def _route(name: str, **kwargs) -> str | None:
+    from django.urls import NoReverseMatch, reverse
+
+    try:
+        return reverse(name, kwargs=kwargs or None)
+    except NoReverseMatch:
+        return None
+
+
+def batch(report: Report, profile: Profile, fixtures: Fixtures, server: GunicornServer) -> None:
+    """Scenario 2: 1000-item batches on the batch routes, when they exist; items per second."""
+    port = server.port
+    agents = fixtures.alloc_agents
+    variants = []
+    usage_path = _route("api:usage-batch")
+    if usage_path is None:
+        report.add(
+            "2 batch usage", "items/s", "not available: route api:usage-batch does not resolve", "-", "n/a"
+        )
+    else:
+        variants.append(("2 batch usage", "usage"))
+    if _route("api:allocations-batch", agent_id=agents[0][0]) is None:
+        report.add(
+            "2 batch allocations",
+            "items/s",
+            "not available: route api:allocations-batch does not resolve",
+            "-",
+            "n/a",
+        )
+    else:
+        variants.append(("2 batch allocations", "allocations"))
+
+    for scenario, kind in variants:
+        run = run_id()
+        requests = []
+        for batch in range(profile.batch_batches):
+            if kind == "usage":
+                items = [
+                    {
+                        "agent_id": agents[(batch + i) % len(agents)][0],
+                        "resource_type": "AI_TOKENS",
+                        "amount": AMOUNT,
+                        "idempotency_key": f"{run}-{batch}-{i}",
+                    }
+                    for i in range(BATCH_ITEMS)
+                ]
+                path, token = usage_path, fixtures.operator_key
+            else:
+                agent_id, token = agents[batch % len(agents)]
+                items = [
+                    {"resource_type": "AI_TOKENS", "amount": AMOUNT, "idempotency_key": f"{run}-{batch}-{i}"}
+                    for i in range(BATCH_ITEMS)
+                ]
+                path = _route("api:allocations-batch", agent_id=agent_id)
+            requests.append(("POST", path, json_headers(token), json.dumps({"items": items}).encode()))
+
+        def make(index: int, requests=requests):
+            return requests[index]
+
+        preflight = python_load(
+            port=port, make_request=make, connections=1, max_requests=1, seconds=60, keep_bodies=1
+        )
+        if preflight.requests != 1 or not 200 <= next(iter(preflight.statuses)) < 300:
+            answer = preflight.bodies[0][:300] if preflight.bodies else b"no answer"
+            raise RuntimeError(f"{kind} batch preflight answered {dict(preflight.statuses)}: {answer!r}")
+        rows_before = scalar("SELECT count(*) FROM usage_logs")
+        summary = {"accepted": 0, "refused": 0, "replayed": 0}
+
+        def count(status: int, response_body: bytes, summary=summary) -> None:
+            # The answer is 200 with one result per item and a summary at the end; read only the summary.
+            if 200 <= status < 300:
+                for name in summary:
+                    match = re.search(rb'"%s"\s*:\s*(\d+)' % name.encode(), response_body[-400:])
+                    summary[name] += int(match.group(1)) if match else 0
+
+        log(f"scenario 2: {kind} batches ({profile.batch_connections} connections)")
+        with cpu_meter(server) as meter:
+            result = python_load(
+                port=port,
+                make_request=lambda index, requests=requests: requests[index + 1],
+                connections=profile.batch_connections,
+                max_requests=len(requests) - 1,
+                seconds=profile.batch_seconds,
+                on_response=count,
+            )
+        rows_written = scalar("SELECT count(*) FROM usage_logs") - rows_before
+        accepted = summary["accepted"]
+        items_per_second = accepted / result.elapsed if result.elapsed else 0.0
+        target = TARGETS["batch_items_per_second"]
+        report.check(
+            scenario,
+            f"items/s ({BATCH_ITEMS}-item batches, {profile.batch_connections} conn)",
+            per_second(items_per_second),
+            f">= {target:,}",
+            items_per_second >= target,
+        )
+        report.add(scenario, "batch latency p50 / p99", f"{ms(result.p50_ms)} / {ms(result.p99_ms)}")
+        report.add(scenario, "server CPU per batch", meter.per_request(result.requests))
+        errors = result.errors(ok=tuple(range(200, 300)))
+        refused = summary["refused"] + summary["replayed"]
+        report.check(
+            scenario,
+            "failed batches / refused items",
+            f"{errors} of {result.requests} / {refused:,} of {result.requests * BATCH_ITEMS:,}",
+            "0 / 0",
+            errors == 0 and refused == 0,
+        )
+        report.check(
+            scenario,
+            "usage rows written = items accepted",
+            f"{rows_written:,} = {accepted:,}",
+            "equal",
+            rows_written == accepted,
+        )
+
+
+# --- Scenario 3: the hot agent --------------------------------------------------------------------------
+
+
+def _pgbench(database_url: str, seconds: int) -> float | None:
+    from urllib.parse import unquote, urlsplit
+
+    binary = shutil.which("pgbench")
+    if binary is None:
+        return None
+    parts = urlsplit(database_url)
+    env = {**os.environ}
+    if parts.password:
+        env["PGPASSWORD"] = unquote(parts.password)
+    command = [
+        binary,
+        "-n",
+        "-c",
+        "8",
+        "-j",
+        "2",
+        "-T",
+        str(seconds),
+        "-f",
+        str(ROOT / "bench" / "hot_row.sql"),
+    ]
+    command += ["-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432)]
+    if parts.username:
+        command += ["-U", unquote(parts.username)]
+    command.append(parts.path.lstrip("/"))
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    match = re.search(r"tps = ([0-9.]+)", completed.stdout)
+    if completed.returncode != 0 or match is None:
+        raise RuntimeError(f"pgbench failed: {completed.stderr.strip()[-300:]}")
+    return float(match.group(1))
+
+
+def hot_agent(
+    report: Report, profile: Profile, fixtures: Fixtures, server: GunicornServer, database_url: str
+) -> None:
+    """Scenario 3: 32 clients allocating on one agent; the counters must equal the usage log exactly.
+    The Python client finishes what is in flight before it stops, so its count of 201s is exact."""
+    from django.db import connection
+    from django.urls import reverse
+
+    scenario = "3 hot agent"
+    agent_id, key = fixtures.hot_agent
+    path = reverse("api:allocations", kwargs={"agent_id": agent_id})
+    body = json.dumps({"resource_type": "AI_TOKENS", "amount": HOT_AMOUNT}).encode()
+    run = run_id()
+
+    def make(index: int):
+        return "POST", path, json_headers(key, f"{run}-{index}"), body
+
+    with connection.cursor() as cursor:
+        deadlocks_before = db.deadlocks(cursor)
+    log_before = len(server.log_text())
+    log(f"scenario 3: {CONNECTIONS} clients on one agent (python client, exact counts)")
+    with cpu_meter(server) as meter:
+        result = python_load(
+            port=server.port,
+            make_request=make,
+            connections=CONNECTIONS,
+            max_requests=profile.hot_requests,
+            seconds=profile.hot_seconds,
+        )
+    time.sleep(1.0)  # the statistics collector reports deadlocks with a delay
+    with connection.cursor() as cursor:
+        deadlocks = db.deadlocks(cursor) - deadlocks_before
+        cursor.execute(
+            "SELECT COALESCE(SUM(used), 0), COALESCE(SUM(reserved), 0) FROM quotas WHERE agent_id = %s",
+            [agent_id],
+        )
+        used, reserved = cursor.fetchone()
+        cursor.execute(
+            "SELECT COALESCE(SUM(amount), 0), count(*) FROM usage_logs WHERE agent_id = %s", [agent_id]
+        )
+        usage_sum, usage_rows = cursor.fetchone()
+    deadlocks += server.log_text()[log_before:].lower().count("deadlock")
+    created = result.count(201)
+    errors = result.errors(ok=(201,))
+    report.add(scenario, f"throughput (python, {CONNECTIONS} clients, 1 agent)", per_second(result.rps))
+    report.add(scenario, "latency p50 / p99", f"{ms(result.p50_ms)} / {ms(result.p99_ms)}")
+    report.add(scenario, "server CPU per request", meter.per_request(result.requests))
+    report.check(scenario, "errors (non-201, socket)", f"{errors} of {result.requests}", "0", errors == 0)
+    report.check(scenario, "deadlocks", str(deadlocks), "0", deadlocks == 0)
+    exact = used == created * HOT_AMOUNT and usage_sum == used and usage_rows == created and reserved == 0
+    counts = f"used {used:,} = {created:,} x {HOT_AMOUNT}; usage sum {usage_sum:,}, rows {usage_rows:,}"
+    if exact:
+        report.add(scenario, "exact final counts", counts, "used = 201s x amount = usage sum", "pass")
+    elif result.socket_errors:
+        report.add(
+            scenario,
+            "exact final counts",
+            f"undecidable: {result.socket_errors} requests without an answer; {counts}",
+            "used = 201s x amount = usage sum",
+            "FAIL",
+        )
+    else:
+        report.add(scenario, "exact final counts", counts, "used = 201s x amount = usage sum", "ERROR")
+        report.invariant_errors.append(f"hot agent counts disagree: {counts}")
+
+    log(f"scenario 3: pgbench hot row (8 clients, {profile.pgbench_seconds} s)")
+    tps = _pgbench(database_url, profile.pgbench_seconds)
+    if tps is None:
+        report.add(
+            scenario, "pgbench hot row (8 clients)", "not available: pgbench is not installed", "-", "n/a"
+        )
+    else:
+        report.add(scenario, "pgbench hot row (8 clients), same UPDATE+INSERT", f"{tps:,.0f} tx/s")
+        report.add(scenario, "ours / pgbench hot row", f"{result.rps / tps:.2f}x")
+
+
+# --- Scenario 4: sweeps ---------------------------------------------------------------------------------
+
+SWEEPS = ("budget_sweep", "rules_evaluate", "scaling_evaluate")
+
+
+def _sweep_seed(first: int, last: int) -> None:
+    from ledger.periods import month_bounds
+
+    start, end = month_bounds(dt.datetime.now(dt.UTC))
+    params = {"first": first, "last": last, "start": start, "end": end}
+    sql(db.SWEEP_AGENTS_SQL, params)
+    sql(db.SWEEP_QUOTAS_SQL, params)
+    sql(db.SWEEP_USAGE_SQL, params)
+    sql("ANALYZE")
+
+
+def _sweep_reset() -> None:
+    for statement in db.SWEEP_RESET_SQL.split(";"):
+        if statement.strip():
+            sql(statement)
+
+
+def _policies_create() -> None:
+    from optimization.models import ScalingPolicy
+
+    for tier, metric in (("FREE", "budget_utilization_percent"), ("PRO", None), ("ENTERPRISE", None)):
+        ScalingPolicy.objects.update_or_create(
+            tier_id=tier,
+            defaults={
+                "metric": metric or "resource_utilization_percent",
+                "scale_up_threshold": 80,
+                "scale_down_threshold": 30,
+                "step": 1,
+                "min_instances": 1,
+                "max_instances": 10,
+                "cooldown_seconds": 600,
+                "enabled": True,
+            },
+        )
+
+
+SWEEP_APPLICATION_NAME = "axiom-bench-sweep"
+
+
+def _sweep_env(timeout: float) -> dict[str, str]:
+    """The sweep worker's environment. JIT is off for its session (``BENCH_SWEEP_PGOPTIONS`` overrides):
+    PostgreSQL's JIT compiled a statement with one CASE arm per agent (scaling_evaluate's bulk UPDATE, before
+    ledger/bulk.py) for more than ten minutes, and cannot be interrupted while it does: neither a timeout nor
+    a cancel nor pg_terminate_backend ends it, and it holds up every DROP DATABASE on the server meanwhile.
+    The statement timeout ends whatever else runs away, on the server's side."""
+    options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
+    return {
+        **os.environ,
+        "PGAPPNAME": SWEEP_APPLICATION_NAME,
+        "PGOPTIONS": f"{options} -c statement_timeout={int(timeout * 1000)}",
+    }
+
+
+def _sweep_backends_end() -> None:
+    """End the server sessions a killed sweep worker left behind (they would go on holding row locks)."""
+    sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = %s AND pid <> pg_backend_pid()",
+        [SWEEP_APPLICATION_NAME],
+    )
+
+
+def _sweep_run(name: str, timeout: float) -> dict:
+    command = [sys.executable, "-m", "bench.worker", "sweep", name]
+    try:
+        completed = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=_sweep_env(timeout),
+            capture_output=True,
+            text=True,
+            timeout=timeout + 30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        _sweep_backends_end()
+        return {"timeout": True}
+    line = next((ln for ln in completed.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if line is None and "statement timeout" in completed.stderr:
+        return {"timeout": True}
+    if completed.returncode != 0 or line is None:
+        raise RuntimeError(f"{name} failed: {completed.stderr.strip()[-600:]}")
+    return json.loads(line.removeprefix("BENCH_JSON "))
+
+
+def _outcome_text(outcome) -> str:
+    if isinstance(outcome, dict):
+        keys = ("alerts", "conditions_true", "scaled_up", "scaled_down", "evaluated")
+        shown = {k: outcome[k] for k in keys if k in outcome}
+        return ", ".join(f"{k} {v}" for k, v in shown.items())
+    return f"{outcome} alerts"
+
+
+def sweeps(report: Report, profile: Profile) -> None:
+    """Scenario 4: each sweep in a fresh process at a small and a large number of agents: seconds and
+    peak RSS at the large one, and the query count at both (it must not depend on the number)."""
+    small, large = profile.sweep_sizes
+    _policies_create()
+    options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
+    report.notes.append(
+        f"scenario 4: each sweep runs in a fresh process with PGOPTIONS '{options}' "
+        "(PostgreSQL's JIT cannot be interrupted while it compiles a statement with a CASE arm per agent)"
+    )
+    measured: dict[int, dict[str, dict]] = {}
+    seeded = 0
+    for size in (small, large):
+        log(f"scenario 4: seeding {size:,} agents")
+        _sweep_seed(seeded + 1, size)
+        seeded = size
+        measured[size] = {}
+        for name in SWEEPS:
+            _sweep_reset()
+            log(f"scenario 4: {name} over {size:,} agents")
+            measured[size][name] = _sweep_run(name, profile.sweep_timeout)
+    for name in SWEEPS:
+        scenario = f"4 {name}"
+        big, little = measured[large][name], measured[small][name]
+        if big.get("timeout"):
+            report.add(
+                scenario,
+                f"seconds @ {large:,} agents",
+                f"timed out after {profile.sweep_timeout:.0f} s",
+                f"<= {TARGETS['sweep_seconds']:.0f} s",
+                "FAIL",
+            )
+            continue
+        report.check(
+            scenario,
+            f"seconds @ {large:,} agents",
+            f"{big['seconds']:.2f} s ({_outcome_text(big['outcome'])})",
+            f"<= {TARGETS['sweep_seconds']:.0f} s",
+            big["seconds"] <= TARGETS["sweep_seconds"],
+        )
+        small_queries = "timed out" if little.get("timeout") else str(little["queries"])
+        report.check(
+            scenario,
+            f"queries @ {large:,} (@ {small:,})",
+            f"{big['queries']} ({small_queries})",
+            "independent of N",
+            not little.get("timeout") and big["queries"] == little["queries"],
+        )
+        report.check(
+            scenario,
+            "peak RSS",
+            f"{big['peak_rss_mb']:.0f} MB (process at start {big['rss_before_mb']:.0f} MB)",
+            f"< {TARGETS['sweep_rss_mb']:.0f} MB",
+            big["peak_rss_mb"] < TARGETS["sweep_rss_mb"],
+        )
+
+
+# --- Scenario 5: reading at scale -----------------------------------------------------------------------
+
+
+def reads(report: Report, profile: Profile, fixtures: Fixtures, server: GunicornServer) -> None:
+    """Scenario 5: a large usage log generated in SQL, then p95 of one agent's reading endpoints, and the
+    same with a different agent on every request (an operator key): then each request reads pages that
+    PostgreSQL's buffer cache does not hold yet, as it would with a fleet of agents reading."""
+    from django.db import connection
+    from django.urls import reverse
+
+    from allocation.keys import api_key_issue
+    from ledger.models import Agent
+    from ledger.periods import month_bounds
+
+    port = server.port
+    now = dt.datetime.now(dt.UTC)
+    start, end = month_bounds(now)
+    log(f"scenario 5: generating {profile.read_rows:,} usage rows over {db.READ_AGENTS:,} agents")
+    started = time.perf_counter()
+    sql(db.READ_AGENTS_SQL, {"agents": db.READ_AGENTS})
+    with connection.cursor() as cursor:
+        db.usage_bulk_insert(
+            cursor, db.READ_USAGE_SQL, {"agents": db.READ_AGENTS, "rows": profile.read_rows, "now": now}
+        )
+    sql(db.READ_QUOTAS_SQL, {"start": start, "end": end})
+    sql("ANALYZE")
+    report.add(
+        "5 reads",
+        "usage_logs rows (SQL generate + index + ANALYZE)",
+        f"{scalar('SELECT count(*) FROM usage_logs'):,} in {time.perf_counter() - started:.0f} s",
+    )
+    agent = Agent.objects.get(pk="rd-0000")
+    key = api_key_issue(agent=agent, name="bench")[1]
+    routes = (
+        ("metrics", "optimization:agent-metrics"),
+        ("cost", "api:cost"),
+        ("usage", "api:usage"),
+    )
+    agent_rows = scalar("SELECT count(*) FROM usage_logs WHERE agent_id = %s", [agent.pk])
+    target = TARGETS["read_p95_ms"]
+    for name, route in routes:
+        path = reverse(route, kwargs={"agent_id": agent.pk})
+        headers = json_headers(key)
+
+        def make(index: int, path=path, headers=headers):
+            return "GET", path, headers, b""
+
+        python_load(port=port, make_request=make, connections=1, max_requests=profile.read_warmup, seconds=30)
+        log(f"scenario 5: GET {name} x {profile.read_requests}")
+        result = python_load(
+            port=port, make_request=make, connections=1, max_requests=profile.read_requests, seconds=60
+        )
+        errors = result.errors(ok=(200,))
+        report.check(
+            f"5 GET {name}",
+            f"p95 ({result.requests} sequential, agent with {agent_rows:,} rows)",
+            f"{ms(result.p95_ms)} (p50 {ms(result.p50_ms)})",
+            f"<= {target:.0f} ms",
+            errors == 0 and result.p95_ms is not None and result.p95_ms <= target,
+        )
+        # Agents rd-0001 onwards, a different one on every request; each endpoint its own range.
+        first = 1 + routes.index((name, route)) * profile.read_requests
+        paths = [
+            reverse(route, kwargs={"agent_id": f"{db.READ_PREFIX}{(first + i) % db.READ_AGENTS:04d}"})
+            for i in range(profile.read_requests)
+        ]
+        operator = json_headers(fixtures.operator_key)
+        spread = python_load(
+            port=port,
+            make_request=lambda index, paths=paths, operator=operator: ("GET", paths[index], operator, b""),
+            connections=1,
+            max_requests=len(paths),
+            seconds=60,
+        )
+        errors += spread.errors(ok=(200,))
+        report.add(
+            f"5 GET {name}",
+            f"p95 ({spread.requests} sequential, a different agent each)",
+            f"{ms(spread.p95_ms)} (p50 {ms(spread.p50_ms)})",
+            f"(<= {target:.0f} ms)",
+        )
+        if errors:
+            report.add(f"5 GET {name}", "errors", f"{errors}", "0", "FAIL")
+
+
+# --- Scenario 6: the service alone ----------------------------------------------------------------------
+
+
+def in_process(report: Report, profile: Profile, fixtures: Fixtures) -> None:
+    """Scenario 6: ``allocation_create`` in a loop in one fresh process, no HTTP."""
+    command = [
+        sys.executable, "-m", "bench.worker", "allocate", fixtures.inproc_agent,
+        "--count", str(profile.inproc_count), "--seconds", str(profile.inproc_seconds),
+    ]  # fmt: skip
+    log(f"scenario 6: allocation_create in one process ({profile.inproc_seconds:.0f} s)")
+    completed = subprocess.run(
+        command, cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True,
+        timeout=profile.inproc_seconds + 120, check=False,
+    )  # fmt: skip
+    line = next((ln for ln in completed.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if completed.returncode != 0 or line is None:
+        raise RuntimeError(f"in-process allocation failed: {completed.stderr.strip()[-600:]}")
+    data = json.loads(line.removeprefix("BENCH_JSON "))
+    target = TARGETS["inproc_per_second"]
+    report.check(
+        "6 allocate in-process",
+        f"allocations/s ({data['allocations']:,} in {data['seconds']:.1f} s)",
+        per_second(data["per_second"]),
+        f">= {target:,}",
+        data["per_second"] >= target,
+    )
+    kinds = " ".join(data["query_kinds"])
+    report.add(
+        "6 allocate in-process", "queries per allocation", f"{data['queries_per_allocation']} ({kinds})"
+    )
+    used = scalar("SELECT COALESCE(SUM(used), 0) FROM quotas WHERE agent_id = %s", [fixtures.inproc_agent])
+    ok = used == data["total_taken"] * AMOUNT
+    report.add(
+        "6 allocate in-process",
+        "used = allocations x amount",
+        f"{used:,} = {data['total_taken']:,} x {AMOUNT}",
+        "equal",
+        "pass" if ok else "ERROR",
+    )
+    if not ok:
+        report.invariant_errors.append(
+            f"in-process allocations: used {used} for {data['total_taken']} allocations"
+        )

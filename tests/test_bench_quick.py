@@ -1,0 +1,45 @@
+"""The benchmark harness runs: ``python -m bench.run --quick`` ends by itself, exits 0 and prints the table
+with a row for every scenario. The timings are not asserted here; only that the harness has not rotted.
+
+It runs in its own database (``axiom_bench_quick``, beside the one ``DATABASE_URL`` names) and Redis
+database 14, never in the test database.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.postgres
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_SECONDS = 115
+SCENARIOS = ("1", "2", "3", "4", "5", "6")
+
+
+def test_bench_quick_runs_every_scenario_and_prints_the_table():
+    env = {**os.environ}
+    env.pop("BENCH_DATABASE_URL", None)  # always the derived axiom_bench_quick
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--docs", "no"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+    output = completed.stdout
+    assert completed.returncode == 0, (
+        f"exit {completed.returncode}\n{output[-4000:]}\n{completed.stderr[-4000:]}"
+    )
+    assert re.search(r"^\| scenario +\| metric +\| result +\| target +\| pass/fail \|$", output, re.M), output
+    for scenario in SCENARIOS:
+        assert re.search(rf"^\| {scenario} \S", output, re.M), f"no row for scenario {scenario}\n{output}"
+    assert "| ERROR" not in output, output
+    assert "bench: harness ok" in output
