@@ -455,6 +455,13 @@ def _preparing_cursor_class() -> type:
         def execute(self, query, params=None, *, prepare=None, binary=None):
             return super().execute(query, params, prepare=True, binary=binary)
 
+        def _convert_query(self, query, params=None):
+            # Django's query log reads the query back from ``_query``, which psycopg 3.3 leaves unset when it
+            # runs a prepared statement: set it, so that logs and CaptureQueriesContext show the SQL.
+            converted = super()._convert_query(query, params)
+            self._query = converted
+            return converted
+
     return PreparingCursor
 
 
@@ -467,27 +474,49 @@ def _execute_returning(sql: str, params: list):
 def _write_in_one_statement(
     db, draft: AllocationDraft, *, rows: Rows, companions: Rows, requires: Sequence[RequiredRow]
 ) -> int:
-    allocation = draft.allocation
     sql, params = _one_statement(db, draft, rows=rows, companions=companions, requires=requires)
-    if companions and db.in_atomic_block:
-        # A companion may fail (a duplicate idempotency key) and the caller may want to go on with its
-        # transaction: give the statement a savepoint. Outside a transaction the statement is its own.
-        with transaction.atomic():
-            row = _execute_returning(sql, params)
-    else:
-        row = _execute_returning(sql, params)
-    if row is not None:
-        return row[0]
-    # Refused, or the first allocation of the period. Find out which in a transaction, so that a period
-    # opened for an allocation that is then refused is rolled back with it.
+
+    def attempt():
+        if companions and db.in_atomic_block:
+            # A companion may fail (a duplicate idempotency key) and the caller may want to go on with its
+            # transaction: give the statement a savepoint. Outside a transaction it is its own.
+            with transaction.atomic():
+                return _execute_returning(sql, params)
+        return _execute_returning(sql, params)
+
+    row = attempt()
+    if row is None:
+        row = _after_no_row(draft, attempt, requires=requires)
+    return row[0]
+
+
+def _after_no_row(draft: AllocationDraft, attempt, *, requires: Sequence[RequiredRow]):
+    """The statement took nothing: refused, or the first allocation of the period. Find out which.
+
+    Reading needs no transaction, and the refusals (a revoked key, an inactive agent, an exceeded quota)
+    raise without one: a rollback would also make psycopg forget its prepared statements. Only opening a
+    new period writes, in a transaction that rolls it back if the allocation is refused even so.
+    """
+    allocation = draft.allocation
+    _ensure_required(requires)
+    agent = _agent_ready_to_allocate(allocation.agent_id)
+    period_start, _ = month_bounds(draft.now)
+    quota = Quota.objects.filter(
+        agent_id=allocation.agent_id, resource_type_id=allocation.resource_type_id, period_start=period_start
+    ).first()
+    if quota is not None:
+        if quota.available >= allocation.amount:  # freed, or opened, since the statement ran
+            row = attempt()
+            if row is not None:
+                return row
+            quota.refresh_from_db()
+        raise _quota_exceeded(quota, requested=allocation.amount)
     with transaction.atomic():
-        _ensure_required(requires)
-        agent = _agent_ready_to_allocate(allocation.agent_id)
         quota = quota_open(agent=agent, resource_type_id=allocation.resource_type_id, at=draft.now)
-        row = _execute_returning(sql, params)
+        row = attempt()
         if row is None:
             raise _quota_exceeded(quota, requested=allocation.amount)
-    return row[0]
+    return row
 
 
 def _write_in_steps(

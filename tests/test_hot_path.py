@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 from rest_framework import serializers
@@ -299,3 +300,24 @@ def test_the_allocation_statement_is_prepared_on_the_server(agent_a):
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         statements = [statement for (statement,) in cursor.fetchall()]
     assert any(statement.startswith("WITH taken AS (") for statement in statements)
+
+
+@pytest.mark.postgres
+def test_a_refusal_keeps_the_statement_prepared(agent_a):
+    # psycopg forgets its prepared statements on any rollback: refusals must not need one.
+    services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1)
+    agent_set_status(agent=Agent.objects.get(pk=agent_a.id), status=Agent.Status.THROTTLED)
+
+    with CaptureQueriesContext(connection) as queries, pytest.raises(services.AgentThrottled):
+        services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1)
+    agent_set_status(agent=Agent.objects.get(pk=agent_a.id), status=Agent.Status.ACTIVE)
+    with CaptureQueriesContext(connection) as more, pytest.raises(QuotaExceeded):
+        services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=PRO_AI_TOKENS)
+
+    captured = [*queries.captured_queries, *more.captured_queries]
+    assert captured[0]["sql"].startswith("WITH taken AS (")  # the query log shows prepared statements too
+    kinds = [query["sql"].split()[0].upper() for query in captured]
+    assert "SAVEPOINT" not in kinds and "ROLLBACK" not in kinds
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'WITH taken AS (%%'")
+        assert cursor.fetchone()[0] >= 1
