@@ -29,20 +29,21 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
-from django.db.models import BigIntegerField, Case, DecimalField, F, JSONField, Q, Value, When
+from django.db.models import JSONField, Q
 from django.utils import timezone
 
 from allocation.idempotency import MAX_KEY_LENGTH
 from allocation.models import Allocation, IdempotencyRecord
+from ledger.bulk import bulk_update_columns
 from ledger.errors import AgentSuspended, AgentThrottled, Conflict, LedgerError, NotFound, QuotaExceeded
-from ledger.models import COST, Agent, AgentLimitOverride, Quota, TierQuota, UsageLog
+from ledger.ids import uuid7
+from ledger.models import Agent, AgentLimitOverride, Quota, TierQuota, UsageLog
 from ledger.money import COST_QUANTUM, usage_cost
 from ledger.periods import month_bounds
 from ledger.selectors import price_table
@@ -391,7 +392,7 @@ class _Decider:
         quota.available -= item.amount
         quota.taken += item.amount
         quota.cost += cost
-        allocation_id = str(uuid.uuid4())
+        allocation_id = str(uuid7())
         self.accepted_items.append((allocation_id, item, quota.id, cost))
         self.accepted += 1
         body = {
@@ -431,20 +432,12 @@ def _write(decider: _Decider, *, now: dt.datetime) -> None:
     if not decider.accepted_items:
         return
     taken = [quota for quota in decider.quotas.values() if quota.taken]
-    Quota.objects.filter(pk__in=[quota.id for quota in taken]).update(
-        used=F("used")
-        + Case(
-            *[When(pk=quota.id, then=Value(quota.taken)) for quota in taken],
-            default=Value(0),
-            output_field=BigIntegerField(),
-        ),
-        spent_usd=F("spent_usd")
-        + Case(
-            *[When(pk=quota.id, then=Value(quota.cost)) for quota in taken],
-            default=Value(Decimal(0)),
-            output_field=DecimalField(**COST),
-        ),
-        updated_at=now,
+    bulk_update_columns(
+        model=Quota,
+        pks=[quota.id for quota in taken],
+        columns={"used": [quota.taken for quota in taken], "spent_usd": [quota.cost for quota in taken]},
+        add=True,
+        touch=now,
     )
     at = connection.ops.adapt_datetimefield_value(now)
     allocations = _Rows(

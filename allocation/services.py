@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from ledger.errors import (
     NotFound,
     QuotaExceeded,
 )
+from ledger.ids import uuid7
 from ledger.models import Agent, Grant, Quota, ResourceType, UsageLog
 from ledger.money import COST_QUANTUM, percent, usage_cost
 from ledger.periods import month_bounds
@@ -233,7 +233,7 @@ def allocation_prepare(
         expires_at = now + ttl
     unit_price = _unit_price(resource_type_id, now)
     allocation = Allocation(
-        id=uuid.uuid4(),
+        id=uuid7(),
         agent=agent,
         resource_type_id=resource_type_id,
         amount=amount,

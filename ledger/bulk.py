@@ -1,8 +1,10 @@
-"""Set-based updates of one integer column over many rows, each row getting its own value.
+"""Set-based writes of many rows in one statement: ``bulk_update_columns`` (some columns, each row its
+own values) and ``bulk_insert`` (many rows from column arrays).
 
-On PostgreSQL this is one ``UPDATE ... FROM unnest(ids, values)``: two array parameters whatever the number
-of rows. A ``CASE`` with one arm per row (the portable way, used on SQLite) grows a statement of N arms that
-PostgreSQL plans, and may JIT-compile, in time that grows with N.
+On PostgreSQL each is one statement over ``unnest`` of array parameters: a fixed number of parameters
+whatever the number of rows, and no model instances. Elsewhere (SQLite) they fall back to the ORM. A
+``CASE`` with one arm per row, the ORM's portable way, grows a statement of N arms that PostgreSQL plans,
+and may JIT-compile, in time that grows with N.
 """
 
 from __future__ import annotations
@@ -25,28 +27,128 @@ def bulk_update_column(
 
     ``touch`` also sets ``updated_at``. Returns the number of rows updated.
     """
-    if not values:
+    return bulk_update_columns(
+        model=model, pks=list(values), columns={field: list(values.values())}, add=add, touch=touch
+    )
+
+
+def bulk_update_columns(
+    *,
+    model: type[models.Model],
+    pks: list,
+    columns: dict[str, list],
+    add: bool = False,
+    touch: dt.datetime | None = None,
+) -> int:
+    """For each position i, set every field in ``columns`` of the row ``pks[i]`` to its ``values[i]`` (or add
+    it, with ``add``). ``touch`` also sets ``updated_at``. Returns the number of rows updated.
+
+    On PostgreSQL: ``UPDATE ... FROM unnest(pks, values...)``, one array parameter per column.
+    """
+    if not pks:
         return 0
     meta = model._meta
-    column = meta.get_field(field).column
+    fields = {name: meta.get_field(name) for name in columns}
     if connection.vendor == "postgresql":
-        pk_type = "text" if isinstance(meta.pk, models.CharField) else "bigint"
-        table = connection.ops.quote_name(meta.db_table)
-        quoted = connection.ops.quote_name(column)
-        expression = f"t.{quoted} + v.value" if add else "v.value"
-        touch_sql = ", updated_at = %s" if touch is not None else ""
-        params: list = [*([touch] if touch is not None else []), list(values), list(values.values())]
+        quote = connection.ops.quote_name
+        pk_type = meta.pk.db_type(connection)
+        assignments = [
+            f"{quote(field.column)} = " + (f"t.{quote(field.column)} + v.c{i}" if add else f"v.c{i}")
+            for i, field in enumerate(fields.values())
+        ]
+        params: list = []
+        if touch is not None:
+            assignments.append("updated_at = %s")
+            params.append(touch)
+        arrays = [f"%s::{pk_type}[]"] + [f"%s::{field.db_type(connection)}[]" for field in fields.values()]
+        params += [list(pks), *(list(values) for values in columns.values())]
+        aliases = ", ".join(["pk", *(f"c{i}" for i in range(len(fields)))])
         sql = (
-            f"UPDATE {table} AS t SET {quoted} = {expression}{touch_sql} "
-            f"FROM unnest(%s::{pk_type}[], %s::bigint[]) AS v(pk, value) "
-            f"WHERE t.{connection.ops.quote_name(meta.pk.column)} = v.pk"
+            f"UPDATE {quote(meta.db_table)} AS t SET {', '.join(assignments)} "
+            f"FROM unnest({', '.join(arrays)}) AS v({aliases}) "
+            f"WHERE t.{quote(meta.pk.column)} = v.pk"
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.rowcount
-    output = meta.get_field(field)
-    case = Case(*[When(pk=pk, then=Value(value)) for pk, value in values.items()], output_field=output)
-    changes = {field: F(field) + case if add else case}
+    changes = {}
+    for name, values in columns.items():
+        case = Case(
+            *[When(pk=pk, then=Value(value)) for pk, value in zip(pks, values, strict=True)],
+            output_field=fields[name],
+        )
+        changes[name] = F(name) + case if add else case
     if touch is not None:
         changes["updated_at"] = touch
-    return model.objects.filter(pk__in=list(values)).update(**changes)
+    return model.objects.filter(pk__in=list(pks)).update(**changes)
+
+
+# Fields whose Python values psycopg adapts as they are; any other field's values go through the field's
+# own preparation (a JSONField's dict, for one, must be wrapped for jsonb).
+_PLAIN_FIELDS = (
+    models.CharField,
+    models.TextField,
+    models.IntegerField,
+    models.BigIntegerField,
+    models.DecimalField,
+    models.DateTimeField,
+    models.BooleanField,
+    models.ForeignKey,
+)
+
+
+def bulk_insert(
+    *,
+    model: type[models.Model],
+    columns: dict[str, list],
+    constants: dict | None = None,
+    ignore_conflicts: bool = False,
+) -> int:
+    """Insert one row per position of the lists in ``columns`` (field name -> that column's values); every
+    field in ``constants`` takes the same value in every row. Returns the number of rows inserted.
+
+    On PostgreSQL this is one ``INSERT ... SELECT FROM unnest(arrays)``: one array parameter per column
+    whatever the number of rows, and no model instances. Elsewhere, ``bulk_create``. Defaults and ``save()``
+    are not applied: pass every column that has no database default.
+    """
+    constants = constants or {}
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"bulk_insert: columns of different lengths {sorted(lengths)}")
+    rows = lengths.pop() if lengths else 0
+    if rows == 0:
+        return 0
+    meta = model._meta
+    if connection.vendor != "postgresql":
+        names = list(columns)
+        objects = [
+            model(**constants, **dict(zip(names, values, strict=True)))
+            for values in zip(*columns.values(), strict=True)
+        ]
+        created = model.objects.bulk_create(objects, ignore_conflicts=ignore_conflicts)
+        return len(created)
+    quote = connection.ops.quote_name
+    targets, selects, arrays, params = [], [], [], []
+    for name, value in constants.items():
+        field = meta.get_field(name)
+        targets.append(quote(field.column))
+        selects.append(f"%s::{field.db_type(connection)}")
+        params.append(field.get_db_prep_save(value, connection))
+    for index, (name, values) in enumerate(columns.items()):
+        field = meta.get_field(name)
+        targets.append(quote(field.column))
+        selects.append(f"v.c{index}")
+        arrays.append(f"%s::{field.db_type(connection)}[]")
+        if not isinstance(field, _PLAIN_FIELDS):
+            values = [field.get_db_prep_save(value, connection) for value in values]
+        params.append(list(values))
+    aliases = ", ".join(f"c{index}" for index in range(len(columns)))
+    sql = (
+        f"INSERT INTO {quote(meta.db_table)} ({', '.join(targets)}) "
+        f"SELECT {', '.join(selects)} FROM unnest({', '.join(arrays)}) AS v({aliases})"
+    )
+    if ignore_conflicts:
+        sql += " ON CONFLICT DO NOTHING"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount

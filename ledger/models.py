@@ -174,7 +174,8 @@ class Quota(models.Model):
     UPDATE, and PostgreSQL refuses any write that would overspend.
     """
 
-    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="quotas")
+    # quota_unique_period leads with the agent: no index of its own.
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="quotas", db_index=False)
     resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="+")
     period_start = models.DateTimeField()
     period_end = models.DateTimeField()
@@ -271,7 +272,10 @@ class UsageLog(models.Model):
     CONSUMPTION_KINDS = (Kind.ALLOCATION, Kind.SETTLEMENT, Kind.EXECUTION)
 
     agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="usage_logs", db_index=False)
-    resource_type = models.ForeignKey(ResourceType, on_delete=models.PROTECT, related_name="+")
+    # Read by agent, agent and type, or time (the indexes below), never by type alone: no index of its own.
+    resource_type = models.ForeignKey(
+        ResourceType, on_delete=models.PROTECT, related_name="+", db_index=False
+    )
     quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="usage_logs", null=True)
     amount = models.BigIntegerField()
     unit_price_usd = models.DecimalField(**UNIT_PRICE)

@@ -12,7 +12,7 @@ from collections import defaultdict
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from django.db import connection
-from django.db.models import Count, Max, Q, Sum
+from django.db.models import Count, DecimalField, ExpressionWrapper, F, Max, Q, Sum, Value
 from django.utils import timezone
 
 from ledger.models import Agent, Quota, UsageLog
@@ -27,24 +27,58 @@ def _agents_filter(queryset, agent_ids, field: str = "agent_id"):
     return queryset if agent_ids is None else queryset.filter(**{f"{field}__in": list(agent_ids)})
 
 
-def resource_utilization(*, now: dt.datetime | None = None, agent_ids=None) -> dict[tuple[str, str], Decimal]:
-    """(agent, resource type) -> percent of this period's limit used or held. One query."""
+def resource_utilization(
+    *,
+    now: dt.datetime | None = None,
+    agent_ids=None,
+    at_least: Decimal | None = None,
+    at_most: Decimal | None = None,
+) -> dict[tuple[str, str], Decimal]:
+    """(agent, resource type) -> percent of this period's limit used or held. One query.
+
+    ``at_least`` / ``at_most`` (percent) leave out, in SQL, the rows outside that range before any of them
+    reaches Python: a rule over a fleet asks only for the rows that can meet its threshold.
+    """
     start, _ = month_bounds(now or timezone.now())
-    rows = _agents_filter(Quota.objects.filter(period_start=start, limit__gt=0), agent_ids).values_list(
-        "agent_id", "resource_type_id", "used", "reserved", "limit"
+    queryset = _agents_filter(Quota.objects.filter(period_start=start, limit__gt=0), agent_ids)
+    if at_least is not None or at_most is not None:
+        queryset = queryset.alias(taken_percent=(F("used") + F("reserved")) * 100)
+        if at_least is not None:
+            queryset = queryset.filter(taken_percent__gte=_times_limit(at_least))
+        if at_most is not None:
+            queryset = queryset.filter(taken_percent__lte=_times_limit(at_most))
+    rows = queryset.values_list("agent_id", "resource_type_id", "used", "reserved", "limit")
+    return {
+        (agent, code): percent(used + reserved, limit)
+        for agent, code, used, reserved, limit in rows.iterator(chunk_size=5000)
+    }
+
+
+def _times_limit(value: Decimal) -> ExpressionWrapper:
+    return ExpressionWrapper(
+        F("limit") * Value(value, output_field=DecimalField()), output_field=DecimalField()
     )
-    return {(agent, code): percent(used + reserved, limit) for agent, code, used, reserved, limit in rows}
 
 
 def max_resource_utilization(
     *, now: dt.datetime | None = None, agent_ids=None
 ) -> dict[str, tuple[str, Decimal]]:
-    """agent -> (its most used resource type, that percent)."""
-    best: dict[str, tuple[str, Decimal]] = {}
-    for (agent, code), value in resource_utilization(now=now, agent_ids=agent_ids).items():
-        if agent not in best or value > best[agent][1]:
-            best[agent] = (code, value)
-    return best
+    """agent -> (its most used resource type, that percent). One query.
+
+    Compared in whole units (``taken * other_limit > other_taken * limit``), so only each agent's winner is
+    turned into a Decimal percentage.
+    """
+    start, _ = month_bounds(now or timezone.now())
+    rows = _agents_filter(Quota.objects.filter(period_start=start, limit__gt=0), agent_ids).values_list(
+        "agent_id", "resource_type_id", "used", "reserved", "limit"
+    )
+    best: dict[str, tuple[str, int, int]] = {}
+    for agent, code, used, reserved, limit in rows.iterator(chunk_size=5000):
+        taken = used + reserved
+        current = best.get(agent)
+        if current is None or taken * current[2] > current[1] * limit:
+            best[agent] = (code, taken, limit)
+    return {agent: (code, percent(taken, limit)) for agent, (code, taken, limit) in best.items()}
 
 
 def period_spend(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, Decimal]:

@@ -42,7 +42,7 @@ from django.db.models import (
 )
 from django.utils import timezone
 
-from ledger.bulk import bulk_update_column
+from ledger.bulk import bulk_insert, bulk_update_column
 from ledger.errors import Conflict, LedgerError
 from ledger.models import Agent, Grant, Quota
 from ledger.periods import month_bounds
@@ -333,20 +333,18 @@ def scaling_evaluate(*, now: dt.datetime | None = None) -> dict:
             )
         grants = _vertical_apply(decisions=vertical, now=now)
         decisions = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL or d.quota_id]
-        ScalingEvent.objects.bulk_create(
-            ScalingEvent(
-                agent_id=d.agent_id,
-                direction=d.direction,
-                kind=d.kind,
-                trigger=ScalingEvent.Trigger.AUTO,
-                resource_type_id=d.resource_type_id,
-                before=d.before,
-                after=d.after,
-                reason=d.reason[:300],
-                actor=AUTO_ACTOR,
-                created_at=now,
-            )
-            for d in decisions
+        bulk_insert(
+            model=ScalingEvent,
+            columns={
+                "agent_id": [d.agent_id for d in decisions],
+                "direction": [d.direction for d in decisions],
+                "kind": [d.kind for d in decisions],
+                "resource_type_id": [d.resource_type_id for d in decisions],
+                "before": [d.before for d in decisions],
+                "after": [d.after for d in decisions],
+                "reason": [d.reason[:300] for d in decisions],
+            },
+            constants={"trigger": ScalingEvent.Trigger.AUTO, "actor": AUTO_ACTOR, "created_at": now},
         )
         summary["scaled_up"] = sum(1 for d in horizontal if d.direction == UP)
         summary["scaled_down"] = sum(1 for d in horizontal if d.direction == DOWN)
