@@ -6,18 +6,24 @@ nothing else. A batch costs a fixed number of queries whatever its size:
 
 1. read the agents and the current-period quota rows, and open the missing periods (``ON CONFLICT DO
    NOTHING``), before any row is locked: an insert may wait for another batch opening the same period;
-2. lock the quota rows ``FOR NO KEY UPDATE`` in primary-key order, like every writer that locks several,
-   and read the results already stored under the items' idempotency keys;
+2. read the quota rows as last committed, without locking them, and the results already stored under the
+   items' idempotency keys;
 3. decide every item in Python: a key seen before with the same item replays its stored result and
    charges nothing, with another item it refuses the item (422);
-4. write: one UPDATE of the quotas, one INSERT of the allocations, one of the usage rows, and one INSERT
-   of the accepted items' results under their keys (``ON CONFLICT DO NOTHING RETURNING``). A refused
-   item, like a refused single request, leaves its key free for a retry.
+4. write one INSERT of the allocations and one of the usage rows, their foreign keys checked at once;
+5. lock the quota rows the batch takes from ``FOR NO KEY UPDATE`` in primary-key order, like every writer
+   that locks several, and confirm that each still has what the batch takes from it;
+6. one UPDATE of the quotas, and one INSERT of the accepted items' results under their keys (``ON
+   CONFLICT DO NOTHING RETURNING``). A refused item, like a refused single request, leaves its key free
+   for a retry.
 
-Keys are stored optimistically, after deciding: if a concurrent batch took one of them meanwhile (the
-INSERT waits for it to commit, then skips the key), everything after step 1 is rolled back to a savepoint
-and decided again, now replaying that key. Waiting there cannot deadlock: a batch holding a key it has
-inserted holds all the quota locks it needs already, and keys are inserted in sorted order.
+The quota rows are held from step 5 to the commit only, so batches over the same agents (an operator's
+``/usage/batch`` usually spans the fleet) overlap everywhere else. When a quota no longer has what the
+batch takes at step 5, or a concurrent batch took one of its keys meanwhile (the INSERT waits for it to
+commit, then skips the key), everything after step 1 is rolled back to a savepoint and decided again;
+the last attempts lock the quota rows at step 2 instead, so a batch always finishes. Waiting for a key
+cannot deadlock: a batch holding a key it has inserted holds all the quota locks it needs already, and
+keys are inserted in sorted order.
 
 Rows go to PostgreSQL as one JSON document per statement: a multi-row VALUES list of 10,000 placeholders
 costs psycopg more to build client-side than the server takes to insert the rows. SQLite gets VALUES lists.
@@ -55,6 +61,9 @@ MAX_ITEM_KEY_LENGTH = MAX_KEY_LENGTH - len(ITEM_KEY_PREFIX)
 # Deciding again is needed only when a concurrent batch stored one of our keys meanwhile; each attempt
 # knows more stored keys than the one before, so a few always suffice in practice.
 MAX_ATTEMPTS = 5
+# The first attempts decide on an unlocked read and lock only to confirm; the later ones lock first, so a
+# batch on quotas that keep moving under it still finishes.
+OPTIMISTIC_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -111,17 +120,22 @@ def allocations_batch_create(
             and prices[item.resource_type_id] is not None
         }
         _quotas_open(pairs, agents=agents, period_start=period_start, period_end=period_end)
-        for _ in range(MAX_ATTEMPTS):
+        _constraints_immediate()
+        for attempt in range(MAX_ATTEMPTS):
+            optimistic = attempt < OPTIMISTIC_ATTEMPTS
             try:
                 with transaction.atomic():
-                    quotas = _quotas_lock(pairs, period_start=period_start)
+                    quotas = _quotas_read(pairs, period_start=period_start, lock=not optimistic)
                     stored = _results_read(keys, principal=principal)
                     decider = _Decider(agents=agents, prices=prices, quotas=quotas, stored=stored, now=now)
                     results = [decider.decide(index, item) for index, item in enumerate(items)]
-                    _write(decider, now=now)
+                    _rows_write(decider, now=now)
+                    if optimistic:
+                        _quotas_confirm(decider)
+                    _quotas_update(decider, now=now)
                     _results_store(decider, principal=principal, path=path, now=now)
                 break
-            except _KeyTaken:
+            except (_KeyTaken, _QuotaMoved):
                 continue
         else:
             raise Conflict(
@@ -141,6 +155,18 @@ def allocations_batch_create(
 
 class _KeyTaken(Exception):
     """A concurrent batch stored one of this batch's keys after it read them: decide again."""
+
+
+class _QuotaMoved(Exception):
+    """Since the unlocked read, a quota this batch takes from no longer has what it takes: decide again."""
+
+
+def _constraints_immediate() -> None:
+    """Check the foreign keys of the rows written from here on as each statement ends, not at commit: the
+    checks then run before the quota rows are locked, not while they are held."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 # --- Reading and locking ----------------------------------------------------------------------------------
@@ -224,21 +250,43 @@ class _QuotaState:
     cost: Decimal = Decimal(0)
 
 
-def _quotas_lock(
-    pairs: set[tuple[str, str]], *, period_start: dt.datetime
+def _quotas_read(
+    pairs: set[tuple[str, str]], *, period_start: dt.datetime, lock: bool
 ) -> dict[tuple[str, str], _QuotaState]:
+    """The quota rows of ``pairs``: as last committed (``lock=False``), or locked in primary-key order."""
     if not pairs:
         return {}
-    rows = (
-        Quota.objects.select_for_update(no_key=True)
-        .filter(_pairs_filter(pairs, period_start))
-        .order_by("pk")
-        .values_list("pk", "agent_id", "resource_type_id", "limit", "used", "reserved", "listed")
-    )
+    queryset = Quota.objects.filter(_pairs_filter(pairs, period_start))
+    if lock:
+        queryset = queryset.select_for_update(no_key=True).order_by("pk")
+    rows = queryset.values_list("pk", "agent_id", "resource_type_id", "limit", "used", "reserved", "listed")
     return {
         (agent_id, resource_type_id): _QuotaState(id=pk, available=limit - used - reserved - listed)
         for pk, agent_id, resource_type_id, limit, used, reserved, listed in rows
     }
+
+
+def _quotas_confirm(decider: _Decider) -> None:
+    """Lock the quota rows the batch takes from, in primary-key order, and check that each still has what
+    the batch takes; raise ``_QuotaMoved`` if one does not.
+
+    Deciding on an unlocked read and confirming here keeps the rows locked for the few statements that
+    follow instead of for the whole batch. When every quota still has what the batch takes, the results are
+    those of the batch running at the moment of its read: the allocations committed since then fit after
+    it too (they took at most what is left now), and units freed since then it simply did not see.
+    """
+    taken = {quota.id: quota.taken for quota in decider.quotas.values() if quota.taken}
+    if not taken:
+        return
+    rows = (
+        Quota.objects.select_for_update(no_key=True)
+        .filter(pk__in=list(taken))
+        .order_by("pk")
+        .values_list("pk", "limit", "used", "reserved", "listed")
+    )
+    for pk, limit, used, reserved, listed in rows:
+        if limit - used - reserved - listed < taken[pk]:
+            raise _QuotaMoved
 
 
 # --- Idempotency keys -------------------------------------------------------------------------------------
@@ -427,10 +475,8 @@ def _refused(index: int, error: LedgerError) -> dict:
 # --- Writing ----------------------------------------------------------------------------------------------
 
 
-def _write(decider: _Decider, *, now: dt.datetime) -> None:
-    """The quota counters, the allocations and their usage rows of the accepted items: three statements."""
-    if not decider.accepted_items:
-        return
+def _quotas_update(decider: _Decider, *, now: dt.datetime) -> None:
+    """Add what the accepted items take, and their cost, to their quotas' counters: one statement."""
     taken = [quota for quota in decider.quotas.values() if quota.taken]
     bulk_update_columns(
         model=Quota,
@@ -439,6 +485,12 @@ def _write(decider: _Decider, *, now: dt.datetime) -> None:
         add=True,
         touch=now,
     )
+
+
+def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
+    """The allocations and the usage rows of the accepted items: two statements."""
+    if not decider.accepted_items:
+        return
     at = connection.ops.adapt_datetimefield_value(now)
     allocations = _Rows(
         Allocation,

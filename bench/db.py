@@ -147,13 +147,18 @@ JOIN ledger_tierquota tq ON tq.tier_id = a.tier_id
 WHERE a.id LIKE 'sw-%%' AND substr(a.id, 4)::int BETWEEN %(first)s AND %(last)s
 """
 
-# Three usage rows per agent in the last day (what the cost-spike metric of the rules reads).
+# Three usage rows per agent in the last day (what the cost-spike metric of the rules reads), on the
+# agent's AI_TOKENS quota of this period (not before its start: on the first day of a month the day before
+# is another period, which has no quota rows here).
 SWEEP_USAGE_SQL = """
 INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
                         idempotency_key, metadata, created_at)
-SELECT 'sw-' || lpad(g::text, 6, '0'), 'AI_TOKENS', NULL, 1000, 0.000001, 0.001, '', 'allocation', '',
-       '{}'::jsonb, now() - make_interval(mins => (g * 7 + k * 480) %% 1440)
-FROM generate_series(%(first)s, %(last)s) AS g, generate_series(0, 2) AS k
+SELECT q.agent_id, 'AI_TOKENS', q.id, 1000, 0.000001, 0.001, '', 'allocation', '', '{}'::jsonb,
+       GREATEST(now() - make_interval(mins => (g * 7 + k * 480) %% 1440), %(start)s)
+FROM generate_series(%(first)s, %(last)s) AS g
+JOIN quotas q ON q.agent_id = 'sw-' || lpad(g::text, 6, '0') AND q.resource_type_id = 'AI_TOKENS'
+             AND q.period_start = %(start)s
+CROSS JOIN generate_series(0, 2) AS k
 """
 
 SWEEP_RESET_SQL = """
@@ -176,28 +181,46 @@ SELECT 'rd-' || lpad(g::text, 4, '0'), '', 'ENTERPRISE', 'active', '', 5000.00, 
 FROM generate_series(0, %(agents)s - 1) AS g
 """
 
-# %(rows)s usage rows over the read agents (round robin, so each agent's rows are spread over the whole
-# table, as they are when many agents write at once) and over the last 30 days, oldest first.
-READ_USAGE_SQL = """
-INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
-                        idempotency_key, metadata, created_at)
-SELECT 'rd-' || lpad((g %% %(agents)s)::text, 4, '0'),
-       (ARRAY['COMPUTE_MS', 'AI_TOKENS', 'STORAGE_KB', 'NETWORK_REQS', 'SOLANA_LAMPORTS'])[1 + (g / 7) %% 5],
-       NULL, 1 + g %% 1000, 0.000001, (1 + g %% 1000) * 0.000001, '', 'allocation', '', '{}'::jsonb,
-       %(now)s - make_interval(secs => 2592000.0 * (%(rows)s - g) / %(rows)s)
-FROM generate_series(1, %(rows)s) AS g
-"""
-
-# The current period's quota rows of the read agents, from their usage: the counters the metrics read.
+# The quota rows of the read agents for every period the usage log covers (the last 30 days: this month
+# and the one before), empty: READ_COUNTERS_SQL fills in the counters from the usage rows.
 READ_QUOTAS_SQL = """
 INSERT INTO quotas (agent_id, resource_type_id, period_start, period_end, base_limit, limit_amount, used,
                     reserved, listed, spent_usd, updated_at)
-SELECT u.agent_id, u.resource_type_id, %(start)s, %(end)s, GREATEST(tq.limit, SUM(u.amount)),
-       GREATEST(tq.limit, SUM(u.amount)), SUM(u.amount), 0, 0, SUM(u.cost_usd), now()
-FROM usage_logs u
-JOIN ledger_tierquota tq ON tq.tier_id = 'ENTERPRISE' AND tq.resource_type_id = u.resource_type_id
-WHERE u.agent_id LIKE 'rd-%%' AND u.created_at >= %(start)s
-GROUP BY u.agent_id, u.resource_type_id, tq.limit
+SELECT a.id, tq.resource_type_id, p.start, p.start + interval '1 month', tq.limit, tq.limit, 0, 0, 0, 0, now()
+FROM ledger_agent a
+JOIN ledger_tierquota tq ON tq.tier_id = a.tier_id
+CROSS JOIN (VALUES (%(start)s::timestamptz), (%(start)s::timestamptz - interval '1 month')) AS p(start)
+WHERE a.id LIKE 'rd-%%'
+"""
+
+# %(rows)s usage rows over the read agents (round robin, so each agent's rows are spread over the whole
+# table, as they are when many agents write at once) and over the last 30 days, oldest first, each with
+# the quota row of its period.
+READ_USAGE_SQL = """
+INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
+                        idempotency_key, metadata, created_at)
+SELECT r.agent_id, r.resource_type_id, q.id, r.amount, 0.000001, r.amount * 0.000001, '', 'allocation', '',
+       '{}'::jsonb, r.created_at
+FROM (
+    SELECT g, 'rd-' || lpad((g %% %(agents)s)::text, 4, '0') AS agent_id,
+           (ARRAY['COMPUTE_MS', 'AI_TOKENS', 'STORAGE_KB', 'NETWORK_REQS', 'SOLANA_LAMPORTS'])
+               [1 + (g / 7) %% 5] AS resource_type_id,
+           1 + g %% 1000 AS amount,
+           %(now)s - make_interval(secs => 2592000.0 * (%(rows)s - g) / %(rows)s) AS created_at
+    FROM generate_series(1, %(rows)s) AS g
+) AS r
+JOIN quotas q ON q.agent_id = r.agent_id AND q.resource_type_id = r.resource_type_id
+             AND q.period_start = date_trunc('month', r.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+ORDER BY r.g
+"""
+
+# The counters of the read agents' quota rows, from their usage: what the metrics and the cost read.
+READ_COUNTERS_SQL = """
+UPDATE quotas q SET used = s.used, limit_amount = GREATEST(q.limit_amount, s.used),
+                    base_limit = GREATEST(q.base_limit, s.used), spent_usd = s.spent
+FROM (SELECT quota_id, SUM(amount) AS used, SUM(cost_usd) AS spent FROM usage_logs
+      WHERE agent_id LIKE 'rd-%%' GROUP BY quota_id) AS s
+WHERE q.id = s.quota_id
 """
 
 

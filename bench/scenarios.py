@@ -707,11 +707,12 @@ def reads(report: Report, profile: Profile, fixtures: Fixtures, server: Gunicorn
     log(f"scenario 5: generating {profile.read_rows:,} usage rows over {db.READ_AGENTS:,} agents")
     started = time.perf_counter()
     sql(db.READ_AGENTS_SQL, {"agents": db.READ_AGENTS})
+    sql(db.READ_QUOTAS_SQL, {"start": start})
     with connection.cursor() as cursor:
         db.usage_bulk_insert(
             cursor, db.READ_USAGE_SQL, {"agents": db.READ_AGENTS, "rows": profile.read_rows, "now": now}
         )
-    sql(db.READ_QUOTAS_SQL, {"start": start, "end": end})
+    sql(db.READ_COUNTERS_SQL)
     sql("ANALYZE")
     report.add(
         "5 reads",

@@ -198,6 +198,8 @@ class Quota(models.Model):
             models.UniqueConstraint(
                 fields=["agent", "resource_type", "period_start"], name="quota_unique_period"
             ),
+            # The target of the usage rows' and allocations' one foreign key (ledger/schema.py).
+            models.UniqueConstraint(fields=["id", "agent", "resource_type"], name="quota_identity"),
             models.CheckConstraint(condition=Q(used__gte=0), name="quota_used_non_negative"),
             models.CheckConstraint(condition=Q(reserved__gte=0), name="quota_reserved_non_negative"),
             models.CheckConstraint(condition=Q(limit__gte=0), name="quota_limit_non_negative"),
@@ -271,12 +273,16 @@ class UsageLog(models.Model):
     # Kinds whose ``amount`` is counted in the period's ``used``; a purchase raises the limit instead.
     CONSUMPTION_KINDS = (Kind.ALLOCATION, Kind.SETTLEMENT, Kind.EXECUTION)
 
-    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="usage_logs", db_index=False)
-    # Read by agent, agent and type, or time (the indexes below), never by type alone: no index of its own.
-    resource_type = models.ForeignKey(
-        ResourceType, on_delete=models.PROTECT, related_name="+", db_index=False
+    # On PostgreSQL the three references are checked by one composite foreign key, (quota, agent, resource
+    # type) -> the quota's (id, agent, resource type): see ledger/schema.py. Read by agent, agent and
+    # type, or time (the indexes below), never by type alone: no index of its own.
+    agent = models.ForeignKey(
+        Agent, on_delete=models.PROTECT, related_name="usage_logs", db_index=False, db_constraint=False
     )
-    quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="usage_logs", null=True)
+    resource_type = models.ForeignKey(
+        ResourceType, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
+    quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="usage_logs", db_constraint=False)
     amount = models.BigIntegerField()
     unit_price_usd = models.DecimalField(**UNIT_PRICE)
     cost_usd = models.DecimalField(**COST)

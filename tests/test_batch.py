@@ -7,7 +7,7 @@ from collections import Counter
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -19,7 +19,7 @@ from allocation.keys import api_key_issue, operator_key_issue
 from allocation.models import Allocation, AuditRecord, IdempotencyRecord
 from ledger.models import Agent, Quota, UsageLog
 from ledger.money import COST_QUANTUM
-from ledger.services import agent_create, agent_set_status, quota_grant, reference_data_load
+from ledger.services import agent_create, agent_set_status, quota_grant, quota_open, reference_data_load
 
 pytest.register_assert_rewrite("tests.api_fixtures")
 
@@ -683,7 +683,53 @@ def test_a_batch_costs_the_same_queries_for_10_and_1000_items(reference_data, op
         assert body["summary"]["accepted"] == size
         counts[size] = [query["sql"] or "" for query in queries.captured_queries]
     assert len(counts[10]) == len(counts[1000]), counts
-    # After authentication: SAVEPOINT (the request); agents; quota rows; SAVEPOINT (the attempt); lock the
-    # quotas; stored keys; UPDATE quotas; INSERT allocations, usage rows, keys; RELEASE; audit; RELEASE
+    # After authentication: SAVEPOINT (the request); agents; quota rows; SET CONSTRAINTS (PostgreSQL);
+    # SAVEPOINT (the attempt); read the quotas; stored keys; INSERT allocations, usage rows; lock the quotas
+    # taken from; UPDATE quotas; INSERT keys; RELEASE; audit; RELEASE
     frame = next(i for i, sql in enumerate(counts[1000]) if sql.startswith("SAVEPOINT"))
-    assert len(counts[1000][frame:]) <= 13, counts[1000]
+    assert len(counts[1000][frame:]) <= 15, counts[1000]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_whose_quota_moved_after_its_read_decides_again_and_never_overspends():
+    """Another allocation takes most of the quota between the batch's unlocked read and its confirmation:
+    the batch finds that out under the lock, rolls its attempt back and decides again on what is left."""
+    import threading
+
+    from allocation.services import allocation_create
+
+    reference_data_load()
+    agent = agent_create(agent_id="moved", tier_code="CUSTOM", custom_limits={"AI_TOKENS": 10_000})
+    quota_open(agent=agent, resource_type_id="AI_TOKENS")  # not by the batch: the rival would wait for it
+    _, raw_key = operator_key_issue(username="ops")
+    statements: list[str] = []
+
+    def take_most_of_the_quota():
+        try:
+            allocation_create(agent=Agent.objects.get(pk="moved"), resource_type_id="AI_TOKENS", amount=9_000)
+        finally:
+            connections.close_all()
+
+    def wrapper(execute, sql, params, many, context):
+        statements.append(sql)
+        # The first lock of the quotas taken from, after the rows were written: commit a rival first.
+        if "FOR NO KEY UPDATE" in sql and not any("FOR NO KEY UPDATE" in s for s in statements[:-1]):
+            rival = threading.Thread(target=take_most_of_the_quota)
+            rival.start()
+            rival.join(timeout=30)
+        return execute(sql, params, many, context)
+
+    items = [{"agent_id": "moved", "resource_type": "AI_TOKENS", "amount": 400} for _ in range(5)]
+    with connection.execute_wrapper(wrapper):
+        body = _ok(_post(client_with_key(raw_key), _usage_url(), items))
+
+    # Read alone the batch would have taken all five (2,000 of 10,000); after the rival, 1,000 are left.
+    assert _statuses(body) == [201, 201, 429, 429, 429]
+    assert body["results"][2]["error"]["details"]["available"] == 200
+    assert body["summary"] == {"accepted": 2, "refused": 3, "replayed": 0}
+    inserts = [s for s in statements if s.startswith('INSERT INTO "allocation_allocation"')]
+    assert len(inserts) == 2  # the first attempt's rows were rolled back, then written again
+    quota = _assert_ledger_matches(agent.pk)
+    assert quota.used == 9_800 and quota.limit == 10_000
+    assert Allocation.objects.filter(agent_id="moved").count() == 3

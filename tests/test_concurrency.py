@@ -153,13 +153,14 @@ def test_allocation_costs_a_fixed_number_of_queries(tight_agent, django_assert_m
     from django.test.utils import CaptureQueriesContext
 
     agent = Agent.objects.get(pk="racer")
-    services.allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=10)  # opens the period
+    allocation = services.allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=10)  # opens
     counts = []
     for history in (0, 500):
         UsageLog.objects.bulk_create(
             UsageLog(
                 agent=agent,
                 resource_type_id="AI_TOKENS",
+                quota_id=allocation.quota_id,
                 amount=1,
                 unit_price_usd=0,
                 cost_usd=0,

@@ -253,3 +253,35 @@ def test_management_commands_load_reference_and_demo_data_twice(db, capsys):
     out = capsys.readouterr().out
     assert "created: 0 admin, 0 agents" in out
     assert Agent.objects.count() == len(DEMO_AGENTS)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_usage_rows_and_allocations_name_their_quotas_own_agent_and_resource_type():
+    """One composite foreign key (ledger/schema.py) stands for the three single-column ones: a row naming
+    a quota with another agent or resource type than the quota's own, or no such quota, is refused."""
+    from allocation.models import Allocation
+
+    reference_data_load()
+    agent = agent_create(agent_id="owner", tier_code="PRO")
+    agent_create(agent_id="other", tier_code="PRO")
+    quota = quota_open(agent=agent, resource_type_id="AI_TOKENS")
+    price = {"unit_price_usd": Decimal("0.000001"), "cost_usd": Decimal("0.000001")}
+    rows = {
+        UsageLog: {"amount": 1, "kind": UsageLog.Kind.ALLOCATION, "created_at": dt.datetime.now(dt.UTC)},
+        Allocation: {"amount": 1, "status": Allocation.Status.COMMITTED},
+    }
+    right = {"agent_id": "owner", "resource_type_id": "AI_TOKENS", "quota_id": quota.pk}
+    wrongs = [
+        {"agent_id": "other"},
+        {"resource_type_id": "COMPUTE_MS"},
+        {"agent_id": "nobody"},
+        {"quota_id": quota.pk + 1000},
+    ]
+    for model, fields in rows.items():
+        with transaction.atomic():
+            model.objects.create(**right, **price, **fields)
+        for wrong in wrongs:
+            with pytest.raises(IntegrityError, match="quota_identity_fk"), transaction.atomic():
+                model.objects.create(**{**right, **wrong}, **price, **fields)
+        assert model.objects.count() == 1

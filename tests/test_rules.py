@@ -357,12 +357,14 @@ def test_rule_evaluation_query_count_does_not_grow_with_agents(seed_rules):
 
 def test_a_ratio_too_large_to_store_still_fires(only_rule):
     from ledger.models import UsageLog
+    from ledger.services import quota_open
 
     agent = agent_create(agent_id="from-nothing", tier_code="PRO")
     for cost, at in ((Decimal("0.000000000001"), T0 - 5 * 60 * MINUTE), (Decimal("1000"), T0 - 5 * MINUTE)):
         UsageLog.objects.create(
             agent=agent,
             resource_type_id="AI_TOKENS",
+            quota=quota_open(agent=agent, resource_type_id="AI_TOKENS", at=at),
             amount=1,
             unit_price_usd=cost,
             cost_usd=cost,
