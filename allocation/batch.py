@@ -46,6 +46,7 @@ from django.utils import timezone
 
 from allocation.idempotency import MAX_KEY_LENGTH
 from allocation.models import Allocation, IdempotencyRecord
+from allocation.representation import iso_datetime
 from ledger.bulk import bulk_update_columns
 from ledger.errors import AgentSuspended, AgentThrottled, Conflict, LedgerError, NotFound, QuotaExceeded
 from ledger.ids import uuid7
@@ -343,12 +344,6 @@ def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.date
 # --- Deciding ---------------------------------------------------------------------------------------------
 
 
-def _iso(value: dt.datetime) -> str:
-    """A datetime as the API renders it (DRF's ISO 8601, 'Z' for UTC)."""
-    text = timezone.localtime(value).isoformat()
-    return text.removesuffix("+00:00") + "Z" if text.endswith("+00:00") else text
-
-
 class _Decider:
     """Decides the items in order against the locked quotas and collects what to write."""
 
@@ -368,7 +363,7 @@ class _Decider:
         }
         self.quotas = quotas
         self.stored = stored
-        self.created_at = _iso(now)
+        self.created_at = iso_datetime(now)
         self.owned: dict[str, _StoredResult] = {}  # keys whose result this batch stores
         self.accepted_items: list[tuple[str, BatchItem, int, Decimal]] = []
         self.accepted = 0

@@ -16,9 +16,10 @@ from rest_framework import serializers
 from allocation import services
 from allocation.api.auth import agent_key_cache
 from allocation.api.errors import exception_response
-from allocation.api.serializers import AllocationIn, AllocationOut, allocation_in, allocation_out
+from allocation.api.serializers import AllocationIn, AllocationOut, allocation_in
 from allocation.keys import api_key_revoke, key_hash
 from allocation.models import Allocation, ApiKey, AuditRecord, IdempotencyRecord
+from allocation.representation import allocation_body
 from ledger.errors import QuotaExceeded
 from ledger.models import Agent, Quota, UsageLog
 from ledger.services import agent_set_status
@@ -80,16 +81,21 @@ def test_reused_input_serializer_answers_like_a_new_one(reference_data, body):
     assert exception_response(raised.value).data == expected.data
 
 
-def test_reused_output_serializer_answers_like_a_new_one(agent_a):
+def test_the_hot_paths_body_of_an_allocation_is_what_its_serializer_gives(agent_a):
     committed = services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1234)
     held = services.allocation_create(
         agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=500, hold=True, task_id="t"
     )
+    open_hold = Allocation.objects.get(pk=held.pk)
     settled = services.hold_settle(agent=agent_a.agent, allocation_id=held.pk, amount=300)
+    to_release = services.allocation_create(
+        agent=agent_a.agent, resource_type_id="COMPUTE_MS", amount=7, hold=True, task_id="r"
+    )
+    released = services.hold_release(agent=agent_a.agent, allocation_id=to_release.pk)
     read_back = Allocation.objects.get(pk=committed.pk)
 
-    for allocation in (committed, held, settled, read_back):
-        assert allocation_out.represent(allocation) == AllocationOut(allocation).data
+    for allocation in (committed, held, open_hold, settled, released, read_back):
+        assert allocation_body(allocation) == AllocationOut(allocation).data
 
 
 def test_allocation_response_is_what_was_written(agent_a):

@@ -32,10 +32,10 @@ from allocation.api.serializers import (
     UsageOut,
     UsageQuery,
     allocation_in,
-    allocation_out,
 )
 from allocation.keys import api_key_issue
 from allocation.models import Allocation
+from allocation.representation import allocation_body
 from ledger.errors import NotFound
 from ledger.models import Agent, UsageLog
 from ledger.services import agent_create, agent_update
@@ -164,7 +164,7 @@ class AllocationCreateView(AgentScopedView):
                 hold_ttl_seconds=data.get("hold_ttl_seconds"),
                 idempotency_key=frame.idempotency_key or "",
             )
-            payload = allocation_out.represent(draft.allocation)
+            payload = allocation_body(draft.allocation)
             services.allocation_write(
                 draft, also_write=frame.companions(status=201, data=payload), requires=frame.requirements()
             )
