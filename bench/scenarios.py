@@ -308,8 +308,8 @@ def allocation(
         report.add(scenario, "latency p99 by round", " / ".join(ms(result.p99_ms) for result in results))
         report.add(
             scenario,
-            "server CPU per request (last round)",
-            rounds[-1][label][1].per_request(results[-1].requests),
+            "server CPU per request by round",
+            " / ".join(measured[label][1].per_request(measured[label][0].requests) for measured in rounds),
         )
         errors = sum(result.errors(ok=(201,)) for result in results)
         report.check(scenario, "errors (non-201, socket)", f"{errors} of {requests}", "0", errors == 0)
