@@ -575,7 +575,8 @@ def hot_agent(
 
 # --- Scenario 4: sweeps ---------------------------------------------------------------------------------
 
-SWEEPS = ("budget_sweep", "rules_evaluate", "scaling_evaluate")
+# rules_evaluate_firing runs right after rules_evaluate, on the states it created, without a reset.
+SWEEPS = ("budget_sweep", "rules_evaluate", "rules_evaluate_firing", "scaling_evaluate")
 
 
 def _sweep_seed(first: int, last: int) -> None:
@@ -665,7 +666,7 @@ def _sweep_run(name: str, timeout: float) -> dict:
 
 def _outcome_text(outcome) -> str:
     if isinstance(outcome, dict):
-        keys = ("alerts", "conditions_true", "scaled_up", "scaled_down", "evaluated")
+        keys = ("alerts", "fired", "conditions_true", "scaled_up", "scaled_down", "evaluated")
         shown = {k: outcome[k] for k in keys if k in outcome}
         return ", ".join(f"{k} {v}" for k, v in shown.items())
     return f"{outcome} alerts"
@@ -689,7 +690,8 @@ def sweeps(report: Report, profile: Profile) -> None:
         seeded = size
         measured[size] = {}
         for name in SWEEPS:
-            _sweep_reset()
+            if name != "rules_evaluate_firing":
+                _sweep_reset()
             log(f"scenario 4: {name} over {size:,} agents")
             measured[size][name] = _sweep_run(name, profile.sweep_timeout)
     for name in SWEEPS:

@@ -1,6 +1,7 @@
 """One measurement in a fresh process, like a Celery worker or a web worker would run it.
 
-``python -m bench.worker sweep budget_sweep|rules_evaluate|scaling_evaluate`` times one sweep, counts
+``python -m bench.worker sweep budget_sweep|rules_evaluate|rules_evaluate_firing|scaling_evaluate`` times one
+sweep (``rules_evaluate_firing``: the evaluation, after the states exist, in which every rule fires), counts
 its queries (CaptureQueriesContext) and reads the process's peak RSS (VmHWM).
 ``python -m bench.worker allocate AGENT --count N --seconds S`` calls ``allocation_create`` in a loop.
 Each prints one line ``BENCH_JSON {...}``.
@@ -51,6 +52,7 @@ def _sweep(name: str) -> dict:
     sweep = {
         "budget_sweep": budget_sweep,
         "rules_evaluate": rules_evaluate,
+        "rules_evaluate_firing": _rules_evaluate_firing,
         "scaling_evaluate": scaling_evaluate,
     }[name]
     rss_before = _peak_rss_mb()
@@ -66,6 +68,21 @@ def _sweep(name: str) -> dict:
         "peak_rss_mb": _peak_rss_mb(),
         "outcome": outcome,
     }
+
+
+def _rules_evaluate_firing() -> dict:
+    """The evaluation after ``rules_evaluate`` created the states, once the longest rule duration has
+    passed: every condition that still holds fires, and each firing writes an alert."""
+    import datetime as dt
+
+    from django.db.models import Max
+    from django.utils import timezone
+
+    from ledger.models import OptimizationRule
+    from optimization.services.rules import rules_evaluate
+
+    longest = OptimizationRule.objects.filter(enabled=True).aggregate(m=Max("duration_seconds"))["m"] or 0
+    return rules_evaluate(now=timezone.now() + dt.timedelta(seconds=longest + 60))
 
 
 def _allocate(agent_id: str, count: int, seconds: float, warmup: int) -> dict:
@@ -103,7 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("sweep")
-    sweep.add_argument("name", choices=["budget_sweep", "rules_evaluate", "scaling_evaluate"])
+    sweep.add_argument(
+        "name", choices=["budget_sweep", "rules_evaluate", "rules_evaluate_firing", "scaling_evaluate"]
+    )
     allocate = commands.add_parser("allocate")
     allocate.add_argument("agent")
     allocate.add_argument("--count", type=int, required=True)

@@ -77,7 +77,9 @@ class Alert(models.Model):
         COST_SPIKE = "cost_spike", "Cost spike"
         SCALING = "scaling", "Scaling"
 
-    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="alerts")
+    # alert_agent_time_idx leads with the agent: no index of its own (a rule can write 100,000 alerts in
+    # one evaluation, and every index is one more write per alert).
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="alerts", db_index=False)
     kind = models.CharField(max_length=16, choices=Kind.choices)
     severity = models.CharField(max_length=16, choices=OptimizationRule.Severity.choices)
     title = models.CharField(max_length=200)
@@ -87,8 +89,9 @@ class Alert(models.Model):
         OptimizationRule, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     # At most one alert per dedup key: e.g. budget:<agent>:<period>:<threshold>. This is what keeps a sweep
-    # that runs twice from alerting twice.
-    dedup_key = models.CharField(max_length=300, unique=True)
+    # that runs twice from alerting twice. Unique by a constraint (alert_unique_dedup_key), not by
+    # ``unique=True``, which would add a second, pattern-matching index on PostgreSQL that nothing uses.
+    dedup_key = models.CharField(max_length=300)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     delivery_queued_at = models.DateTimeField(null=True, blank=True)
     acknowledged_at = models.DateTimeField(null=True, blank=True)
@@ -102,6 +105,7 @@ class Alert(models.Model):
                 fields=["id"], condition=Q(delivery_queued_at__isnull=True), name="alert_not_fanned_out_idx"
             ),
         ]
+        constraints = [models.UniqueConstraint(fields=["dedup_key"], name="alert_unique_dedup_key")]
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.agent_id}: {self.title}"
@@ -152,8 +156,12 @@ class AlertDelivery(models.Model):
 class RuleState(models.Model):
     """Since when a rule's condition has held for one subject (an agent, or an agent's resource type)."""
 
-    rule = models.ForeignKey(OptimizationRule, on_delete=models.CASCADE, related_name="states")
-    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="+")
+    # rule_state_unique_subject leads with the rule; the agent's index (for deleting an agent) is a plain
+    # one, without the pattern-matching twin a foreign key's own index has on PostgreSQL.
+    rule = models.ForeignKey(
+        OptimizationRule, on_delete=models.CASCADE, related_name="states", db_index=False
+    )
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="+", db_index=False)
     subject = models.CharField(
         max_length=64, blank=True, help_text="The resource type, for per-resource metrics."
     )
@@ -165,6 +173,7 @@ class RuleState(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["rule", "agent", "subject"], name="rule_state_unique_subject"),
         ]
+        indexes = [models.Index(fields=["agent"], name="rule_state_agent_idx")]
 
     def __str__(self) -> str:
         return f"{self.rule} {self.agent_id} {self.subject}"

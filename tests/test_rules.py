@@ -17,6 +17,7 @@ from ledger.periods import UTC
 from ledger.services import agent_create, agent_set_status, quota_open
 from optimization.models import Alert, Execution, RuleState, ScalingEvent
 from optimization.services.rules import rules_evaluate
+from tests.factories import fleet_create
 from tests.test_alerts import sqlite_real_variable_limit
 
 pytestmark = pytest.mark.django_db
@@ -338,11 +339,9 @@ def test_rule_evaluation_query_count_does_not_grow_with_agents(seed_rules):
     ):
         OptimizationRule.objects.create(**{"operator": ">", **rule_fields})
     counts = []
-    for count, prefix in ((10, "small"), (200, "large")):
+    for count, prefix in ((10, "small"), (1000, "large")):
         Agent.objects.all().delete()
-        for i in range(count):
-            use_tokens(f"{prefix}-{i:03d}", 900_000)
-            Agent.objects.filter(pk=f"{prefix}-{i:03d}").update(monthly_budget_usd=Decimal("1000"))
+        fleet_create(prefix, count, at=T0, used=900_000, budget="1000")
         with sqlite_real_variable_limit():
             with CaptureQueriesContext(connection) as creating_states:
                 assert rules_evaluate(now=T0)["conditions_true"] == count
@@ -376,3 +375,41 @@ def test_a_ratio_too_large_to_store_still_fires(only_rule):
     assert RuleState.objects.get().last_value == Decimal("99999999999999")
     (alert,) = rule_alerts()
     assert alert.data["value"] == "24000000000000000.00"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("action", ["notify", "recommend"])
+@pytest.mark.parametrize("metric", ["resource_utilization_percent", "budget_utilization_percent"])
+def test_alerts_written_in_sql_say_what_the_python_path_says(only_rule, action, metric):
+    """On PostgreSQL an alert-only rule writes its alerts in the statement that fires it; they must read
+    exactly as ``_fire_alert`` (the path of SQLite and of the other actions) words them."""
+    from optimization.services.rules import _fire_alert
+
+    spend("worded", "95.5")  # of a budget of 100
+    use_tokens("worded", 950_000)
+    rule = only_rule(
+        name="100% 'odd' {name}",
+        metric=metric,
+        threshold=Decimal("90.50"),
+        duration_seconds=60,
+        action=action,
+        severity="critical",
+        description="Buy {subject} now, 100% sure." if action == "recommend" else "",
+    )
+    assert rules_evaluate(now=T0)["fired"] == 0
+    fired_at = T0 + 2 * MINUTE
+    assert rules_evaluate(now=fired_at)["alerts"] == 1
+    (alert,) = rule_alerts()
+    subject = "AI_TOKENS" if metric == "resource_utilization_percent" else ""
+    expected = _fire_alert(rule, "worded", subject, Decimal(alert.data["value"]), fired_at)
+    assert alert.data["value"] == ("95.00" if subject else "95.50")
+    got = (alert.title, alert.message, alert.data, alert.dedup_key, alert.severity, alert.kind, alert.rule_id)
+    assert got == (
+        expected.title,
+        expected.message,
+        expected.data,
+        expected.dedup_key,
+        expected.severity,
+        expected.kind,
+        expected.rule_id,
+    )

@@ -77,6 +77,14 @@ def alerts_create(*, alerts: Sequence[Alert], now: dt.datetime | None = None) ->
     return len(new)
 
 
+def alerts_dispatch(*, now: dt.datetime | None = None) -> None:
+    """For alerts inserted set-based rather than through ``alerts_create`` (a rule's alerts, in SQL): fan
+    out what is pending now, as ``alerts_create`` does, and enqueue delivery after commit. The periodic
+    delivery task fans out whatever is left beyond one fan-out's batch."""
+    alerts_fan_out(now=now)
+    transaction.on_commit(_delivery_enqueue)
+
+
 def _delivery_enqueue() -> None:
     """Ask a worker to deliver now rather than at the next periodic run. A broker that is down loses
     nothing: the deliveries are rows, and the periodic ``alerts_deliver`` picks them up."""

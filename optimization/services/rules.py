@@ -4,7 +4,7 @@ A rule's condition is checked per subject: an agent, or an agent's resource type
 ``RuleState`` remembers since when a condition has held, so ``duration: 5m`` fires only after five minutes
 of it holding, and ``last_fired_at`` keeps a rule quiet for its cooldown. The metrics come from
 ``optimization.selectors``, one query per metric and window for the whole fleet, so an evaluation costs the
-same number of queries for ten agents or ten thousand. The states are kept set-based too: three statements
+same number of queries for ten agents or ten thousand. The states are kept set-based too: two statements
 per rule on PostgreSQL, whatever the number of subjects, and no state is loaded into Python. Only the
 actions that call a per-agent service (throttle, lift, scale) cost queries per agent acted on.
 """
@@ -12,6 +12,7 @@ actions that call a per-agent service (throttle, lift, scale) cost queries per a
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import operator
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from optimization.selectors import (
     execution_stats,
     resource_utilization,
 )
-from optimization.services.alerts import alerts_create
+from optimization.services.alerts import alerts_create, alerts_dispatch
 from optimization.services.scaling import scaling_apply
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ DEFAULT_RECOMMENDATIONS = {
 # unstorable value must not stop the whole evaluation.
 LAST_VALUE_MAX = Decimal("99999999999999")
 ROUNDING_MARGIN = Decimal("0.01")
+ALERT_ONLY_ACTIONS = (Action.NOTIFY, Action.RECOMMEND)
 
 # subject "" stands for the agent itself; per-resource metrics use the resource type code.
 Values = dict[tuple[str, str], Decimal]
@@ -178,6 +180,44 @@ def _true_subjects(rule: OptimizationRule, metrics: _Metrics, agents: dict[str, 
     return {key: value for key, value in values.items() if compare(value, rule.threshold)}
 
 
+@dataclass(frozen=True)
+class _AlertParts:
+    """What a rule's alerts say that does not depend on the subject: the Python path (``_fire_alert``) and
+    the set-based one (``_FIRE_AND_ALERT_SQL``) both build their texts from these, and a test holds their
+    outputs together."""
+
+    title_head: str  # then "{on} is {value}", then title_tail
+    title_tail: str
+    message_head: str  # then "{agent}{on}", then held, then ": the value is {value}."
+    held: str
+    recommendation: str | None  # a template with "{subject}", for recommend rules
+    data: dict  # then "value" and "subject" (and "recommendation")
+
+
+def _alert_parts(rule: OptimizationRule) -> _AlertParts:
+    threshold = f"{rule.threshold.normalize():f}"
+    recommendation = None
+    if rule.action == Action.RECOMMEND:
+        recommendation = rule.description.strip() or DEFAULT_RECOMMENDATIONS.get(
+            rule.metric, "Review this agent."
+        )
+    return _AlertParts(
+        title_head=f"{rule.name}: {rule.metric}",
+        title_tail=f" ({rule.operator} {threshold})",
+        message_head=f"Rule {rule.name} ({rule.condition}) holds for agent ",
+        held=f" for {rule.duration_seconds} s or more" if rule.duration_seconds else "",
+        recommendation=recommendation,
+        data={
+            "rule": rule.name,
+            "metric": rule.metric,
+            "operator": rule.operator,
+            "threshold": threshold,
+            "duration_seconds": rule.duration_seconds,
+            "action": rule.action,
+        },
+    )
+
+
 def _fire_alert(
     rule: OptimizationRule,
     agent_id: str,
@@ -187,25 +227,12 @@ def _fire_alert(
     *,
     outcome: str = "",
 ) -> Alert:
+    parts = _alert_parts(rule)
     on = f" on {subject}" if subject else ""
-    threshold = f"{rule.threshold.normalize():f}"
-    data = {
-        "rule": rule.name,
-        "metric": rule.metric,
-        "operator": rule.operator,
-        "threshold": threshold,
-        "value": str(value),
-        "subject": subject,
-        "duration_seconds": rule.duration_seconds,
-        "action": rule.action,
-    }
-    held = f" for {rule.duration_seconds} s or more" if rule.duration_seconds else ""
-    message = (
-        f"Rule {rule.name} ({rule.condition}) holds for agent {agent_id}{on}{held}: the value is {value}."
-    )
-    if rule.action == Action.RECOMMEND:
-        template = rule.description.strip() or DEFAULT_RECOMMENDATIONS.get(rule.metric, "Review this agent.")
-        data["recommendation"] = template.replace("{subject}", subject or agent_id)
+    data = {**parts.data, "value": str(value), "subject": subject}
+    message = f"{parts.message_head}{agent_id}{on}{parts.held}: the value is {value}."
+    if parts.recommendation is not None:
+        data["recommendation"] = parts.recommendation.replace("{subject}", subject or agent_id)
         message += f" Recommendation: {data['recommendation']}"
     if outcome:
         message += f" {outcome}"
@@ -214,11 +241,15 @@ def _fire_alert(
         kind=Alert.Kind.RULE,
         severity=rule.severity,
         rule=rule,
-        title=f"{rule.name}: {rule.metric}{on} is {value} ({rule.operator} {threshold})"[:200],
+        title=f"{parts.title_head}{on} is {value}{parts.title_tail}"[:200],
         message=message,
         data=data,
-        dedup_key=f"rule:{rule.pk}:{agent_id}:{subject}:{now.isoformat()}",
+        dedup_key=_dedup_key(rule, agent_id, subject, now),
     )
+
+
+def _dedup_key(rule: OptimizationRule, agent_id: str, subject: str, now: dt.datetime) -> str:
+    return f"rule:{rule.pk}:{agent_id}:{subject}:{now.isoformat()}"
 
 
 @transaction.atomic
@@ -245,75 +276,163 @@ def rules_evaluate(*, now: dt.datetime | None = None) -> dict:
 
     fired: list[tuple[OptimizationRule, str, str, Decimal]] = []
     holding: dict[int, set[str]] = {}  # throttle rule -> agents for which its condition holds now
+    alerted_in_sql = 0
     for rule in rules:
         true_now = _true_subjects(rule, metrics, agents)
         report.conditions_true += len(true_now)
         if rule.action == Action.THROTTLE:
             holding[rule.pk] = {agent_id for agent_id, _ in true_now}
+        advanced = _states_advance(rule, true_now, now)
         fired += [
-            (rule, agent_id, subject, true_now[agent_id, subject])
-            for agent_id, subject in _states_advance(rule, true_now, now)
+            (rule, agent_id, subject, true_now[agent_id, subject]) for agent_id, subject in advanced.fired
         ]
+        report.fired += advanced.fired_in_sql
+        alerted_in_sql += advanced.alerts_in_sql
 
     alerts = _actions_run(fired, agents, now, report)
     alerts += _throttles_lift(rules, holding, agents, now, report)
-    report.fired = len(fired)
-    report.alerts = alerts_create(alerts=alerts, now=now)
+    report.fired += len(fired)
+    report.alerts = alerts_create(alerts=alerts, now=now) + alerted_in_sql
+    if alerted_in_sql:
+        alerts_dispatch(now=now)
     return report.as_dict()
 
 
-def _states_advance(rule: OptimizationRule, true_now: Values, now: dt.datetime) -> list[tuple[str, str]]:
-    """Bring ``rule``'s states up to date with the subjects whose condition holds now, and return those that
-    fire: held for the rule's duration and out of its cooldown, their ``last_fired_at`` set to ``now``.
+@dataclass
+class _Advanced:
+    fired: list[tuple[str, str]]  # (agent, subject) that fired, for the caller to act on
+    fired_in_sql: int = 0  # fired and alerted on in the database, by an alert-only rule on PostgreSQL
+    alerts_in_sql: int = 0
+
+
+def _states_advance(rule: OptimizationRule, true_now: Values, now: dt.datetime) -> _Advanced:
+    """Bring ``rule``'s states up to date with the subjects whose condition holds now, and fire those held
+    for the rule's duration and out of its cooldown (their ``last_fired_at`` set to ``now``).
 
     A subject whose condition no longer holds loses its state (the next time it holds, its duration counts
-    from then); a new one starts its state at ``now``. Three statements per rule whatever the number of
-    subjects on PostgreSQL; elsewhere through the ORM.
+    from then); a new one starts its state at ``now``. Two statements per rule whatever the number of
+    subjects on PostgreSQL, where an alert-only rule (notify, recommend) also writes its alerts in the
+    second: what fired never comes back to Python. Elsewhere, and for rules whose action runs a service,
+    the subjects that fired are returned.
     """
-    held_since = now - dt.timedelta(seconds=rule.duration_seconds)
-    cooled_since = now - dt.timedelta(seconds=rule.cooldown_seconds)
     keys = sorted(true_now)
     stored = [max(min(true_now[key], LAST_VALUE_MAX), -LAST_VALUE_MAX) for key in keys]
-    if connection.vendor == "postgresql":
-        fired = _states_advance_sql(rule, keys, stored, now, held_since, cooled_since)
-    else:
-        fired = _states_advance_orm(rule, keys, stored, now, held_since, cooled_since)
-    return sorted(fired)
+    if connection.vendor != "postgresql":
+        held_since = now - dt.timedelta(seconds=rule.duration_seconds)
+        cooled_since = now - dt.timedelta(seconds=rule.cooldown_seconds)
+        return _Advanced(sorted(_states_advance_orm(rule, keys, stored, now, held_since, cooled_since)))
+    return _states_advance_sql(rule, keys, stored, [str(true_now[key]) for key in keys], now)
+
+
+# Keep the states of a rule's true subjects and fire those held long enough and out of cooldown, in one
+# upsert: a new subject starts its state at ``now`` (and fires at once if the rule has no duration); an
+# existing one takes its latest value and, if it fires, ``last_fired_at = now``. Its rows come back only
+# when they changed, flagged ``fired``. ``last_fired_at = now`` tells a firing apart because a state that
+# fired at this very ``now`` already (an evaluation run twice for one instant) is left as it is.
+_STATES_UPSERT_SQL = """
+INSERT INTO {states} AS s (rule_id, agent_id, subject, true_since, last_value, last_fired_at)
+SELECT %(rule)s, t.agent_id, t.subject, %(now)s, t.value,
+       CASE WHEN %(now)s <= %(held_since)s THEN %(now)s END
+FROM unnest(%(agents)s::text[], %(subjects)s::text[], %(stored)s::numeric[]) AS t(agent_id, subject, value)
+ON CONFLICT (rule_id, agent_id, subject) DO UPDATE SET
+    last_value = EXCLUDED.last_value,
+    last_fired_at = CASE WHEN {fires} THEN %(now)s ELSE s.last_fired_at END
+WHERE s.last_fired_at IS DISTINCT FROM %(now)s
+  AND (s.last_value IS DISTINCT FROM EXCLUDED.last_value OR {fires})
+RETURNING s.agent_id, s.subject, s.last_fired_at = %(now)s AS fired
+"""
+_FIRES = (
+    "(s.true_since <= %(held_since)s AND (s.last_fired_at IS NULL OR s.last_fired_at <= %(cooled_since)s))"
+)
+
+# For an alert-only rule the upsert's fired rows feed the INSERT of their alerts, worded as ``_fire_alert``
+# words them; ``values`` are the values' texts, by subject.
+_FIRE_AND_ALERT_SQL = """
+WITH kept AS ({upsert}), shown AS (
+    SELECT k.agent_id, k.subject, v.value,
+           CASE WHEN k.subject <> '' THEN ' on ' || k.subject ELSE '' END AS on_subject,
+           replace(%(recommendation)s, '{{subject}}', COALESCE(NULLIF(k.subject, ''), k.agent_id)) AS advice
+    FROM kept k
+    JOIN unnest(%(agents)s::text[], %(subjects)s::text[], %(values)s::text[]) AS v(agent_id, subject, value)
+      ON v.agent_id = k.agent_id AND v.subject = k.subject
+    WHERE k.fired
+), inserted AS (
+    INSERT INTO {alerts} (agent_id, kind, severity, rule_id, title, message, data, dedup_key, created_at,
+                          acknowledged_by)
+    SELECT s.agent_id, %(kind)s, %(severity)s, %(rule)s,
+           left(%(title_head)s || s.on_subject || ' is ' || s.value || %(title_tail)s, 200),
+           %(message_head)s || s.agent_id || s.on_subject || %(held)s || ': the value is ' || s.value || '.'
+               || COALESCE(' Recommendation: ' || s.advice, ''),
+           %(data)s::jsonb || jsonb_build_object('value', s.value, 'subject', s.subject) || {advice_data},
+           'rule:' || %(rule)s || ':' || s.agent_id || ':' || s.subject || ':' || %(now_iso)s,
+           %(created_at)s, ''
+    FROM shown s
+    ON CONFLICT (dedup_key) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM shown), (SELECT count(*) FROM inserted)
+"""
 
 
 def _states_advance_sql(
     rule: OptimizationRule,
     keys: list[tuple[str, str]],
     stored: list[Decimal],
+    values: list[str],
     now: dt.datetime,
-    held_since: dt.datetime,
-    cooled_since: dt.datetime,
-) -> list[tuple[str, str]]:
-    table = RuleState._meta.db_table
+) -> _Advanced:
+    """Two statements: drop the states of subjects no longer true, then the upsert (with the alerts of an
+    alert-only rule)."""
+    states = RuleState._meta.db_table
     agents = [agent_id for agent_id, _ in keys]
     subjects = [subject for _, subject in keys]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"DELETE FROM {table} AS s WHERE s.rule_id = %s AND NOT EXISTS ("
+            f"DELETE FROM {states} AS s WHERE s.rule_id = %s AND NOT EXISTS ("
             "SELECT 1 FROM unnest(%s::text[], %s::text[]) AS t(agent_id, subject) "
             "WHERE t.agent_id = s.agent_id AND t.subject = s.subject)",
             [rule.pk, agents, subjects],
         )
-        if keys:
-            cursor.execute(
-                f"INSERT INTO {table} AS s (rule_id, agent_id, subject, true_since, last_value) "
-                "SELECT %s, t.agent_id, t.subject, %s, t.value "
-                "FROM unnest(%s::text[], %s::text[], %s::numeric[]) AS t(agent_id, subject, value) "
-                "ON CONFLICT (rule_id, agent_id, subject) DO UPDATE SET last_value = EXCLUDED.last_value "
-                "WHERE s.last_value IS DISTINCT FROM EXCLUDED.last_value",
-                [rule.pk, now, agents, subjects, stored],
-            )
-        cursor.execute(
-            f"UPDATE {table} SET last_fired_at = %s WHERE rule_id = %s AND true_since <= %s "
-            "AND (last_fired_at IS NULL OR last_fired_at <= %s) RETURNING agent_id, subject",
-            [now, rule.pk, held_since, cooled_since],
+        if not keys:
+            return _Advanced([])
+        params = {
+            "rule": rule.pk,
+            "now": now,
+            "held_since": now - dt.timedelta(seconds=rule.duration_seconds),
+            "cooled_since": now - dt.timedelta(seconds=rule.cooldown_seconds),
+            "agents": agents,
+            "subjects": subjects,
+            "stored": stored,
+        }
+        upsert = _STATES_UPSERT_SQL.format(states=states, fires=_FIRES)
+        if rule.action not in ALERT_ONLY_ACTIONS:
+            cursor.execute(f"WITH kept AS ({upsert}) SELECT agent_id, subject FROM kept WHERE fired", params)
+            return _Advanced(sorted(cursor.fetchall()))
+        parts = _alert_parts(rule)
+        sql = _FIRE_AND_ALERT_SQL.format(
+            upsert=upsert,
+            alerts=Alert._meta.db_table,
+            # jsonb_build_object('recommendation', NULL) is not NULL: only recommend rules add the key.
+            advice_data="jsonb_build_object('recommendation', s.advice)"
+            if parts.recommendation is not None
+            else "'{}'::jsonb",
         )
-        return [(agent_id, subject) for agent_id, subject in cursor.fetchall()]
+        params |= {
+            "values": values,
+            "recommendation": parts.recommendation,
+            "kind": Alert.Kind.RULE.value,
+            "severity": rule.severity,
+            "title_head": parts.title_head,
+            "title_tail": parts.title_tail,
+            "message_head": parts.message_head,
+            "held": parts.held,
+            "data": json.dumps(parts.data),
+            "now_iso": now.isoformat(),
+            "created_at": timezone.now(),
+        }
+        cursor.execute(sql, params)
+        fired, alerts = cursor.fetchone()
+    return _Advanced([], fired_in_sql=fired, alerts_in_sql=alerts)
 
 
 def _states_advance_orm(
