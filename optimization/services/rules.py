@@ -130,13 +130,6 @@ class _Metrics:
 
 
 @dataclass
-class _AgentRow:
-    tier_id: str
-    status: str
-    status_reason: str
-
-
-@dataclass
 class RulesReport:
     rules: int = 0
     conditions_true: int = 0
@@ -160,23 +153,41 @@ class RulesReport:
         }
 
 
-def _in_scope(rule: OptimizationRule, agents: dict[str, _AgentRow]) -> set[str]:
-    if rule.scope == OptimizationRule.Scope.AGENT:
-        return {rule.agent_id} & agents.keys()
-    if rule.scope == OptimizationRule.Scope.TIER:
-        return {agent_id for agent_id, row in agents.items() if row.tier_id == rule.tier_id}
-    return set(agents)
+class _Scopes:
+    """Which agents each rule covers. The fleet's agents are read (one query) only for a rule that needs
+    them listed: a tier's rule, or a throughput rule (an agent that ran nothing has a throughput of 0).
+    A fleet-wide rule covers whoever has a value, and an agent's rule its agent."""
+
+    def __init__(self) -> None:
+        self._tiers: dict[str, str] | None = None
+
+    def _agent_tiers(self) -> dict[str, str]:
+        if self._tiers is None:
+            self._tiers = dict(Agent.objects.values_list("id", "tier_id"))
+        return self._tiers
+
+    def of(self, rule: OptimizationRule) -> set[str] | None:
+        """The agents ``rule`` covers; None for every agent with a value."""
+        if rule.scope == OptimizationRule.Scope.AGENT:
+            return {rule.agent_id}
+        if rule.scope == OptimizationRule.Scope.TIER:
+            return {agent_id for agent_id, tier_id in self._agent_tiers().items() if tier_id == rule.tier_id}
+        if rule.metric == Metric.THROUGHPUT_PER_HOUR:
+            return set(self._agent_tiers())
+        return None
 
 
-def _true_subjects(rule: OptimizationRule, metrics: _Metrics, agents: dict[str, _AgentRow]) -> Values:
+def _true_subjects(rule: OptimizationRule, metrics: _Metrics, scopes: _Scopes) -> Values:
     """(agent, subject) -> value for the in-scope subjects whose condition holds now."""
-    scope = _in_scope(rule, agents)
-    values = {key: value for key, value in metrics.values(rule).items() if key[0] in scope}
+    scope = scopes.of(rule)
+    values = metrics.values(rule)
+    if scope is not None:
+        values = {key: value for key, value in values.items() if key[0] in scope}
+    compare = OPERATORS[rule.operator]
     if rule.metric == Metric.THROUGHPUT_PER_HOUR:
         # An agent that ran nothing in the window has a throughput of zero, not an unknown one.
         for agent_id in scope:
             values.setdefault((agent_id, ""), Decimal("0.00"))
-    compare = OPERATORS[rule.operator]
     return {key: value for key, value in values.items() if compare(value, rule.threshold)}
 
 
@@ -264,12 +275,7 @@ def rules_evaluate(*, now: dt.datetime | None = None) -> dict:
     report = RulesReport()
     rules = list(OptimizationRule.objects.select_for_update().filter(enabled=True).order_by("pk"))
     report.rules = len(rules)
-    agents = {
-        agent_id: _AgentRow(tier_id, status, reason)
-        for agent_id, tier_id, status, reason in Agent.objects.values_list(
-            "id", "tier_id", "status", "status_reason"
-        )
-    }
+    scopes = _Scopes()
     metrics = _Metrics(now)
     # A state of a rule that is no longer enabled means nothing any more.
     RuleState.objects.exclude(rule_id__in=[rule.pk for rule in rules]).delete()
@@ -278,7 +284,7 @@ def rules_evaluate(*, now: dt.datetime | None = None) -> dict:
     holding: dict[int, set[str]] = {}  # throttle rule -> agents for which its condition holds now
     alerted_in_sql = 0
     for rule in rules:
-        true_now = _true_subjects(rule, metrics, agents)
+        true_now = _true_subjects(rule, metrics, scopes)
         report.conditions_true += len(true_now)
         if rule.action == Action.THROTTLE:
             holding[rule.pk] = {agent_id for agent_id, _ in true_now}
@@ -289,8 +295,8 @@ def rules_evaluate(*, now: dt.datetime | None = None) -> dict:
         report.fired += advanced.fired_in_sql
         alerted_in_sql += advanced.alerts_in_sql
 
-    alerts = _actions_run(fired, agents, now, report)
-    alerts += _throttles_lift(rules, holding, agents, now, report)
+    alerts = _actions_run(fired, now, report)
+    alerts += _throttles_lift(rules, holding, now, report)
     report.fired += len(fired)
     report.alerts = alerts_create(alerts=alerts, now=now) + alerted_in_sql
     if alerted_in_sql:
@@ -470,7 +476,6 @@ def _states_advance_orm(
 
 def _actions_run(
     fired: list[tuple[OptimizationRule, str, str, Decimal]],
-    agents: dict[str, _AgentRow],
     now: dt.datetime,
     report: RulesReport,
 ) -> list[Alert]:
@@ -487,15 +492,13 @@ def _actions_run(
             continue
         acted.add((rule.pk, agent_id))
         if rule.action == Action.THROTTLE:
-            row = agents[agent_id]
             # Only an active agent is throttled: a suspension is stronger and must not be softened, and an
             # agent already throttled (by this rule or by hand) keeps its reason.
-            if row.status != Agent.Status.ACTIVE:
+            if agent_objects[agent_id].status != Agent.Status.ACTIVE:
                 continue
-            agent = agent_set_status(
+            agent_objects[agent_id] = agent_set_status(
                 agent=agent_objects[agent_id], status=Agent.Status.THROTTLED, reason=throttle_reason(rule)
             )
-            row.status, row.status_reason = agent.status, agent.status_reason
             report.throttled += 1
             outcome = "The agent is throttled until the rule no longer holds."
             alerts.append(_fire_alert(rule, agent_id, subject, value, now, outcome=outcome))
@@ -519,26 +522,24 @@ def _actions_run(
 def _throttles_lift(
     rules: list[OptimizationRule],
     holding: dict[int, set[str]],
-    agents: dict[str, _AgentRow],
     now: dt.datetime,
     report: RulesReport,
 ) -> list[Alert]:
     """Set back to active the agents a rule throttled once that rule no longer holds for them (or is no
     longer an enabled throttle rule). Agents throttled by hand, or suspended, are left alone."""
     throttle_rules = {throttle_reason(rule): rule for rule in rules if rule.action == Action.THROTTLE}
+    throttled = Agent.objects.filter(
+        status=Agent.Status.THROTTLED, status_reason__startswith=THROTTLE_REASON_PREFIX
+    ).order_by("pk")
     to_lift = []
-    for agent_id, row in agents.items():
-        if row.status != Agent.Status.THROTTLED or not row.status_reason.startswith(THROTTLE_REASON_PREFIX):
-            continue
-        rule = throttle_rules.get(row.status_reason)
-        if rule is None or agent_id not in holding.get(rule.pk, set()):
-            to_lift.append((agent_id, row, rule))
-    agent_objects = Agent.objects.in_bulk([agent_id for agent_id, _, _ in to_lift])
+    for agent in throttled:
+        rule = throttle_rules.get(agent.status_reason)
+        if rule is None or agent.pk not in holding.get(rule.pk, set()):
+            to_lift.append((agent, rule))
     alerts = []
-    for agent_id, row, rule in to_lift:
-        reason = row.status_reason
-        agent_set_status(agent=agent_objects[agent_id], status=Agent.Status.ACTIVE, reason="")
-        row.status, row.status_reason = Agent.Status.ACTIVE, ""
+    for agent, rule in to_lift:
+        agent_id, reason = agent.pk, agent.status_reason
+        agent_set_status(agent=agent, status=Agent.Status.ACTIVE, reason="")
         report.lifted += 1
         why = (
             "its condition no longer holds"
