@@ -16,6 +16,7 @@ from allocation.models import Allocation, IdempotencyRecord
 from allocation.tasks import holds_expire_task, idempotency_cleanup_task
 from ledger.models import Quota
 from ledger.services import agent_create
+from tests.factories import fleet_create
 
 pytestmark = pytest.mark.django_db
 
@@ -50,16 +51,38 @@ def test_expired_holds_are_released_and_live_ones_kept(reference_data):
     assert Allocation.objects.get(pk=live.pk).status == "held"
 
 
+def _expired_holds_fleet(agents: int, *, now) -> None:
+    """``agents`` agents with two open holds of 100 COMPUTE_MS each, both past their expiry: written in
+    bulk, as the sweep is what is tested."""
+    ids = fleet_create(f"fleet{agents}", agents, at=now, resource_type="COMPUTE_MS")
+    quotas = dict(Quota.objects.filter(agent_id__in=ids).values_list("agent_id", "pk"))
+    Quota.objects.filter(agent_id__in=ids).update(reserved=200)
+    Allocation.objects.bulk_create(
+        Allocation(
+            agent_id=agent_id,
+            resource_type_id="COMPUTE_MS",
+            quota_id=quotas[agent_id],
+            amount=100,
+            unit_price_usd=0,
+            status=Allocation.Status.HELD,
+            expires_at=now - dt.timedelta(minutes=1),
+        )
+        for agent_id in ids
+        for _ in range(2)
+    )
+
+
 def test_expiry_sweep_query_count_does_not_grow_with_agents(reference_data):
-    later = timezone.now() + dt.timedelta(minutes=5)
+    now = timezone.now()
     counts = []
-    for agents in (2, 20):
-        _holds(2, agents=agents, prefix=f"fleet{agents}")
+    for agents in (10, 1000):
+        _expired_holds_fleet(agents, now=now)
         with CaptureQueriesContext(connection) as ctx:
-            assert services.holds_expire(now=later) == 2 * agents
+            assert services.holds_expire(now=now) == 2 * agents
         counts.append(len(ctx.captured_queries))
     assert counts[0] == counts[1]
     assert not Quota.objects.filter(reserved__gt=0).exists()
+    assert not Allocation.objects.filter(status=Allocation.Status.HELD).exists()
 
 
 def test_idempotency_cleanup_keeps_the_last_24_hours(reference_data):
