@@ -24,8 +24,8 @@ class Allocation(models.Model):
     # Time-ordered: allocations are appended at the end of the primary-key index.
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     # No index of their own: allocation_agent_time_idx leads with the agent, and nothing looks allocations
-    # up by resource type alone. Every index is one more write per allocation. On PostgreSQL one composite
-    # foreign key checks all three references (ledger/schema.py).
+    # up by resource type or quota alone. Every index is one more write per allocation. On PostgreSQL one
+    # composite foreign key checks all three references (ledger/schema.py).
     agent = models.ForeignKey(
         Agent, on_delete=models.PROTECT, related_name="allocations", db_index=False, db_constraint=False
     )
@@ -33,7 +33,7 @@ class Allocation(models.Model):
         ResourceType, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
     )
     quota = models.ForeignKey(
-        Quota, on_delete=models.PROTECT, related_name="allocations", db_constraint=False
+        Quota, on_delete=models.PROTECT, related_name="allocations", db_constraint=False, db_index=False
     )
     amount = models.BigIntegerField(help_text="Units committed, or held while the hold is open.")
     settled_amount = models.BigIntegerField(null=True, blank=True)

@@ -282,7 +282,11 @@ class UsageLog(models.Model):
     resource_type = models.ForeignKey(
         ResourceType, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
     )
-    quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="usage_logs", db_constraint=False)
+    # No index on quota_id alone either: the composite key's checks, and the reconciliation, find a
+    # quota's rows through usage_agent_type_time_idx (its agent and resource type lead it).
+    quota = models.ForeignKey(
+        Quota, on_delete=models.PROTECT, related_name="usage_logs", db_constraint=False, db_index=False
+    )
     amount = models.BigIntegerField()
     unit_price_usd = models.DecimalField(**UNIT_PRICE)
     cost_usd = models.DecimalField(**COST)

@@ -49,16 +49,14 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
     """What the counters of ``quota`` should be, recomputed from the append-only rows behind them."""
     from ledger.models import UsageLog
 
-    used = (
-        UsageLog.objects.filter(quota=quota, kind__in=UsageLog.CONSUMPTION_KINDS).aggregate(
-            total=Sum("amount")
-        )["total"]
-        or 0
+    # A usage row's agent and resource type are its quota's (the composite foreign key): naming them lets
+    # the (agent, resource type, time) index find the rows, as usage_logs has no index on quota_id alone.
+    rows = UsageLog.objects.filter(
+        agent_id=quota.agent_id, resource_type_id=quota.resource_type_id, quota=quota
     )
+    used = rows.filter(kind__in=UsageLog.CONSUMPTION_KINDS).aggregate(total=Sum("amount"))["total"] or 0
     # SQLite sums decimals as floats: quantize back to the ledger's precision.
-    spent = (
-        UsageLog.objects.filter(quota=quota).aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
-    ).quantize(COST_QUANTUM)
+    spent = (rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)).quantize(COST_QUANTUM)
     granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0
     return {"used": used, "limit": quota.base_limit + granted, "spent_usd": spent}
 
