@@ -49,6 +49,7 @@ from django.db.models import Case, DateTimeField, F, Q, QuerySet, Sum, Value, Wh
 from django.utils import timezone
 
 from allocation.services import MAX_AMOUNT, resource_type_codes
+from ledger.bulk import bulk_update_column
 from ledger.errors import AgentSuspended, Conflict, FeatureDisabled, LedgerError, NotFound, QuotaExceeded
 from ledger.models import Agent, Grant, Quota, Tier, TierQuota, UsageLog
 from ledger.money import COST_QUANTUM, percent, usage_cost
@@ -379,12 +380,14 @@ def deals_expire(*, now: dt.datetime | None = None, deal_ids=None) -> dict[str, 
         for _, quota_id, left in rows:
             if quota_id is not None and left:
                 returned[quota_id] = returned.get(quota_id, 0) + left
-        if returned:
-            Quota.objects.filter(pk__in=list(returned)).update(
-                listed=F("listed")
-                - Case(*[When(pk=pk, then=Value(units)) for pk, units in returned.items()], default=Value(0)),
-                updated_at=now,
-            )
+        # One UPDATE FROM unnest for every seller's quota, not a CASE arm per quota (ledger/bulk.py).
+        bulk_update_column(
+            model=Quota,
+            field="listed",
+            values={pk: -units for pk, units in returned.items()},
+            add=True,
+            touch=now,
+        )
     return {"expired": len(rows), "returned_units": sum(returned.values())}
 
 
