@@ -350,11 +350,32 @@ def _insert_layout(model: type[models.Model], names: tuple[str, ...]) -> tuple[t
     return tuple(field.column for field in fields), fields
 
 
+# On PostgreSQL these fields' ``get_db_prep_save`` hands psycopg the value it was given (a str, an aware
+# datetime): skipping it saves a few dozen calls per allocation. Every other field (an integer, which
+# Django wraps in its size's type; a JSONField's dict; a UUID; a Decimal; an IP address) and every other
+# database goes through it. A test compares the parameters with and without the shortcut.
+_AS_GIVEN_ON_POSTGRESQL = (models.CharField, models.TextField, models.DateTimeField)
+
+
+@functools.cache
+def _preparers(model: type[models.Model], names: tuple[str, ...], vendor: str) -> tuple:
+    _, fields = _insert_layout(model, names)
+    return tuple(
+        None if vendor == "postgresql" and type(field) in _AS_GIVEN_ON_POSTGRESQL else field.get_db_prep_save
+        for field in fields
+    )
+
+
 def _columns_and_params(db, model: type[models.Model], values: dict[str, object]) -> tuple[tuple, list]:
     """The columns of ``values`` and their values as the database takes them (``get_db_prep_save``)."""
-    columns, fields = _insert_layout(model, tuple(values))
-    pairs = zip(fields, values.values(), strict=True)
-    return columns, [field.get_db_prep_save(value, db) for field, value in pairs]
+    names = tuple(values)
+    columns, _ = _insert_layout(model, names)
+    preparers = _preparers(model, names, db.vendor)
+    params = [
+        value if prepare is None else prepare(value, db)
+        for prepare, value in zip(preparers, values.values(), strict=True)
+    ]
+    return columns, params
 
 
 _ONE_STATEMENT_TAKE = """WITH taken AS (

@@ -327,3 +327,53 @@ def test_a_refusal_keeps_the_statement_prepared(agent_a):
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'WITH taken AS (%%'")
         assert cursor.fetchone()[0] >= 1
+
+
+def test_the_statements_parameters_are_what_the_fields_would_prepare(agent_a):
+    """``_columns_and_params`` skips ``get_db_prep_save`` for the fields whose preparation hands the value
+    over as it is on PostgreSQL; the parameters must be the same as with it, for every row of the
+    statement."""
+    from django.test import RequestFactory
+
+    from allocation.audit import audit_values
+    from allocation.idempotency import idempotency_values
+    from allocation.models import AuditRecord, IdempotencyRecord
+
+    draft = services.allocation_prepare(
+        agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=7, task_id="t-1", idempotency_key="k-1"
+    )
+    request = RequestFactory().post("/x", {"amount": 7}, content_type="application/json")
+    rows = [
+        (Allocation, services._allocation_values(draft.allocation)),
+        (UsageLog, services._usage_values(draft)),
+        (
+            AuditRecord,
+            audit_values(
+                request=request,
+                actor="agent:a",
+                action="allocation.create",
+                agent_id=agent_a.id,
+                status_code=201,
+                outcome="ok",
+                body={"amount": 7},
+            ),
+        ),
+        (
+            IdempotencyRecord,
+            idempotency_values(
+                principal="agent:a",
+                key="k-1",
+                method="POST",
+                path="/x",
+                fingerprint="f" * 64,
+                status=201,
+                body={"ok": True},
+            ),
+        ),
+    ]
+    for model, values in rows:
+        _, params = services._columns_and_params(connection, model, values)
+        fields = [model._meta.get_field(name) for name in values]
+        pairs = zip(fields, values.values(), strict=True)
+        prepared = [field.get_db_prep_save(value, connection) for field, value in pairs]
+        assert [repr(p) for p in params] == [repr(p) for p in prepared], model
