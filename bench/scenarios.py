@@ -22,6 +22,7 @@ CONNECTIONS = 32
 AMOUNT = 1
 HOT_AMOUNT = 3  # not 1, so that "used == 201s x amount" cannot hold by accident
 ALLOC_AGENTS = 64
+INPROC_THREADS = 4  # scenario 6's second run: one process, this many threads
 HUGE_LIMIT = 10**15
 BATCH_ITEMS = 1000
 
@@ -105,7 +106,7 @@ class Fixtures:
     operator_key: str
     alloc_agents: list[tuple[str, str]]  # (agent id, key)
     hot_agent: tuple[str, str]
-    inproc_agent: str
+    inproc_agents: list[str]  # one per thread of scenario 6
 
 
 def fixtures_create() -> Fixtures:
@@ -124,12 +125,12 @@ def fixtures_create() -> Fixtures:
         agent = custom_agent(f"alloc-{index:03d}")
         alloc_agents.append((agent.pk, api_key_issue(agent=agent, name="bench")[1]))
     hot = custom_agent("hot-agent")
-    inproc = custom_agent("inproc-agent")
+    inproc = [custom_agent(f"inproc-agent-{index}").pk for index in range(INPROC_THREADS)]
     return Fixtures(
         operator_key=operator_key,
         alloc_agents=alloc_agents,
         hot_agent=(hot.pk, api_key_issue(agent=hot, name="bench")[1]),
-        inproc_agent=inproc.pk,
+        inproc_agents=inproc,
     )
 
 
@@ -820,42 +821,61 @@ def reads(report: Report, profile: Profile, fixtures: Fixtures, server: Gunicorn
 
 
 def in_process(report: Report, profile: Profile, fixtures: Fixtures) -> None:
-    """Scenario 6: ``allocation_create`` in a loop in one fresh process, no HTTP."""
+    """Scenario 6: ``allocation_create`` in a loop in one fresh process, no HTTP: one thread, then one
+    thread per agent; each beside the same statement sent by bare psycopg, the floor of this machine."""
+    for agents in (fixtures.inproc_agents[:1], fixtures.inproc_agents):
+        _in_process_run(report, profile, agents)
+
+
+def _in_process_run(report: Report, profile: Profile, agents: list[str]) -> None:
+    threads = len(agents)
+    label = "1 thread" if threads == 1 else f"{threads} threads, an agent each"
     command = [
-        sys.executable, "-m", "bench.worker", "allocate", fixtures.inproc_agent,
+        sys.executable, "-m", "bench.worker", "allocate", ",".join(agents),
         "--count", str(profile.inproc_count), "--seconds", str(profile.inproc_seconds),
     ]  # fmt: skip
-    log(f"scenario 6: allocation_create in one process ({profile.inproc_seconds:.0f} s)")
+    log(f"scenario 6: allocation_create in one process, {label} ({2 * profile.inproc_seconds:.0f} s)")
+    before = _used(agents)
     completed = subprocess.run(
         command, cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True,
-        timeout=profile.inproc_seconds + 120, check=False,
+        timeout=2 * profile.inproc_seconds + 240, check=False,
     )  # fmt: skip
     line = next((ln for ln in completed.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if completed.returncode != 0 or line is None:
         raise RuntimeError(f"in-process allocation failed: {completed.stderr.strip()[-600:]}")
     data = json.loads(line.removeprefix("BENCH_JSON "))
     target = TARGETS["inproc_per_second"]
+    scenario = "6 allocate in-process"
     report.check(
-        "6 allocate in-process",
-        f"allocations/s ({data['allocations']:,} in {data['seconds']:.1f} s)",
+        scenario,
+        f"allocations/s, {label} ({data['allocations']:,} in {data['seconds']:.1f} s)",
         per_second(data["per_second"]),
         f">= {target:,}",
         data["per_second"] >= target,
     )
-    kinds = " ".join(data["query_kinds"])
+    floor = data["floor_per_second"]
+    share = data["per_second"] / floor if floor else 0.0
     report.add(
-        "6 allocate in-process", "queries per allocation", f"{data['queries_per_allocation']} ({kinds})"
+        scenario,
+        f"floor, {label}: the same statement from bare psycopg",
+        f"{per_second(floor)} (service at {share:.0%} of it)",
     )
-    used = scalar("SELECT COALESCE(SUM(used), 0) FROM quotas WHERE agent_id = %s", [fixtures.inproc_agent])
-    ok = used == data["total_taken"] * AMOUNT
+    if threads == 1:
+        kinds = " ".join(data["query_kinds"])
+        report.add(scenario, "queries per allocation", f"{data['queries_per_allocation']} ({kinds})")
+    used = _used(agents) - before
+    expected = data["total_taken"] + data["floor_taken"]
+    ok = used == expected * AMOUNT
     report.add(
-        "6 allocate in-process",
-        "used = allocations x amount",
-        f"{used:,} = {data['total_taken']:,} x {AMOUNT}",
+        scenario,
+        f"used = allocations x amount, {label}",
+        f"{used:,} = {expected:,} x {AMOUNT}",
         "equal",
         "pass" if ok else "ERROR",
     )
     if not ok:
-        report.invariant_errors.append(
-            f"in-process allocations: used {used} for {data['total_taken']} allocations"
-        )
+        report.invariant_errors.append(f"in-process allocations: used {used} for {expected} allocations")
+
+
+def _used(agents: list[str]) -> int:
+    return scalar("SELECT COALESCE(SUM(used), 0) FROM quotas WHERE agent_id = ANY(%s)", [agents])

@@ -3,7 +3,8 @@
 ``python -m bench.worker sweep budget_sweep|rules_evaluate|rules_evaluate_firing|scaling_evaluate`` times one
 sweep (``rules_evaluate_firing``: the evaluation, after the states exist, in which every rule fires), counts
 its queries (CaptureQueriesContext) and reads the process's peak RSS (VmHWM).
-``python -m bench.worker allocate AGENT --count N --seconds S`` calls ``allocation_create`` in a loop.
+``python -m bench.worker allocate AGENT[,AGENT...] --count N --seconds S`` calls ``allocation_create`` in a
+loop, one thread per agent, then runs the same statement from bare psycopg for comparison.
 Each prints one line ``BENCH_JSON {...}``.
 Run by bench/run.py with the bench's environment (settings, database, Redis database 14).
 """
@@ -11,6 +12,7 @@ Run by bench/run.py with the bench's environment (settings, database, Redis data
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -85,7 +87,10 @@ def _rules_evaluate_firing() -> dict:
     return rules_evaluate(now=timezone.now() + dt.timedelta(seconds=longest + 60))
 
 
-def _allocate(agent_id: str, count: int, seconds: float, warmup: int) -> dict:
+def _allocate(agent_ids: list[str], count: int, seconds: float, warmup: int) -> dict:
+    """``allocation_create`` in a loop, one thread per agent (each with its own connection, as Django
+    gives every thread), all in this one process; then the same statement, from bare psycopg in the same
+    threads, for the floor this machine and PostgreSQL set."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -93,27 +98,113 @@ def _allocate(agent_id: str, count: int, seconds: float, warmup: int) -> dict:
     from bench.report import statements_seen
     from ledger.models import Agent
 
-    agent = Agent.objects.select_related("tier").get(pk=agent_id)
-    for _ in range(warmup):
-        allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1)
+    agent = Agent.objects.get(pk=agent_ids[0])
+    allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1)
     with CaptureQueriesContext(connection) as queries, statements_seen(connection) as kinds:
         allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1)
-    done = 0
-    started = time.perf_counter()
-    deadline = started + seconds
-    while done < count and time.perf_counter() < deadline:
-        allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1)
-        done += 1
-    elapsed = time.perf_counter() - started
+
+    def service(agent_id: str):
+        agent = Agent.objects.get(pk=agent_id)
+        for _ in range(warmup):
+            allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1)
+        yield
+        while True:
+            allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1)
+            yield
+
+    measured = _threads_run(service, agent_ids, count, seconds)
+    floor = _threads_run(_bare_statement, agent_ids, count, seconds)
     return {
-        "allocations": done,
-        "seconds": elapsed,
-        "per_second": done / elapsed if elapsed else 0.0,
+        **measured,
+        "threads": len(agent_ids),
+        "floor_per_second": floor["per_second"],
         "queries_per_allocation": len(queries.captured_queries),
         "query_kinds": kinds,
-        "total_taken": warmup + 1 + done,
+        # the warm-up, the two allocations above and the measured loop (the floor writes its own rows)
+        "total_taken": 2 + len(agent_ids) * warmup + measured["allocations"],
+        "floor_taken": len(agent_ids) * warmup + floor["allocations"],
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def _threads_run(loop, agent_ids: list[str], count: int, seconds: float) -> dict:
+    """Run ``loop(agent_id)`` (a generator: it yields once when warmed up, then once per allocation) in one
+    thread per agent, started together; stop at ``count`` allocations in all or after ``seconds``."""
+    import threading
+
+    from django.db import connection
+
+    clock: dict[str, float] = {}
+
+    def start_clock() -> None:  # run by the barrier once every thread is warm, before it lets them go
+        clock["started"] = time.perf_counter()
+        clock["deadline"] = clock["started"] + seconds
+
+    ready = threading.Barrier(len(agent_ids) + 1, action=start_clock)
+    done = [0] * len(agent_ids)
+    per_thread = max(1, count // len(agent_ids))
+    errors: list[BaseException] = []
+
+    def run(index: int, agent_id: str) -> None:
+        steps = loop(agent_id)
+        try:
+            next(steps)  # warmed up
+            ready.wait()
+            while done[index] < per_thread and time.perf_counter() < clock["deadline"]:
+                next(steps)
+                done[index] += 1
+        except BaseException as error:  # noqa: BLE001 - reported by the caller
+            errors.append(error)
+            ready.abort()
+        finally:
+            steps.close()
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=pair) for pair in enumerate(agent_ids)]
+    for thread in threads:
+        thread.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a thread failed: its error is raised below
+        ready.wait(timeout=120)
+    for thread in threads:
+        thread.join(timeout=seconds + 120)
+    if errors or "started" not in clock:
+        raise RuntimeError(f"allocation loop failed: {errors[0] if errors else 'no start'!r}")
+    elapsed = time.perf_counter() - clock["started"]
+    allocations = sum(done)
+    return {"allocations": allocations, "seconds": elapsed, "per_second": allocations / elapsed}
+
+
+def _bare_statement(agent_id: str):
+    """The service's own statement, built once by the service, then run from a plain psycopg connection
+    with only the allocation id changed: what PostgreSQL and the driver cost without the service."""
+    import uuid
+
+    import psycopg
+    from django.db import connection
+
+    from allocation import services
+    from ledger.models import Agent, UsageLog
+
+    agent = Agent.objects.get(pk=agent_id)
+    draft = services.allocation_prepare(agent=agent, resource_type_id="AI_TOKENS", amount=1)
+    rows = [
+        (services.Allocation, services._allocation_values(draft.allocation)),
+        (UsageLog, services._usage_values(draft)),
+    ]
+    sql, params = services._one_statement(connection, draft, rows=rows, companions=[], requires=())
+    id_at = next(index for index, value in enumerate(params) if value == draft.allocation.id)
+    settings = connection.get_connection_params()
+    with psycopg.connect(**settings, autocommit=True) as bare, bare.cursor() as cursor:
+        for _ in range(50):
+            params[id_at] = uuid.uuid4()
+            cursor.execute(sql, params, prepare=True)
+            cursor.fetchone()
+        yield
+        while True:
+            params[id_at] = uuid.uuid4()
+            cursor.execute(sql, params, prepare=True)
+            cursor.fetchone()
+            yield
 
 
 def main() -> None:
@@ -124,7 +215,7 @@ def main() -> None:
         "name", choices=["budget_sweep", "rules_evaluate", "rules_evaluate_firing", "scaling_evaluate"]
     )
     allocate = commands.add_parser("allocate")
-    allocate.add_argument("agent")
+    allocate.add_argument("agents", help="agent ids, comma-separated: one thread each")
     allocate.add_argument("--count", type=int, required=True)
     allocate.add_argument("--seconds", type=float, required=True)
     allocate.add_argument("--warmup", type=int, default=50)
@@ -133,7 +224,7 @@ def main() -> None:
     if args.command == "sweep":
         result = _sweep(args.name)
     else:
-        result = _allocate(args.agent, args.count, args.seconds, args.warmup)
+        result = _allocate(args.agents.split(","), args.count, args.seconds, args.warmup)
     print("BENCH_JSON " + json.dumps(result, default=str), flush=True)
 
 

@@ -329,6 +329,31 @@ def test_a_refusal_keeps_the_statement_prepared(agent_a):
         assert cursor.fetchone()[0] >= 1
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # it closes the connection: no test transaction around it
+def test_the_hot_path_keeps_one_cursor_per_connection(agent_a):
+    """The hot path's cursor is made once per psycopg connection (it keeps the dumpers it looked up), is
+    still usable after a statement failed, and is made anew after a reconnection."""
+    services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1)
+    kept = services._kept_cursor(connection)
+    with pytest.raises(IntegrityError):
+        services.allocation_create(
+            agent=agent_a.agent,
+            resource_type_id="AI_TOKENS",
+            amount=1,
+            also_write=[_stored_response(agent_a.id, "k"), _stored_response(agent_a.id, "k")],
+        )
+    services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=2)
+
+    assert services._kept_cursor(connection) is kept and not kept.closed
+    assert _used(agent_a.id) == 3
+    old_connection = connection.connection
+    connection.close()
+    connection.ensure_connection()
+    fresh = services._kept_cursor(connection)
+    assert fresh is not kept and fresh.connection is connection.connection is not old_connection
+
+
 def test_the_statements_parameters_are_what_the_fields_would_prepare(agent_a):
     """``_columns_and_params`` skips ``get_db_prep_save`` for the fields whose preparation hands the value
     over as it is on PostgreSQL; the parameters must be the same as with it, for every row of the
@@ -342,9 +367,13 @@ def test_the_statements_parameters_are_what_the_fields_would_prepare(agent_a):
     draft = services.allocation_prepare(
         agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=7, task_id="t-1", idempotency_key="k-1"
     )
+    hold = services.allocation_prepare(
+        agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=7, hold=True, hold_ttl_seconds=60
+    )
     request = RequestFactory().post("/x", {"amount": 7}, content_type="application/json")
     rows = [
         (Allocation, services._allocation_values(draft.allocation)),
+        (Allocation, services._allocation_values(hold.allocation)),
         (UsageLog, services._usage_values(draft)),
         (
             AuditRecord,
