@@ -194,7 +194,8 @@ def _bare_statement(agent_id: str):
     sql, params = services._one_statement(connection, draft, rows=rows, companions=[], requires=())
     id_at = next(index for index, value in enumerate(params) if value == draft.allocation.id)
     settings = connection.get_connection_params()
-    with psycopg.connect(**settings, autocommit=True) as bare, bare.cursor() as cursor:
+    settings.pop("cursor_factory", None)  # Django's binds on the client; the service binds on the server
+    with psycopg.connect(**settings, autocommit=True) as bare, psycopg.Cursor(bare) as cursor:
         for _ in range(50):
             params[id_at] = uuid.uuid4()
             cursor.execute(sql, params, prepare=True)
