@@ -16,7 +16,7 @@ from rest_framework import serializers
 from allocation import services
 from allocation.api.auth import agent_key_cache
 from allocation.api.errors import exception_response
-from allocation.api.serializers import AllocationIn, AllocationOut, allocation_in
+from allocation.api.serializers import AllocationIn, AllocationOut, allocation_in, allocation_in_fast
 from allocation.keys import api_key_revoke, key_hash
 from allocation.models import Allocation, ApiKey, AuditRecord, IdempotencyRecord
 from allocation.representation import allocation_body
@@ -54,6 +54,47 @@ def _used(agent_id: str) -> int:
 # --- Reused serializers -----------------------------------------------------------------------------------
 
 
+FAST_PATH_BODIES = [
+    {"resource_type": "AI_TOKENS", "amount": 2**53, "task_id": "", "hold": False},
+    {"resource_type": "COMPUTE_MS", "amount": 1, "hold": True, "hold_ttl_seconds": 604800},
+    {"resource_type": "AI_TOKENS", "amount": 5, "hold": True, "hold_ttl_seconds": 604801},
+    {"resource_type": "AI_TOKENS", "amount": 5, "hold_ttl_seconds": "60"},
+    {"resource_type": "AI_TOKENS", "amount": 5, "hold_ttl_seconds": 60.0},
+    {"resource_type": "AI_TOKENS", "amount": 5, "hold_ttl_seconds": True},
+    {"resource_type": "AI_TOKENS", "amount": 5, "hold_ttl_seconds": None},
+    {"resource_type": "AI_TOKENS", "amount": 5, "hold": "true"},
+    {"resource_type": "AI_TOKENS", "amount": 5, "hold": 1},
+    {"resource_type": "AI_TOKENS", "amount": 5, "hold": None},
+    {"resource_type": " AI_TOKENS ", "amount": 5},
+    {"resource_type": "", "amount": 5},
+    {"resource_type": None, "amount": 5},
+    {"resource_type": "AI_TOKENS", "amount": 5.0},
+    {"resource_type": "AI_TOKENS", "amount": -1},
+    {"resource_type": "AI_TOKENS", "amount": 5, "task_id": " padded "},
+    {"resource_type": "AI_TOKENS", "amount": 5, "task_id": "tab\there"},
+    {"resource_type": "AI_TOKENS", "amount": 5, "task_id": 12},
+    {"resource_type": "AI_TOKENS", "amount": 5, "task_id": None},
+    {"resource_type": "AI_TOKENS", "amount": 5, "task_id": "é" * 200},
+    {"resource_type": "AI_TOKENS", "amount": 5, "task_id": "é" * 201},
+    [{"resource_type": "AI_TOKENS", "amount": 5}],
+    "AI_TOKENS",
+]
+
+
+@pytest.mark.parametrize("body", FAST_PATH_BODIES)
+def test_the_fast_input_check_accepts_only_what_the_serializer_accepts_and_alike(reference_data, body):
+    fresh = AllocationIn(data=body)
+    fast = allocation_in_fast(body)
+    if fast is not None:
+        assert fresh.is_valid(), fresh.errors
+        assert fast == dict(fresh.validated_data)
+
+
+def test_the_fast_input_check_takes_the_plain_bodies(reference_data):
+    for body in FAST_PATH_BODIES[:2]:
+        assert allocation_in_fast(body) == dict(AllocationIn(data=body).run_validation(body))
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -68,6 +109,7 @@ def _used(agent_id: str) -> int:
         {"resource_type": "AI_TOKENS", "amount": 5, "colour": "red"},
         {"resource_type": "AI_TOKENS", "amount": 5, "hold_ttl_seconds": 0},
         {},
+        *FAST_PATH_BODIES,
     ],
 )
 def test_reused_input_serializer_answers_like_a_new_one(reference_data, body):

@@ -22,7 +22,13 @@ from rest_framework.views import APIView
 from allocation.api.auth import ApiKeyAuthentication, IsAuthenticatedPrincipal, IsOperator, agent_for
 from allocation.api.errors import exception_response
 from allocation.api.mutation import run_mutation
-from allocation.api.serializers import AllocationOut, AmountField, ResourceTypeField, StrictSerializer
+from allocation.api.serializers import (
+    AllocationOut,
+    AmountField,
+    ResourceTypeField,
+    StrictSerializer,
+    plain_text,
+)
 from allocation.audit import audit_record
 from allocation.batch import MAX_BATCH_ITEMS, MAX_ITEM_KEY_LENGTH, BatchItem, allocations_batch_create
 from allocation.idempotency import request_fingerprint
@@ -119,19 +125,8 @@ _ITEM_FIELDS = frozenset(BatchItemIn._declared_fields)
 _USAGE_ITEM_FIELDS = frozenset(UsageBatchItemIn._declared_fields)
 
 
-def _plain_text(value, max_length: int) -> bool:
-    """What the CharFields accept unchanged: a string, not too long, nothing to trim, no NUL or surrogate."""
-    return (
-        type(value) is str
-        and len(value) <= max_length
-        and value.isprintable()
-        and not value.startswith(" ")
-        and not value.endswith(" ")
-    )
-
-
 def _key_plain(value) -> bool:
-    return bool(value) and _plain_text(value, MAX_ITEM_KEY_LENGTH)
+    return bool(value) and plain_text(value, MAX_ITEM_KEY_LENGTH)
 
 
 def _item_fast(raw, *, with_agent: bool) -> dict | None:
@@ -153,9 +148,9 @@ def _item_fast(raw, *, with_agent: bool) -> dict | None:
         or resource_type not in resource_type_codes()
         or type(amount) is not int
         or not 1 <= amount <= MAX_AMOUNT
-        or not _plain_text(task_id, 200)
+        or not plain_text(task_id, 200)
         or ("idempotency_key" in raw and not _key_plain(raw["idempotency_key"]))
-        or (with_agent and not (agent_id and _plain_text(agent_id, 64)))
+        or (with_agent and not (agent_id and plain_text(agent_id, 64)))
         or type(metadata) is not dict
         or (metadata and not _metadata_ok(metadata))
     ):

@@ -69,12 +69,58 @@ class QuotaCheckOut(serializers.Serializer):
     reason = serializers.CharField()
 
 
+MAX_HOLD_TTL_SECONDS = 7 * 86400
+
+
 class AllocationIn(StrictSerializer):
     resource_type = ResourceTypeField()
     amount = AmountField()
     task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     hold = serializers.BooleanField(required=False, default=False)
-    hold_ttl_seconds = serializers.IntegerField(required=False, min_value=1, max_value=7 * 86400)
+    hold_ttl_seconds = serializers.IntegerField(required=False, min_value=1, max_value=MAX_HOLD_TTL_SECONDS)
+
+
+def plain_text(value, max_length: int) -> bool:
+    """What the CharFields accept unchanged: a string, not too long, nothing to trim, no NUL or surrogate."""
+    return (
+        type(value) is str
+        and len(value) <= max_length
+        and value.isprintable()
+        and not value.startswith(" ")
+        and not value.endswith(" ")
+    )
+
+
+_ALLOCATION_IN_FIELDS = frozenset(AllocationIn._declared_fields)
+
+
+def allocation_in_fast(raw) -> dict | None:
+    """``AllocationIn``'s validated data for a plainly valid body, else None (the serializer then says what
+    is wrong). It accepts only what the serializer accepts unchanged (JSON integers and booleans, untrimmed
+    strings) and gives the same data, without the serializer's few dozen calls per field; anything unusual
+    goes through the serializer. A test holds the two together."""
+    if type(raw) is not dict or not raw.keys() <= _ALLOCATION_IN_FIELDS:
+        return None
+    resource_type = raw.get("resource_type")
+    amount = raw.get("amount")
+    task_id = raw.get("task_id", "")
+    hold = raw.get("hold", False)
+    if (
+        type(resource_type) is not str
+        or resource_type not in resource_type_codes()
+        or type(amount) is not int
+        or not 1 <= amount <= MAX_AMOUNT
+        or not plain_text(task_id, 200)
+        or type(hold) is not bool
+    ):
+        return None
+    data = {"resource_type": resource_type, "amount": amount, "task_id": task_id, "hold": hold}
+    if "hold_ttl_seconds" in raw:
+        ttl = raw["hold_ttl_seconds"]
+        if type(ttl) is not int or not 1 <= ttl <= MAX_HOLD_TTL_SECONDS:
+            return None
+        data["hold_ttl_seconds"] = ttl
+    return data
 
 
 class AllocationOut(serializers.ModelSerializer):
@@ -112,15 +158,21 @@ class _Reused:
     the serializer, so one bound instance serves every request, from any thread.
     """
 
-    def __init__(self, serializer_class: type[serializers.Serializer]) -> None:
+    def __init__(self, serializer_class: type[serializers.Serializer], fast=None) -> None:
         self._serializer = serializer_class()
+        self._fast = fast
 
     def validated(self, data) -> dict:
-        """What ``is_valid(raise_exception=True)`` then ``validated_data`` give, errors included."""
+        """What ``is_valid(raise_exception=True)`` then ``validated_data`` give, errors included; from
+        ``fast(data)`` first when there is one and it accepts ``data``."""
+        if self._fast is not None:
+            fast = self._fast(data)
+            if fast is not None:
+                return fast
         return self._serializer.run_validation(data)
 
 
-allocation_in = _Reused(AllocationIn)
+allocation_in = _Reused(AllocationIn, fast=allocation_in_fast)
 
 
 class SettleIn(StrictSerializer):
