@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     loadgen = "wrk (scenario 1) + asyncio client" if use_wrk else "asyncio client"
     print()
     print(f"Axiom Grid bench ({profile.name}): {server.description}, loopback, load generator {loadgen}")
+    print(
+        f"machine: {facts['cpus']} x {facts['cpu_model']}, load {facts['load_average']}, "
+        f"sum(range(1000)) in {facts['python_speed_us']:.1f} us"
+    )
     print(report.table())
     for note in report.notes:
         print(f"note: {note}")
