@@ -8,13 +8,14 @@ from allocation.api import batch, compat, views
 
 app_name = "api"
 
+# URLs are tried in order: the routes agents call on every task come first.
 urlpatterns = [
+    path("v1/agents/<str:agent_id>/allocations", views.AllocationCreateView.as_view(), name="allocations"),
+    path("v1/agents/<str:agent_id>/quota-checks", views.QuotaCheckView.as_view(), name="quota-checks"),
     *batch.urlpatterns,
     path("v1/agents", views.AgentListCreateView.as_view(), name="agents"),
     path("v1/agents/<str:agent_id>", views.AgentDetailView.as_view(), name="agent"),
     path("v1/agents/<str:agent_id>/quotas", views.QuotaListView.as_view(), name="quotas"),
-    path("v1/agents/<str:agent_id>/quota-checks", views.QuotaCheckView.as_view(), name="quota-checks"),
-    path("v1/agents/<str:agent_id>/allocations", views.AllocationCreateView.as_view(), name="allocations"),
     path(
         "v1/agents/<str:agent_id>/allocations/<uuid:allocation_id>",
         views.AllocationDetailView.as_view(),
