@@ -1,8 +1,9 @@
-"""An allocation as the API shows it, built without a serializer: the hot paths (a single allocation, each
-item of a batch) answer with it and keep it as the response an idempotency key replays.
+"""An allocation and a usage row as the API shows them, built without a serializer: the hot paths (a single
+allocation, each item of a batch) answer with ``allocation_body`` and keep it as the response an
+idempotency key replays; the usage listing renders its page of up to 1,000 rows with ``usage_body``.
 
-``AllocationOut`` (allocation/api/serializers.py) documents the shape and renders it everywhere else; a
-test holds the two to the same output for every state of an allocation.
+``AllocationOut`` and ``UsageOut`` (allocation/api/serializers.py) document the shapes, and
+``AllocationOut`` renders allocations everywhere else; tests hold each pair to the same output.
 """
 
 from __future__ import annotations
@@ -48,4 +49,37 @@ def allocation_body(allocation: Allocation) -> dict:
         "settled_amount": settled,
         "created_at": iso_datetime(allocation.created_at),
         "finished_at": iso_datetime(allocation.finished_at),
+    }
+
+
+# The columns ``usage_body`` reads: the usage listing fetches only these, as dicts (no model instances).
+USAGE_COLUMNS = (
+    "id",
+    "agent_id",
+    "resource_type_id",
+    "amount",
+    "unit_price_usd",
+    "cost_usd",
+    "kind",
+    "task_id",
+    "idempotency_key",
+    "metadata",
+    "created_at",
+)
+
+
+def usage_body(row: dict) -> dict:
+    """What ``UsageOut(usage_log).data`` gives, from a ``values(*USAGE_COLUMNS)`` row."""
+    return {
+        "id": row["id"],
+        "agent_id": row["agent_id"],
+        "resource_type": row["resource_type_id"],
+        "amount": row["amount"],
+        "unit_price_usd": decimal_text(row["unit_price_usd"], _PRICE_QUANTUM),
+        "cost_usd": decimal_text(row["cost_usd"], _COST_QUANTUM),
+        "kind": row["kind"],
+        "task_id": row["task_id"],
+        "idempotency_key": row["idempotency_key"],
+        "metadata": row["metadata"],
+        "created_at": iso_datetime(row["created_at"]),
     }

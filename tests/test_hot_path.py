@@ -140,6 +140,26 @@ def test_the_hot_paths_body_of_an_allocation_is_what_its_serializer_gives(agent_
         assert allocation_body(allocation) == AllocationOut(allocation).data
 
 
+def test_the_usage_listings_rows_are_what_the_serializer_gives(agent_a):
+    from allocation.api.serializers import UsageOut
+    from allocation.representation import USAGE_COLUMNS, usage_body
+
+    services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1234, task_id="t")
+    held = services.allocation_create(
+        agent=agent_a.agent, resource_type_id="COMPUTE_MS", amount=500, hold=True, idempotency_key="k"
+    )
+    services.hold_settle(agent=agent_a.agent, allocation_id=held.pk, amount=3)
+    services.allocation_create(
+        agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=7, metadata={"model": "x", "n": [1.5]}
+    )
+
+    rows = UsageLog.objects.filter(agent_id=agent_a.id).order_by("id")
+    values = rows.values(*USAGE_COLUMNS)
+    assert len(values) == 3
+    for row, instance in zip(values, rows, strict=True):
+        assert usage_body(row) == UsageOut(instance).data
+
+
 def test_allocation_response_is_what_was_written(agent_a):
     created = _allocate(agent_a, 1000, task_id="task-7")
 

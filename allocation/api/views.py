@@ -35,7 +35,7 @@ from allocation.api.serializers import (
 )
 from allocation.keys import api_key_issue
 from allocation.models import Allocation
-from allocation.representation import allocation_body
+from allocation.representation import USAGE_COLUMNS, allocation_body, usage_body
 from ledger.errors import NotFound
 from ledger.models import Agent, UsageLog
 from ledger.services import agent_create, agent_update
@@ -252,7 +252,7 @@ class UsageListView(AgentScopedView):
     def get(self, request, agent_id):
         agent = self.agent()
         query = _valid(UsageQuery, request.query_params.dict())
-        rows = UsageLog.objects.filter(agent=agent)
+        rows = UsageLog.objects.filter(agent=agent).values(*USAGE_COLUMNS)
         if "resource_type" in query:
             rows = rows.filter(resource_type_id=query["resource_type"])
         if "since" in query:
@@ -261,7 +261,7 @@ class UsageListView(AgentScopedView):
             rows = rows.filter(created_at__lt=query["until"])
         paginator = UsagePagination()
         page = paginator.paginate_queryset(rows, request, view=self)
-        return paginator.get_paginated_response(UsageOut(page, many=True).data)
+        return paginator.get_paginated_response([usage_body(row) for row in page])
 
 
 class CostView(AgentScopedView):
