@@ -60,7 +60,7 @@ def bulk_update_columns(
         if touch is not None:
             assignments.append("updated_at = %s")
             params.append(touch)
-        arrays = [f"%s::{pk_type}[]"] + [f"%s::{field.db_type(connection)}[]" for field in fields.values()]
+        arrays = [f"%b::{pk_type}[]"] + [f"%b::{field.db_type(connection)}[]" for field in fields.values()]
         params += [list(pks), *(list(values) for values in columns.values())]
         aliases = ", ".join(["pk", *(f"c{i}" for i in range(len(fields)))])
         sql = (
@@ -68,9 +68,7 @@ def bulk_update_columns(
             f"FROM unnest({', '.join(arrays)}) AS v({aliases}) "
             f"WHERE t.{quote(meta.pk.column)} = v.pk"
         )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.rowcount
+        return _execute_with_arrays(sql, params)
     changes = {}
     for name, values in columns.items():
         case = Case(
@@ -138,7 +136,7 @@ def bulk_insert(
         field = meta.get_field(name)
         targets.append(quote(field.column))
         selects.append(f"v.c{index}")
-        arrays.append(f"%s::{field.db_type(connection)}[]")
+        arrays.append(f"%b::{field.db_type(connection)}[]")
         if not isinstance(field, _PLAIN_FIELDS):
             values = [field.get_db_prep_save(value, connection) for value in values]
         params.append(list(values))
@@ -149,6 +147,20 @@ def bulk_insert(
     )
     if ignore_conflicts:
         sql += " ON CONFLICT DO NOTHING"
-    with connection.cursor() as cursor:
+    return _execute_with_arrays(sql, params)
+
+
+def _execute_with_arrays(sql: str, params: list) -> int:
+    """Run ``sql`` with its parameters bound on the server, the arrays (``%b``) in binary; return the row
+    count. Django's own cursors bind on the client: they would write every array out as a literal, escaping
+    each element with a regular expression, which cost more than the statement itself at 16,000 rows.
+    Queries are logged and errors translated as through ``connection.cursor()``."""
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    connection.ensure_connection()
+    connection.validate_thread_sharing()
+    raw = ServerBindingCursor(connection.connection)
+    cursor = connection.make_debug_cursor(raw) if connection.queries_logged else connection.make_cursor(raw)
+    with cursor:
         cursor.execute(sql, params)
         return cursor.rowcount

@@ -20,6 +20,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from ledger.bulk import bulk_insert
 from ledger.errors import LedgerError
 from ledger.models import Agent, OptimizationRule
 from ledger.money import CENT, COST_QUANTUM
@@ -71,7 +72,23 @@ def alerts_create(*, alerts: Sequence[Alert], now: dt.datetime | None = None) ->
     if not new:
         return 0
     with transaction.atomic():
-        Alert.objects.bulk_create(new, ignore_conflicts=True)
+        # One INSERT ... SELECT FROM unnest(...) whatever the number of alerts (a budget sweep over a large
+        # fleet makes thousands), rather than bulk_create's parameters per field per row.
+        bulk_insert(
+            model=Alert,
+            columns={
+                "agent_id": [alert.agent_id for alert in new],
+                "kind": [alert.kind for alert in new],
+                "severity": [alert.severity for alert in new],
+                "title": [alert.title for alert in new],
+                "message": [alert.message for alert in new],
+                "data": [alert.data for alert in new],
+                "rule_id": [alert.rule_id for alert in new],
+                "dedup_key": [alert.dedup_key for alert in new],
+            },
+            constants={"created_at": now or timezone.now(), "acknowledged_by": ""},
+            ignore_conflicts=True,
+        )
         alerts_fan_out(now=now, dedup_keys=[alert.dedup_key for alert in new])
         transaction.on_commit(_delivery_enqueue)
     return len(new)
@@ -207,11 +224,9 @@ def budget_sweep(*, now: dt.datetime | None = None) -> int:
     utilization = budget_utilization(now=now)
     if not utilization:
         return 0
-    thresholds = dict(
-        AlertSettings.objects.filter(agent_id__in=list(utilization)).values_list(
-            "agent_id", "budget_thresholds"
-        )
-    )
+    # The agents of ``utilization`` are those with a budget: joined in SQL, not sent as a list of ids.
+    settings_rows = AlertSettings.objects.filter(agent__monthly_budget_usd__gt=0)
+    thresholds = dict(settings_rows.values_list("agent_id", "budget_thresholds"))
     alerts = []
     for agent_id, row in utilization.items():
         spent, budget = row["spent_usd"], row["budget_usd"]
