@@ -10,6 +10,7 @@ and may JIT-compile, in time that grows with N.
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import contextmanager
 
 from django.db import connection, models
 from django.db.models import Case, F, Value, When
@@ -151,10 +152,18 @@ def bulk_insert(
 
 
 def _execute_with_arrays(sql: str, params: list) -> int:
-    """Run ``sql`` with its parameters bound on the server, the arrays (``%b``) in binary; return the row
-    count. Django's own cursors bind on the client: they would write every array out as a literal, escaping
-    each element with a regular expression, which cost more than the statement itself at 16,000 rows.
-    Queries are logged and errors translated as through ``connection.cursor()``."""
+    with server_bound_cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+@contextmanager
+def server_bound_cursor():
+    """A cursor that binds parameters on the server, for statements over large arrays: mark them ``%b`` (or
+    ``%(name)b``) and they travel in binary. Django's own cursors bind on the client: they would write every
+    array out as a literal, escaping each element with a regular expression, which cost more than the
+    statement itself at 16,000 rows. Queries are logged and errors translated as through
+    ``connection.cursor()``. PostgreSQL only."""
     from django.db.backends.postgresql.base import ServerBindingCursor
 
     connection.ensure_connection()
@@ -162,5 +171,4 @@ def _execute_with_arrays(sql: str, params: list) -> int:
     raw = ServerBindingCursor(connection.connection)
     cursor = connection.make_debug_cursor(raw) if connection.queries_logged else connection.make_cursor(raw)
     with cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
+        yield cursor

@@ -22,6 +22,7 @@ from decimal import Decimal
 from django.db import connection, transaction
 from django.utils import timezone
 
+from ledger.bulk import server_bound_cursor
 from ledger.errors import LedgerError
 from ledger.models import Agent, OptimizationRule
 from ledger.services import agent_set_status
@@ -339,7 +340,7 @@ _STATES_UPSERT_SQL = """
 INSERT INTO {states} AS s (rule_id, agent_id, subject, true_since, last_value, last_fired_at)
 SELECT %(rule)s, t.agent_id, t.subject, %(now)s, t.value,
        CASE WHEN %(now)s <= %(held_since)s THEN %(now)s END
-FROM unnest(%(agents)s::text[], %(subjects)s::text[], %(stored)s::numeric[]) AS t(agent_id, subject, value)
+FROM unnest(%(agents)b::text[], %(subjects)b::text[], %(stored)b::numeric[]) AS t(agent_id, subject, value)
 ON CONFLICT (rule_id, agent_id, subject) DO UPDATE SET
     last_value = EXCLUDED.last_value,
     last_fired_at = CASE WHEN {fires} THEN %(now)s ELSE s.last_fired_at END
@@ -359,7 +360,7 @@ WITH kept AS ({upsert}), shown AS (
            CASE WHEN k.subject <> '' THEN ' on ' || k.subject ELSE '' END AS on_subject,
            replace(%(recommendation)s, '{{subject}}', COALESCE(NULLIF(k.subject, ''), k.agent_id)) AS advice
     FROM kept k
-    JOIN unnest(%(agents)s::text[], %(subjects)s::text[], %(values)s::text[]) AS v(agent_id, subject, value)
+    JOIN unnest(%(agents)b::text[], %(subjects)b::text[], %(values)b::text[]) AS v(agent_id, subject, value)
       ON v.agent_id = k.agent_id AND v.subject = k.subject
     WHERE k.fired
 ), inserted AS (
@@ -392,10 +393,10 @@ def _states_advance_sql(
     states = RuleState._meta.db_table
     agents = [agent_id for agent_id, _ in keys]
     subjects = [subject for _, subject in keys]
-    with connection.cursor() as cursor:
+    with server_bound_cursor() as cursor:  # the arrays (``%b``) in binary
         cursor.execute(
             f"DELETE FROM {states} AS s WHERE s.rule_id = %s AND NOT EXISTS ("
-            "SELECT 1 FROM unnest(%s::text[], %s::text[]) AS t(agent_id, subject) "
+            "SELECT 1 FROM unnest(%b::text[], %b::text[]) AS t(agent_id, subject) "
             "WHERE t.agent_id = s.agent_id AND t.subject = s.subject)",
             [rule.pk, agents, subjects],
         )
