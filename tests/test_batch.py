@@ -733,3 +733,40 @@ def test_a_batch_whose_quota_moved_after_its_read_decides_again_and_never_oversp
     quota = _assert_ledger_matches(agent.pk)
     assert quota.used == 9_800 and quota.limit == 10_000
     assert Allocation.objects.filter(agent_id="moved").count() == 3
+
+
+def _rows_read_from(table: str) -> int:
+    """Rows this transaction has read from ``table`` so far, by sequential and index scans."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables "
+            "WHERE relname = %s",
+            [table],
+        )
+        row = cursor.fetchone()
+    return row[0] if row else 0
+
+
+@pytest.mark.postgres
+def test_reading_the_stored_item_keys_reads_only_the_batchs_own_keys(operator_client):
+    """An operator's keys pile up all day: the batch must probe the (principal, key) index for its own keys,
+    not read every record of the principal. Without statistics on the table (as before its first ANALYZE),
+    the keys joined as a set-returning function got a hash join over all of them."""
+    from allocation.batch import ITEM_KEY_PREFIX, _results_read
+
+    principal = "operator:piled-up"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO allocation_idempotencyrecord "
+            "(principal, key, method, path, request_hash, response_status, response_body, created_at) "
+            "SELECT %s, %s || 'old-' || n, 'POST', '/api/v1/usage/batch', 'h' || n, 201, "
+            "jsonb_build_object('error', 'x'), now() FROM generate_series(1, 50000) AS n",
+            [principal, ITEM_KEY_PREFIX],
+        )
+    table = IdempotencyRecord._meta.db_table
+    before = _rows_read_from(table)
+    keys = [f"old-{n}" for n in range(1, 4)] + [f"new-{n}" for n in range(997)]
+    stored = _results_read(keys, principal=principal)
+    assert sorted(stored) == ["old-1", "old-2", "old-3"]
+    assert stored["old-2"].fingerprint == "h2"
+    assert _rows_read_from(table) - before <= 10
