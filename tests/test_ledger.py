@@ -176,6 +176,19 @@ def test_usage_logs_table_is_readable_in_sql(reference_data):
     assert all(isinstance(row[2], Decimal) and row[2] > 0 for row in rows)
 
 
+@pytest.mark.postgres
+def test_agents_have_no_pattern_index_twins(db):
+    """Django's ``varchar_pattern_ops`` twins serve only ``LIKE 'prefix%'``, which no query of agents uses;
+    a fleet-wide update of agents would write them all (migration ledger 0005)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'ledger_agent'")
+        indexes = dict(cursor.fetchall())
+    assert "ledger_agent_pkey" in indexes
+    assert not [name for name, definition in indexes.items() if "varchar_pattern_ops" in definition]
+
+
 def test_grant_raises_limit_and_is_recorded(reference_data):
     agent = AgentFactory()
     grant = quota_grant(
