@@ -158,10 +158,19 @@ class RuleState(models.Model):
 
     # rule_state_unique_subject leads with the rule; the agent's index (for deleting an agent) is a plain
     # one, without the pattern-matching twin a foreign key's own index has on PostgreSQL.
+    #
+    # No foreign-key constraints in the database (``db_constraint=False``): a state is the evaluation's own
+    # memory, derived from rows that exist when it is written, and every evaluation prunes it (the states
+    # of rules no longer enabled, and of subjects no longer true, which an agent that is gone is). A
+    # constraint would check each inserted state one by one at COMMIT, each check locking its agent row:
+    # at 100,000 agents, 1.1 s of a 5.2 s first evaluation (docs/benchmarks.md). Deleting an agent or a
+    # rule through Django still deletes its states (``on_delete``), and a test holds that.
     rule = models.ForeignKey(
-        OptimizationRule, on_delete=models.CASCADE, related_name="states", db_index=False
+        OptimizationRule, on_delete=models.CASCADE, related_name="states", db_index=False, db_constraint=False
     )
-    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="+", db_index=False)
+    agent = models.ForeignKey(
+        Agent, on_delete=models.CASCADE, related_name="+", db_index=False, db_constraint=False
+    )
     subject = models.CharField(
         max_length=64, blank=True, help_text="The resource type, for per-resource metrics."
     )

@@ -161,6 +161,55 @@ def test_a_rule_without_duration_fires_at_once_and_disabling_a_rule_drops_its_st
     assert not RuleState.objects.exists()
 
 
+def test_deleting_an_agent_or_a_rule_deletes_their_states(seed_rules):
+    """The states have no foreign-key constraints in the database (``RuleState``): Django's ``on_delete``
+    still removes them with their agent or rule."""
+    use_tokens("gone", 850_000)
+    use_tokens("kept", 850_000)
+    rules_evaluate(now=T0)
+    assert set(RuleState.objects.values_list("agent_id", flat=True)) == {"gone", "kept"}
+
+    Agent.objects.filter(pk="gone").delete()
+    assert list(RuleState.objects.values_list("agent_id", flat=True)) == ["kept"]
+    seed_rules["HighResourceUtilization"].delete()
+    assert not RuleState.objects.exists()
+
+
+def test_an_evaluation_prunes_states_whose_agent_or_rule_is_gone(only_rule):
+    """A state left behind by a delete that went around Django (raw SQL) goes at the next evaluation."""
+    rule = only_rule(
+        metric="resource_utilization_percent", threshold=50, duration_seconds=600, action="notify"
+    )
+    use_tokens("live", 600_000)
+    rules_evaluate(now=T0)
+    state = RuleState.objects.get()
+    RuleState.objects.bulk_create(
+        [
+            RuleState(
+                rule_id=rule.pk, agent_id="no-such-agent", subject="AI_TOKENS", true_since=T0, last_value=90
+            ),
+            RuleState(
+                rule_id=rule.pk + 1000, agent_id="live", subject="AI_TOKENS", true_since=T0, last_value=90
+            ),
+        ]
+    )
+
+    assert rules_evaluate(now=T0 + MINUTE)["fired"] == 0
+    assert list(RuleState.objects.values_list("pk", "agent_id", "rule_id")) == [(state.pk, "live", rule.pk)]
+
+
+@pytest.mark.postgres
+def test_rule_states_have_no_foreign_key_checks_in_the_database(db):
+    """Each foreign-key check would run per inserted state at COMMIT (migration optimization 0004)."""
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, RuleState._meta.db_table)
+    assert [name for name, info in constraints.items() if info["foreign_key"]] == []
+    assert any(
+        info["unique"] and info["columns"] == ["rule_id", "agent_id", "subject"]
+        for info in constraints.values()
+    )
+
+
 # --- Scopes ---------------------------------------------------------------------------------------------
 
 
