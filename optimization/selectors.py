@@ -125,18 +125,34 @@ def execution_stats(
         )
         .order_by()
     )
-    stats = {}
-    for row in rows:
-        stats[row["agent_id"]] = {
-            "executions": row["executions"],
-            "failures": row["failures"],
-            "successes": row["executions"] - row["failures"],
-            "error_rate_percent": percent(row["failures"], row["executions"]),
-            "throughput_per_hour": (Decimal(row["executions"]) / hours).quantize(CENT) if hours else None,
-            "output_units": row["output"] or 0,
-            "cost_usd": row["cost"] or Decimal(0),
-        }
-    return stats
+    return {
+        row["agent_id"]: execution_figures(
+            executions=row["executions"],
+            failures=row["failures"],
+            output=row["output"],
+            cost=row["cost"],
+            hours=hours,
+        )
+        for row in rows
+    }
+
+
+def execution_figures(*, executions: int, failures: int, output, cost, hours: Decimal) -> dict:
+    """One agent's ``execution_stats`` entry from its counts and sums over a window of ``hours``."""
+    return {
+        "executions": executions,
+        "failures": failures,
+        "successes": executions - failures,
+        "error_rate_percent": percent(failures, executions),
+        "throughput_per_hour": (Decimal(executions) / hours).quantize(CENT) if hours else None,
+        "output_units": output or 0,
+        "cost_usd": cost or Decimal(0),
+    }
+
+
+def percentile_value(value: float) -> Decimal:
+    """A ``percentile_cont`` result as ``duration_percentiles`` gives it: Decimal, two places."""
+    return Decimal(str(value)).quantize(CENT)
 
 
 def duration_percentiles(
@@ -156,10 +172,7 @@ def duration_percentiles(
         with connection.cursor() as cursor:
             cursor.execute(f"SELECT sub.agent_id, {columns} FROM ({sql}) sub GROUP BY sub.agent_id", params)
             return {
-                row[0]: {
-                    p: Decimal(str(value)).quantize(CENT)
-                    for p, value in zip(percentiles, row[1:], strict=True)
-                }
+                row[0]: {p: percentile_value(value) for p, value in zip(percentiles, row[1:], strict=True)}
                 for row in cursor.fetchall()
             }
     durations: dict[str, list[int]] = defaultdict(list)

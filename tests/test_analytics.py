@@ -210,6 +210,60 @@ def test_period_spend_is_read_from_the_quota_rows_not_the_usage_log(history):
     assert len(usage_reads) == 1
     assert "created_at" in usage_reads[0]
     assert len(queries) <= 10
+    if connection.vendor == "postgresql":  # the executions and the forecast spend: one statement
+        assert [q["sql"] for q in queries if '"optimization_execution"' in q["sql"]] == usage_reads
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("window_hours", [1, 5, 24, 240, 720])
+def test_metrics_activity_in_one_statement_gives_what_the_selectors_give(history, window_hours):
+    """On PostgreSQL ``agent_activity`` reads the executions and the forecast spend in one statement; the
+    figures are those of the selectors the portable path runs, executions on the window's edges included."""
+    from django.db import connection
+    from django.db.models import Sum
+    from django.test.utils import CaptureQueriesContext
+
+    from ledger.models import UsageLog
+    from optimization.selectors import duration_percentiles, execution_stats
+    from optimization.services.analytics import (
+        PeriodClock,
+        agent_activity,
+        forecast_window_start,
+        period_executions,
+    )
+
+    since = NOW - window_hours * HOUR
+    _run(history, since, duration_ms=777)  # on the window's first instant: inside
+    _run(history, NOW, duration_ms=888, success=False)  # at now: outside ([since, now) like the selectors)
+    _run(history, dt.datetime(2025, 6, 1, tzinfo=UTC), duration_ms=50)  # the period's first instant
+    clock = PeriodClock.at(NOW)
+
+    with CaptureQueriesContext(connection) as queries:
+        activity = agent_activity(agent=history, since=since, clock=clock)
+
+    assert len(queries) == 1
+    assert (
+        activity.window_stats == execution_stats(since=since, until=NOW, agent_ids=[history.id])[history.id]
+    )
+    assert (
+        activity.window_durations
+        == duration_percentiles(since=since, until=NOW, agent_ids=[history.id])[history.id]
+    )
+    assert activity.period_successes == period_executions(agent=history, clock=clock).successes
+    spend = UsageLog.objects.filter(
+        agent=history, created_at__gte=forecast_window_start(clock), created_at__lte=NOW
+    ).aggregate(total=Sum("cost_usd"))["total"]
+    assert activity.forecast_spend_usd == spend
+
+
+@pytest.mark.postgres
+def test_metrics_of_an_agent_that_ran_nothing_in_one_statement(reference_data):
+    from optimization.services.analytics import PeriodClock, agent_activity
+
+    agent = agent_create(agent_id="idle-pg", tier_code="FREE")
+    activity = agent_activity(agent=agent, since=NOW - 24 * HOUR, clock=PeriodClock.at(NOW))
+    assert (activity.window_stats, activity.window_durations, activity.period_successes) == (None, {}, 0)
+    assert activity.forecast_spend_usd == Decimal(0)
 
 
 def test_metrics_refuse_a_window_out_of_range(history):
