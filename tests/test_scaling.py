@@ -229,6 +229,29 @@ def test_vertical_grant_rounds_up_to_whole_units_on_the_most_used_resource(refer
     assert limits == {"AI_TOKENS": 999 + 150, "COMPUTE_MS": 1_000}  # ceil(999 * 15 / 100) = 150
 
 
+def test_the_most_used_resource_is_chosen_exactly_and_a_tie_goes_to_the_first_code(reference_data):
+    """``max_resource_utilization`` compares the fractions exactly (in SQL on PostgreSQL): 10^17 of
+    3 x 10^17 + 1 is below 1 of 3 by less than a float can tell; equal fractions go to the first code."""
+    from optimization.selectors import max_resource_utilization
+
+    def counters(agent: Agent, resource_type: str, used: int, limit: int) -> None:
+        quota = quota_open(agent=agent, resource_type_id=resource_type, at=T0)
+        Quota.objects.filter(pk=quota.pk).update(used=used, limit=limit)
+
+    near, tie = _agent("near"), _agent("tie")
+    counters(near, "AI_TOKENS", 10**17, 3 * 10**17 + 1)
+    counters(near, "COMPUTE_MS", 1, 3)
+    counters(tie, "STORAGE_KB", 50, 200)
+    counters(tie, "NETWORK_REQS", 25, 100)
+    assert float(10**17) / (3 * 10**17 + 1) == 1 / 3  # what a float comparison would see: a tie
+
+    assert max_resource_utilization(now=T0, agent_ids=["near", "tie"]) == {
+        "near": ("COMPUTE_MS", Decimal("33.33")),
+        "tie": ("NETWORK_REQS", Decimal("25.00")),
+    }
+    assert set(max_resource_utilization(now=T0)) >= {"near", "tie"}
+
+
 def test_no_vertical_grant_without_a_quota_step(reference_data):
     agent = _agent("maxed", instances=5)
     _policy(agent, max_instances=5, quota_step_percent=0)
