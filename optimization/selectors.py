@@ -63,12 +63,15 @@ def _times_limit(value: Decimal) -> ExpressionWrapper:
 # Each agent's most used resource, chosen in PostgreSQL: one row per agent leaves the database instead of one
 # per quota row. The ratio is compared exactly: ``taken * 10^40 div limit`` tells apart any two different
 # fractions of 64-bit integers, where a float (or numeric division's default scale) may not. Ties go to
-# the resource type that sorts first, as in the portable path.
+# the resource type that sorts first byte by byte, as in the portable path. The sort is in the "C"
+# collation: the agents' order does not matter, and a locale's costs a third of the statement's time.
 _MOST_USED_SQL = f"""
-SELECT DISTINCT ON (q.agent_id) q.agent_id, q.resource_type_id, q.used + q.reserved, q.limit_amount
+SELECT DISTINCT ON (q.agent_id COLLATE "C")
+       q.agent_id, q.resource_type_id, q.used + q.reserved, q.limit_amount
 FROM "{Quota._meta.db_table}" q
 WHERE q.period_start = %s AND q.limit_amount > 0 {{agents}}
-ORDER BY q.agent_id, div((q.used + q.reserved)::numeric * 1e40, q.limit_amount) DESC, q.resource_type_id
+ORDER BY q.agent_id COLLATE "C", div((q.used + q.reserved)::numeric * 1e40, q.limit_amount) DESC,
+         q.resource_type_id COLLATE "C"
 """
 
 
