@@ -505,6 +505,16 @@ def test_fleet_evaluation_applies_every_decision_exactly(reference_data):
     assert ScalingEvent.objects.count() == 30
 
 
+@pytest.mark.postgres
+def test_scaling_events_keep_only_the_indexes_their_reads_use(db):
+    """By agent and time, by time, by id (migration optimization 0005): no index per foreign key and no
+    ``varchar_pattern_ops`` twin, which every event would write."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", [ScalingEvent._meta.db_table])
+        columns = sorted(definition.split("(", 1)[1].rstrip(")") for (definition,) in cursor.fetchall())
+    assert columns == ["agent_id, created_at", "created_at", "id"]
+
+
 def test_task_runs_the_evaluation(reference_data):
     agent = _agent("tasked", instances=1)
     _policy(agent)
