@@ -22,7 +22,9 @@ def default_thresholds() -> list[int]:
 class Execution(models.Model):
     """One run of an agent's superpower, with the resources it took (all or nothing) and how it went."""
 
-    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="executions")
+    # Read by agent and time (execution_agent_time_idx, which also serves PROTECT's check) or by time: the
+    # key needs no index of its own, nor its varchar_pattern_ops twin, both written by every execution.
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="executions", db_index=False)
     superpower = models.CharField(max_length=100)
     resources = models.JSONField(default=dict, help_text="resource type -> units taken")
     duration_ms = models.PositiveIntegerField()

@@ -17,7 +17,7 @@ from allocation.services import allocation_create
 from ledger.models import Agent, Grant, Quota, Tier
 from ledger.periods import month_bounds
 from ledger.services import agent_create, quota_open
-from optimization.models import ScalingEvent, ScalingPolicy
+from optimization.models import Execution, ScalingEvent, ScalingPolicy
 from optimization.services.scaling import scaling_apply, scaling_evaluate
 from optimization.tasks.scaling import scaling_evaluate_task
 
@@ -506,11 +506,12 @@ def test_fleet_evaluation_applies_every_decision_exactly(reference_data):
 
 
 @pytest.mark.postgres
-def test_scaling_events_keep_only_the_indexes_their_reads_use(db):
-    """By agent and time, by time, by id (migration optimization 0005): no index per foreign key and no
-    ``varchar_pattern_ops`` twin, which every event would write."""
+@pytest.mark.parametrize("model", [ScalingEvent, Execution], ids=["scaling events", "executions"])
+def test_append_only_histories_keep_only_the_indexes_their_reads_use(db, model):
+    """By agent and time, by time, by id (migrations optimization 0005 and 0006): no index per foreign key
+    and no ``varchar_pattern_ops`` twin, which every row would write."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", [ScalingEvent._meta.db_table])
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", [model._meta.db_table])
         columns = sorted(definition.split("(", 1)[1].rstrip(")") for (definition,) in cursor.fetchall())
     assert columns == ["agent_id, created_at", "created_at", "id"]
 
