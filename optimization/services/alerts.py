@@ -226,14 +226,20 @@ def budget_sweep(*, now: dt.datetime | None = None) -> int:
         return 0
     # The agents of ``utilization`` are those with a budget: joined in SQL, not sent as a list of ids.
     settings_rows = AlertSettings.objects.filter(agent__monthly_budget_usd__gt=0)
-    thresholds = dict(settings_rows.values_list("agent_id", "budget_thresholds"))
+    thresholds = {
+        agent_id: budget_thresholds_clean(stored)
+        for agent_id, stored in settings_rows.values_list("agent_id", "budget_thresholds")
+    }
+    defaults = budget_thresholds_clean(DEFAULT_BUDGET_THRESHOLDS)  # most agents keep them: cleaned once
     alerts = []
     for agent_id, row in utilization.items():
         spent, budget = row["spent_usd"], row["budget_usd"]
-        for threshold in budget_thresholds_clean(thresholds.get(agent_id, DEFAULT_BUDGET_THRESHOLDS)):
-            # Compared exactly, not on the rounded percent: 49.996% has not reached 50%.
-            if spent * 100 < budget * threshold:
-                continue
+        spent_percents = spent * 100
+        for threshold in thresholds.get(agent_id, defaults):
+            # Compared exactly, not on the rounded percent: 49.996% has not reached 50%. The thresholds are
+            # in ascending order, so the first one not reached ends the agent's.
+            if spent_percents < budget * threshold:
+                break
             alerts.append(
                 Alert(
                     agent_id=agent_id,
