@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections import defaultdict
 from decimal import Decimal
 
 from django.contrib.auth import get_user_model
@@ -24,10 +23,10 @@ DEMO_ADMIN_USERNAME = "admin"
 DEMO_ADMIN_PASSWORD = "admin"  # a local demo login, printed by `make run`; never created in production
 DEMO_DAYS = 21
 
-# agent id, tier, monthly budget, share of each limit to use over the demo weeks, custom limits
+# agent id, tier, monthly budget, share of each limit used in the current period, custom limits
 DEMO_AGENTS: list[tuple[str, str, Decimal | None, float, dict[str, int]]] = [
     ("agent-123", "PRO", Decimal("60.00"), 0.72, {}),
-    ("agent-456", "FREE", Decimal("5.00"), 0.88, {}),
+    ("agent-456", "FREE", Decimal("5.00"), 0.92, {}),
     ("agent-789", "ENTERPRISE", Decimal("400.00"), 0.35, {}),
     (
         "agent-research",
@@ -54,56 +53,85 @@ def demo_admin_ensure() -> bool:
     return True
 
 
+def _demo_calls(
+    lo: dt.datetime, hi: dt.datetime, daily: float, rng: random.Random
+) -> list[tuple[dt.datetime, float]]:
+    """A few calls a day between ``lo`` and ``hi`` (busier on weekdays): ``(time, amount)``, the amounts
+    about ``daily`` a day. Every time is in ``[lo, hi)``."""
+    calls: list[tuple[dt.datetime, float]] = []
+    day_start = lo
+    while day_start < hi:
+        day_end = min(day_start + dt.timedelta(days=1), hi)
+        weight = 1.25 if day_start.weekday() < 5 else 0.4
+        share_of_day = (day_end - day_start) / dt.timedelta(days=1)
+        count = rng.randint(2, 6)
+        for _ in range(count):
+            at = day_start + (day_end - day_start) * rng.random()
+            calls.append((at, daily * share_of_day * weight / count * rng.uniform(0.6, 1.4)))
+        day_start = day_end
+    return calls
+
+
 def _demo_usage(agent: Agent, share: float, now: dt.datetime, rng: random.Random) -> None:
+    """``share`` of each limit used in the current period, spread from its start (or from ``DEMO_DAYS``
+    ago, if later) up to ``now``, whatever the day of the month; the days of the demo weeks that fall in
+    the previous period get the same daily rate as a full month at that share would."""
     limits = base_limits(agent=agent)
     prices = prices_in_effect(at=now)
     rows: list[UsageLog] = []
-    used_by_period: dict[tuple[str, dt.datetime], int] = defaultdict(int)
-    spent_by_period: dict[tuple[str, dt.datetime], Decimal] = defaultdict(Decimal)
-    quotas: dict[tuple[str, dt.datetime], Quota] = {}
     first_day = now - dt.timedelta(days=DEMO_DAYS)
+    current_start, current_end = month_bounds(now)
+    previous_start, previous_end = month_bounds(first_day)
     for resource_type_id, limit in limits.items():
-        # Spread share * limit over the demo weeks in a few calls a day, busier on weekdays.
-        daily = limit * share / DEMO_DAYS
-        for day in range(DEMO_DAYS):
-            day_start = first_day + dt.timedelta(days=day)
-            weight = 1.25 if day_start.weekday() < 5 else 0.4
-            calls = rng.randint(2, 6)
-            for _ in range(calls):
-                amount = int(daily * weight / calls * rng.uniform(0.6, 1.4))
+        price = prices[resource_type_id]
+        periods = [(current_start, current_end, max(first_day, current_start), now)]
+        if first_day < current_start:
+            periods.append((previous_start, previous_end, first_day, current_start))
+        for period_start, period_end, lo, hi in periods:
+            if period_start == current_start:
+                calls = _demo_calls(lo, hi, 1.0, rng)
+                target = int(limit * share)
+                raw_total = sum(amount for _, amount in calls) or 1.0
+                # Scaled so that the period holds exactly ``share`` of the limit on any day of the month.
+                amounts = [int(amount * target / raw_total) for _, amount in calls]
+                amounts[-1] += target - sum(amounts)
+            else:
+                calls = _demo_calls(lo, hi, limit * share / 30, rng)
+                amounts = [int(amount) for _, amount in calls]
+            used = sum(amount for amount in amounts if amount > 0)
+            if used == 0:
+                continue
+            quota, _ = Quota.objects.get_or_create(
+                agent=agent,
+                resource_type_id=resource_type_id,
+                period_start=period_start,
+                defaults={"period_end": period_end, "base_limit": limit, "limit": limit},
+            )
+            used = min(used, quota.limit)
+            taken = 0
+            spent = Decimal(0)
+            for (at, _), amount in sorted(zip(calls, amounts, strict=True), key=lambda pair: pair[0][0]):
+                amount = min(amount, used - taken)
                 if amount <= 0:
                     continue
-                at = day_start + dt.timedelta(seconds=rng.randint(0, 86_399))
-                start, end = month_bounds(at)
-                key = (resource_type_id, start)
-                if key not in quotas:
-                    quotas[key] = Quota.objects.get_or_create(
-                        agent=agent,
-                        resource_type_id=resource_type_id,
-                        period_start=start,
-                        defaults={"period_end": end, "base_limit": limit, "limit": limit},
-                    )[0]
-                if used_by_period[key] + amount > limit:
-                    continue
-                used_by_period[key] += amount
-                spent_by_period[key] += usage_cost(amount, prices[resource_type_id])
+                taken += amount
+                spent += usage_cost(amount, price)
                 rows.append(
                     UsageLog(
                         agent=agent,
                         resource_type_id=resource_type_id,
-                        quota=quotas[key],
+                        quota=quota,
                         amount=amount,
-                        unit_price_usd=prices[resource_type_id],
-                        cost_usd=usage_cost(amount, prices[resource_type_id]),
+                        unit_price_usd=price,
+                        cost_usd=usage_cost(amount, price),
                         task_id=f"demo-{rng.randrange(10**6):06d}",
                         kind=UsageLog.Kind.ALLOCATION,
                         metadata={"superpower": rng.choice(SUPERPOWERS), "demo": True},
                         created_at=at,
                     )
                 )
+            Quota.objects.filter(pk=quota.pk).update(used=taken, spent_usd=spent)
     UsageLog.objects.bulk_create(rows, batch_size=1000)
-    for key, used in used_by_period.items():
-        Quota.objects.filter(pk=quotas[key].pk).update(used=used, spent_usd=spent_by_period[key])
 
 
 @transaction.atomic

@@ -151,8 +151,13 @@ def test_resource_monitor_shows_gauges_chart_and_acts(seeded, page_for, live_ser
     assert sorted(s.get_attribute("data-series") for s in series) == sorted(
         ["COMPUTE_MS", "AI_TOKENS", "STORAGE_KB", "NETWORK_REQS", "SOLANA_LAMPORTS", "budget", "forecast"]
     )
+    # The areas run from the period's first day to today, the budget line across the whole period.
     area = page.query_selector('svg.chart path[data-series="COMPUTE_MS"]').bounding_box()
-    assert area["width"] > 100 and area["height"] > 1
+    budget = page.query_selector('svg.chart [data-series="budget"]').bounding_box()
+    start, end = month_bounds(timezone.now())
+    elapsed = (timezone.now().date() - start.date()).days / ((end - start).days - 1)
+    assert area["width"] == pytest.approx(budget["width"] * elapsed, abs=2)
+    assert budget["width"] > 300 and area["height"] > 1
 
     # Acknowledging an alert removes it from the panel.
     alert = Alert.objects.get(dedup_key="test:budget:80")

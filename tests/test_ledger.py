@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.db import IntegrityError, transaction
 from django.db.models import F, Sum
 
-from ledger.demo import DEMO_AGENTS, demo_data_load
+from ledger.demo import DEMO_AGENTS, DEMO_DAYS, demo_data_load
 from ledger.models import (
     Agent,
     Grant,
@@ -298,3 +298,25 @@ def test_usage_rows_and_allocations_name_their_quotas_own_agent_and_resource_typ
             with pytest.raises(IntegrityError, match="quota_identity_fk"), transaction.atomic():
                 model.objects.create(**{**right, **wrong}, **price, **fields)
         assert model.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        dt.datetime(2026, 12, 1, 0, 10, tzinfo=dt.UTC),  # ten minutes into the month
+        dt.datetime(2026, 12, 2, 19, 0, tzinfo=dt.UTC),
+        dt.datetime(2026, 11, 30, 23, 50, tzinfo=dt.UTC),  # the month's last minutes
+    ],
+)
+def test_demo_current_period_holds_each_agents_share_on_any_day(reference_data, now):
+    demo_data_load(now=now)
+    start, _ = month_bounds(now)
+    for agent_id, _, _, share, _ in DEMO_AGENTS:
+        quotas = Quota.objects.filter(agent_id=agent_id, period_start=start)
+        assert quotas.count() == 5
+        for quota in quotas:
+            assert quota.used == int(quota.limit * share), (agent_id, quota.resource_type_id)
+            logged = UsageLog.objects.filter(quota=quota).aggregate(n=Sum("amount"), cost=Sum("cost_usd"))
+            assert (logged["n"], logged["cost"]) == (quota.used, quota.spent_usd)
+    assert not UsageLog.objects.filter(created_at__gte=now).exists()
+    assert not UsageLog.objects.filter(created_at__lt=now - dt.timedelta(days=DEMO_DAYS)).exists()
