@@ -72,9 +72,9 @@ def test_monitor_data_matches_the_ledger(fleet, admin_client_logged_in):
         assert gauge["percent"] == str(quota.utilization_percent)
     cost = data["cost"]
     assert len(cost["series"]) == 5
-    assert Decimal(cost["spent_usd"]) == sum(
-        q.spent_usd for q in _current_quotas("agent-123")
-    ).quantize(Decimal("0.01"))
+    assert Decimal(cost["spent_usd"]) == sum(q.spent_usd for q in _current_quotas("agent-123")).quantize(
+        Decimal("0.01")
+    )
     assert [alert["title"] for alert in data["alerts"]] == ["Budget 80% used"]
 
 
