@@ -214,7 +214,6 @@ def test_period_spend_is_read_from_the_quota_rows_not_the_usage_log(history):
         assert [q["sql"] for q in queries if '"optimization_execution"' in q["sql"]] == usage_reads
 
 
-@pytest.mark.postgres
 @pytest.mark.parametrize("window_hours", [1, 5, 24, 240, 720])
 def test_metrics_activity_in_one_statement_gives_what_the_selectors_give(history, window_hours):
     """On PostgreSQL ``agent_activity`` reads the executions and the forecast spend in one statement; the
@@ -256,7 +255,6 @@ def test_metrics_activity_in_one_statement_gives_what_the_selectors_give(history
     assert activity.forecast_spend_usd == spend
 
 
-@pytest.mark.postgres
 def test_metrics_of_an_agent_that_ran_nothing_in_one_statement(reference_data):
     from optimization.services.analytics import PeriodClock, agent_activity
 

@@ -568,7 +568,6 @@ def test_the_fast_path_accepts_only_what_the_serializer_accepts_and_alike(refere
 # --- Concurrency and cost, on PostgreSQL ------------------------------------------------------------------
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_racing_batches_take_exactly_what_fits_without_deadlocks():
     from tests.concurrency import race
@@ -610,7 +609,6 @@ def test_racing_batches_take_exactly_what_fits_without_deadlocks():
     assert Allocation.objects.count() == UsageLog.objects.count() == sum(fits.values())
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_racing_batches_with_the_same_item_keys_charge_each_key_once():
     """Batches for two agents share one operator's keys: those for the same agent queue on its quota row,
@@ -656,7 +654,6 @@ def test_racing_batches_with_the_same_item_keys_charge_each_key_once():
     assert IdempotencyRecord.objects.count() == len(charged)
 
 
-@pytest.mark.postgres
 def test_a_batch_costs_the_same_queries_for_10_and_1000_items(reference_data, operator_client):
     agent_ids = [f"counted-{n}" for n in range(5)]
     for agent_id in agent_ids:
@@ -690,7 +687,6 @@ def test_a_batch_costs_the_same_queries_for_10_and_1000_items(reference_data, op
     assert len(counts[1000][frame:]) <= 15, counts[1000]
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_batch_whose_quota_moved_after_its_read_decides_again_and_never_overspends():
     """Another allocation takes most of the quota between the batch's unlocked read and its confirmation:
@@ -747,7 +743,6 @@ def _rows_read_from(table: str) -> int:
     return row[0] if row else 0
 
 
-@pytest.mark.postgres
 def test_reading_the_stored_item_keys_reads_only_the_batchs_own_keys(operator_client):
     """An operator's keys pile up all day: the batch must probe the (principal, key) index for its own keys,
     not read every record of the principal. Without statistics on the table (as before its first ANALYZE),

@@ -13,10 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.postgres
-
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_SECONDS = 115
 SCENARIOS = ("1", "2", "3", "4", "5", "6")

@@ -22,7 +22,7 @@ from optimization.models import Alert, AlertDelivery, AlertSettings, WebhookEndp
 from optimization.tasks.alerts import alerts_deliver_task, budget_sweep_task, cost_spike_sweep_task
 from tests.test_alerts import SECRET, WebhookReceiver, signature_of
 
-pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
 RESULT_TIMEOUT = 30
 

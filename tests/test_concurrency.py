@@ -17,7 +17,7 @@ from ledger.models import Agent, Quota, UsageLog
 from ledger.services import agent_create, reference_data_load
 from tests.concurrency import race
 
-pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 THREADS = 60
 

@@ -359,7 +359,6 @@ def test_allocation_takes_the_agent_status_from_the_database(agent_a):
     assert not Allocation.objects.exists()
 
 
-@pytest.mark.postgres
 def test_the_allocation_statement_is_prepared_on_the_server(agent_a):
     for _ in range(3):
         services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1)
@@ -370,7 +369,6 @@ def test_the_allocation_statement_is_prepared_on_the_server(agent_a):
     assert any(statement.startswith("WITH taken AS (") for statement in statements)
 
 
-@pytest.mark.postgres
 def test_a_refusal_keeps_the_statement_prepared(agent_a):
     # psycopg forgets its prepared statements on any rollback: refusals must not need one.
     services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1)
@@ -391,7 +389,6 @@ def test_a_refusal_keeps_the_statement_prepared(agent_a):
         assert cursor.fetchone()[0] >= 1
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)  # it closes the connection: no test transaction around it
 def test_the_hot_path_keeps_one_cursor_per_connection(agent_a):
     """The hot path's cursor is made once per psycopg connection (it keeps the dumpers it looked up), is

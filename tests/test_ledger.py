@@ -132,7 +132,6 @@ def test_quota_open_uses_tier_limit_and_override(reference_data):
     assert quota_open(agent=custom, resource_type_id="AI_TOKENS").pk == quota.pk
 
 
-@pytest.mark.postgres
 @pytest.mark.parametrize(
     "change",
     [
@@ -160,7 +159,6 @@ def test_database_constraints_refuse_overspend_on_postgres(reference_data, chang
     assert (quota.used, quota.reserved, quota.limit) == (0, 0, 1_000_000)
 
 
-@pytest.mark.postgres
 def test_usage_logs_table_is_readable_in_sql(reference_data):
     from django.db import connection
 
@@ -176,7 +174,6 @@ def test_usage_logs_table_is_readable_in_sql(reference_data):
     assert all(isinstance(row[2], Decimal) and row[2] > 0 for row in rows)
 
 
-@pytest.mark.postgres
 def test_agents_have_no_pattern_index_twins(db):
     """Django's ``varchar_pattern_ops`` twins serve only ``LIKE 'prefix%'``, which no query of agents uses;
     a fleet-wide update of agents would write them all (migration ledger 0005)."""
@@ -268,7 +265,6 @@ def test_management_commands_load_reference_and_demo_data_twice(db, capsys):
     assert Agent.objects.count() == len(DEMO_AGENTS)
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_usage_rows_and_allocations_name_their_quotas_own_agent_and_resource_type():
     """One composite foreign key (ledger/schema.py) stands for the three single-column ones: a row naming

@@ -574,7 +574,6 @@ def _buy(deal_id, buyer_id: str, amount: int):
         return exc.code
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_forty_buyers_racing_for_the_last_units_get_each_unit_once():
     seller, deal = _racing_buyers(40)
@@ -596,7 +595,6 @@ def test_forty_buyers_racing_for_the_last_units_get_each_unit_once():
     assert UsageLog.objects.filter(kind="purchase").aggregate(total=Sum("amount"))["total"] == 100
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_racing_asks_bigger_than_what_is_left_are_refused_whole():
     _, deal = _racing_buyers(40)
@@ -611,7 +609,6 @@ def test_racing_asks_bigger_than_what_is_left_are_refused_whole():
     assert UsageLog.objects.filter(kind="purchase").count() == 4  # the early buyer and three winners
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_agents_buying_each_others_deals_at_once_do_not_deadlock():
     reference_data_load()
@@ -635,7 +632,6 @@ def test_agents_buying_each_others_deals_at_once_do_not_deadlock():
     assert set(Deal.objects.values_list("status", flat=True)) == {"sold_out"}
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_refreshes_running_at_once_restock_once():
     reference_data_load()

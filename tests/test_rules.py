@@ -198,7 +198,6 @@ def test_an_evaluation_prunes_states_whose_agent_or_rule_is_gone(only_rule):
     assert list(RuleState.objects.values_list("pk", "agent_id", "rule_id")) == [(state.pk, "live", rule.pk)]
 
 
-@pytest.mark.postgres
 def test_rule_states_have_no_foreign_key_checks_in_the_database(db):
     """Each foreign-key check would run per inserted state at COMMIT (migration optimization 0004)."""
     with connection.cursor() as cursor:
@@ -426,7 +425,6 @@ def test_a_ratio_too_large_to_store_still_fires(only_rule):
     assert alert.data["value"] == "24000000000000000.00"
 
 
-@pytest.mark.postgres
 @pytest.mark.parametrize("action", ["notify", "recommend"])
 @pytest.mark.parametrize("metric", ["resource_utilization_percent", "budget_utilization_percent"])
 def test_alerts_written_in_sql_say_what_the_python_path_says(only_rule, action, metric):

@@ -505,7 +505,6 @@ def test_fleet_evaluation_applies_every_decision_exactly(reference_data):
     assert ScalingEvent.objects.count() == 30
 
 
-@pytest.mark.postgres
 @pytest.mark.parametrize("model", [ScalingEvent, Execution], ids=["scaling events", "executions"])
 def test_append_only_histories_keep_only_the_indexes_their_reads_use(db, model):
     """By agent and time, by time, by id (migrations optimization 0005 and 0006): no index per foreign key

@@ -59,7 +59,6 @@ def test_database_url_and_redis_url_pick_postgres_and_redis(tmp_path):
     assert got["flags"] == [True, True, False, True]
 
 
-@pytest.mark.postgres
 def test_suite_runs_on_postgres_when_database_url_is_set():
     from django.db import connection
 
