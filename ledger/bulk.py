@@ -1,10 +1,9 @@
 """Set-based writes of many rows in one statement: ``bulk_update_columns`` (some columns, each row its
 own values) and ``bulk_insert`` (many rows from column arrays).
 
-On PostgreSQL each is one statement over ``unnest`` of array parameters: a fixed number of parameters
-whatever the number of rows, and no model instances. Elsewhere (SQLite) they fall back to the ORM. A
-``CASE`` with one arm per row, the ORM's portable way, grows a statement of N arms that PostgreSQL plans,
-and may JIT-compile, in time that grows with N.
+Each is one statement over ``unnest`` of array parameters: a fixed number of parameters whatever the
+number of rows, and no model instances. A ``CASE`` with one arm per row, the ORM's way (``bulk_update``),
+grows a statement of N arms that PostgreSQL plans, and may JIT-compile, in time that grows with N.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import datetime as dt
 from contextlib import contextmanager
 
 from django.db import connection, models
-from django.db.models import Case, F, Value, When
 
 
 def bulk_update_column(
@@ -44,42 +42,31 @@ def bulk_update_columns(
     """For each position i, set every field in ``columns`` of the row ``pks[i]`` to its ``values[i]`` (or add
     it, with ``add``). ``touch`` also sets ``updated_at``. Returns the number of rows updated.
 
-    On PostgreSQL: ``UPDATE ... FROM unnest(pks, values...)``, one array parameter per column.
+    One ``UPDATE ... FROM unnest(pks, values...)``, one array parameter per column.
     """
     if not pks:
         return 0
     meta = model._meta
     fields = {name: meta.get_field(name) for name in columns}
-    if connection.vendor == "postgresql":
-        quote = connection.ops.quote_name
-        pk_type = meta.pk.db_type(connection)
-        assignments = [
-            f"{quote(field.column)} = " + (f"t.{quote(field.column)} + v.c{i}" if add else f"v.c{i}")
-            for i, field in enumerate(fields.values())
-        ]
-        params: list = []
-        if touch is not None:
-            assignments.append("updated_at = %s")
-            params.append(touch)
-        arrays = [f"%b::{pk_type}[]"] + [f"%b::{field.db_type(connection)}[]" for field in fields.values()]
-        params += [list(pks), *(list(values) for values in columns.values())]
-        aliases = ", ".join(["pk", *(f"c{i}" for i in range(len(fields)))])
-        sql = (
-            f"UPDATE {quote(meta.db_table)} AS t SET {', '.join(assignments)} "
-            f"FROM unnest({', '.join(arrays)}) AS v({aliases}) "
-            f"WHERE t.{quote(meta.pk.column)} = v.pk"
-        )
-        return _execute_with_arrays(sql, params)
-    changes = {}
-    for name, values in columns.items():
-        case = Case(
-            *[When(pk=pk, then=Value(value)) for pk, value in zip(pks, values, strict=True)],
-            output_field=fields[name],
-        )
-        changes[name] = F(name) + case if add else case
+    quote = connection.ops.quote_name
+    pk_type = meta.pk.db_type(connection)
+    assignments = [
+        f"{quote(field.column)} = " + (f"t.{quote(field.column)} + v.c{i}" if add else f"v.c{i}")
+        for i, field in enumerate(fields.values())
+    ]
+    params: list = []
     if touch is not None:
-        changes["updated_at"] = touch
-    return model.objects.filter(pk__in=list(pks)).update(**changes)
+        assignments.append("updated_at = %s")
+        params.append(touch)
+    arrays = [f"%b::{pk_type}[]"] + [f"%b::{field.db_type(connection)}[]" for field in fields.values()]
+    params += [list(pks), *(list(values) for values in columns.values())]
+    aliases = ", ".join(["pk", *(f"c{i}" for i in range(len(fields)))])
+    sql = (
+        f"UPDATE {quote(meta.db_table)} AS t SET {', '.join(assignments)} "
+        f"FROM unnest({', '.join(arrays)}) AS v({aliases}) "
+        f"WHERE t.{quote(meta.pk.column)} = v.pk"
+    )
+    return _execute_with_arrays(sql, params)
 
 
 # Fields whose Python values psycopg adapts as they are; any other field's values go through the field's
@@ -106,9 +93,9 @@ def bulk_insert(
     """Insert one row per position of the lists in ``columns`` (field name -> that column's values); every
     field in ``constants`` takes the same value in every row. Returns the number of rows inserted.
 
-    On PostgreSQL this is one ``INSERT ... SELECT FROM unnest(arrays)``: one array parameter per column
-    whatever the number of rows, and no model instances. Elsewhere, ``bulk_create``. Defaults and ``save()``
-    are not applied: pass every column that has no database default.
+    One ``INSERT ... SELECT FROM unnest(arrays)``: one array parameter per column whatever the number of
+    rows, and no model instances. Defaults and ``save()`` are not applied: pass every column that has no
+    database default.
     """
     constants = constants or {}
     lengths = {len(values) for values in columns.values()}
@@ -118,14 +105,6 @@ def bulk_insert(
     if rows == 0:
         return 0
     meta = model._meta
-    if connection.vendor != "postgresql":
-        names = list(columns)
-        objects = [
-            model(**constants, **dict(zip(names, values, strict=True)))
-            for values in zip(*columns.values(), strict=True)
-        ]
-        created = model.objects.bulk_create(objects, ignore_conflicts=ignore_conflicts)
-        return len(created)
     quote = connection.ops.quote_name
     targets, selects, arrays, params = [], [], [], []
     for name, value in constants.items():
@@ -163,7 +142,7 @@ def server_bound_cursor():
     ``%(name)b``) and they travel in binary. Django's own cursors bind on the client: they would write every
     array out as a literal, escaping each element with a regular expression, which cost more than the
     statement itself at 16,000 rows. Queries are logged and errors translated as through
-    ``connection.cursor()``. PostgreSQL only."""
+    ``connection.cursor()``."""
     from django.db.backends.postgresql.base import ServerBindingCursor
 
     connection.ensure_connection()

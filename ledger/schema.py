@@ -8,9 +8,8 @@ so three keys were three lookups per usage row and three per allocation, six per
 about a third of the server's time on a 1,000-item batch.
 
 Django has no composite foreign keys, so the single-column relations stay in the models (for joins and
-``on_delete``) with ``db_constraint=False``, and the composite key is added here, on PostgreSQL only.
-SQLite, the embedded default for trying the service out, goes without it. The key is added ``NOT VALID``
-and validated after, so that a large existing table is checked without blocking its writers.
+``on_delete``) with ``db_constraint=False``, and the composite key is added here. The key is added
+``NOT VALID`` and validated after, so that a large existing table is checked without blocking its writers.
 """
 
 from __future__ import annotations
@@ -22,21 +21,15 @@ def _name(table: str) -> str:
     return f"{table}_quota_identity_fk"
 
 
-def quota_identity_fk(table: str) -> migrations.RunPython:
+def quota_identity_fk(table: str) -> migrations.RunSQL:
     """A migration operation adding the composite quota key to ``table`` (and dropping it on reverse)."""
-
-    def add(apps, schema_editor) -> None:
-        if schema_editor.connection.vendor != "postgresql":
-            return
-        schema_editor.execute(
+    return migrations.RunSQL(
+        sql=[
             f"ALTER TABLE {table} ADD CONSTRAINT {_name(table)} "
             "FOREIGN KEY (quota_id, agent_id, resource_type_id) "
-            "REFERENCES quotas (id, agent_id, resource_type_id) DEFERRABLE INITIALLY DEFERRED NOT VALID"
-        )
-        schema_editor.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {_name(table)}")
-
-    def drop(apps, schema_editor) -> None:
-        if schema_editor.connection.vendor == "postgresql":
-            schema_editor.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {_name(table)}")
-
-    return migrations.RunPython(add, drop, elidable=False)
+            "REFERENCES quotas (id, agent_id, resource_type_id) DEFERRABLE INITIALLY DEFERRED NOT VALID",
+            f"ALTER TABLE {table} VALIDATE CONSTRAINT {_name(table)}",
+        ],
+        reverse_sql=[f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {_name(table)}"],
+        elidable=False,
+    )

@@ -8,8 +8,7 @@ Percentages are Decimal with two places; a metric with nothing to measure is abs
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 
 from django.db import connection
 from django.db.models import Count, DecimalField, ExpressionWrapper, F, Max, Q, Sum, Value
@@ -63,8 +62,8 @@ def _times_limit(value: Decimal) -> ExpressionWrapper:
 # Each agent's most used resource, chosen in PostgreSQL: one row per agent leaves the database instead of one
 # per quota row. The ratio is compared exactly: ``taken * 10^40 div limit`` tells apart any two different
 # fractions of 64-bit integers, where a float (or numeric division's default scale) may not. Ties go to
-# the resource type that sorts first byte by byte, as in the portable path. The sort is in the "C"
-# collation: the agents' order does not matter, and a locale's costs a third of the statement's time.
+# the resource type that sorts first byte by byte. The sort is in the "C" collation: the agents' order
+# does not matter, and a locale's costs a third of the statement's time.
 _MOST_USED_SQL = f"""
 SELECT DISTINCT ON (q.agent_id COLLATE "C")
        q.agent_id, q.resource_type_id, q.used + q.reserved, q.limit_amount
@@ -79,32 +78,17 @@ def max_resource_utilization(
     *, now: dt.datetime | None = None, agent_ids=None
 ) -> dict[str, tuple[str, Decimal]]:
     """agent -> (its most used resource type, that percent); of equally used ones, the first resource type
-    by code. One query.
-
-    Compared in whole units (``taken * other_limit > other_taken * limit`` here, its exact equivalent in
-    SQL on PostgreSQL), so only each agent's winner is turned into a Decimal percentage.
+    by code. One query, whose comparison is exact (``_MOST_USED_SQL``), so only each agent's winner is
+    turned into a Decimal percentage.
     """
     start, _ = month_bounds(now or timezone.now())
-    if connection.vendor == "postgresql":
-        params: list = [start]
-        agents = ""
-        if agent_ids is not None:
-            agents, params = "AND q.agent_id = ANY(%s)", [start, list(agent_ids)]
-        with connection.cursor() as cursor:
-            cursor.execute(_MOST_USED_SQL.format(agents=agents), params)
-            return {agent: (code, percent(taken, limit)) for agent, code, taken, limit in cursor.fetchall()}
-    rows = (
-        _agents_filter(Quota.objects.filter(period_start=start, limit__gt=0), agent_ids)
-        .order_by("agent_id", "resource_type_id")
-        .values_list("agent_id", "resource_type_id", "used", "reserved", "limit")
-    )
-    best: dict[str, tuple[str, int, int]] = {}
-    for agent, code, used, reserved, limit in rows.iterator(chunk_size=5000):
-        taken = used + reserved
-        current = best.get(agent)
-        if current is None or taken * current[2] > current[1] * limit:
-            best[agent] = (code, taken, limit)
-    return {agent: (code, percent(taken, limit)) for agent, (code, taken, limit) in best.items()}
+    params: list = [start]
+    agents = ""
+    if agent_ids is not None:
+        agents, params = "AND q.agent_id = ANY(%s)", [start, list(agent_ids)]
+    with connection.cursor() as cursor:
+        cursor.execute(_MOST_USED_SQL.format(agents=agents), params)
+        return {agent: (code, percent(taken, limit)) for agent, code, taken, limit in cursor.fetchall()}
 
 
 def period_spend(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, Decimal]:
@@ -184,40 +168,21 @@ def percentile_value(value: float) -> Decimal:
 def duration_percentiles(
     *, since: dt.datetime, until: dt.datetime | None = None, agent_ids=None, percentiles=(50, 95)
 ) -> dict[str, dict[int, Decimal]]:
-    """agent -> {50: p50 ms, 95: p95 ms} of execution durations, interpolated like PostgreSQL's
-    ``percentile_cont``. One query: in SQL on PostgreSQL, over the sorted durations elsewhere."""
+    """agent -> {50: p50 ms, 95: p95 ms} of execution durations (``percentile_cont``). One query."""
     until = until or timezone.now()
     queryset = _agents_filter(
         Execution.objects.filter(created_at__gte=since, created_at__lt=until), agent_ids
     )
-    if connection.vendor == "postgresql":
-        sql, params = queryset.values("agent_id", "duration_ms").query.sql_with_params()
-        columns = ", ".join(
-            f"percentile_cont({p / 100}) WITHIN GROUP (ORDER BY sub.duration_ms)" for p in percentiles
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT sub.agent_id, {columns} FROM ({sql}) sub GROUP BY sub.agent_id", params)
-            return {
-                row[0]: {p: percentile_value(value) for p, value in zip(percentiles, row[1:], strict=True)}
-                for row in cursor.fetchall()
-            }
-    durations: dict[str, list[int]] = defaultdict(list)
-    for agent, duration in queryset.order_by("agent_id", "duration_ms").values_list(
-        "agent_id", "duration_ms"
-    ):
-        durations[agent].append(duration)
-    return {
-        agent: {p: _percentile_cont(values, p) for p in percentiles} for agent, values in durations.items()
-    }
-
-
-def _percentile_cont(sorted_values: list[int], p: int) -> Decimal:
-    position = Decimal(p) / 100 * (len(sorted_values) - 1)
-    lower = int(position)
-    upper = min(lower + 1, len(sorted_values) - 1)
-    fraction = position - lower
-    value = sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * fraction
-    return Decimal(value).quantize(CENT, rounding=ROUND_HALF_EVEN)
+    sql, params = queryset.values("agent_id", "duration_ms").query.sql_with_params()
+    columns = ", ".join(
+        f"percentile_cont({p / 100}) WITHIN GROUP (ORDER BY sub.duration_ms)" for p in percentiles
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT sub.agent_id, {columns} FROM ({sql}) sub GROUP BY sub.agent_id", params)
+        return {
+            row[0]: {p: percentile_value(value) for p, value in zip(percentiles, row[1:], strict=True)}
+            for row in cursor.fetchall()
+        }
 
 
 def cost_spike_ratio(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, dict]:

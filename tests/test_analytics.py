@@ -210,14 +210,15 @@ def test_period_spend_is_read_from_the_quota_rows_not_the_usage_log(history):
     assert len(usage_reads) == 1
     assert "created_at" in usage_reads[0]
     assert len(queries) <= 10
-    if connection.vendor == "postgresql":  # the executions and the forecast spend: one statement
-        assert [q["sql"] for q in queries if '"optimization_execution"' in q["sql"]] == usage_reads
+    # The executions and the forecast spend: one statement.
+    assert [q["sql"] for q in queries if '"optimization_execution"' in q["sql"]] == usage_reads
 
 
 @pytest.mark.parametrize("window_hours", [1, 5, 24, 240, 720])
 def test_metrics_activity_in_one_statement_gives_what_the_selectors_give(history, window_hours):
-    """On PostgreSQL ``agent_activity`` reads the executions and the forecast spend in one statement; the
-    figures are those of the selectors the portable path runs, executions on the window's edges included."""
+    """``agent_activity`` reads the executions and the forecast spend in one statement; the figures are those
+    of the selectors (``execution_stats``, ``duration_percentiles``, ``period_executions``), executions on
+    the window's edges included."""
     from django.db import connection
     from django.db.models import Sum
     from django.test.utils import CaptureQueriesContext

@@ -18,7 +18,6 @@ from ledger.services import agent_create, agent_set_status, quota_open
 from optimization.models import Alert, Execution, RuleState, ScalingEvent
 from optimization.services.rules import rules_evaluate
 from tests.factories import fleet_create
-from tests.test_alerts import sqlite_real_variable_limit
 
 pytestmark = pytest.mark.django_db
 
@@ -390,11 +389,10 @@ def test_rule_evaluation_query_count_does_not_grow_with_agents(seed_rules):
     for count, prefix in ((10, "small"), (1000, "large")):
         Agent.objects.all().delete()
         fleet_create(prefix, count, at=T0, used=900_000, budget="1000")
-        with sqlite_real_variable_limit():
-            with CaptureQueriesContext(connection) as creating_states:
-                assert rules_evaluate(now=T0)["conditions_true"] == count
-            with CaptureQueriesContext(connection) as firing:
-                result = rules_evaluate(now=T0 + 5 * MINUTE)
+        with CaptureQueriesContext(connection) as creating_states:
+            assert rules_evaluate(now=T0)["conditions_true"] == count
+        with CaptureQueriesContext(connection) as firing:
+            result = rules_evaluate(now=T0 + 5 * MINUTE)
         assert (result["fired"], result["alerts"]) == (count, count)
         counts.append((len(creating_states), len(firing)))
         Alert.objects.all().delete()
@@ -428,8 +426,8 @@ def test_a_ratio_too_large_to_store_still_fires(only_rule):
 @pytest.mark.parametrize("action", ["notify", "recommend"])
 @pytest.mark.parametrize("metric", ["resource_utilization_percent", "budget_utilization_percent"])
 def test_alerts_written_in_sql_say_what_the_python_path_says(only_rule, action, metric):
-    """On PostgreSQL an alert-only rule writes its alerts in the statement that fires it; they must read
-    exactly as ``_fire_alert`` (the path of SQLite and of the other actions) words them."""
+    """An alert-only rule writes its alerts in the statement that fires it; they must read exactly as
+    ``_fire_alert`` (the path of the other actions) words them."""
     from optimization.services.rules import _fire_alert
 
     spend("worded", "95.5")  # of a budget of 100

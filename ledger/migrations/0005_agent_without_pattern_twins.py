@@ -1,7 +1,7 @@
 """Drop the agents' three ``varchar_pattern_ops`` index twins.
 
-On PostgreSQL Django gives every indexed ``varchar`` column a second index for ``LIKE 'prefix%'``. No query
-filters agents by a prefix (the admin searches with ``icontains``, which such an index cannot serve), and a
+Django gives every indexed ``varchar`` column a second index for ``LIKE 'prefix%'``. No query filters
+agents by a prefix (the admin searches with ``icontains``, which such an index cannot serve), and a
 fleet-wide update of agents (``scaling_evaluate`` raising the instance count of tens of thousands) is not
 a HOT update on full pages, so it writes every index of the table: three of its six were these twins.
 """
@@ -15,24 +15,16 @@ TWINS = {
 }
 
 
-def drop_twins(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    for name in TWINS:
-        schema_editor.execute(f"DROP INDEX IF EXISTS {schema_editor.quote_name(name)}")
-
-
-def create_twins(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    for name, column in TWINS.items():
-        schema_editor.execute(
-            f"CREATE INDEX IF NOT EXISTS {schema_editor.quote_name(name)} "
-            f"ON ledger_agent ({schema_editor.quote_name(column)} varchar_pattern_ops)"
-        )
-
-
 class Migration(migrations.Migration):
     dependencies = [("ledger", "0004_no_quota_index_on_append_only_rows")]
 
-    operations = [migrations.RunPython(drop_twins, create_twins, elidable=False)]
+    operations = [
+        migrations.RunSQL(
+            sql=[f'DROP INDEX IF EXISTS "{name}"' for name in TWINS],
+            reverse_sql=[
+                f'CREATE INDEX IF NOT EXISTS "{name}" ON ledger_agent ("{column}" varchar_pattern_ops)'
+                for name, column in TWINS.items()
+            ],
+            elidable=False,
+        )
+    ]

@@ -44,7 +44,7 @@ from ledger.money import CENT, COST_QUANTUM, percent
 from ledger.periods import month_bounds
 from ledger.selectors import base_limits
 from optimization.models import Execution
-from optimization.selectors import duration_percentiles, execution_figures, execution_stats, percentile_value
+from optimization.selectors import execution_figures, percentile_value
 
 DEFAULT_WINDOW_HOURS = 24
 MAX_WINDOW_HOURS = 720
@@ -242,10 +242,10 @@ class AgentActivity:
     forecast_spend_usd: Decimal  # usage-log cost from ``forecast_window_start`` to now
 
 
-# On PostgreSQL, ``agent_activity`` in one statement: one pass over the agent's executions of the window and
-# of the period (the agent's time index), with the percentiles as ordered-set aggregates, and the forecast
-# window's spend as a subquery. The same figures as the four selector queries of the portable path, which
-# a test compares with it; it saves the ORM building four queries and three round trips on every
+# ``agent_activity`` in one statement: one pass over the agent's executions of the window and of the period
+# (the agent's time index), with the percentiles as ordered-set aggregates, and the forecast window's spend
+# as a subquery. The same figures as ``execution_stats``, ``duration_percentiles`` and ``period_executions``
+# give, which a test checks; it saves the ORM building four queries and three round trips on every
 # ``/metrics`` (about half the endpoint's time on a slow machine, docs/benchmarks.md).
 _ACTIVITY_SQL = f"""
 SELECT count(*) FILTER (WHERE e.in_window),
@@ -268,21 +268,9 @@ FROM (
 
 
 def agent_activity(*, agent: Agent, since: dt.datetime, clock: PeriodClock) -> AgentActivity:
-    """The agent's executions over [since, now) and this period, and its spend over the forecast window:
-    one statement on PostgreSQL, four queries elsewhere."""
+    """The agent's executions over [since, now) and this period, and its spend over the forecast window,
+    in one statement."""
     spend_since = forecast_window_start(clock)
-    if connection.vendor != "postgresql":
-        spend = UsageLog.objects.filter(
-            agent=agent, created_at__gte=spend_since, created_at__lte=clock.now
-        ).aggregate(total=Sum("cost_usd"))["total"]
-        return AgentActivity(
-            window_stats=execution_stats(since=since, until=clock.now, agent_ids=[agent.id]).get(agent.id),
-            window_durations=duration_percentiles(since=since, until=clock.now, agent_ids=[agent.id]).get(
-                agent.id, {}
-            ),
-            period_successes=period_executions(agent=agent, clock=clock).successes,
-            forecast_spend_usd=spend or Decimal(0),
-        )
     params = {
         "agent": agent.id,
         "now": clock.now,

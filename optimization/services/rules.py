@@ -5,7 +5,7 @@ A rule's condition is checked per subject: an agent, or an agent's resource type
 of it holding, and ``last_fired_at`` keeps a rule quiet for its cooldown. The metrics come from
 ``optimization.selectors``, one query per metric and window for the whole fleet, so an evaluation costs the
 same number of queries for ten agents or ten thousand. The states are kept set-based too: two statements
-per rule on PostgreSQL, whatever the number of subjects, and no state is loaded into Python. Only the
+per rule, whatever the number of subjects, and no state is loaded into Python. Only the
 actions that call a per-agent service (throttle, lift, scale) cost queries per agent acted on.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from ledger.bulk import server_bound_cursor
@@ -64,9 +64,8 @@ DEFAULT_RECOMMENDATIONS = {
     Metric.THROUGHPUT_PER_HOUR: "Throughput is off its usual level: consider scaling to match the load.",
 }
 
-# About the largest value RuleState.last_value holds (20 digits, 6 of them decimals; a whole number, so
-# that SQLite's floats keep it exact). A cost spike against a near-zero baseline can be larger, and one
-# unstorable value must not stop the whole evaluation.
+# About the largest value RuleState.last_value holds (20 digits, 6 of them decimals). A cost spike against
+# a near-zero baseline can be larger, and one unstorable value must not stop the whole evaluation.
 LAST_VALUE_MAX = Decimal("99999999999999")
 ROUNDING_MARGIN = Decimal("0.01")
 ALERT_ONLY_ACTIONS = (Action.NOTIFY, Action.RECOMMEND)
@@ -308,7 +307,7 @@ def rules_evaluate(*, now: dt.datetime | None = None) -> dict:
 @dataclass
 class _Advanced:
     fired: list[tuple[str, str]]  # (agent, subject) that fired, for the caller to act on
-    fired_in_sql: int = 0  # fired and alerted on in the database, by an alert-only rule on PostgreSQL
+    fired_in_sql: int = 0  # fired and alerted on in the database, by an alert-only rule
     alerts_in_sql: int = 0
 
 
@@ -318,16 +317,11 @@ def _states_advance(rule: OptimizationRule, true_now: Values, now: dt.datetime) 
 
     A subject whose condition no longer holds loses its state (the next time it holds, its duration counts
     from then); a new one starts its state at ``now``. Two statements per rule whatever the number of
-    subjects on PostgreSQL, where an alert-only rule (notify, recommend) also writes its alerts in the
-    second: what fired never comes back to Python. Elsewhere, and for rules whose action runs a service,
-    the subjects that fired are returned.
+    subjects: an alert-only rule (notify, recommend) also writes its alerts in the second, so what fired
+    never comes back to Python. For rules whose action runs a service, the subjects that fired are returned.
     """
     keys = sorted(true_now)
     stored = [max(min(true_now[key], LAST_VALUE_MAX), -LAST_VALUE_MAX) for key in keys]
-    if connection.vendor != "postgresql":
-        held_since = now - dt.timedelta(seconds=rule.duration_seconds)
-        cooled_since = now - dt.timedelta(seconds=rule.cooldown_seconds)
-        return _Advanced(sorted(_states_advance_orm(rule, keys, stored, now, held_since, cooled_since)))
     return _states_advance_sql(rule, keys, stored, [str(true_now[key]) for key in keys], now)
 
 
@@ -440,39 +434,6 @@ def _states_advance_sql(
         cursor.execute(sql, params)
         fired, alerts = cursor.fetchone()
     return _Advanced([], fired_in_sql=fired, alerts_in_sql=alerts)
-
-
-def _states_advance_orm(
-    rule: OptimizationRule,
-    keys: list[tuple[str, str]],
-    stored: list[Decimal],
-    now: dt.datetime,
-    held_since: dt.datetime,
-    cooled_since: dt.datetime,
-) -> list[tuple[str, str]]:
-    values = dict(zip(keys, stored, strict=True))
-    states = {(state.agent_id, state.subject): state for state in RuleState.objects.filter(rule=rule)}
-    RuleState.objects.filter(pk__in=[state.pk for key, state in states.items() if key not in values]).delete()
-    new: list[RuleState] = []
-    changed: dict[int, RuleState] = {}
-    fired: list[tuple[str, str]] = []
-    for key, value in values.items():
-        state = states.get(key)
-        if state is None:
-            state = RuleState(rule=rule, agent_id=key[0], subject=key[1], true_since=now, last_value=value)
-            new.append(state)
-        elif state.last_value != value:
-            state.last_value = value
-            changed[state.pk] = state
-        cooled_down = state.last_fired_at is None or state.last_fired_at <= cooled_since
-        if state.true_since <= held_since and cooled_down:
-            state.last_fired_at = now
-            if state.pk is not None:
-                changed[state.pk] = state
-            fired.append(key)
-    RuleState.objects.bulk_create(new, ignore_conflicts=True)
-    RuleState.objects.bulk_update(list(changed.values()), ["last_value", "last_fired_at"])
-    return fired
 
 
 def _actions_run(
