@@ -53,14 +53,15 @@ INSTALLED_APPS = [
     "optimization",
 ]
 
+# Django's order. Sessions, CSRF, auth and messages skip API calls under /api/ (axiom_grid/middleware.py).
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    "axiom_grid.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "axiom_grid.middleware.CsrfViewMiddleware",
+    "axiom_grid.middleware.AuthenticationMiddleware",
+    "axiom_grid.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
