@@ -8,4 +8,4 @@ class AllocationConfig(AppConfig):
     verbose_name = "Allocation"
 
     def ready(self) -> None:
-        from allocation.api import schema  # noqa: F401  (registers the OpenAPI extensions)
+        from allocation.api.shared import schema  # noqa: F401  (registers the OpenAPI extensions)

@@ -26,7 +26,7 @@ cannot deadlock: a batch holding a key it has inserted holds all the quota locks
 keys are inserted in sorted order.
 
 Rows go to PostgreSQL as one JSON document per statement: a multi-row VALUES list of 10,000 placeholders
-costs psycopg more to build client-side than the server takes to insert the rows. SQLite gets VALUES lists.
+costs psycopg more to build client-side than the server takes to insert the rows.
 
 Holds are not supported: a batch commits allocations only (``POST .../allocations`` takes holds).
 """
@@ -40,21 +40,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.db.models import JSONField, Q
 from django.utils import timezone
 
-from allocation.idempotency import MAX_KEY_LENGTH
+from allocation.api.shared.idempotency import MAX_KEY_LENGTH
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.representation import allocation_body, iso_datetime
 from ledger.bulk import bulk_update_columns, server_bound_cursor
-from ledger.errors import AgentSuspended, AgentThrottled, Conflict, LedgerError, NotFound, QuotaExceeded
+from ledger.errors import Conflict, LedgerError, NotFound, QuotaExceeded
 from ledger.ids import uuid7
-from ledger.models import Agent, AgentLimitOverride, Quota, TierQuota, UsageLog
+from ledger.invariants import agent_refusal, quota_available
+from ledger.models import Agent, Quota, UsageLog
 from ledger.money import COST_QUANTUM, usage_cost
 from ledger.periods import month_bounds
-from ledger.selectors import price_table
+from ledger.reference_cache import price_table
+from ledger.services import quotas_open
 
 MAX_BATCH_ITEMS = 1000
 # Item keys share the caller's key space with the Idempotency-Key header, under their own prefix.
@@ -118,10 +119,11 @@ def allocations_batch_create(
             (item.agent_id, item.resource_type_id)
             for item in items
             if item.error is None
-            and agents.get(item.agent_id, (None,))[0] == Agent.Status.ACTIVE
+            and item.agent_id in agents
+            and agent_refusal(agent_id=item.agent_id, status=agents[item.agent_id][0], reason="") is None
             and prices[item.resource_type_id] is not None
         }
-        _quotas_open(pairs, agents=agents, period_start=period_start, period_end=period_end)
+        quotas_open(pairs, tiers={agent_id: tier for agent_id, (_, _, tier) in agents.items()}, at=now)
         _constraints_immediate()
         for attempt in range(MAX_ATTEMPTS):
             optimistic = attempt < OPTIMISTIC_ATTEMPTS
@@ -166,9 +168,8 @@ class _QuotaMoved(Exception):
 def _constraints_immediate() -> None:
     """Check the foreign keys of the rows written from here on as each statement ends, not at commit: the
     checks then run before the quota rows are locked, not while they are held."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 # --- Reading and locking ----------------------------------------------------------------------------------
@@ -196,58 +197,10 @@ def _pairs_filter(pairs: set[tuple[str, str]], period_start: dt.datetime) -> Q:
     return Q(period_start=period_start) & condition
 
 
-def _quotas_open(
-    pairs: set[tuple[str, str]],
-    *,
-    agents: dict[str, tuple[str, str, str]],
-    period_start: dt.datetime,
-    period_end: dt.datetime,
-) -> None:
-    """Create the missing current-period rows from each agent's base limit, as ``quota_open`` would."""
-    if not pairs:
-        return
-    existing = set(
-        Quota.objects.filter(_pairs_filter(pairs, period_start)).values_list("agent_id", "resource_type_id")
-    )
-    missing = sorted(pairs - existing)  # sorted: two batches opening the same rows insert in one order
-    if not missing:
-        return
-    agent_ids = {agent_id for agent_id, _ in missing}
-    type_ids = {resource_type_id for _, resource_type_id in missing}
-    tier_limits = {
-        (tier_id, resource_type_id): limit
-        for tier_id, resource_type_id, limit in TierQuota.objects.filter(
-            tier_id__in={agents[agent_id][2] for agent_id in agent_ids}, resource_type_id__in=type_ids
-        ).values_list("tier_id", "resource_type_id", "limit")
-    }
-    overrides = {
-        (agent_id, resource_type_id): limit
-        for agent_id, resource_type_id, limit in AgentLimitOverride.objects.filter(
-            agent_id__in=agent_ids, resource_type_id__in=type_ids
-        ).values_list("agent_id", "resource_type_id", "limit")
-    }
-    rows = []
-    for agent_id, resource_type_id in missing:
-        limit = overrides.get(
-            (agent_id, resource_type_id), tier_limits.get((agents[agent_id][2], resource_type_id), 0)
-        )
-        rows.append(
-            Quota(
-                agent_id=agent_id,
-                resource_type_id=resource_type_id,
-                period_start=period_start,
-                period_end=period_end,
-                base_limit=limit,
-                limit=limit,
-            )
-        )
-    Quota.objects.bulk_create(rows, ignore_conflicts=True)
-
-
 @dataclass
 class _QuotaState:
     id: int
-    available: int  # limit - used - reserved - listed, as the items decided so far left it
+    available: int  # ``quota_available``, as the items decided so far left it
     taken: int = 0
     cost: Decimal = Decimal(0)
 
@@ -263,7 +216,9 @@ def _quotas_read(
         queryset = queryset.select_for_update(no_key=True).order_by("pk")
     rows = queryset.values_list("pk", "agent_id", "resource_type_id", "limit", "used", "reserved", "listed")
     return {
-        (agent_id, resource_type_id): _QuotaState(id=pk, available=limit - used - reserved - listed)
+        (agent_id, resource_type_id): _QuotaState(
+            id=pk, available=quota_available(limit=limit, used=used, reserved=reserved, listed=listed)
+        )
         for pk, agent_id, resource_type_id, limit, used, reserved, listed in rows
     }
 
@@ -287,7 +242,7 @@ def _quotas_confirm(decider: _Decider) -> None:
         .values_list("pk", "limit", "used", "reserved", "listed")
     )
     for pk, limit, used, reserved, listed in rows:
-        if limit - used - reserved - listed < taken[pk]:
+        if quota_available(limit=limit, used=used, reserved=reserved, listed=listed) < taken[pk]:
             raise _QuotaMoved
 
 
@@ -305,29 +260,19 @@ def _results_read(keys: list[str], *, principal: str) -> dict[str, _StoredResult
     if not keys:
         return {}
     wanted = [ITEM_KEY_PREFIX + key for key in keys]
-    if connection.vendor == "postgresql":
-        # One probe of the (principal, key) index per key, whatever the planner knows of the table: the
-        # LIMIT keeps the lateral subquery from being merged into a join. Joined as a set (``IN``, ``=
-        # ANY``), a table without statistics (before its first ANALYZE) was read through every record of
-        # the principal: an operator's batch read all of the day's records, more with each batch.
-        with server_bound_cursor() as cursor:
-            cursor.execute(
-                "SELECT r.key, r.request_hash, r.response_status, r.response_body "
-                "FROM unnest(%b::text[]) AS wanted(key) CROSS JOIN LATERAL ("
-                f"SELECT * FROM {connection.ops.quote_name(IdempotencyRecord._meta.db_table)} "
-                "WHERE principal = %s AND key = wanted.key LIMIT 1) AS r",
-                [wanted, principal],
-            )
-            rows = cursor.fetchall()
-    else:
-        values = _Rows(IdempotencyRecord, ("key",))
-        for key in wanted:
-            values.add(key)
-        rows = values.execute(
-            "SELECT r.key, r.request_hash, r.response_status, r.response_body FROM {table} r "
-            "WHERE r.principal = %s AND r.key IN (SELECT v.key FROM {rows})",
-            params=[principal],
+    # One probe of the (principal, key) index per key, whatever the planner knows of the table: the LIMIT
+    # keeps the lateral subquery from being merged into a join. Joined as a set (``IN``, ``= ANY``), a
+    # table without statistics (before its first ANALYZE) was read through every record of the principal:
+    # an operator's batch read all of the day's records, more with each batch.
+    with server_bound_cursor() as cursor:
+        cursor.execute(
+            "SELECT r.key, r.request_hash, r.response_status, r.response_body "
+            "FROM unnest(%b::text[]) AS wanted(key) CROSS JOIN LATERAL ("
+            f"SELECT * FROM {connection.ops.quote_name(IdempotencyRecord._meta.db_table)} "
+            "WHERE principal = %s AND key = wanted.key LIMIT 1) AS r",
+            [wanted, principal],
         )
+        rows = cursor.fetchall()
     stored = {
         key.removeprefix(ITEM_KEY_PREFIX): _StoredResult(
             request_hash, status, json.loads(body) if isinstance(body, str) else body
@@ -371,7 +316,7 @@ def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.date
         # The allocation's id only, not the body: the body is the allocation row, read back on a replay
         # (``_bodies_expand``), and 1,000 bodies were a third of what a batch wrote.
         compact = {"allocation_id": result.body["allocation"]["id"]}
-        records.add(ITEM_KEY_PREFIX + key, result.fingerprint, result.status, records.json(compact))
+        records.add(ITEM_KEY_PREFIX + key, result.fingerprint, result.status, compact)
     stored = records.insert(suffix="ON CONFLICT (principal, key) DO NOTHING RETURNING id")
     if len(stored) != len(decider.owned):
         raise _KeyTaken
@@ -443,13 +388,9 @@ class _Decider:
         if agent is None:
             return NotFound(f"agent {item.agent_id!r} not found")
         status, reason, _ = agent
-        if status == Agent.Status.SUSPENDED:
-            return AgentSuspended(f"agent {item.agent_id} is suspended", details={"reason": reason})
-        if status == Agent.Status.THROTTLED:
-            return AgentThrottled(
-                f"agent {item.agent_id} is throttled: allocations are refused until it is lifted",
-                details={"reason": reason},
-            )
+        refusal = agent_refusal(agent_id=item.agent_id, status=status, reason=reason)
+        if refusal is not None:
+            return refusal
         if self.prices[item.resource_type_id] is None:
             return LedgerError(f"{item.resource_type_id} has no price in effect", code="no_price", status=409)
         available = self.quotas[(item.agent_id, item.resource_type_id)].available
@@ -541,7 +482,7 @@ def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
     for allocation_id, item, quota_id, cost in sorted(decider.accepted_items, key=_by_quota):
         unit_price, cost_text = decider.price_texts[item.resource_type_id], f"{cost:f}"
         allocations.add(
-            allocations.uuid(allocation_id),
+            allocation_id,
             item.agent_id,
             item.resource_type_id,
             quota_id,
@@ -559,7 +500,7 @@ def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
             cost_text,
             item.task_id,
             item.idempotency_key,
-            usage.json({**item.metadata, "allocation_id": allocation_id}),
+            {**item.metadata, "allocation_id": allocation_id},
         )
     allocations.insert()
     usage.insert()
@@ -568,12 +509,10 @@ def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
 class _Rows:
     """Rows of values for some columns of one table, sent in one statement on PostgreSQL.
 
-    There the rows travel as one JSON array of arrays, taken apart in the server: a short statement
-    whatever the number of rows (psycopg parses it once and caches it), encoded by the C JSON encoder.
-    ``jsonb``, not ``json``: every ``->`` on a ``json`` value parses its text again, column after column.
-    Elsewhere (SQLite) the rows are VALUES lists, split under the parameter limit. Values every row shares
-    are given once, as ``same`` (ordinary query parameters). Give the rows' values as the backend takes
-    them, through ``uuid`` and ``json``, and decimals as text.
+    The rows travel as one JSON array of arrays, taken apart in the server: a short statement whatever the
+    number of rows, encoded by the C JSON encoder. ``jsonb``, not ``json``: every ``->`` on a ``json``
+    value parses its text again, column after column. Values every row shares are given once, as ``same``
+    (ordinary query parameters). Give uuids as text, JSON values as they are and decimals as text.
     """
 
     def __init__(self, model, fields: Sequence[str], *, same: dict | None = None):
@@ -581,21 +520,13 @@ class _Rows:
         self.fields = [model._meta.get_field(name) for name in fields]
         self.same = [(model._meta.get_field(name), value) for name, value in (same or {}).items()]
         self.columns = [model_field.column for model_field in self.fields + [f for f, _ in self.same]]
-        self.postgres = connection.vendor == "postgresql"
         self.rows: list[tuple] = []
 
     def add(self, *values) -> None:
         self.rows.append(values)
 
-    def uuid(self, value: str) -> str:
-        return value if self.postgres else value.replace("-", "")
-
-    def json(self, value):
-        return value if self.postgres else json.dumps(value, cls=DjangoJSONEncoder)
-
     def insert(self, *, suffix: str = "") -> list[tuple]:
-        """INSERT the rows; returns what a RETURNING ``suffix`` returns. (``WHERE true`` tells SQLite that
-        an ON CONFLICT clause belongs to the INSERT, not to its SELECT.)"""
+        """INSERT the rows; returns what a RETURNING ``suffix`` returns."""
         names = ", ".join(self.columns)
         return self.execute(
             f"INSERT INTO {{table}} ({names}) SELECT {names} FROM {{rows}} WHERE true {suffix}"
@@ -603,7 +534,7 @@ class _Rows:
 
     def execute(self, sql: str, *, params: Sequence = ()) -> list[tuple]:
         """Run ``sql``, where ``{rows}`` stands for the rows as a relation ``v`` (and ``{table}`` for the
-        table), in as few statements as the backend allows; ``params`` go before the rows'."""
+        table), in one statement; ``params`` go before the rows'."""
         returned: list[tuple] = []
         with connection.cursor() as cursor:
             for source, source_params in self._sources():
@@ -615,30 +546,15 @@ class _Rows:
     def _sources(self) -> Iterator[tuple[str, list]]:
         if not self.rows:
             return
-        same_values = [value for _, value in self.same]
-        if self.postgres:
-            columns = [
-                f"(r->{i})::jsonb AS {model_field.column}"
-                if isinstance(model_field, JSONField)
-                else f"(r->>{i})::{model_field.db_type(connection)} AS {model_field.column}"
-                for i, model_field in enumerate(self.fields)
-            ]
-            columns += [f"%s::{field.db_type(connection)} AS {field.column}" for field, _ in self.same]
-            source = f"(SELECT {', '.join(columns)} FROM jsonb_array_elements(%s::jsonb) AS r) AS v"
-            yield source, [*same_values, json.dumps(self.rows)]
-            return
-        columns = [f"column{i} AS {model_field.column}" for i, model_field in enumerate(self.fields, 1)]
-        columns += [f"%s AS {model_field.column}" for model_field, _ in self.same]
-        row_sql = "(" + ", ".join(["%s"] * len(self.fields)) + ")"
-        room = (connection.features.max_query_params or 65_535) - len(self.same)
-        per_statement = max(1, room // len(self.fields))
-        for start in range(0, len(self.rows), per_statement):
-            chunk = self.rows[start : start + per_statement]
-            values = ", ".join([row_sql] * len(chunk))
-            yield (
-                f"(SELECT {', '.join(columns)} FROM (VALUES {values})) AS v",
-                [*same_values, *(value for row in chunk for value in row)],
-            )
+        columns = [
+            f"(r->{i})::jsonb AS {model_field.column}"
+            if isinstance(model_field, JSONField)
+            else f"(r->>{i})::{model_field.db_type(connection)} AS {model_field.column}"
+            for i, model_field in enumerate(self.fields)
+        ]
+        columns += [f"%s::{field.db_type(connection)} AS {field.column}" for field, _ in self.same]
+        source = f"(SELECT {', '.join(columns)} FROM jsonb_array_elements(%s::jsonb) AS r) AS v"
+        yield source, [*(value for _, value in self.same), json.dumps(self.rows)]
 
 
 __all__ = ["MAX_BATCH_ITEMS", "MAX_ITEM_KEY_LENGTH", "BatchItem", "BatchOutcome", "allocations_batch_create"]

@@ -1,35 +1,30 @@
 """The allocation engine: quota checks, allocations, holds, sharing and cost.
 
-Quota is taken with one conditional UPDATE (``used + reserved + n <= limit``) whose row count says whether
-it fitted, and the usage row is written in the same transaction. PostgreSQL serializes the writers on the
-quota row, so no interleaving of concurrent allocations can overspend; the CHECK constraints on ``quotas``
-back this up. A refused operation raises a ``LedgerError`` and writes nothing.
+Quota is taken with a conditional UPDATE whose condition is the capacity rule (``ledger.invariants``), in
+the same transaction as the rows it charges; PostgreSQL serializes the writers on the quota row, so no
+interleaving of concurrent allocations can overspend, and the CHECK constraint on ``quotas`` backs it up. A
+refused operation raises a ``LedgerError`` and writes nothing.
 
-An allocation is the hot path: on PostgreSQL it is a single prepared statement (``allocation_write``), the
-UPDATE and the INSERTs it feeds, atomic without a transaction of its own: one round trip.
+An allocation is the hot path: one call of the ``grid_allocate`` function (``allocation.sql``), one round
+trip that writes the allocation, its usage row and the request's records and takes the quota.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import uuid
-from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
-from psycopg.types.numeric import Int4, Int8
 
+from allocation import sql
 from allocation.models import Allocation
 from ledger.bulk import bulk_update_column
 from ledger.errors import (
     AgentSuspended,
-    AgentThrottled,
     Conflict,
     FeatureDisabled,
     LedgerError,
@@ -37,28 +32,17 @@ from ledger.errors import (
     QuotaExceeded,
 )
 from ledger.ids import uuid7
+from ledger.invariants import (
+    agent_ensure_may_allocate,
+    amount_validate,
+    hold_expires_at,
+    quota_fits,
+)
 from ledger.models import Agent, Grant, Quota, ResourceType, UsageLog
 from ledger.money import COST_QUANTUM, percent, usage_cost
 from ledger.periods import month_bounds
-from ledger.selectors import price_table
+from ledger.reference_cache import price_table, resource_type_codes
 from ledger.services import quota_open, quotas_open_all
-
-MAX_AMOUNT = 2**53  # the largest whole number every JSON client can represent exactly
-DEFAULT_HOLD_TTL = dt.timedelta(minutes=15)
-MAX_HOLD_TTL = dt.timedelta(days=7)
-
-_TAKE_USED_SQL = """
-UPDATE quotas SET used = used + %s, spent_usd = spent_usd + %s, updated_at = %s
-WHERE agent_id = %s AND resource_type_id = %s AND period_start = %s
-  AND used + reserved + listed + %s <= limit_amount
-RETURNING id
-"""
-_TAKE_RESERVED_SQL = """
-UPDATE quotas SET reserved = reserved + %s, spent_usd = spent_usd + %s, updated_at = %s
-WHERE agent_id = %s AND resource_type_id = %s AND period_start = %s
-  AND used + reserved + listed + %s <= limit_amount
-RETURNING id
-"""
 
 
 @dataclass(frozen=True)
@@ -73,43 +57,6 @@ def _ensure_resource_type(resource_type_id: str) -> None:
         raise LedgerError(f"unknown resource type {resource_type_id!r}", code="unknown_resource_type")
 
 
-_resource_type_codes: frozenset[str] | None = None
-
-
-def resource_type_codes() -> frozenset[str]:
-    """The resource type codes; they are reference data that only a deploy changes, so cache them."""
-    global _resource_type_codes
-    if _resource_type_codes is None:
-        _resource_type_codes = frozenset(ResourceType.objects.values_list("code", flat=True))
-    return _resource_type_codes
-
-
-def resource_type_codes_clear() -> None:
-    global _resource_type_codes
-    _resource_type_codes = None
-
-
-def _ensure_amount(amount: int, *, allow_zero: bool = False) -> None:
-    if not isinstance(amount, int) or isinstance(amount, bool):
-        raise LedgerError("amount must be a whole number of units", code="invalid_amount")
-    if amount < (0 if allow_zero else 1) or amount > MAX_AMOUNT:
-        raise LedgerError(
-            f"amount must be between {0 if allow_zero else 1} and 2^53",
-            code="invalid_amount",
-            details={"amount": amount},
-        )
-
-
-def _ensure_can_allocate(agent: Agent) -> None:
-    if agent.status == Agent.Status.SUSPENDED:
-        raise AgentSuspended(f"agent {agent.id} is suspended", details={"reason": agent.status_reason})
-    if agent.status == Agent.Status.THROTTLED:
-        raise AgentThrottled(
-            f"agent {agent.id} is throttled: allocations are refused until it is lifted",
-            details={"reason": agent.status_reason},
-        )
-
-
 def _unit_price(resource_type_id: str, at: dt.datetime) -> Decimal:
     price = price_table.unit_price(resource_type_id, at)
     if price is None:
@@ -117,41 +64,10 @@ def _unit_price(resource_type_id: str, at: dt.datetime) -> Decimal:
     return price
 
 
-def _take(
-    *, agent: Agent, resource_type_id: str, amount: int, cost: Decimal, hold: bool, now: dt.datetime
-) -> int:
-    """Take ``amount`` into ``used`` (or ``reserved`` for a hold) of the current period; return the quota id.
-
-    The first allocation of a period finds no row, opens the period from the agent's base limit and tries
-    once more. Raises ``QuotaExceeded`` when it does not fit.
-    """
-    period_start, _ = month_bounds(now)
-    sql = _TAKE_RESERVED_SQL if hold else _TAKE_USED_SQL
-    params = [
-        amount,
-        connection.ops.adapt_decimalfield_value(cost, 28, 12),
-        connection.ops.adapt_datetimefield_value(now),
-        agent.pk,
-        resource_type_id,
-        connection.ops.adapt_datetimefield_value(period_start),
-        amount,
-    ]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-        if row is None:
-            quota = quota_open(agent=agent, resource_type_id=resource_type_id, at=now)
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-            if row is None:
-                raise _quota_exceeded(quota, requested=amount)
-    return row[0]
-
-
 def quota_check(*, agent: Agent, resource_type_id: str, amount: int) -> QuotaCheck:
     """Would ``amount`` fit now? Changes nothing (a throttled agent may still ask)."""
     _ensure_resource_type(resource_type_id)
-    _ensure_amount(amount)
+    amount_validate(amount)
     start, _ = month_bounds(timezone.now())
     quota = Quota.objects.filter(agent=agent, resource_type_id=resource_type_id, period_start=start).first()
     if quota is None:
@@ -160,37 +76,13 @@ def quota_check(*, agent: Agent, resource_type_id: str, amount: int) -> QuotaChe
         available = base_limits(agent=agent).get(resource_type_id, 0)
     else:
         available = max(quota.available, 0)
-    if agent.status == Agent.Status.SUSPENDED:
-        return QuotaCheck(False, available, "agent_suspended")
-    if agent.status == Agent.Status.THROTTLED:
-        return QuotaCheck(False, available, "agent_throttled")
+    try:
+        agent_ensure_may_allocate(agent_id=agent.pk, status=agent.status, reason=agent.status_reason)
+    except LedgerError as refusal:
+        return QuotaCheck(False, available, refusal.code)
     if amount > available:
         return QuotaCheck(False, available, "quota_exceeded")
     return QuotaCheck(True, available, "ok")
-
-
-@dataclass(frozen=True)
-class CompanionRow:
-    """A row written together with an allocation, and only if the allocation is made: the request's audit
-    record, the response stored under its Idempotency-Key. On PostgreSQL it is one more INSERT of the
-    allocation's single statement, so a companion that fails (a duplicate key) undoes the allocation too."""
-
-    model: type[models.Model]
-    values: dict[str, object]
-
-
-@dataclass(frozen=True)
-class RequiredRow:
-    """A row that must exist for an allocation to be made, checked by the very statement that makes it:
-    the request's API key, still not revoked. ``filters`` are field equalities (None meaning IS NULL)."""
-
-    model: type[models.Model]
-    filters: dict[str, object]
-
-
-class RequirementNotMet(LedgerError):
-    code = "requirement_not_met"
-    status = 409
 
 
 @dataclass(frozen=True)
@@ -225,19 +117,13 @@ def allocation_prepare(
     caller holds.
     """
     _ensure_resource_type(resource_type_id)
-    _ensure_amount(amount)
+    amount_validate(amount)
     now = now or timezone.now()
-    expires_at = None
-    if hold:
-        ttl = DEFAULT_HOLD_TTL if hold_ttl_seconds is None else dt.timedelta(seconds=hold_ttl_seconds)
-        if not dt.timedelta(seconds=1) <= ttl <= MAX_HOLD_TTL:
-            raise LedgerError("hold_ttl_seconds must be between 1 and 604800", code="invalid_hold_ttl")
-        expires_at = now + ttl
+    expires_at = hold_expires_at(now=now, ttl_seconds=hold_ttl_seconds) if hold else None
     unit_price = _unit_price(resource_type_id, now)
-    allocation = _allocation_new(
-        agent,
+    allocation = Allocation(
         id=uuid7(),
-        agent_id=agent.pk,
+        agent=agent,
         resource_type_id=resource_type_id,
         amount=amount,
         unit_price_usd=unit_price,
@@ -252,45 +138,49 @@ def allocation_prepare(
     )
 
 
-@functools.cache
-def _allocation_attnames() -> tuple[str, ...]:
-    return tuple(field.attname for field in Allocation._meta.concrete_fields)
-
-
-def _allocation_new(agent: Agent, **values) -> Allocation:
-    """``Allocation(**values)`` with its agent cached, built positionally: Django's keyword path costs about
-    12 microseconds more per allocation. A field not in ``values`` is None (they are all nullable)."""
-    allocation = Allocation(*[values.get(name) for name in _allocation_attnames()])
-    Allocation.agent.field.set_cached_value(allocation, agent)
-    return allocation
-
-
 def allocation_write(
-    draft: AllocationDraft, *, also_write: Sequence[CompanionRow] = (), requires: Sequence[RequiredRow] = ()
+    draft: AllocationDraft, *, api_key_id: int | None = None, record: dict | None = None
 ) -> Allocation:
-    """Take the quota and write the allocation, its usage row (unless it is a hold) and ``also_write``,
-    provided every ``requires`` row exists (else ``RequirementNotMet``).
+    """Take the quota and write the allocation, its usage row (unless it is a hold) and ``record`` (the
+    request's idempotency and audit records, ``allocation.sql.mutation_record_write``'s argument), provided
+    the agent is active and the API key ``api_key_id`` (if given) is not revoked.
 
-    On PostgreSQL that is one statement: a conditional UPDATE of the quota (which also requires the agent
-    to be active) whose returned row feeds the INSERTs, so it is atomic on its own, needs no transaction
-    and costs one round trip; inside a caller's transaction it simply joins it. No row back means the
-    agent is not active, the period is not open yet (it is opened and the statement tried once more) or the
-    quota would be exceeded; each raises its ``LedgerError`` and nothing is written. Elsewhere (SQLite) the
-    same rows are written by one statement each in a transaction.
+    One round trip when the period is open; the first allocation of a period opens it and tries once more.
+    Each refusal raises its ``LedgerError`` and writes nothing.
     """
     allocation = draft.allocation
-    rows = [(Allocation, _allocation_values(allocation))]
-    if allocation.status == Allocation.Status.COMMITTED:
-        rows.append((UsageLog, _usage_values(draft)))
-    companions = [(row.model, row.values) for row in also_write]
-    db = connections[DEFAULT_DB_ALIAS]
-    if db.vendor == "postgresql":
-        quota_id = _write_in_one_statement(db, draft, rows=rows, companions=companions, requires=requires)
-    else:
-        quota_id = _write_in_steps(db, draft, rows=rows, companions=companions, requires=requires)
-    allocation.quota_id = quota_id
-    allocation._state.adding = False
-    allocation._state.db = db.alias
+    period_start, _ = month_bounds(draft.now)
+    row = sql.AllocationRow(
+        agent_id=allocation.agent_id,
+        resource_type_id=allocation.resource_type_id,
+        period_start=period_start,
+        amount=allocation.amount,
+        hold=allocation.status == Allocation.Status.HELD,
+        now=draft.now,
+        allocation_id=allocation.id,
+        unit_price_usd=allocation.unit_price_usd,
+        cost_usd=allocation.cost_usd,
+        task_id=allocation.task_id,
+        expires_at=allocation.expires_at,
+        created_at=allocation.created_at,
+        usage_kind=draft.kind,
+        usage_idempotency_key=draft.idempotency_key,
+        usage_metadata={"allocation_id": str(allocation.pk), **(draft.metadata or {})},
+        api_key_id=api_key_id,
+        record=record,
+    )
+    try:
+        try:
+            allocation.quota_id = sql.allocate(row)
+        except sql.PeriodNotOpen:
+            # Opened in a transaction with the retry, so a refused first allocation leaves no period row.
+            with transaction.atomic():
+                quota_open(agent=allocation.agent, resource_type_id=allocation.resource_type_id, at=draft.now)
+                allocation.quota_id = sql.allocate(row)
+    except sql.QuotaShort as short:
+        raise _quota_exceeded(
+            allocation.resource_type_id, requested=allocation.amount, available=short.available
+        ) from None
     return allocation
 
 
@@ -306,8 +196,6 @@ def allocation_create(
     kind: str = UsageLog.Kind.ALLOCATION,
     metadata: dict | None = None,
     now: dt.datetime | None = None,
-    also_write: Sequence[CompanionRow] = (),
-    requires: Sequence[RequiredRow] = (),
 ) -> Allocation:
     """Commit ``amount`` at once (usage row written) or hold it until settled, released or expired."""
     draft = allocation_prepare(
@@ -322,349 +210,19 @@ def allocation_create(
         metadata=metadata,
         now=now,
     )
-    return allocation_write(draft, also_write=also_write, requires=requires)
+    return allocation_write(draft)
 
 
-def _allocation_values(allocation: Allocation) -> dict[str, object]:
-    return {
-        "id": allocation.id,
-        "agent_id": allocation.agent_id,
-        "resource_type_id": allocation.resource_type_id,
-        "amount": allocation.amount,
-        "unit_price_usd": allocation.unit_price_usd,
-        "cost_usd": allocation.cost_usd,
-        "status": allocation.status,
-        "task_id": allocation.task_id,
-        "expires_at": allocation.expires_at,
-        "created_at": allocation.created_at,
-    }
-
-
-def _usage_values(draft: AllocationDraft) -> dict[str, object]:
-    allocation = draft.allocation
-    return {
-        "agent_id": allocation.agent_id,
-        "resource_type_id": allocation.resource_type_id,
-        "amount": allocation.amount,
-        "unit_price_usd": allocation.unit_price_usd,
-        "cost_usd": allocation.cost_usd,
-        "task_id": allocation.task_id,
-        "kind": draft.kind,
-        "idempotency_key": draft.idempotency_key,
-        "metadata": {"allocation_id": str(allocation.pk), **(draft.metadata or {})},
-        "created_at": draft.now,
-    }
-
-
-Rows = list[tuple[type[models.Model], dict[str, object]]]
-
-
-@functools.cache
-def _insert_layout(model: type[models.Model], names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple]:
-    opts = model._meta
-    fields = tuple(opts.pk if name == "pk" else opts.get_field(name) for name in names)
-    return tuple(field.column for field in fields), fields
-
-
-# On PostgreSQL, ``get_db_prep_save`` hands psycopg a str, an aware datetime, a Decimal or a UUID as it was
-# given, and wraps an int in its column's size (``Int8``). The hot path's preparers do the same without
-# the dozen calls Django makes per field; every other field (a JSONField's dict, an IP address), every
-# value of another type and every other database goes through ``get_db_prep_save``. A test compares the
-# parameters with and without the shortcut.
-_AS_GIVEN_ON_POSTGRESQL = {
-    models.CharField: str,
-    models.TextField: str,
-    models.DateTimeField: dt.datetime,
-    models.DecimalField: Decimal,
-    models.UUIDField: uuid.UUID,
-}
-_INTEGER_SIZES = {
-    models.IntegerField: Int4,
-    models.BigIntegerField: Int8,
-    models.PositiveBigIntegerField: Int8,
-}
-
-
-def _fast_preparer(field: models.Field, vendor: str):
-    """``field.get_db_prep_save``, or a preparer that gives the same parameter for the hot path's values
-    with fewer calls (``(value, db) -> parameter``)."""
-    prepare = field.get_db_prep_save
-    if vendor != "postgresql":
-        return prepare
-    target = field.target_field if isinstance(field, models.ForeignKey) else field
-    given = _AS_GIVEN_ON_POSTGRESQL.get(type(target))
-    if given is str:  # a str subclass too (a TextChoices member): CharField hands it over as it is
-        return lambda value, db: value if value is None or isinstance(value, str) else prepare(value, db)
-    if given is not None:
-        return lambda value, db: value if value is None or type(value) is given else prepare(value, db)
-    if type(field) in _INTEGER_SIZES:
-        wrap = _INTEGER_SIZES[type(field)]
-        return lambda value, db: wrap(value) if type(value) is int else prepare(value, db)
-    return prepare
-
-
-@functools.cache
-def _preparers(model: type[models.Model], names: tuple[str, ...], vendor: str) -> tuple:
-    _, fields = _insert_layout(model, names)
-    return tuple(_fast_preparer(field, vendor) for field in fields)
-
-
-def _columns_and_params(db, model: type[models.Model], values: dict[str, object]) -> tuple[tuple, list]:
-    """The columns of ``values`` and their values as the database takes them (``get_db_prep_save``)."""
-    names = tuple(values)
-    columns, _ = _insert_layout(model, names)
-    preparers = _preparers(model, names, db.vendor)
-    params = [prepare(value, db) for prepare, value in zip(preparers, values.values(), strict=True)]
-    return columns, params
-
-
-_ONE_STATEMENT_TAKE = """WITH taken AS (
-    UPDATE quotas SET {counter} = {counter} + %s, spent_usd = spent_usd + %s, updated_at = %s
-    WHERE agent_id = %s AND resource_type_id = %s AND period_start = %s
-      AND used + reserved + listed + %s <= limit_amount
-      AND EXISTS (SELECT 1 FROM ledger_agent WHERE id = quotas.agent_id AND status = 'active'){also}
-    RETURNING id
-)"""
-_one_statement_sql: dict[tuple, str] = {}
-
-
-def _one_statement(
-    db, draft: AllocationDraft, *, rows: Rows, companions: Rows, requires: Sequence[RequiredRow]
-) -> tuple[str, list]:
-    """The WITH statement: take the quota, then INSERT each row FROM what the UPDATE returned (so only if
-    it matched). ``rows`` also get the quota id; ``companions`` do not. The SQL of each shape is built once.
-    """
-    allocation = draft.allocation
-    hold = allocation.status == Allocation.Status.HELD
-    period_start, _ = month_bounds(draft.now)
-    params = [
-        allocation.amount,
-        db.ops.adapt_decimalfield_value(allocation.cost_usd, 28, 12),
-        db.ops.adapt_datetimefield_value(draft.now),
-        allocation.agent_id,
-        allocation.resource_type_id,
-        db.ops.adapt_datetimefield_value(period_start),
-        allocation.amount,
-    ]
-    shape: list = [hold]
-    for required in requires:
-        columns, fields = _insert_layout(required.model, tuple(required.filters))
-        shape.append(
-            (required.model._meta.db_table, columns, tuple(v is None for v in required.filters.values()))
-        )
-        pairs = zip(fields, required.filters.values(), strict=True)
-        params.extend(field.get_db_prep_value(value, db) for field, value in pairs if value is not None)
-    conditions = len(shape)
-    for with_quota, batch in ((True, rows), (False, companions)):
-        for model, values in batch:
-            columns, row_params = _columns_and_params(db, model, values)
-            shape.append((model._meta.db_table, columns, with_quota))
-            params.extend(row_params)
-    key = tuple(shape)
-    sql = _one_statement_sql.get(key)
-    if sql is None:
-        quote = db.ops.quote_name
-        also = "".join(
-            f"\n      AND EXISTS (SELECT 1 FROM {quote(table)} WHERE "
-            + " AND ".join(
-                f"{quote(column)} IS NULL" if is_null else f"{quote(column)} = %s"
-                for column, is_null in zip(columns, nulls, strict=True)
-            )
-            + ")"
-            for table, columns, nulls in shape[1:conditions]
-        )
-        ctes = [_ONE_STATEMENT_TAKE.format(counter="reserved" if hold else "used", also=also)]
-        for index, (table, columns, with_quota) in enumerate(shape[conditions:]):
-            names = ", ".join(quote(column) for column in columns) + (", quota_id" if with_quota else "")
-            values = ", ".join(["%s"] * len(columns)) + (", taken.id" if with_quota else "")
-            ctes.append(f"row_{index} AS (INSERT INTO {quote(table)} ({names}) SELECT {values} FROM taken)")
-        sql = _one_statement_sql[key] = ",\n".join(ctes) + "\nSELECT id FROM taken"
-    return sql, params
-
-
-@contextmanager
-def prepared_cursor():
-    """A cursor for the few statements every request runs (the allocation, the API key lookup).
-
-    On PostgreSQL it binds parameters on the server and prepares each statement on its first execution in
-    a connection, so later executions skip parsing and planning (about a third of the server's time on
-    the allocation statement). psycopg forgets its prepared statements after any rollback in the connection
-    (a refused allocation) and prepares them again on their next use. The rest of the project keeps
-    Django's client-side binding, under which some raw SQL (``generate_series(%s, %s)``) would not
-    type-check. Queries are logged and errors translated as through ``connection.cursor()``. Needs
-    ``prepare_threshold`` in the database OPTIONS (settings.py): without it psycopg prepares nothing.
-    """
-    db = connections[DEFAULT_DB_ALIAS]
-    if db.vendor != "postgresql":
-        with db.cursor() as cursor:
-            yield cursor
-        return
-    db.close_if_health_check_failed()
-    db.ensure_connection()
-    db.validate_thread_sharing()
-    raw = _kept_cursor(db)
-    # Not closed on the way out (a CursorWrapper's ``with`` would): the next statement reuses it.
-    yield db.make_debug_cursor(raw) if db.queries_logged else db.make_cursor(raw)
-
-
-def _kept_cursor(db):
-    """The connection's own preparing cursor, made once per psycopg connection and kept.
-
-    A psycopg cursor learns which dumper each parameter type takes and keeps it; a new cursor per statement
-    starts with a fresh copy of the adapters and looks up every dumper again, which cost about 0.1 ms of
-    CPU per allocation (27 parameters), a third of the Python time of ``allocation_create``. Django's
-    connections belong to one thread, and the statements run through here (one execute, one fetch) do not
-    nest, so one cursor per connection is enough. A reconnection makes a new one.
-    """
-    kept = getattr(db, "_axiom_kept_cursor", None)
-    if kept is None or kept.closed or kept.connection is not db.connection:
-        kept = db._axiom_kept_cursor = _preparing_cursor_class()(db.connection)
-    return kept
-
-
-@functools.cache
-def _preparing_cursor_class() -> type:
-    from django.db.backends.postgresql.base import ServerBindingCursor
-
-    class PreparingCursor(ServerBindingCursor):
-        def execute(self, query, params=None, *, prepare=None, binary=None):
-            return super().execute(query, params, prepare=True, binary=binary)
-
-        def _convert_query(self, query, params=None):
-            # Django's query log reads the query back from ``_query``, which psycopg 3.3 leaves unset when it
-            # runs a prepared statement: set it, so that logs and CaptureQueriesContext show the SQL.
-            converted = super()._convert_query(query, params)
-            self._query = converted
-            return converted
-
-    return PreparingCursor
-
-
-def _execute_returning(sql: str, params: list):
-    """Run the hot path's statement and return its one row (or None).
-
-    On PostgreSQL, when nothing watches the queries (no query log, no execution wrapper), it runs on the
-    kept cursor directly, with the checks ``CursorWrapper.execute`` makes (a usable connection, no broken
-    transaction) and its error translation, but without a wrapper object per statement and per call: a few
-    microseconds on every allocation. Otherwise it goes through ``prepared_cursor()``, logged and wrapped.
-    """
-    db = connections[DEFAULT_DB_ALIAS]
-    if db.vendor == "postgresql" and not db.queries_logged and not db.execute_wrappers:
-        db.close_if_health_check_failed()
-        db.ensure_connection()
-        db.validate_thread_sharing()
-        db.validate_no_broken_transaction()
-        cursor = _kept_cursor(db)
-        with db.wrap_database_errors:
-            cursor.execute(sql, params)
-            return cursor.fetchone()
-    with prepared_cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchone()
-
-
-def _write_in_one_statement(
-    db, draft: AllocationDraft, *, rows: Rows, companions: Rows, requires: Sequence[RequiredRow]
-) -> int:
-    sql, params = _one_statement(db, draft, rows=rows, companions=companions, requires=requires)
-
-    def attempt():
-        if companions and db.in_atomic_block:
-            # A companion may fail (a duplicate idempotency key) and the caller may want to go on with its
-            # transaction: give the statement a savepoint. Outside a transaction it is its own.
-            with transaction.atomic():
-                return _execute_returning(sql, params)
-        return _execute_returning(sql, params)
-
-    row = attempt()
-    if row is None:
-        row = _after_no_row(draft, attempt, requires=requires)
-    return row[0]
-
-
-def _after_no_row(draft: AllocationDraft, attempt, *, requires: Sequence[RequiredRow]):
-    """The statement took nothing: refused, or the first allocation of the period. Find out which.
-
-    Reading needs no transaction, and the refusals (a revoked key, an inactive agent, an exceeded quota)
-    raise without one: a rollback would also make psycopg forget its prepared statements. Only opening a
-    new period writes, in a transaction that rolls it back if the allocation is refused even so.
-    """
-    allocation = draft.allocation
-    _ensure_required(requires)
-    agent = _agent_ready_to_allocate(allocation.agent_id)
-    period_start, _ = month_bounds(draft.now)
-    quota = Quota.objects.filter(
-        agent_id=allocation.agent_id, resource_type_id=allocation.resource_type_id, period_start=period_start
-    ).first()
-    if quota is not None:
-        if quota.available >= allocation.amount:  # freed, or opened, since the statement ran
-            row = attempt()
-            if row is not None:
-                return row
-            quota.refresh_from_db()
-        raise _quota_exceeded(quota, requested=allocation.amount)
-    with transaction.atomic():
-        quota = quota_open(agent=agent, resource_type_id=allocation.resource_type_id, at=draft.now)
-        row = attempt()
-        if row is None:
-            raise _quota_exceeded(quota, requested=allocation.amount)
-    return row
-
-
-def _write_in_steps(
-    db, draft: AllocationDraft, *, rows: Rows, companions: Rows, requires: Sequence[RequiredRow]
-) -> int:
-    allocation = draft.allocation
-    quote = db.ops.quote_name
-    with transaction.atomic():
-        _ensure_required(requires)
-        agent = _agent_ready_to_allocate(allocation.agent_id)
-        quota_id = _take(
-            agent=agent,
-            resource_type_id=allocation.resource_type_id,
-            amount=allocation.amount,
-            cost=allocation.cost_usd,
-            hold=allocation.status == Allocation.Status.HELD,
-            now=draft.now,
-        )
-        with db.cursor() as cursor:
-            for with_quota, batch in ((True, rows), (False, companions)):
-                for model, values in batch:
-                    columns, params = _columns_and_params(db, model, values)
-                    if with_quota:
-                        columns, params = [*columns, "quota_id"], [*params, quota_id]
-                    cursor.execute(
-                        f"INSERT INTO {quote(model._meta.db_table)} "
-                        f"({', '.join(quote(column) for column in columns)}) "
-                        f"VALUES ({', '.join(['%s'] * len(columns))})",
-                        params,
-                    )
-    return quota_id
-
-
-def _ensure_required(requires: Sequence[RequiredRow]) -> None:
-    for required in requires:
-        if not required.model._base_manager.filter(**required.filters).exists():
-            raise RequirementNotMet(
-                f"a {required.model._meta.verbose_name} this allocation requires is gone",
-                details={"requires": required.model._meta.label},
-            )
-
-
-def _agent_ready_to_allocate(agent_id: str) -> Agent:
-    """The agent as the database has it now; raises unless it is active."""
-    agent = Agent.objects.filter(pk=agent_id).first()
-    if agent is None:
-        raise NotFound(f"agent {agent_id!r} not found")
-    _ensure_can_allocate(agent)
-    return agent
-
-
-def _quota_exceeded(quota: Quota, *, requested: int) -> QuotaExceeded:
-    available = max(quota.available, 0)
+def _quota_exceeded(resource_type_id: str, *, requested: int, available: int, **details) -> QuotaExceeded:
+    available = max(available, 0)
     return QuotaExceeded(
-        f"{requested:,} {quota.resource_type_id} requested, {available:,} available",
-        details={"resource_type": quota.resource_type_id, "requested": requested, "available": available},
+        f"{requested:,} {resource_type_id} requested, {available:,} available",
+        details={
+            "resource_type": resource_type_id,
+            "requested": requested,
+            "available": available,
+            **details,
+        },
     )
 
 
@@ -727,7 +285,7 @@ def hold_settle(
     and the hold stays as it was. The hold is claimed with a conditional UPDATE, so a settle racing a
     release or the expiry sweep takes effect at most once.
     """
-    _ensure_amount(amount, allow_zero=True)
+    amount_validate(amount, allow_zero=True)
     now = now or timezone.now()
     allocation = _open_hold(agent=agent, allocation_id=allocation_id, settling=True, now=now)
     held = allocation.amount
@@ -741,9 +299,7 @@ def hold_settle(
         if not claimed:
             raise Conflict(f"allocation {allocation.pk} is no longer an open hold", code="hold_not_open")
         extra = amount - held
-        updated = Quota.objects.filter(
-            pk=allocation.quota_id, limit__gte=F("used") + F("reserved") + F("listed") + extra
-        ).update(
+        updated = Quota.objects.filter(quota_fits(extra), pk=allocation.quota_id).update(
             reserved=F("reserved") - held,
             used=F("used") + amount,
             spent_usd=F("spent_usd") + usage_cost(amount, allocation.unit_price_usd),
@@ -836,7 +392,7 @@ def quota_share(*, source: Agent, target: Agent, resource_type_id: str, amount: 
     if not settings.ENABLE_COLLABORATION_SHARING:
         raise FeatureDisabled("resource sharing is switched off (ENABLE_COLLABORATION_SHARING)")
     _ensure_resource_type(resource_type_id)
-    _ensure_amount(amount)
+    amount_validate(amount)
     if source.pk == target.pk:
         raise LedgerError("an agent cannot share with itself", code="invalid_target")
     if source.status == Agent.Status.SUSPENDED:
@@ -932,12 +488,8 @@ def agent_cost(*, agent: Agent, now: dt.datetime | None = None) -> dict:
 
 
 __all__ = [
-    "MAX_AMOUNT",
     "AllocationDraft",
-    "CompanionRow",
     "QuotaCheck",
-    "RequiredRow",
-    "RequirementNotMet",
     "agent_cost",
     "agent_quotas",
     "allocation_create",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from allocation.idempotency import idempotency_cleanup
+from allocation.api.shared.idempotency import idempotency_cleanup
 from allocation.services import holds_expire
 
 TASK_OPTIONS = {"acks_late": True, "reject_on_worker_lost": True, "time_limit": 300, "soft_time_limit": 240}

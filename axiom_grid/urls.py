@@ -31,5 +31,5 @@ urlpatterns = [
     path("dashboard/", include("optimization.dashboard.urls")),
 ]
 
-handler404 = "allocation.api.errors.json_404"
-handler500 = "allocation.api.errors.json_500"
+handler404 = "allocation.api.shared.errors.json_404"
+handler500 = "allocation.api.shared.errors.json_500"

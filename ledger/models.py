@@ -13,6 +13,8 @@ from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import F, Q
 
+from ledger.invariants import quota_available, quota_fits
+
 MONEY = {"max_digits": 20, "decimal_places": 2}
 UNIT_PRICE = {"max_digits": 24, "decimal_places": 12}
 COST = {"max_digits": 28, "decimal_places": 12}
@@ -169,9 +171,9 @@ class AgentLimitOverride(models.Model):
 class Quota(models.Model):
     """One agent's allowance of one resource type for one period, with its live counters.
 
-    ``available = limit - used - reserved - listed``; ``spent_usd`` caches the period's cost for budgets.
-    The constraints are the last line of defence: the allocation engine takes quota with a conditional
-    UPDATE, and PostgreSQL refuses any write that would overspend.
+    ``available`` is what the capacity rule (``ledger.invariants``) leaves; ``spent_usd`` caches the
+    period's cost for budgets. The constraints are the last line of defence: the allocation engine takes
+    quota with a conditional UPDATE, and PostgreSQL refuses any write that would overspend.
     """
 
     # quota_unique_period leads with the agent: no index of its own.
@@ -203,10 +205,7 @@ class Quota(models.Model):
             models.CheckConstraint(condition=Q(used__gte=0), name="quota_used_non_negative"),
             models.CheckConstraint(condition=Q(reserved__gte=0), name="quota_reserved_non_negative"),
             models.CheckConstraint(condition=Q(limit__gte=0), name="quota_limit_non_negative"),
-            models.CheckConstraint(
-                condition=Q(used__lte=F("limit") - F("reserved")),
-                name="quota_used_plus_reserved_within_limit",
-            ),
+            models.CheckConstraint(condition=quota_fits(0), name="quota_within_limit"),
             models.CheckConstraint(
                 condition=Q(period_end__gt=F("period_start")), name="quota_period_ordered"
             ),
@@ -217,7 +216,7 @@ class Quota(models.Model):
 
     @property
     def available(self) -> int:
-        return self.limit - self.used - self.reserved - self.listed
+        return quota_available(limit=self.limit, used=self.used, reserved=self.reserved, listed=self.listed)
 
     @property
     def utilization_percent(self) -> Decimal:

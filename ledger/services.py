@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
-from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db import transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from ledger import reference
 from ledger.errors import LedgerError, QuotaExceeded
+from ledger.invariants import quota_fits
 from ledger.models import (
     Agent,
     AgentLimitOverride,
@@ -23,6 +24,7 @@ from ledger.models import (
     TierQuota,
 )
 from ledger.periods import month_bounds
+from ledger.reference_cache import resource_type_codes, tier_limits
 from ledger.rules_yaml import RuleSpec, parse_rules
 from ledger.selectors import base_limits
 
@@ -112,47 +114,67 @@ def rules_load_yaml(*, text: str) -> list[OptimizationRule]:
 # --- Agents and quotas ----------------------------------------------------------------------------------
 
 
-def quota_open(*, agent: Agent, resource_type_id: str, at: dt.datetime | None = None) -> Quota:
-    """The agent's quota row for the period containing ``at``, created from its base limit if missing.
+def quotas_open(pairs: set[tuple[str, str]], *, tiers: dict[str, str], at: dt.datetime | None = None) -> None:
+    """Open the period containing ``at`` for each (agent, resource type) of ``pairs`` that has no row yet.
 
-    Safe under concurrency: two callers opening the same period race on the unique constraint and the
-    loser reads the winner's row.
+    The one rule for opening a period: it starts from the agent's base limit, its override of the resource
+    type if it has one, else its tier's (``tiers`` gives each agent's tier). Safe under concurrency: rows
+    are inserted in one order with ``ON CONFLICT DO NOTHING``, so two openers of the same period insert it
+    once and neither fails. A fixed number of queries, however many pairs.
     """
+    if not pairs:
+        return
     start, end = month_bounds(at or timezone.now())
-    quota = Quota.objects.filter(agent=agent, resource_type_id=resource_type_id, period_start=start).first()
-    if quota is not None:
-        return quota
-    limit = base_limits(agent=agent).get(resource_type_id, 0)
-    try:
-        with transaction.atomic():
-            return Quota.objects.create(
-                agent=agent,
+    by_type: dict[str, list[str]] = {}
+    for agent_id, resource_type_id in pairs:
+        by_type.setdefault(resource_type_id, []).append(agent_id)
+    existing_filter = Q()
+    for resource_type_id, agent_ids in by_type.items():
+        existing_filter |= Q(resource_type_id=resource_type_id, agent_id__in=agent_ids)
+    existing = set(
+        Quota.objects.filter(existing_filter, period_start=start).values_list("agent_id", "resource_type_id")
+    )
+    missing = sorted(pairs - existing)  # sorted: two openers of the same rows insert in one order
+    if not missing:
+        return
+    overrides = {
+        (agent_id, resource_type_id): limit
+        for agent_id, resource_type_id, limit in AgentLimitOverride.objects.filter(
+            agent_id__in={agent_id for agent_id, _ in missing}
+        ).values_list("agent_id", "resource_type_id", "limit")
+    }
+    rows = []
+    for agent_id, resource_type_id in missing:
+        limit = overrides.get((agent_id, resource_type_id))
+        if limit is None:
+            limit = tier_limits(tiers[agent_id]).get(resource_type_id, 0)
+        rows.append(
+            Quota(
+                agent_id=agent_id,
                 resource_type_id=resource_type_id,
                 period_start=start,
                 period_end=end,
                 base_limit=limit,
                 limit=limit,
             )
-    except IntegrityError:
-        return Quota.objects.get(agent=agent, resource_type_id=resource_type_id, period_start=start)
+        )
+    Quota.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+def quota_open(*, agent: Agent, resource_type_id: str, at: dt.datetime | None = None) -> Quota:
+    """The agent's quota row for the period containing ``at``, opened (``quotas_open``) if missing."""
+    start, _ = month_bounds(at or timezone.now())
+    quota = Quota.objects.filter(agent=agent, resource_type_id=resource_type_id, period_start=start).first()
+    if quota is not None:
+        return quota
+    quotas_open({(agent.pk, resource_type_id)}, tiers={agent.pk: agent.tier_id}, at=at)
+    return Quota.objects.get(agent=agent, resource_type_id=resource_type_id, period_start=start)
 
 
 def quotas_open_all(*, agent: Agent, at: dt.datetime | None = None) -> list[Quota]:
     """Open every resource type's quota for the period, so that an agent's page shows all of them."""
-    start, end = month_bounds(at or timezone.now())
-    limits = base_limits(agent=agent)
-    missing = [
-        Quota(
-            agent=agent,
-            resource_type_id=code,
-            period_start=start,
-            period_end=end,
-            base_limit=limits.get(code, 0),
-            limit=limits.get(code, 0),
-        )
-        for code in ResourceType.objects.values_list("code", flat=True)
-    ]
-    Quota.objects.bulk_create(missing, ignore_conflicts=True)
+    start, _ = month_bounds(at or timezone.now())
+    quotas_open({(agent.pk, code) for code in resource_type_codes()}, tiers={agent.pk: agent.tier_id}, at=at)
     return list(Quota.objects.filter(agent=agent, period_start=start).select_related("resource_type"))
 
 
@@ -178,9 +200,9 @@ def quota_grant(
         raise LedgerError(f"unknown resource type {resource_type_id!r}", code="unknown_resource_type")
     with transaction.atomic():
         quota = quota_open(agent=agent, resource_type_id=resource_type_id, at=at)
-        updated = Quota.objects.filter(
-            pk=quota.pk, limit__gte=F("used") + F("reserved") + F("listed") - amount
-        ).update(limit=F("limit") + amount, updated_at=timezone.now())
+        updated = Quota.objects.filter(quota_fits(-amount), pk=quota.pk).update(
+            limit=F("limit") + amount, updated_at=timezone.now()
+        )
         if not updated:
             quota.refresh_from_db()
             raise QuotaExceeded(

@@ -71,15 +71,23 @@ def every_model_has_a_row(reference_data, staff_user):
     PeriodicTask.objects.create(name="every six hours", task="ledger.noop", crontab=crontab)
     Group.objects.create(name="operators")
     # One row of each allocation model, so that every change page is opened.
-    from allocation.idempotency import idempotency_claim
     from allocation.keys import api_key_issue
-    from allocation.models import AuditRecord
+    from allocation.models import AuditRecord, IdempotencyRecord
     from allocation.services import allocation_create
 
     agent = Agent.objects.get(id="agent-123")
     allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=10)
     api_key_issue(agent=agent)
-    idempotency_claim(principal="agent:agent-123", key="k", method="POST", path="/", body={})
+    IdempotencyRecord.objects.create(
+        principal="agent:agent-123",
+        key="k",
+        method="POST",
+        path="/",
+        request_hash="0" * 64,
+        response_status=201,
+        response_body={},
+        created_at=timezone.now(),
+    )
     AuditRecord.objects.create(
         actor="agent:agent-123",
         action="allocation.create",

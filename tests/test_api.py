@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from allocation import services
-from allocation.idempotency import idempotency_cleanup
+from allocation.api.shared.idempotency import idempotency_cleanup
 from allocation.keys import api_key_issue, api_key_revoke
 from allocation.models import Allocation, ApiKey, AuditRecord, IdempotencyRecord
 from ledger.models import Agent, Grant, Quota, UsageLog

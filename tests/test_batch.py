@@ -220,11 +220,11 @@ def test_batch_counts_what_holds_reserve(reference_data):
 
 
 def test_an_item_without_a_price_in_effect_is_refused_like_a_single_allocation(agent_a):
-    from allocation.services import resource_type_codes_clear
+    from ledger.reference_cache import reference_cache_clear
     from ledger.models import ResourceType
 
     ResourceType.objects.create(code="GPU_MS", name="GPU", unit="milliseconds")
-    resource_type_codes_clear()
+    reference_cache_clear()
     body = _ok(
         _post(
             agent_a.client,

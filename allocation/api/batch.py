@@ -19,9 +19,6 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.views import APIView
 
-from allocation.api.auth import ApiKeyAuthentication, IsAuthenticatedPrincipal, IsOperator, agent_for
-from allocation.api.errors import exception_response
-from allocation.api.mutation import run_mutation
 from allocation.api.serializers import (
     AllocationOut,
     AmountField,
@@ -29,11 +26,15 @@ from allocation.api.serializers import (
     StrictSerializer,
     plain_text,
 )
-from allocation.audit import audit_record
+from allocation.api.shared.audit import audit_record
+from allocation.api.shared.auth import ApiKeyAuthentication, IsAuthenticatedPrincipal, IsOperator, agent_for
+from allocation.api.shared.errors import exception_response
+from allocation.api.shared.idempotency import request_fingerprint
+from allocation.api.shared.mutation import run_mutation
 from allocation.batch import MAX_BATCH_ITEMS, MAX_ITEM_KEY_LENGTH, BatchItem, allocations_batch_create
-from allocation.idempotency import request_fingerprint
-from allocation.services import MAX_AMOUNT, resource_type_codes
 from ledger.errors import LedgerError
+from ledger.invariants import amount_is_valid
+from ledger.reference_cache import resource_type_codes
 
 MAX_METADATA_CHARS = 4000
 AUDITED_AGENT_IDS = 100
@@ -147,7 +148,7 @@ def _item_fast(raw, *, with_agent: bool) -> dict | None:
         type(resource_type) is not str
         or resource_type not in resource_type_codes()
         or type(amount) is not int
-        or not 1 <= amount <= MAX_AMOUNT
+        or not amount_is_valid(amount)
         or not plain_text(task_id, 200)
         or ("idempotency_key" in raw and not _key_plain(raw["idempotency_key"]))
         or (with_agent and not (agent_id and plain_text(agent_id, 64)))

@@ -15,11 +15,12 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from allocation import services
-from allocation.api.auth import agent_for
-from allocation.api.errors import error_body
-from allocation.api.mutation import run_mutation
 from allocation.api.serializers import AmountField, QuotaOut, ResourceTypeField
-from allocation.api.views import GridAPIView, _valid, cost_payload
+from allocation.api.shared.auth import agent_for
+from allocation.api.shared.errors import error_body
+from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.views import GridAPIView, valid
+from allocation.api.views import cost_payload
 from ledger.errors import LedgerError, NotFound
 from ledger.models import Agent
 from ledger.money import COST_QUANTUM
@@ -86,7 +87,7 @@ class ResourcesView(GridAPIView):
         summary="The product description's resource endpoint (read)",
     )
     def get(self, request):
-        query = _valid(CompatQuery, request.query_params.dict())
+        query = valid(CompatQuery, request.query_params.dict())
         agent = agent_for(request.user, query["agentId"])
         action = query["action"]
         if action == "quota":
@@ -123,7 +124,7 @@ class ResourcesView(GridAPIView):
         agent_id = request.data.get("agentId", "") if isinstance(request.data, dict) else ""
 
         def handle(body):
-            data = _valid(CompatPost, {**body, "action": action} if action else body)
+            data = valid(CompatPost, {**body, "action": action} if action else body)
             agent = agent_for(request.user, data["agentId"])
             name = data["action"]
             if name == "check":

@@ -7,8 +7,9 @@ from decimal import Decimal
 from rest_framework import serializers
 
 from allocation.models import Allocation
-from allocation.services import MAX_AMOUNT, resource_type_codes
+from ledger.invariants import MAX_AMOUNT, MAX_HOLD_TTL_SECONDS, MIN_HOLD_TTL_SECONDS, amount_is_valid
 from ledger.models import Agent, Quota, Tier, UsageLog, agent_id_validator
+from ledger.reference_cache import resource_type_codes
 
 
 class AmountField(serializers.Field):
@@ -69,15 +70,14 @@ class QuotaCheckOut(serializers.Serializer):
     reason = serializers.CharField()
 
 
-MAX_HOLD_TTL_SECONDS = 7 * 86400
-
-
 class AllocationIn(StrictSerializer):
     resource_type = ResourceTypeField()
     amount = AmountField()
     task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     hold = serializers.BooleanField(required=False, default=False)
-    hold_ttl_seconds = serializers.IntegerField(required=False, min_value=1, max_value=MAX_HOLD_TTL_SECONDS)
+    hold_ttl_seconds = serializers.IntegerField(
+        required=False, min_value=MIN_HOLD_TTL_SECONDS, max_value=MAX_HOLD_TTL_SECONDS
+    )
 
 
 def plain_text(value, max_length: int) -> bool:
@@ -109,7 +109,7 @@ def allocation_in_fast(raw) -> dict | None:
         type(resource_type) is not str
         or resource_type not in resource_type_codes()
         or type(amount) is not int
-        or not 1 <= amount <= MAX_AMOUNT
+        or not amount_is_valid(amount)
         or not plain_text(task_id, 200)
         or type(hold) is not bool
     ):
@@ -117,7 +117,7 @@ def allocation_in_fast(raw) -> dict | None:
     data = {"resource_type": resource_type, "amount": amount, "task_id": task_id, "hold": hold}
     if "hold_ttl_seconds" in raw:
         ttl = raw["hold_ttl_seconds"]
-        if type(ttl) is not int or not 1 <= ttl <= MAX_HOLD_TTL_SECONDS:
+        if type(ttl) is not int or not MIN_HOLD_TTL_SECONDS <= ttl <= MAX_HOLD_TTL_SECONDS:
             return None
         data["hold_ttl_seconds"] = ttl
     return data

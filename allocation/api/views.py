@@ -7,17 +7,8 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from allocation import services
-from allocation.api.auth import (
-    ApiKeyAuthentication,
-    CachedApiKeyAuthentication,
-    IsAuthenticatedPrincipal,
-    IsOperator,
-    agent_for,
-)
-from allocation.api.mutation import run_mutation, run_single_write
 from allocation.api.serializers import (
     AgentCreateIn,
     AgentOut,
@@ -33,31 +24,15 @@ from allocation.api.serializers import (
     UsageQuery,
     allocation_in,
 )
+from allocation.api.shared.auth import ApiKeyAuthentication, CachedApiKeyAuthentication, IsOperator
+from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.views import AgentScopedView, valid
 from allocation.keys import api_key_issue
 from allocation.models import Allocation
 from allocation.representation import USAGE_COLUMNS, allocation_body, usage_body
 from ledger.errors import NotFound
 from ledger.models import Agent, UsageLog
 from ledger.services import agent_create, agent_update
-
-
-def _valid(serializer_class, data, **kwargs) -> dict:
-    serializer = serializer_class(data=data, **kwargs)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
-class GridAPIView(APIView):
-    authentication_classes = [ApiKeyAuthentication]
-    permission_classes = [IsAuthenticatedPrincipal]
-
-
-class AgentScopedView(GridAPIView):
-    """A view under /agents/{agent_id}/: the caller must be that agent or an operator."""
-
-    def agent(self) -> Agent:
-        return agent_for(self.request.user, self.kwargs["agent_id"])
-
 
 # --- Agents (operator) ----------------------------------------------------------------------------------
 
@@ -83,7 +58,7 @@ class AgentListCreateView(generics.ListAPIView):
     )
     def post(self, request):
         def create(body):
-            data = _valid(AgentCreateIn, body)
+            data = valid(AgentCreateIn, body)
             agent = agent_create(
                 agent_id=data["id"],
                 tier_code=data["tier"].code,
@@ -114,7 +89,7 @@ class AgentDetailView(AgentScopedView):
                 from ledger.errors import LedgerError
 
                 raise LedgerError("only an operator can change an agent", code="forbidden", status=403)
-            data = _valid(AgentPatchIn, body)
+            data = valid(AgentPatchIn, body)
             if "tier" in data:
                 data["tier"] = data["tier"]
             agent = agent_update(agent=agent, actor=request.user.label, **data)
@@ -136,7 +111,7 @@ class QuotaCheckView(AgentScopedView):
     @extend_schema(request=QuotaCheckIn, responses=QuotaCheckOut)
     def post(self, request, agent_id):
         def check(body):
-            data = _valid(QuotaCheckIn, body)
+            data = valid(QuotaCheckIn, body)
             result = services.quota_check(
                 agent=self.agent(), resource_type_id=data["resource_type"], amount=data["amount"]
             )
@@ -151,7 +126,7 @@ class AllocationCreateView(AgentScopedView):
     @extend_schema(request=AllocationIn, responses={201: AllocationOut})
     def post(self, request, agent_id):
         # The hot path: one statement takes the quota and writes the allocation, its usage row, its audit
-        # record and its stored response (run_single_write); the agent key is usually known from a few
+        # record and its stored response (one_statement); the agent key is usually known from a few
         # seconds ago (CachedApiKeyAuthentication); the serializers are reused, not rebuilt.
         def allocate(body, frame):
             data = allocation_in.validated(body)
@@ -166,11 +141,13 @@ class AllocationCreateView(AgentScopedView):
             )
             payload = allocation_body(draft.allocation)
             services.allocation_write(
-                draft, also_write=frame.companions(status=201, data=payload), requires=frame.requirements()
+                draft, api_key_id=frame.api_key_id, record=frame.records(status=201, data=payload)
             )
             return 201, payload
 
-        return run_single_write(request, action="allocation.create", agent_id=agent_id, handler=allocate)
+        return run_mutation(
+            request, action="allocation.create", agent_id=agent_id, handler=allocate, one_statement=True
+        )
 
 
 class AllocationDetailView(AgentScopedView):
@@ -186,7 +163,7 @@ class AllocationSettleView(AgentScopedView):
     @extend_schema(request=SettleIn, responses=AllocationOut)
     def post(self, request, agent_id, allocation_id):
         def settle(body):
-            data = _valid(SettleIn, body)
+            data = valid(SettleIn, body)
             allocation = services.hold_settle(
                 agent=self.agent(),
                 allocation_id=allocation_id,
@@ -202,7 +179,7 @@ class AllocationReleaseView(AgentScopedView):
     @extend_schema(request=None, responses=AllocationOut)
     def post(self, request, agent_id, allocation_id):
         def release(body):
-            _valid(SettleIn.__base__, body)  # a release takes no fields
+            valid(SettleIn.__base__, body)  # a release takes no fields
             allocation = services.hold_release(agent=self.agent(), allocation_id=allocation_id)
             return 200, AllocationOut(allocation).data
 
@@ -213,7 +190,7 @@ class ShareCreateView(AgentScopedView):
     @extend_schema(request=ShareIn, responses={201: dict})
     def post(self, request, agent_id):
         def share(body):
-            data = _valid(ShareIn, body)
+            data = valid(ShareIn, body)
             source = self.agent()
             target = Agent.objects.filter(pk=data["target_agent_id"]).first()
             if target is None:
@@ -251,7 +228,7 @@ class UsageListView(AgentScopedView):
     )
     def get(self, request, agent_id):
         agent = self.agent()
-        query = _valid(UsageQuery, request.query_params.dict())
+        query = valid(UsageQuery, request.query_params.dict())
         rows = UsageLog.objects.filter(agent=agent).values(*USAGE_COLUMNS)
         if "resource_type" in query:
             rows = rows.filter(resource_type_id=query["resource_type"])

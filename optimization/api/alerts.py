@@ -14,9 +14,9 @@ from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
-from allocation.api.mutation import run_mutation
 from allocation.api.serializers import StrictSerializer
-from allocation.api.views import AgentScopedView, _valid
+from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.views import AgentScopedView, valid
 from ledger.errors import NotFound
 from optimization.models import Alert, AlertSettings
 from optimization.services.alerts import (
@@ -107,7 +107,7 @@ class AlertListView(AgentScopedView):
     )
     def get(self, request, agent_id):
         agent = self.agent()
-        query = _valid(AlertQuery, request.query_params.dict())
+        query = valid(AlertQuery, request.query_params.dict())
         alerts = Alert.objects.filter(agent=agent)
         if query["status"] == "open":
             alerts = alerts.filter(acknowledged_at__isnull=True)
@@ -122,7 +122,7 @@ class AlertAcknowledgeView(AgentScopedView):
     @extend_schema(request=None, responses=AlertOut, summary="Acknowledge an alert (idempotent)")
     def post(self, request, agent_id, alert_id):
         def acknowledge(body):
-            _valid(AcknowledgeIn, body)
+            valid(AcknowledgeIn, body)
             alert = Alert.objects.filter(pk=alert_id, agent=self.agent()).first()
             if alert is None:
                 raise NotFound(f"alert {alert_id} not found")
@@ -140,7 +140,7 @@ class AlertSettingsView(AgentScopedView):
     @extend_schema(request=AlertSettingsIn, responses=AlertSettingsOut, summary="Change the alert settings")
     def put(self, request, agent_id):
         def update(body):
-            data = _valid(AlertSettingsIn, body)
+            data = valid(AlertSettingsIn, body)
             settings_row = alert_settings_update(
                 agent=self.agent(), budget_thresholds=data.get("budget_thresholds"), email=data.get("email")
             )

@@ -17,11 +17,11 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from allocation.api.auth import IsOperator
 from allocation.api.compat import camelize
-from allocation.api.mutation import run_mutation
 from allocation.api.serializers import StrictSerializer
-from allocation.api.views import AgentScopedView, GridAPIView, _valid
+from allocation.api.shared.auth import IsOperator
+from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
 from ledger.errors import NotFound
 from ledger.models import Agent
 from optimization.models import Experiment
@@ -85,7 +85,7 @@ class MetricsView(AgentScopedView):
     )
     def get(self, request, agent_id):
         agent = self.agent()
-        query = _valid(MetricsQuery, request.query_params.dict())
+        query = valid(MetricsQuery, request.query_params.dict())
         return Response(metrics_payload(agent, query["window_hours"]))
 
 
@@ -111,7 +111,7 @@ class OptimizeView(AgentScopedView):
     )
     def post(self, request, agent_id):
         def optimize(body):
-            _valid(OptimizeIn, body)
+            valid(OptimizeIn, body)
             return 200, render(optimization_run(agent=self.agent(), actor=request.user.label))
 
         return run_mutation(request, action="agent.optimize", agent_id=agent_id, handler=optimize)
@@ -149,7 +149,7 @@ class CompatMetricsQuery(serializers.Serializer):
 
 
 def compat_metrics(request, agent: Agent) -> dict:
-    query = _valid(CompatMetricsQuery, request.query_params.dict())
+    query = valid(CompatMetricsQuery, request.query_params.dict())
     payload = metrics_payload(agent, query["windowHours"])
     payload.pop("agent_id")
     return {"agentId": agent.id, **camelize(payload)}

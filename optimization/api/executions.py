@@ -6,9 +6,9 @@ from django.urls import path
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 
-from allocation.api.mutation import run_mutation
 from allocation.api.serializers import AmountField, ResourceTypeField, StrictSerializer
-from allocation.api.views import AgentScopedView, _valid
+from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.views import AgentScopedView, valid
 from optimization.models import Execution
 from optimization.services.executions import execution_record
 
@@ -51,7 +51,7 @@ class ExecutionCreateView(AgentScopedView):
     @extend_schema(request=ExecutionIn, responses={201: ExecutionOut}, summary="Track a superpower execution")
     def post(self, request, agent_id):
         def record(body):
-            data = _valid(ExecutionIn, body)
+            data = valid(ExecutionIn, body)
             execution = execution_record(
                 agent=self.agent(),
                 superpower=data["superpower"],

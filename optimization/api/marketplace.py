@@ -19,10 +19,10 @@ from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
-from allocation.api.auth import agent_for
-from allocation.api.mutation import run_mutation
 from allocation.api.serializers import AmountField, ResourceTypeField, StrictSerializer
-from allocation.api.views import AgentScopedView, GridAPIView, _valid
+from allocation.api.shared.auth import agent_for
+from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
 from ledger.models import Agent
 from optimization.models import Deal, Purchase
 from optimization.services.marketplace import deal_list, deal_purchase, deals_for_agent, deals_open
@@ -118,7 +118,7 @@ class DealSearchView(GridAPIView):
         summary="Open deals, cheapest first",
     )
     def get(self, request):
-        query = _valid(DealQuery, request.query_params.dict())
+        query = valid(DealQuery, request.query_params.dict())
         deals = deals_open(resource_type_id=query.get("resource_type"))
         paginator = DealPagination()
         page = paginator.paginate_queryset(deals, request, view=self)
@@ -144,7 +144,7 @@ class AgentDealsView(AgentScopedView):
     @extend_schema(request=DealIn, responses={201: DealOut}, summary="List unused quota for sale")
     def post(self, request, agent_id):
         def offer(body):
-            data = _valid(DealIn, body)
+            data = valid(DealIn, body)
             deal = deal_list(
                 agent=self.agent(),
                 resource_type_id=data["resource_type"],
@@ -163,7 +163,7 @@ class DealPurchaseView(GridAPIView):
         agent_id = request.data.get("agent_id", "") if isinstance(request.data, dict) else ""
 
         def buy(body):
-            data = _valid(PurchaseIn, body)
+            data = valid(PurchaseIn, body)
             buyer = agent_for(request.user, data["agent_id"])
             purchase = deal_purchase(
                 deal_id=deal_id, buyer=buyer, amount=data["amount"], actor=request.user.label

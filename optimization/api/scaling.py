@@ -18,9 +18,9 @@ from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
-from allocation.api.mutation import run_mutation
 from allocation.api.serializers import StrictSerializer
-from allocation.api.views import AgentScopedView, _valid
+from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.views import AgentScopedView, valid
 from ledger.errors import LedgerError, NotFound
 from optimization.models import ScalingEvent, ScalingPolicy
 from optimization.services.scaling import (
@@ -116,7 +116,7 @@ class ScaleView(AgentScopedView):
         def scale(body):
             agent = self.agent()  # another agent's id answers 404 before the operator check
             _ensure_operator(request, "scale an agent")
-            data = _valid(ScaleIn, body)
+            data = valid(ScaleIn, body)
             event = scaling_apply(
                 agent=agent,
                 direction=data["direction"],
@@ -164,7 +164,7 @@ class ScalingPolicyView(AgentScopedView):
         def save(body):
             agent = self.agent()
             _ensure_operator(request, "change a scaling policy")
-            policy, created = scaling_policy_set(agent=agent, **_valid(ScalingPolicyIn, body))
+            policy, created = scaling_policy_set(agent=agent, **valid(ScalingPolicyIn, body))
             return (201 if created else 200), ScalingPolicyOut(policy).data
 
         return run_mutation(request, action="scaling.policy", agent_id=agent_id, handler=save)

@@ -11,7 +11,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from allocation.audit import audit_record
+from allocation.api.shared.audit import audit_record
 from ledger.errors import LedgerError
 from ledger.models import Agent
 from optimization.dashboard import data

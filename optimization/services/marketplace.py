@@ -1,7 +1,7 @@
 """The marketplace: quota for sale at a unit price, from the platform or from agents with quota to spare.
 
 **Listing** (``deal_list``): an agent sets aside unused quota of the current period for sale. The units move
-into ``Quota.listed`` with a conditional UPDATE (``used + reserved + listed + amount <= limit``), so they can
+into ``Quota.listed`` with a conditional UPDATE (the capacity rule of ``ledger.invariants``), so they can
 no longer be allocated, until they are sold or the deal expires (within the current period; by default at
 its end).
 
@@ -48,12 +48,13 @@ from django.db import transaction
 from django.db.models import Case, DateTimeField, F, Q, QuerySet, Sum, Value, When
 from django.utils import timezone
 
-from allocation.services import MAX_AMOUNT, resource_type_codes
 from ledger.bulk import bulk_update_column
 from ledger.errors import AgentSuspended, Conflict, FeatureDisabled, LedgerError, NotFound, QuotaExceeded
+from ledger.invariants import amount_validate, quota_fits
 from ledger.models import Agent, Grant, Quota, Tier, TierQuota, UsageLog
 from ledger.money import COST_QUANTUM, percent, usage_cost
 from ledger.periods import month_bounds
+from ledger.reference_cache import resource_type_codes
 from ledger.selectors import prices_in_effect
 from ledger.services import quota_open
 from optimization.models import Deal, Purchase
@@ -78,11 +79,6 @@ def marketplace_ensure_enabled(*, agent_deals: bool = False) -> None:
         raise FeatureDisabled("the marketplace is switched off (ENABLE_MARKETPLACE_OPTIMIZATION)")
     if agent_deals and not settings.ENABLE_COLLABORATION_SHARING:
         raise FeatureDisabled("deals between agents are switched off (ENABLE_COLLABORATION_SHARING)")
-
-
-def _ensure_amount(amount: int) -> None:
-    if not isinstance(amount, int) or isinstance(amount, bool) or not 1 <= amount <= MAX_AMOUNT:
-        raise LedgerError("amount must be a whole number between 1 and 2^53", code="invalid_amount")
 
 
 def _ensure_resource_type(resource_type_id: str) -> None:
@@ -187,7 +183,7 @@ def deal_list(
     """
     marketplace_ensure_enabled(agent_deals=True)
     _ensure_resource_type(resource_type_id)
-    _ensure_amount(amount)
+    amount_validate(amount)
     if not isinstance(unit_price_usd, Decimal) or not unit_price_usd.is_finite() or unit_price_usd < 0:
         raise LedgerError("unit_price_usd must be a decimal >= 0", code="invalid_price")
     now = now or timezone.now()
@@ -201,9 +197,9 @@ def deal_list(
         )
     with transaction.atomic():
         quota = quota_open(agent=agent, resource_type_id=resource_type_id, at=now)
-        set_aside = Quota.objects.filter(
-            pk=quota.pk, limit__gte=F("used") + F("reserved") + F("listed") + amount
-        ).update(listed=F("listed") + amount, updated_at=now)
+        set_aside = Quota.objects.filter(quota_fits(amount), pk=quota.pk).update(
+            listed=F("listed") + amount, updated_at=now
+        )
         if not set_aside:
             quota.refresh_from_db()
             available = max(quota.available, 0)
@@ -257,7 +253,7 @@ def deal_purchase(
     and nothing changes then.
     """
     marketplace_ensure_enabled()
-    _ensure_amount(amount)
+    amount_validate(amount)
     if buyer.status == Agent.Status.SUSPENDED:
         raise AgentSuspended(f"agent {buyer.pk} is suspended", details={"reason": buyer.status_reason})
     now = now or timezone.now()

@@ -1,4 +1,4 @@
-"""The audit trail of state-changing calls."""
+"""The audit trail of state-changing calls: what a record holds (``audit_values``) and writing one alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 from django.utils import timezone
 
-from allocation.models import AuditRecord
+from allocation.sql import mutation_record_write
 
 MAX_BODY_CHARS = 4000
 
@@ -43,15 +43,18 @@ def audit_values(
 
 def audit_record(
     *, request, actor: str, action: str, agent_id: str, status_code: int, outcome: str, body
-) -> AuditRecord:
-    return AuditRecord.objects.create(
-        **audit_values(
-            request=request,
-            actor=actor,
-            action=action,
-            agent_id=agent_id,
-            status_code=status_code,
-            outcome=outcome,
-            body=body,
-        )
+) -> None:
+    """Write the audit record of ``request`` on its own, through the one writer of request records."""
+    mutation_record_write(
+        {
+            "audit": audit_values(
+                request=request,
+                actor=actor,
+                action=action,
+                agent_id=agent_id,
+                status_code=status_code,
+                outcome=outcome,
+                body=body,
+            )
+        }
     )

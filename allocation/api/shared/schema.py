@@ -6,9 +6,11 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSe
 from drf_spectacular.plumbing import build_basic_type
 from drf_spectacular.types import OpenApiTypes
 
+from ledger.invariants import MAX_AMOUNT
+
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):
-    target_class = "allocation.api.auth.ApiKeyAuthentication"
+    target_class = "allocation.api.shared.auth.ApiKeyAuthentication"
     name = "ApiKey"
 
     def get_security_definition(self, auto_schema):
@@ -20,5 +22,5 @@ class AmountFieldSchema(OpenApiSerializerFieldExtension):
 
     def map_serializer_field(self, auto_schema, direction):
         schema = build_basic_type(OpenApiTypes.INT64)
-        schema.update({"minimum": self.target.min_value, "maximum": 2**53})
+        schema.update({"minimum": self.target.min_value, "maximum": MAX_AMOUNT})
         return schema

@@ -1,13 +1,11 @@
 """Idempotency keys: the same key with the same body replays the first response and charges once.
 
-Most calls claim the key with ``INSERT ... ON CONFLICT DO NOTHING`` inside the request's transaction and
-store the response at the end of it. The allocation hot path instead writes the record, response included,
-in the one statement that makes the allocation (``idempotency_values``), without ``ON CONFLICT``: a
-duplicate's statement fails on the unique index and is undone as a whole, and the duplicate then replays
-the stored response (``idempotency_replay``). Either way a duplicate arriving while the first is still
-running blocks on the unique index until the first commits; if the first rolled back (it was refused), the
+The record (the response to replay) is written with the change, in the same transaction or the same
+statement (``allocation.api.shared.mutation``), and its unique index on (principal, key) decides: a duplicate
+arriving while the first is still running waits on the index until the first commits, then fails and
+replays the stored response (``idempotency_replay``); if the first rolled back (it was refused), the
 duplicate takes the key and runs. Only successful responses are stored: a refused request leaves nothing
-behind and may be retried.
+behind and may be retried. Batch items keep their keys in the same table under the ``item:`` prefix.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import json
 from dataclasses import dataclass
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connection
 from django.utils import timezone
 
 from allocation.models import IdempotencyRecord
@@ -27,19 +24,11 @@ from ledger.errors import Conflict, LedgerError
 RETENTION = dt.timedelta(hours=24)
 MAX_KEY_LENGTH = 255
 
-_CLAIM_SQL = f"""
-INSERT INTO {IdempotencyRecord._meta.db_table} (principal, key, method, path, request_hash, created_at)
-VALUES (%s, %s, %s, %s, %s, %s)
-ON CONFLICT (principal, key) DO NOTHING
-RETURNING id
-"""
-
 
 @dataclass(frozen=True)
 class Claim:
-    record_id: int | None  # set when this request claimed the key and must run
-    replay_status: int | None = None
-    replay_body: dict | None = None
+    replay_status: int
+    replay_body: dict | None
 
 
 # One encoder for every fingerprint (a batch takes 1,000): ``json.dumps`` with options builds a new one each
@@ -66,30 +55,6 @@ def validate_key(key: str) -> str:
     return key
 
 
-def idempotency_claim(*, principal: str, key: str, method: str, path: str, body) -> Claim:
-    """Claim ``key`` for this request (run it) or return the stored response to replay. In a transaction."""
-    fingerprint = request_fingerprint(method=method, path=path, body=body)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _CLAIM_SQL,
-            [
-                principal,
-                key,
-                method,
-                path,
-                fingerprint,
-                connection.ops.adapt_datetimefield_value(timezone.now()),
-            ],
-        )
-        row = cursor.fetchone()
-    if row is not None:
-        return Claim(record_id=row[0])
-    record = IdempotencyRecord.objects.filter(principal=principal, key=key).first()
-    if record is None:  # cleaned up between the two statements: treat as new
-        return idempotency_claim(principal=principal, key=key, method=method, path=path, body=body)
-    return _replay(record, fingerprint)
-
-
 def idempotency_replay(*, principal: str, key: str, fingerprint: str) -> Claim | None:
     """The stored response to replay for ``key``, None if the key is free; raises if it was used for
     another request, or if that request is still running."""
@@ -106,7 +71,7 @@ def _replay(record: IdempotencyRecord, fingerprint: str) -> Claim:
         )
     if record.response_status is None:
         raise Conflict("a request with this Idempotency-Key is still running", code="idempotency_in_progress")
-    return Claim(record_id=None, replay_status=record.response_status, replay_body=record.response_body)
+    return Claim(replay_status=record.response_status, replay_body=record.response_body)
 
 
 def idempotency_values(
@@ -124,10 +89,6 @@ def idempotency_values(
         "response_body": body,
         "created_at": timezone.now(),
     }
-
-
-def idempotency_complete(*, record_id: int, status: int, body) -> None:
-    IdempotencyRecord.objects.filter(pk=record_id).update(response_status=status, response_body=body)
 
 
 def idempotency_cleanup(*, now: dt.datetime | None = None) -> int:

@@ -7,13 +7,12 @@ import time
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
-from django.db import DEFAULT_DB_ALIAS, connection
+from django.db import DEFAULT_DB_ALIAS
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
 from allocation.keys import KEY_PREFIX, key_hash
 from allocation.models import ApiKey
-from allocation.services import prepared_cursor
 from ledger.errors import NotFound
 from ledger.models import Agent
 
@@ -49,64 +48,6 @@ class Principal:
     @property
     def username(self) -> str:
         return self.label
-
-
-class _KeyWithAgent:
-    """An active key and its agent by the key's hash, in one SELECT written once: every request runs it,
-    and building it with the ORM (``select_related``) cost several times what PostgreSQL takes to answer.
-    Values go through the fields' converters, as the ORM's would (the agent's JSON metadata, SQLite's
-    datetimes)."""
-
-    def __init__(self) -> None:
-        self._compiled: dict[str, tuple[str, list]] = {}
-
-    def _compile(self) -> tuple[str, list]:
-        quote = connection.ops.quote_name
-        columns, layout = [], []
-        for model, alias in ((ApiKey, "k"), (Agent, "a")):
-            fields = list(model._meta.concrete_fields)
-            converters = []
-            for field in fields:
-                columns.append(f"{alias}.{quote(field.column)}")
-                col = field.get_col(alias)
-                converters.append(
-                    (connection.ops.get_db_converters(col) + col.get_db_converters(connection), col)
-                )
-            layout.append((model, [field.attname for field in fields], converters))
-        sql = (
-            f"SELECT {', '.join(columns)} FROM {quote(ApiKey._meta.db_table)} k "
-            f"LEFT JOIN {quote(Agent._meta.db_table)} a ON a.{quote(Agent._meta.pk.column)} = k.agent_id "
-            "WHERE k.key_hash = %s AND k.revoked_at IS NULL"
-        )
-        return sql, layout
-
-    def get(self, hashed: str) -> ApiKey | None:
-        compiled = self._compiled.get(connection.vendor)
-        if compiled is None:
-            compiled = self._compiled[connection.vendor] = self._compile()
-        sql, layout = compiled
-        with prepared_cursor() as cursor:
-            cursor.execute(sql, [hashed])
-            row = cursor.fetchone()
-        if row is None:
-            return None
-        instances, start = [], 0
-        for model, names, converters in layout:
-            values = list(row[start : start + len(names)])
-            start += len(names)
-            for index, (convs, col) in enumerate(converters):
-                for convert in convs:
-                    values[index] = convert(values[index], col, connection)
-            instances.append(model.from_db(connection.alias, names, values))
-        api_key, agent = instances
-        if api_key.agent_id is not None:
-            if agent.pk is None:  # the agent went away under the key (keys are deleted with their agent)
-                return None
-            api_key.agent = agent
-        return api_key
-
-
-_key_with_agent = _KeyWithAgent()
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
@@ -152,7 +93,7 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
 def key_lookup(hashed: str) -> ApiKey | None:
     """The active key of hash ``hashed`` with its agent (or its operator, if still active staff)."""
-    api_key = _key_with_agent.get(hashed)
+    api_key = ApiKey.objects.select_related("agent").filter(key_hash=hashed, revoked_at=None).first()
     if api_key is not None and api_key.user_id is not None:
         # Operator keys are few and off the hot path: their user is read on its own.
         user = get_user_model().objects.filter(pk=api_key.user_id, is_active=True, is_staff=True).first()
@@ -168,7 +109,7 @@ class _AgentKeyCache:
     Only ``CachedApiKeyAuthentication`` (the allocation hot path) uses it, and only for agent keys. A hit
     saves the key lookup, one round trip of two on an allocation. Nothing that can change is trusted from
     it: the allocation statement requires the key to be still unrevoked and the agent to be active
-    (``RequiredRow`` and the statement's own check), so a revocation, a suspension or a throttle applies
+    (``grid_allocate`` checks both), so a revocation, a suspension or a throttle applies
     to the very next allocation in every process, as without the cache. What is cached is which agent a key
     belongs to, which never changes, and when it was last recorded as used: the time-to-live only bounds
     memory and that record, hence a minute rather than seconds.
@@ -202,7 +143,7 @@ agent_key_cache = _AgentKeyCache(seconds=KEY_CACHE_SECONDS, size=10_000)
 class CachedApiKeyAuthentication(ApiKeyAuthentication):
     """``ApiKeyAuthentication`` that remembers agent keys for a few seconds (see ``_AgentKeyCache``).
 
-    For views whose one write requires the key again (``WriteFrame.requirements``): on a cache hit the
+    For views whose one statement requires the key again (``MutationFrame.api_key_id``): on a cache hit the
     agent is not read, and ``request.user.agent`` is a reference whose fields load on access.
     """
 
