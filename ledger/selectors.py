@@ -8,9 +8,9 @@ from decimal import Decimal
 from django.db.models import Sum
 from django.utils import timezone
 
-from ledger.models import Agent, AgentLimitOverride, Quota, ResourcePrice, TierQuota
-from ledger.money import COST_QUANTUM
+from ledger.models import Agent, AgentLimitOverride, Quota, ResourcePrice
 from ledger.periods import month_bounds
+from ledger.reference_cache import tier_limits
 
 
 def prices_in_effect(*, at: dt.datetime | None = None) -> dict[str, Decimal]:
@@ -34,8 +34,9 @@ def price_in_effect(*, resource_type_id: str, at: dt.datetime | None = None) -> 
 
 
 def base_limits(*, agent: Agent) -> dict[str, int]:
-    """The agent's monthly limits before grants: the tier's, replaced where the agent has an override."""
-    limits = dict(TierQuota.objects.filter(tier_id=agent.tier_id).values_list("resource_type_id", "limit"))
+    """The agent's monthly limits before grants: the tier's (from the reference cache), replaced where the
+    agent has an override."""
+    limits = dict(tier_limits(agent.tier_id))
     limits.update(AgentLimitOverride.objects.filter(agent=agent).values_list("resource_type_id", "limit"))
     return limits
 
@@ -55,40 +56,6 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
         agent_id=quota.agent_id, resource_type_id=quota.resource_type_id, quota=quota
     )
     used = rows.filter(kind__in=UsageLog.CONSUMPTION_KINDS).aggregate(total=Sum("amount"))["total"] or 0
-    # SQLite sums decimals as floats: quantize back to the ledger's precision.
-    spent = (rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)).quantize(COST_QUANTUM)
+    spent = rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
     granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0
     return {"used": used, "limit": quota.base_limit + granted, "spent_usd": spent}
-
-
-class _PriceTable:
-    """Every price row, cached per process for a few seconds: the allocation hot path reads the price in
-    effect without a query. Saving a price clears the cache in this process; other processes see it within
-    ``ttl`` seconds, so price changes are best scheduled with an ``effective_from`` a little ahead."""
-
-    ttl = 30.0
-
-    def __init__(self) -> None:
-        self._rows: dict[str, list[tuple[dt.datetime, Decimal]]] | None = None
-        self._loaded_at = 0.0
-
-    def clear(self) -> None:
-        self._rows = None
-
-    def unit_price(self, resource_type_id: str, at: dt.datetime) -> Decimal | None:
-        import time
-
-        if self._rows is None or time.monotonic() - self._loaded_at > self.ttl:
-            rows: dict[str, list[tuple[dt.datetime, Decimal]]] = {}
-            for code, effective_from, price in ResourcePrice.objects.order_by(
-                "resource_type_id", "-effective_from"
-            ).values_list("resource_type_id", "effective_from", "unit_price_usd"):
-                rows.setdefault(code, []).append((effective_from, price))
-            self._rows, self._loaded_at = rows, time.monotonic()
-        for effective_from, price in self._rows.get(resource_type_id, ()):
-            if effective_from <= at:
-                return price
-        return None
-
-
-price_table = _PriceTable()
