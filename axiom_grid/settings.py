@@ -1,5 +1,6 @@
 """The one settings module. Everything that differs between a laptop and production is an environment
-variable; the defaults run with nothing installed (SQLite and a filesystem broker under ``var/``)."""
+variable; the defaults run with nothing installed (the embedded PostgreSQL and a filesystem broker under
+``var/``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from axiom_grid import embedded_postgres
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("AXIOM_VAR_DIR", BASE_DIR / "var"))
@@ -48,6 +52,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
+    "axiom_grid.apps.AxiomGridConfig",  # the database checks, nothing else
     "ledger",
     "allocation",
     "optimization",
@@ -84,31 +89,33 @@ TEMPLATES = [
     },
 ]
 
-# --- Database -------------------------------------------------------------------------------------------
+# --- Database: PostgreSQL only ---------------------------------------------------------------------------
+# The PostgreSQL major versions the code runs and is tested on, oldest and newest: the embedded server is 18,
+# CI also runs on 15. The `axiom_grid` check refuses an older server and warns about a newer one.
+POSTGRESQL_VERSIONS = (15, 18)
+# Without DATABASE_URL: the embedded server under var/ (axiom_grid/embedded_postgres.py), which `make run`,
+# `make test` and `python -m axiom_grid.embedded_postgres -- <command>` start and stop.
+EMBEDDED_POSTGRES_DIR = VAR_DIR / "postgres"
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
-if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
-    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-        # Lets psycopg keep server-side prepared statements (Django turns them off by default). Only the
-        # hot path's own cursor asks for them (allocation.services.prepared_cursor): Django's cursors bind
-        # parameters client-side and are never prepared. Prepared statements live in one connection, so a
-        # pooler in transaction mode in front of PostgreSQL would need to support them (PgBouncer >= 1.21).
-        DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5
-else:
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
-    DATABASES = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "axiom_grid.sqlite3",
-            # Web, worker and beat share the file: WAL lets readers run beside the one writer, and
-            # IMMEDIATE transactions take the write lock up front instead of failing on upgrade.
-            "OPTIONS": {
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-                "transaction_mode": "IMMEDIATE",
-                "timeout": 20,
-            },
-        }
-    }
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL or embedded_postgres.settings_url(EMBEDDED_POSTGRES_DIR),
+        # One persistent connection per gunicorn thread and Celery process, checked before reuse.
+        conn_max_age=60,
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise ImproperlyConfigured(
+        f"DATABASE_URL must name a PostgreSQL {POSTGRESQL_VERSIONS[0]}-{POSTGRESQL_VERSIONS[1]} server "
+        "(postgres://USER:PASSWORD@HOST:PORT/NAME), or be unset for the embedded one; PostgreSQL is the only "
+        "database."
+    )
+# Lets psycopg keep server-side prepared statements (Django turns them off by default). Only the hot path's
+# own cursor asks for them (allocation.services.prepared_cursor): Django's cursors bind parameters
+# client-side and are never prepared. Prepared statements live in one connection, so a pooler in
+# transaction mode in front of PostgreSQL would need to support them (PgBouncer >= 1.21).
+DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: broker and cache ----------------------------------------------------------------------------
@@ -194,9 +201,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "EXCEPTION_HANDLER": "allocation.api.errors.exception_handler",
-    "DEFAULT_AUTHENTICATION_CLASSES": ["allocation.api.auth.ApiKeyAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["allocation.api.auth.IsAuthenticatedPrincipal"],
+    "EXCEPTION_HANDLER": "allocation.api.shared.errors.exception_handler",
+    "DEFAULT_AUTHENTICATION_CLASSES": ["allocation.api.shared.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["allocation.api.shared.auth.IsAuthenticatedPrincipal"],
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,

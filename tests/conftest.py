@@ -1,24 +1,24 @@
 """Shared fixtures and the rules for tests that need real services.
 
-Tests marked ``postgres`` need ``DATABASE_URL`` to point at PostgreSQL, and tests marked ``redis`` need a
-reachable ``REDIS_URL``. Without them those tests are skipped with the reason shown; with ``CI=true`` a
-missing service stops the run as a failure instead.
+Every test runs on PostgreSQL: the server ``DATABASE_URL`` names or, without it, the embedded one under
+``var/postgres``, started here for the session (and stopped at its end unless ``make run`` still uses it).
+Tests marked ``redis`` need a reachable ``REDIS_URL``: without it they are skipped with the reason shown;
+with ``CI=true`` a missing Redis stops the run as a failure instead.
 """
 
 from __future__ import annotations
 
 import os
 
+import dj_database_url
 import pytest
 from django.conf import settings
 
+from axiom_grid.embedded_postgres import EmbeddedPostgres, EmbeddedPostgresError
 from tests.factories import AgentFactory  # noqa: F401  (import registers the factories)
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def _postgres_available() -> bool:
-    return settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+_embedded: EmbeddedPostgres | None = None
 
 
 def _redis_available() -> bool:
@@ -33,23 +33,43 @@ def _redis_available() -> bool:
         return False
 
 
-POSTGRES = _postgres_available()
 REDIS = _redis_available()
 
 
+def pytest_configure(config):
+    """Start the embedded server before any test touches the database. The settings were read before
+    this hook (pytest-django loads them first), so they learn the server's address here, in place,
+    before any connection is made; subprocesses (the bench, the settings probes) get ``DATABASE_URL``."""
+    global _embedded
+    if os.environ.get("DATABASE_URL"):
+        return
+    _embedded = EmbeddedPostgres(settings.EMBEDDED_POSTGRES_DIR)
+    try:
+        url = _embedded.start()
+    except EmbeddedPostgresError as error:
+        _embedded = None
+        pytest.exit(str(error), returncode=1)
+    os.environ["DATABASE_URL"] = url
+    address = dj_database_url.parse(url)
+    settings.DATABASES["default"].update({key: address[key] for key in ("HOST", "PORT", "NAME", "USER")})
+
+
+def pytest_unconfigure(config):
+    global _embedded
+    if _embedded is not None:
+        _embedded.stop()
+        os.environ.pop("DATABASE_URL", None)
+        _embedded = None
+
+
 def pytest_sessionstart(session):
-    if CI and not POSTGRES:
-        pytest.exit("CI=true but DATABASE_URL does not point at PostgreSQL", returncode=1)
     if CI and not REDIS:
         pytest.exit("CI=true but Redis is not reachable at REDIS_URL", returncode=1)
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_pg = pytest.mark.skip(reason="needs PostgreSQL: set DATABASE_URL=postgres://... to run")
     skip_redis = pytest.mark.skip(reason="needs Redis: set REDIS_URL=redis://... to run")
     for item in items:
-        if item.get_closest_marker("postgres") and not POSTGRES:
-            item.add_marker(skip_pg)
         if item.get_closest_marker("redis") and not REDIS:
             item.add_marker(skip_redis)
 
