@@ -7,9 +7,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import sqlite3
 import threading
-from contextlib import contextmanager
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -64,25 +62,6 @@ def budget_agent(agent_id: str, *, budget: str | None = "100.00", spent: str = "
 
 def alert_keys(**filters) -> set[str]:
     return set(Alert.objects.filter(**filters).values_list("dedup_key", flat=True))
-
-
-@contextmanager
-def sqlite_real_variable_limit():
-    """Django assumes SQLite's old limit of 999 variables and splits a bulk INSERT into batches of
-    999 // columns rows; SQLite has allowed 32,766 since 3.32. Using the real limit keeps a bulk insert one
-    statement, so the query counts below measure queries per agent, not insert batch sizes. A no-op on
-    PostgreSQL, which has no such limit."""
-    if connection.vendor != "sqlite":
-        yield
-        return
-    limit = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    features = connection.features
-    original = features.max_query_params
-    features.max_query_params = limit
-    try:
-        yield
-    finally:
-        features.max_query_params = original
 
 
 class WebhookReceiver:
@@ -221,7 +200,7 @@ def test_budget_sweep_query_count_does_not_grow_with_agents(reference_data):
         Alert.objects.all().delete()
         Agent.objects.exclude(id__startswith=prefix).update(monthly_budget_usd=None)
         fleet_create(prefix, count, at=NOW, spent="95.00", budget="100.00")
-        with sqlite_real_variable_limit(), CaptureQueriesContext(connection) as ctx:
+        with CaptureQueriesContext(connection) as ctx:
             assert budget_sweep(now=NOW) == 3 * count
         counts.append(len(ctx.captured_queries))
         # The sweep fans out one batch in its transaction; the periodic delivery task fans out the rest.

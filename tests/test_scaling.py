@@ -480,12 +480,7 @@ def test_evaluation_query_count_does_not_grow_with_the_fleet(reference_data):
         assert summary["vertical"] == size // 3 + (size % 3 > 2)
         statements[size] = [query["sql"].split()[0] for query in queries.captured_queries]
         transaction.savepoint_rollback(savepoint)
-    if connection.vendor == "postgresql":
-        assert statements[10] == statements[1000]
-    else:
-        # SQLite splits a bulk INSERT into batches of at most 999 parameters: that is Django's batching of
-        # one statement, not a query per agent. Everything else is the same statements.
-        assert [s for s in statements[10] if s != "INSERT"] == [s for s in statements[1000] if s != "INSERT"]
+    assert statements[10] == statements[1000]
 
 
 def test_fleet_evaluation_applies_every_decision_exactly(reference_data):
