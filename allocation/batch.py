@@ -52,7 +52,7 @@ from ledger.errors import Conflict, LedgerError, NotFound, QuotaExceeded
 from ledger.ids import uuid7
 from ledger.invariants import agent_refusal, quota_available
 from ledger.models import Agent, Quota, UsageLog
-from ledger.money import COST_QUANTUM, usage_cost
+from ledger.money import money_round, usage_cost
 from ledger.periods import month_bounds
 from ledger.reference_cache import price_table
 from ledger.services import quotas_open
@@ -339,9 +339,7 @@ class _Decider:
     ):
         self.agents = agents
         self.prices = prices
-        self.price_texts = {
-            code: f"{price.quantize(COST_QUANTUM):f}" for code, price in prices.items() if price
-        }
+        self.price_texts = {code: f"{money_round(price):f}" for code, price in prices.items() if price}
         self.quotas = quotas
         self.stored = stored
         self.created_at = iso_datetime(now)

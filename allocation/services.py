@@ -39,7 +39,7 @@ from ledger.invariants import (
     quota_fits,
 )
 from ledger.models import Agent, Grant, Quota, ResourceType, UsageLog
-from ledger.money import COST_QUANTUM, percent, usage_cost
+from ledger.money import money_round, percent, usage_cost
 from ledger.periods import month_bounds
 from ledger.reference_cache import price_table, resource_type_codes
 from ledger.services import quota_open, quotas_open_all
@@ -472,8 +472,8 @@ def agent_cost(*, agent: Agent, now: dt.datetime | None = None) -> dict:
         Quota.objects.filter(agent=agent, period_start=start).values_list("resource_type_id", "spent_usd")
     )
     ordered = list(ResourceType.objects.values_list("code", flat=True))
-    zero = Decimal(0).quantize(COST_QUANTUM)
-    spend = {code: by_type.get(code, zero).quantize(COST_QUANTUM) for code in ordered}
+    zero = money_round(Decimal(0))
+    spend = {code: money_round(by_type.get(code, zero)) for code in ordered}
     total = sum(spend.values(), zero)
     budget = agent.monthly_budget_usd
     return {

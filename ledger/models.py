@@ -14,6 +14,7 @@ from django.db import models
 from django.db.models import F, Q
 
 from ledger.invariants import quota_available, quota_fits
+from ledger.money import cents
 
 MONEY = {"max_digits": 20, "decimal_places": 2}
 UNIT_PRICE = {"max_digits": 24, "decimal_places": 12}
@@ -222,7 +223,7 @@ class Quota(models.Model):
     def utilization_percent(self) -> Decimal:
         if not self.limit:
             return Decimal("0.00") if not self.used else Decimal("100.00")
-        return (Decimal(self.used + self.reserved) * 100 / Decimal(self.limit)).quantize(Decimal("0.01"))
+        return cents(Decimal(self.used + self.reserved) * 100 / Decimal(self.limit))
 
     @property
     def committed(self) -> int:

@@ -1,4 +1,4 @@
-"""Money arithmetic: Decimal only, with the ledger's precision."""
+"""Money arithmetic: Decimal only, with the ledger's precision. The one home of money rounding."""
 
 from __future__ import annotations
 
@@ -10,11 +10,21 @@ CENT = Decimal("0.01")
 
 def usage_cost(amount: int, unit_price_usd: Decimal) -> Decimal:
     """The USD cost of ``amount`` units at ``unit_price_usd``, exact to the ledger's 12 decimal places."""
-    return (Decimal(amount) * unit_price_usd).quantize(COST_QUANTUM, rounding=ROUND_HALF_EVEN)
+    return money_round(Decimal(amount) * unit_price_usd)
 
 
 def percent(part: Decimal | int, whole: Decimal | int | None) -> Decimal | None:
     """``part`` as a percentage of ``whole`` to two places; None when there is no whole to compare with."""
     if not whole:
         return None
-    return (Decimal(part) * 100 / Decimal(whole)).quantize(CENT, rounding=ROUND_HALF_EVEN)
+    return cents(Decimal(part) * 100 / Decimal(whole))
+
+
+def money_round(value: Decimal | int) -> Decimal:
+    """``value`` in USD rounded to the ledger's 12 decimal places (half to even), as every cost is."""
+    return Decimal(value).quantize(COST_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def cents(value: Decimal | int) -> Decimal:
+    """``value`` rounded to whole cents (half to even), for what people read: messages and charts."""
+    return Decimal(value).quantize(CENT, rounding=ROUND_HALF_EVEN)

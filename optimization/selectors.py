@@ -15,7 +15,7 @@ from django.db.models import Count, DecimalField, ExpressionWrapper, F, Max, Q, 
 from django.utils import timezone
 
 from ledger.models import Agent, Quota, UsageLog
-from ledger.money import CENT, percent
+from ledger.money import cents, money_round, percent
 from ledger.periods import month_bounds
 from optimization.models import Execution
 
@@ -154,7 +154,7 @@ def execution_figures(*, executions: int, failures: int, output, cost, hours: De
         "failures": failures,
         "successes": executions - failures,
         "error_rate_percent": percent(failures, executions),
-        "throughput_per_hour": (Decimal(executions) / hours).quantize(CENT) if hours else None,
+        "throughput_per_hour": cents(Decimal(executions) / hours) if hours else None,
         "output_units": output or 0,
         "cost_usd": cost or Decimal(0),
     }
@@ -162,7 +162,7 @@ def execution_figures(*, executions: int, failures: int, output, cost, hours: De
 
 def percentile_value(value: float) -> Decimal:
     """A ``percentile_cont`` result as ``duration_percentiles`` gives it: Decimal, two places."""
-    return Decimal(str(value)).quantize(CENT)
+    return cents(Decimal(str(value)))
 
 
 def duration_percentiles(
@@ -211,8 +211,8 @@ def cost_spike_ratio(*, now: dt.datetime | None = None, agent_ids=None) -> dict[
         last_hour = row["last_hour"] or Decimal(0)
         result[row["agent_id"]] = {
             "last_hour_usd": last_hour,
-            "baseline_hourly_usd": hourly.quantize(Decimal("0.000000000001")),
-            "ratio": (last_hour / hourly).quantize(CENT),
+            "baseline_hourly_usd": money_round(hourly),
+            "ratio": cents(last_hour / hourly),
         }
     return result
 

@@ -23,7 +23,7 @@ from allocation.api.shared.views import GridAPIView, valid
 from allocation.api.views import cost_payload
 from ledger.errors import LedgerError, NotFound
 from ledger.models import Agent
-from ledger.money import COST_QUANTUM
+from ledger.money import money_round
 
 # action name -> callable(request, agent, body) -> (status, data); filled by the optimization app.
 COMPAT_GET_ACTIONS: dict[str, Callable] = {}
@@ -152,7 +152,7 @@ class ResourcesView(GridAPIView):
                     "agentId": agent.id,
                     "resourceType": allocation.resource_type_id,
                     "allocatedAmount": allocation.amount,
-                    "costUSD": f"{allocation.cost_usd.quantize(COST_QUANTUM):f}",
+                    "costUSD": f"{money_round(allocation.cost_usd):f}",
                     "status": allocation.status,
                     "expiresAt": allocation.expires_at.isoformat() if allocation.expires_at else None,
                 }

@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from ledger.models import Agent, Quota, ResourceType, Tier, UsageLog
-from ledger.money import CENT, COST_QUANTUM, percent
+from ledger.money import cents, money_round, percent
 from ledger.periods import month_bounds
 from ledger.services import quotas_open_all
 from optimization import selectors
@@ -30,7 +30,7 @@ PERFORMANCE_WINDOW = dt.timedelta(hours=24)
 
 
 def _money(value: Decimal | None) -> str | None:
-    return None if value is None else f"{Decimal(value).quantize(COST_QUANTUM):f}"
+    return None if value is None else f"{money_round(Decimal(value)):f}"
 
 
 def _level(value: Decimal | None) -> str:
@@ -188,7 +188,7 @@ def cost_chart(*, agent: Agent, now: dt.datetime) -> dict:
             if day > today:
                 break
             running += Decimal(daily.get((day, code)) or 0)
-            points.append(str(running.quantize(CENT)))
+            points.append(str(cents(running)))
         series.append({"name": code, "points": points})
     spent = sum((Decimal(value or 0) for value in daily.values()), Decimal(0))
     elapsed = max((now - start).total_seconds(), 1.0)
@@ -198,8 +198,8 @@ def cost_chart(*, agent: Agent, now: dt.datetime) -> dict:
         "today_index": min((today - start.date()).days, len(days) - 1),
         "series": series,
         "budget_usd": None if agent.monthly_budget_usd is None else str(agent.monthly_budget_usd),
-        "spent_usd": str(spent.quantize(CENT)),
-        "forecast_usd": str(forecast_total.quantize(CENT)),
+        "spent_usd": str(cents(spent)),
+        "forecast_usd": str(cents(forecast_total)),
     }
 
 

@@ -23,7 +23,7 @@ from django.utils import timezone
 from ledger.bulk import bulk_insert
 from ledger.errors import LedgerError
 from ledger.models import Agent, OptimizationRule
-from ledger.money import CENT, COST_QUANTUM
+from ledger.money import cents, money_round
 from ledger.periods import UTC, month_bounds
 from optimization.models import (
     DEFAULT_BUDGET_THRESHOLDS,
@@ -247,13 +247,13 @@ def budget_sweep(*, now: dt.datetime | None = None) -> int:
                     severity=budget_severity(threshold),
                     title=f"Budget {threshold}% reached",
                     message=(
-                        f"Agent {agent_id} has spent ${spent.quantize(CENT)} of its ${budget} monthly budget "
+                        f"Agent {agent_id} has spent ${cents(spent)} of its ${budget} monthly budget "
                         f"({row['percent']}%) in {period_start:%B %Y}."
                     ),
                     data={
                         "threshold": threshold,
                         "percent": str(row["percent"]),
-                        "spent_usd": str(spent.quantize(COST_QUANTUM)),
+                        "spent_usd": str(money_round(spent)),
                         "budget_usd": str(budget),
                         "period_start": period_start.isoformat(),
                     },
@@ -284,15 +284,15 @@ def cost_spike_sweep(
                 severity=Severity.WARNING,
                 title=f"Cost spike: {row['ratio']}x the usual hourly spend",
                 message=(
-                    f"Agent {agent_id} spent ${row['last_hour_usd'].quantize(CENT)} in the last hour, "
+                    f"Agent {agent_id} spent ${cents(row['last_hour_usd'])} in the last hour, "
                     f"{row['ratio']} times its average of ${row['baseline_hourly_usd'].quantize(SUB_CENT)} "
                     f"an hour over the {SPIKE_BASELINE_HOURS} hours before."
                 ),
                 data={
                     "ratio": str(row["ratio"]),
                     "ratio_threshold": str(ratio_threshold),
-                    "last_hour_usd": str(row["last_hour_usd"].quantize(COST_QUANTUM)),
-                    "baseline_hourly_usd": str(row["baseline_hourly_usd"].quantize(COST_QUANTUM)),
+                    "last_hour_usd": str(money_round(row["last_hour_usd"])),
+                    "baseline_hourly_usd": str(money_round(row["baseline_hourly_usd"])),
                     "hour": hour.isoformat(),
                 },
                 dedup_key=f"cost_spike:{agent_id}:{hour:%Y-%m-%dT%H}",

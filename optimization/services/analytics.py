@@ -40,7 +40,7 @@ from django.utils import timezone
 
 from ledger.errors import FeatureDisabled, LedgerError
 from ledger.models import Agent, Quota, ResourceType, UsageLog
-from ledger.money import CENT, COST_QUANTUM, percent
+from ledger.money import CENT, COST_QUANTUM, cents, money_round, percent
 from ledger.periods import month_bounds
 from ledger.selectors import base_limits
 from optimization.models import Execution
@@ -222,9 +222,9 @@ def spend_forecast(
     window_us = microseconds(clock.now - window_start)
     projected_rest = scaled(window_spend_usd, clock.remaining_us, window_us) if window_us > 0 else Decimal(0)
     return {
-        "forecast_usd": (spent_usd + projected_rest).quantize(COST_QUANTUM),
+        "forecast_usd": money_round(spent_usd + projected_rest),
         "window_start": window_start,
-        "window_spend_usd": window_spend_usd.quantize(COST_QUANTUM),
+        "window_spend_usd": money_round(window_spend_usd),
     }
 
 
@@ -325,8 +325,8 @@ def agent_metrics(
         "throughput_per_hour": stats["throughput_per_hour"] if stats else Decimal("0.00"),
     }
 
-    by_resource = {s.resource_type: s.spent_usd.quantize(COST_QUANTUM) for s in snapshots}
-    total = sum(by_resource.values(), Decimal(0).quantize(COST_QUANTUM))
+    by_resource = {s.resource_type: money_round(s.spent_usd) for s in snapshots}
+    total = sum(by_resource.values(), money_round(Decimal(0)))
     budget = agent.monthly_budget_usd
     forecast = spend_forecast(
         spent_usd=total,
@@ -347,7 +347,7 @@ def agent_metrics(
         "forecast_window_start": forecast["window_start"],
         "forecast_window_spend_usd": forecast["window_spend_usd"],
         "successful_executions": successes,
-        "cost_per_successful_task_usd": (total / successes).quantize(COST_QUANTUM) if successes else None,
+        "cost_per_successful_task_usd": money_round(total / successes) if successes else None,
     }
 
     return {
@@ -460,12 +460,12 @@ def efficiency_measure(*, agent: Agent, clock: PeriodClock) -> dict:
     else:
         with localcontext() as context:
             context.prec = 60
-            score = (100 * mine["output_per_usd"] / best).quantize(CENT, rounding=ROUND_HALF_EVEN)
+            score = cents(100 * mine["output_per_usd"] / best)
     return {
         "score": score,
         "tier": agent.tier_id,
         "output_units": mine["output_units"] if mine else None,
-        "spend_usd": mine["spend_usd"].quantize(COST_QUANTUM) if mine else None,
+        "spend_usd": money_round(mine["spend_usd"]) if mine else None,
         "output_per_usd": mine["output_per_usd"].quantize(RATIO_QUANTUM) if mine else None,
         "tier_best_output_per_usd": best.quantize(RATIO_QUANTUM) if best is not None else None,
         "tier_agents_compared": len(peers),

@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from ledger.errors import LedgerError
 from ledger.models import Agent
-from ledger.money import COST_QUANTUM
+from ledger.money import money_round
 from optimization.models import Experiment, ExperimentArm, ExperimentAssignment
 from optimization.services.analytics import analytics_ensure_enabled
 
@@ -98,7 +98,7 @@ def experiment_report(*, experiment: Experiment, now: dt.datetime | None = None)
     for arm in experiment.arms.order_by("name", "pk"):
         row = totals.get(arm.pk, {})
         successes = row.get("successes", 0)
-        spend = (row.get("spend") or Decimal(0)).quantize(COST_QUANTUM)
+        spend = money_round(row.get("spend") or Decimal(0))
         report.append(
             {
                 "arm_id": arm.pk,
@@ -108,9 +108,7 @@ def experiment_report(*, experiment: Experiment, now: dt.datetime | None = None)
                 "executions": row.get("executions", 0),
                 "successes": successes,
                 "spend_usd": spend,
-                "cost_per_successful_task_usd": (spend / successes).quantize(COST_QUANTUM)
-                if successes
-                else None,
+                "cost_per_successful_task_usd": money_round(spend / successes) if successes else None,
                 "period_start": experiment.started_at,
                 "period_end": until,
             }

@@ -52,7 +52,7 @@ from ledger.bulk import bulk_update_column
 from ledger.errors import AgentSuspended, Conflict, FeatureDisabled, LedgerError, NotFound, QuotaExceeded
 from ledger.invariants import amount_validate, quota_fits
 from ledger.models import Agent, Grant, Quota, Tier, TierQuota, UsageLog
-from ledger.money import COST_QUANTUM, percent, usage_cost
+from ledger.money import money_round, percent, usage_cost
 from ledger.periods import month_bounds
 from ledger.reference_cache import resource_type_codes
 from ledger.selectors import prices_in_effect
@@ -404,7 +404,7 @@ def platform_prices(*, now: dt.datetime | None = None) -> dict[str, Decimal]:
         row = totals.get(code)
         utilization = (percent(row["used"] or 0, row["limit"]) if row else None) or Decimal(0)
         price = list_price * (1 - discount_for(utilization))
-        prices[code] = price.quantize(COST_QUANTUM)
+        prices[code] = money_round(price)
     return prices
 
 

@@ -48,7 +48,7 @@ from django.db.models import Count
 
 from ledger.errors import Conflict, LedgerError, NotFound
 from ledger.models import Agent, AgentLimitOverride, Tier, TierQuota
-from ledger.money import COST_QUANTUM, percent, usage_cost
+from ledger.money import cents, money_round, percent, usage_cost
 from ledger.selectors import prices_in_effect
 from optimization.models import Deal, Execution, ScalingEvent
 from optimization.services.analytics import (
@@ -70,7 +70,7 @@ SHARE_BELOW_PERCENT = 50
 DEALS_CONSIDERED = 200
 OPERATOR_ONLY = frozenset({"upgrade_tier", "downgrade_tier", "share_unused"})
 SCALING_TYPES = frozenset({"scale_up", "scale_down"})
-ZERO = Decimal(0).quantize(COST_QUANTUM)
+ZERO = money_round(Decimal(0))
 
 
 def _item(
@@ -88,7 +88,7 @@ def _item(
         "type": kind,
         "resource_type": resource_type,
         "priority": priority,
-        "expected_monthly_saving_usd": saving.quantize(COST_QUANTUM),
+        "expected_monthly_saving_usd": money_round(saving),
         "rationale": rationale,
         "evidence": evidence,
         "action": action,
@@ -96,7 +96,7 @@ def _item(
 
 
 def _money(value: Decimal) -> str:
-    return f"${value.quantize(Decimal('0.01'))}"
+    return f"${cents(value)}"
 
 
 class _Context:
@@ -356,7 +356,7 @@ def _reduce_items(context: _Context) -> list[dict]:
                 "executions": executions.executions,
                 "failures": executions.failures,
                 "error_rate_percent": error_rate,
-                "failed_cost_usd": executions.failed_cost_usd.quantize(COST_QUANTUM),
+                "failed_cost_usd": money_round(executions.failed_cost_usd),
                 "elapsed_percent": context.elapsed_percent,
             },
             action={"failed_executions": executions.failures, "superpowers": superpowers},
@@ -550,7 +550,7 @@ def optimization_run(*, agent: Agent, actor: str, now: dt.datetime | None = None
         "applied": applied,
         "skipped": skipped,
         "instance_count": agent.instance_count,
-        "period_spend_usd": spent.quantize(COST_QUANTUM),
+        "period_spend_usd": money_round(spent),
         "monthly_budget_usd": budget,
     }
 

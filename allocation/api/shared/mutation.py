@@ -11,7 +11,9 @@ request is refused (422). A refused request writes nothing but its audit record 
 a retry.
 
 A handler whose change is a single statement (the allocation) is called with the frame and passes
-``frame.records(...)`` into that statement itself: no transaction of its own, one round trip.
+``frame.records(...)`` into that statement itself: no transaction of its own, one round trip. There the
+record is the statement's first write, so a duplicate fails before it has taken anything; elsewhere the frame
+looks the key up before running the handler, so a plain retry does not run it again.
 """
 
 from __future__ import annotations
@@ -129,6 +131,15 @@ def run_mutation(
         if one_statement:
             status, data = handler(body, frame)
         else:
+            # A retry after the first has committed, the usual case, is answered without running again;
+            # a duplicate racing the first one fails on the record's unique index below instead.
+            claim = (
+                None
+                if key is None
+                else idempotency_replay(principal=principal.label, key=key, fingerprint=fingerprint)
+            )
+            if claim is not None:
+                return _replayed(claim)
             with transaction.atomic():
                 status, data = handler(body)
                 records = frame.records(status=status, data=data)
@@ -148,10 +159,14 @@ def run_mutation(
             error = exc
         else:
             if claim is not None:
-                response = Response(claim.replay_body, status=claim.replay_status)
-                response["Idempotent-Replayed"] = "true"
-                return response
+                return _replayed(claim)
     return _refused(request, error, action=action, agent_id=agent_id, body=body, audited=audited)
+
+
+def _replayed(claim) -> Response:
+    response = Response(claim.replay_body, status=claim.replay_status)
+    response["Idempotent-Replayed"] = "true"
+    return response
 
 
 def _refused(request, exc: Exception, *, action: str, agent_id: str, body, audited: bool) -> Response:
