@@ -220,8 +220,8 @@ def test_batch_counts_what_holds_reserve(reference_data):
 
 
 def test_an_item_without_a_price_in_effect_is_refused_like_a_single_allocation(agent_a):
-    from ledger.reference_cache import reference_cache_clear
     from ledger.models import ResourceType
+    from ledger.reference_cache import reference_cache_clear
 
     ResourceType.objects.create(code="GPU_MS", name="GPU", unit="milliseconds")
     reference_cache_clear()
