@@ -13,9 +13,9 @@ nothing else. A batch costs a fixed number of queries whatever its size:
 4. write one INSERT of the allocations and one of the usage rows, their foreign keys checked at once;
 5. lock the quota rows the batch takes from ``FOR NO KEY UPDATE`` in primary-key order, like every writer
    that locks several, and confirm that each still has what the batch takes from it;
-6. one UPDATE of the quotas, and one INSERT of the accepted items' results under their keys (``ON
-   CONFLICT DO NOTHING RETURNING``). A refused item, like a refused single request, leaves its key free
-   for a retry.
+6. one UPDATE of the quotas, and one INSERT of the accepted items' results under their keys, by the one
+   writer of idempotency records (``grid_mutation_record``). A refused item, like a refused single
+   request, leaves its key free for a retry.
 
 The quota rows are held from step 5 to the commit only, so batches over the same agents (an operator's
 ``/usage/batch`` usually spans the fleet) overlap everywhere else. When a quota no longer has what the
@@ -40,13 +40,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import JSONField, Q
 from django.utils import timezone
 
-from allocation.api.shared.idempotency import MAX_KEY_LENGTH
+from allocation.api.shared.idempotency import IDEMPOTENCY_UNIQUE, MAX_KEY_LENGTH, idempotency_values
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.representation import allocation_body, iso_datetime
+from allocation.sql import mutation_record_write
 from ledger.bulk import bulk_update_columns, server_bound_cursor
 from ledger.errors import Conflict, LedgerError, NotFound, QuotaExceeded
 from ledger.ids import uuid7
@@ -298,28 +299,33 @@ def _bodies_expand(stored: dict[str, _StoredResult]) -> dict[str, _StoredResult]
 
 
 def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.datetime) -> None:
-    """Keep each accepted item's result under its key; raise ``_KeyTaken`` if another batch has one."""
+    """Keep each accepted item's result under its key, through the one writer of idempotency records;
+    raise ``_KeyTaken`` if another request stored one of the keys meanwhile (the unique index says so)."""
     if not decider.owned:
         return
-    records = _Rows(
-        IdempotencyRecord,
-        ("key", "request_hash", "response_status", "response_body"),
-        same={
-            "principal": principal,
-            "method": "POST",
-            "path": path,
-            "created_at": connection.ops.adapt_datetimefield_value(now),
-        },
-    )
+    records = []
     for key in sorted(decider.owned):  # sorted: batches storing the same keys wait in one order
         result = decider.owned[key]
         # The allocation's id only, not the body: the body is the allocation row, read back on a replay
         # (``_bodies_expand``), and 1,000 bodies were a third of what a batch wrote.
-        compact = {"allocation_id": result.body["allocation"]["id"]}
-        records.add(ITEM_KEY_PREFIX + key, result.fingerprint, result.status, compact)
-    stored = records.insert(suffix="ON CONFLICT (principal, key) DO NOTHING RETURNING id")
-    if len(stored) != len(decider.owned):
-        raise _KeyTaken
+        records.append(
+            idempotency_values(
+                principal=principal,
+                key=ITEM_KEY_PREFIX + key,
+                method="POST",
+                path=path,
+                fingerprint=result.fingerprint,
+                status=result.status,
+                body={"allocation_id": result.body["allocation"]["id"]},
+                at=now,
+            )
+        )
+    try:
+        mutation_record_write({"idempotency": records})
+    except IntegrityError as exc:
+        if getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None) == IDEMPOTENCY_UNIQUE:
+            raise _KeyTaken from exc
+        raise
 
 
 # --- Deciding ---------------------------------------------------------------------------------------------

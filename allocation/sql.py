@@ -47,11 +47,18 @@ CREATE OR REPLACE FUNCTION grid_mutation_record(p_record jsonb) RETURNS void
 LANGUAGE plpgsql AS $fn$
 BEGIN
     -- The one writer of a request's idempotency record (the response to replay) and audit record.
+    -- 'idempotency' is one record, or an array of them (a batch's items).
     IF p_record ? 'idempotency' THEN
         INSERT INTO allocation_idempotencyrecord
             (principal, key, method, path, request_hash, response_status, response_body, created_at)
         SELECT principal, key, method, path, request_hash, response_status, response_body, created_at
-        FROM jsonb_populate_record(NULL::allocation_idempotencyrecord, p_record -> 'idempotency');
+        FROM jsonb_populate_recordset(
+            NULL::allocation_idempotencyrecord,
+            CASE jsonb_typeof(p_record -> 'idempotency')
+                WHEN 'array' THEN p_record -> 'idempotency'
+                ELSE jsonb_build_array(p_record -> 'idempotency')
+            END
+        );
     END IF;
     IF p_record ? 'audit' THEN
         INSERT INTO allocation_auditrecord
@@ -247,7 +254,9 @@ def allocate(row: AllocationRow) -> int:
 
 
 def mutation_record_write(record: dict) -> None:
-    """Write a request's idempotency and/or audit record (``{"idempotency": {...}, "audit": {...}}``)."""
+    """Write a request's idempotency and/or audit record (``{"idempotency": {...}, "audit": {...}}``;
+    a batch gives its items' idempotency records as a list). A key stored before fails on its unique index
+    (``IntegrityError``)."""
     _fetch_one(_RECORD_CALL, [json_text(record)])
 
 

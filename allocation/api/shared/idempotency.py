@@ -23,6 +23,7 @@ from ledger.errors import Conflict, LedgerError
 
 RETENTION = dt.timedelta(hours=24)
 MAX_KEY_LENGTH = 255
+IDEMPOTENCY_UNIQUE = "idempotency_unique_key"  # the unique index on (principal, key) that decides
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,15 @@ def _replay(record: IdempotencyRecord, fingerprint: str) -> Claim:
 
 
 def idempotency_values(
-    *, principal: str, key: str, method: str, path: str, fingerprint: str, status: int, body
+    *,
+    principal: str,
+    key: str,
+    method: str,
+    path: str,
+    fingerprint: str,
+    status: int,
+    body,
+    at: dt.datetime | None = None,
 ) -> dict[str, object]:
     """The field values of a record that stores ``body`` as the response to replay for ``key``, for a
     statement that writes it together with the change (see the module docstring)."""
@@ -87,7 +96,7 @@ def idempotency_values(
         "request_hash": fingerprint,
         "response_status": status,
         "response_body": body,
-        "created_at": timezone.now(),
+        "created_at": at or timezone.now(),
     }
 
 
