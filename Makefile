@@ -18,20 +18,30 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 setup: $(STAMP)
 
-migrate: setup
-	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py load_reference_data
-	$(BIN)/python manage.py setup_periodic_tasks
+# PostgreSQL is the only database. Without DATABASE_URL, commands that need it run under the embedded
+# server's launcher (axiom_grid/embedded_postgres.py): it starts PostgreSQL 18 with its data in var/postgres,
+# sets DATABASE_URL for the command and stops the server when the command ends. With DATABASE_URL it starts
+# nothing. `make test` needs no launcher: the test session starts the embedded server itself (tests/conftest.py).
+WITH_DATABASE := $(BIN)/python -m axiom_grid.embedded_postgres --
+MANAGE := $(BIN)/python manage.py
+PREPARE := $(MANAGE) migrate --noinput && $(MANAGE) load_reference_data && $(MANAGE) setup_periodic_tasks
+DATABASE_NOTE := $(if $(DATABASE_URL),the server in DATABASE_URL,embedded PostgreSQL 18 in var/postgres at $$DATABASE_URL)
+BROKER_NOTE := $(if $(REDIS_URL),$(REDIS_URL),filesystem under var/broker)
 
-# Web (127.0.0.1:8000), Celery worker and beat together; Ctrl-C stops all three.
-run: migrate
-	$(BIN)/python manage.py load_demo_data
-	@echo ""
-	@echo "  Axiom Energy Grid is starting on http://127.0.0.1:8000/"
-	@echo "  Admin:  http://127.0.0.1:8000/admin/   login: admin / admin (demo)"
-	@echo "  Database: $${DATABASE_URL:-SQLite under var/}   Broker: $${REDIS_URL:-filesystem under var/}"
-	@echo ""
-	PATH="$(CURDIR)/$(BIN):$$PATH" DEBUG=$${DEBUG:-true} $(BIN)/honcho -f Procfile start
+migrate: setup
+	$(WITH_DATABASE) sh -c '$(PREPARE)'
+
+# gunicorn (127.0.0.1:8000), a Celery worker and beat from the Procfile (axiom_grid/procfile.py); Ctrl-C stops
+# the three, then the embedded database. The database is started once for the preparation and the service.
+run: setup
+	@$(WITH_DATABASE) sh -c '$(PREPARE) && $(MANAGE) load_demo_data && \
+		echo "" && \
+		echo "  Axiom Energy Grid is starting on http://127.0.0.1:8000/" && \
+		echo "  Admin:  http://127.0.0.1:8000/admin/   login: admin / admin (demo)" && \
+		echo "  Database: $(DATABASE_NOTE)" && \
+		echo "  Broker: $(BROKER_NOTE)" && \
+		echo "" && \
+		PATH="$(CURDIR)/$(BIN):$$PATH" DEBUG=$${DEBUG:-true} exec $(BIN)/python -m axiom_grid.procfile Procfile'
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -44,7 +54,11 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# var/ holds the embedded database: a server left running by a killed command is stopped first, and
+# nothing is removed while a command still uses it.
 clean:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m axiom_grid.embedded_postgres --stop; \
+	elif [ -f var/postgres/postmaster.pid ]; then echo "the embedded PostgreSQL in var/postgres may be running"; exit 1; fi
 	rm -rf var/ .pytest_cache
 
 # Benchmarks (docs/benchmarks.md): PostgreSQL and Redis on loopback, gunicorn, one table at the end, in the
