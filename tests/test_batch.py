@@ -18,7 +18,6 @@ from allocation.api.serializers import AllocationOut
 from allocation.keys import api_key_issue, operator_key_issue
 from allocation.models import Allocation, AuditRecord, IdempotencyRecord
 from ledger.models import Agent, Quota, UsageLog
-from ledger.money import COST_QUANTUM
 from ledger.services import agent_create, agent_set_status, quota_grant, quota_open, reference_data_load
 
 pytest.register_assert_rewrite("tests.api_fixtures")
@@ -66,9 +65,7 @@ def _assert_ledger_matches(agent_id: str, resource_type: str = "AI_TOKENS") -> Q
     quota = _quota(agent_id, resource_type)
     usage = UsageLog.objects.filter(quota=quota)
     assert (usage.aggregate(total=Sum("amount"))["total"] or 0) == quota.used
-    # SQLite sums decimals as floats: compare at the ledger's precision.
-    spent = usage.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
-    assert Decimal(spent).quantize(COST_QUANTUM) == quota.spent_usd.quantize(COST_QUANTUM)
+    assert (usage.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)) == quota.spent_usd
     allocations = Allocation.objects.filter(quota=quota, status="committed")
     assert (allocations.aggregate(total=Sum("amount"))["total"] or 0) == quota.used
     return quota
