@@ -1,6 +1,7 @@
 """Benchmarks of the grid: ``python -m bench.run [--quick]`` (``make bench`` / ``make bench-quick``).
 
-Everything here is bench-only: its own settings module (which mounts a bare baseline view beside the real
-URLs), its own databases (``axiom_bench`` and ``axiom_bench_quick``) and Redis database 14. Load stays on
-loopback and every loop is bounded in requests and in seconds. See docs/benchmarks.md.
+Everything here is bench-only: its settings modules (the grid's, and the bare baseline's with no
+middleware, each served by its own gunicorn), its own databases (``axiom_bench`` and ``axiom_bench_quick``)
+and Redis database 14. Load stays on loopback and every loop is bounded in requests and in seconds. See
+docs/benchmarks.md.
 """

@@ -1,9 +1,11 @@
-"""The bare baseline: the least a quota-taking endpoint can do on this stack.
+"""The bare baseline: the least a quota-taking Django API can do on this stack.
 
 A DRF view with no authentication, no permissions, no idempotency, no audit and no serializer: one
-conditional UPDATE of a counter row and one INSERT of a usage row, in one transaction, on the same database
-and behind the same middleware as the real endpoint. The distance between the two is what the grid's own
-work costs. The tables are created by the bench setup (``BASELINE_SCHEMA_SQL``), never by a migration.
+conditional UPDATE of a counter row and one INSERT of a usage row, in one transaction. It is served by its
+own gunicorn (``bench.baseline_wsgi``) with no middleware at all (``bench.baseline_settings``), on the same
+database settings and worker configuration as the grid's server. The distance between the two is what the
+grid costs beyond the floor: its middleware, key check, idempotency, audit and bookkeeping. The tables are
+created by the bench setup (``BASELINE_SCHEMA_SQL``), never by a migration.
 """
 
 from __future__ import annotations

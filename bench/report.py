@@ -160,23 +160,25 @@ def python_speed_us() -> float:
     return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
 
 
-def docs_write(report: Report, facts: dict, profile_name: str, server_description: str, loadgen: str) -> None:
-    settings = ", ".join(f"{k} {v}" for k, v in sorted(facts["postgresql_settings"].items()))
+def machine_line(facts: dict) -> str:
+    """The machine in one line: what the table's absolute numbers move with."""
+    return (
+        f"{facts['cpus']} x {facts['cpu_model']}, {facts['memory']}, Linux {facts['kernel']}; "
+        f"PostgreSQL {facts['postgresql'].split()[0]}, Redis {facts['redis']}, Python {facts['python']} "
+        f"(`sum(range(1000))` in {facts['python_speed_us']:.1f} us), Django {facts['django']}; "
+        f"load average {facts['load_average']} at the start; server, database and load generator share it"
+    )
+
+
+def docs_write(
+    report: Report, facts: dict, profile_name: str, scenarios: str, server_description: str, loadgen: str
+) -> None:
     block = "\n".join(
         [
             RESULTS_BEGIN,
-            f"Written by `make bench` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC ({profile_name} run).",
-            "",
-            "**Machine**",
-            "",
-            f"- CPU: {facts['cpus']} x {facts['cpu_model']}; memory {facts['memory']}",
-            f"- Linux {facts['kernel']}",
-            f"- PostgreSQL {facts['postgresql']} ({settings}); Redis {facts['redis']}",
-            f"- Python {facts['python']}, Django {facts['django']}, gunicorn {facts['gunicorn']}; "
-            f"Python speed: `sum(range(1000))` takes {facts['python_speed_us']:.1f} us",
-            f"- Server: {server_description}, 127.0.0.1; load generator: {loadgen}; wrk: {facts['wrk']}",
-            "- Server, database, Redis and load generator share the same machine and its cores; load average "
-            f"(1/5/15 min) when the run started: {facts['load_average']}.",
+            f"`make bench` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC ({profile_name} run, scenarios "
+            f"{scenarios}; {server_description}; load generator {loadgen}).",
+            f"Machine: {machine_line(facts)}.",
             "",
             report.table(),
             "",
@@ -190,6 +192,6 @@ def docs_write(report: Report, facts: dict, profile_name: str, server_descriptio
         _, _, tail = rest.partition(RESULTS_END)
         text = head + block + tail
     else:
-        text = text.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n## Latest results\n\n" + block + "\n"
     DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)
     DOCS_PATH.write_text(text)

@@ -2,10 +2,12 @@
 
 Scenarios (docs/benchmarks.md says what each measures and why):
 
-1. One allocation over HTTP (API key, unique Idempotency-Key, audit, usage row) against a bare baseline
-   view, both under gunicorn at 32 connections.
+1. Many agents: one allocation over HTTP (API key, unique Idempotency-Key, audit, usage row) spread over 64
+   agents, against the bare baseline (a DRF view with no middleware and no authentication, served by its
+   own gunicorn) over 64 rows; 32 connections, rounds alternating between the two; ratios judged.
 2. Batch ingestion: 1000-item batches, items per second (skipped when the batch routes do not exist).
-3. Hot agent: 32 clients allocating on one agent; exact final counts; pgbench's hot-row figure beside it.
+3. Hot agent: the same, all 32 connections on one agent and one resource, against the bare baseline on one
+   row; ratios judged; exact final counts; pgbench's hot-row figure beside it as context.
 4. Sweeps (budget, rules, scaling) over N agents in a fresh process: seconds, queries, peak RSS.
 5. Reading at scale: p95 of the metrics, cost and usage endpoints of one agent over a large usage log.
 6. The allocation service alone, in one process.
@@ -21,6 +23,7 @@ Exit status: 0 when every scenario ran (whether or not it met its target), 1 whe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from bench import db, scenarios
 from bench.loadgen import wrk_available
-from bench.report import DOCS_PATH, Report, docs_write, log, machine_facts
+from bench.report import DOCS_PATH, Report, docs_write, log, machine_facts, machine_line
 from bench.server import ROOT, GunicornServer
 
 
@@ -54,7 +57,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         "--loadgen",
         choices=["auto", "wrk", "python"],
         default="auto",
-        help="load generator of scenario 1: wrk if installed (auto), or the built-in Python client",
+        help="load generator of scenarios 1 and 3: wrk if installed (auto), or the built-in Python client",
     )
     parser.add_argument(
         "--workers", type=int, default=3, help="gunicorn workers (default 3, as the Dockerfile)"
@@ -122,28 +125,34 @@ def main(argv: list[str] | None = None) -> int:
 
         call_command("migrate", verbosity=0, interactive=False)
         reference_data_load()
-        scenarios.baseline_tables_create(scenarios.ALLOC_AGENTS)
+        scenarios.baseline_tables_create()
         fixtures = scenarios.fixtures_create()
         facts = machine_facts(database_url, redis_ok, redis_url)
         log(f"setup took {time.perf_counter() - started:.0f} s")
 
+        # The grid and the bare baseline, each on its own gunicorn with the same worker configuration.
+        workers = {"workers": args.workers, "worker_class": args.worker_class, "threads": args.threads}
         server = GunicornServer(
-            workers=args.workers,
-            worker_class=args.worker_class,
-            threads=args.threads,
-            log_path=Path(workdir) / "gunicorn.log",
+            application="bench.wsgi:application", log_path=Path(workdir) / "gunicorn.log", **workers
         )
+        baseline_server = GunicornServer(
+            application="bench.baseline_wsgi:application",
+            log_path=Path(workdir) / "gunicorn-baseline.log",
+            **workers,
+        )
+        servers = (server, baseline_server)
         # In this order: the writes on a small database first, then the 10 million rows, then the sweeps
         # (which then also read a large usage log, as they would in production).
         with_server = [
-            ("1", "1 allocation HTTP", scenarios.allocation, (profile, fixtures, server, use_wrk)),
+            ("1", "1 many agents", scenarios.allocation, (profile, fixtures, *servers, use_wrk)),
             ("2", "2 batch", scenarios.batch, (profile, fixtures, server)),
-            ("3", "3 hot agent", scenarios.hot_agent, (profile, fixtures, server, database_url)),
+            ("3", "3 hot agent", scenarios.hot_agent, (profile, fixtures, *servers, database_url, use_wrk)),
             ("6", "6 allocate in-process", scenarios.in_process, (profile, fixtures)),
             ("5", "5 reads", scenarios.reads, (profile, fixtures, server)),
         ]
         if {"1", "2", "3", "5"} & chosen:
-            with server:
+            baseline = baseline_server if {"1", "3"} & chosen else contextlib.nullcontext()
+            with server, baseline:
                 for key, label, function, extra in with_server:
                     if key in chosen:
                         _guarded(report, label, function, *extra)
@@ -156,19 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     if redis_ok:
         db.redis_flush(redis_url)
     report.rows.sort(key=lambda row: row.scenario[0])  # stable: scenario order, rows as measured
-    loadgen = "wrk (scenario 1) + asyncio client" if use_wrk else "asyncio client"
+    loadgen = "wrk (scenarios 1, 3) + asyncio client" if use_wrk else "asyncio client"
     print()
-    print(f"Axiom Grid bench ({profile.name}): {server.description}, loopback, load generator {loadgen}")
-    print(
-        f"machine: {facts['cpus']} x {facts['cpu_model']}, load {facts['load_average']}, "
-        f"sum(range(1000)) in {facts['python_speed_us']:.1f} us"
-    )
+    description = f"{server.description} per server"
+    print(f"Axiom Grid bench ({profile.name}): {description}, loopback, load generator {loadgen}")
+    print(f"machine: {machine_line(facts)}")
     print(report.table())
     for note in report.notes:
         print(f"note: {note}")
     elapsed = time.perf_counter() - started
     if args.docs == "yes" or (args.docs == "auto" and not args.quick and chosen == set("123456")):
-        docs_write(report, facts, profile.name, server.description, loadgen)
+        docs_write(report, facts, profile.name, ", ".join(sorted(chosen)), description, loadgen)
         print(f"results written to {DOCS_PATH.relative_to(ROOT)}")
     if report.harness_errors:
         print(f"bench: harness errors in {len(report.harness_errors)} scenario(s) ({elapsed:.0f} s)")

@@ -1,5 +1,6 @@
-"""The production server for the HTTP scenarios: gunicorn on 127.0.0.1 and a free port, as the Dockerfile
-runs it (``--workers 3``, sync workers), with the bench settings.
+"""The servers of the HTTP scenarios: gunicorn on 127.0.0.1 and a free port, as the Dockerfile runs it
+(``--workers 3``, sync workers). One serves the grid (``bench.wsgi``), one the bare baseline
+(``bench.baseline_wsgi``); a run gives both the same worker configuration.
 
 The server is started in its own process group and stopped by its own pid when the scenario ends, also
 when the scenario fails.
@@ -116,7 +117,16 @@ def free_port() -> int:
 
 
 class GunicornServer:
-    def __init__(self, *, workers: int, worker_class: str, threads: int, log_path: Path):
+    def __init__(
+        self,
+        *,
+        application: str,
+        workers: int,
+        worker_class: str,
+        threads: int,
+        log_path: Path,
+    ):
+        self.application = application
         self.workers = workers
         self.worker_class = worker_class
         self.threads = threads
@@ -135,7 +145,7 @@ class GunicornServer:
             sys.executable,
             "-m",
             "gunicorn",
-            "bench.wsgi:application",
+            self.application,
             "--bind",
             f"{HOST}:{self.port}",
             "--workers",

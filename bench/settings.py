@@ -1,4 +1,4 @@
-"""Bench-only settings: the project's settings plus the bare baseline route (``bench.urls``).
+"""Settings of the grid's bench server and of the bench process: the project's settings as they are.
 
 ``bench.run`` points ``DATABASE_URL`` and ``REDIS_URL`` at the bench database and Redis database 14 before
 Django starts, so these settings never touch the development or test databases.
@@ -8,5 +8,4 @@ from __future__ import annotations
 
 from axiom_grid.settings import *  # noqa: F403
 
-ROOT_URLCONF = "bench.urls"
 WSGI_APPLICATION = "bench.wsgi.application"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -113,7 +114,7 @@ def _allocate(agent_ids: list[str], count: int, seconds: float, warmup: int) -> 
             yield
 
     measured = _threads_run(service, agent_ids, count, seconds)
-    floor = _threads_run(_bare_statement, agent_ids, count, seconds)
+    floor = _threads_run(functools.partial(_bare_statement, warmup=warmup), agent_ids, count, seconds)
     return {
         **measured,
         "threads": len(agent_ids),
@@ -122,7 +123,7 @@ def _allocate(agent_ids: list[str], count: int, seconds: float, warmup: int) -> 
         "query_kinds": kinds,
         # the warm-up, the two allocations above and the measured loop (the floor writes its own rows)
         "total_taken": 2 + len(agent_ids) * warmup + measured["allocations"],
-        "floor_taken": len(agent_ids) * warmup + floor["allocations"],
+        "floor_taken": len(agent_ids) * (warmup + 1) + floor["allocations"],
         "peak_rss_mb": _peak_rss_mb(),
     }
 
@@ -174,37 +175,45 @@ def _threads_run(loop, agent_ids: list[str], count: int, seconds: float) -> dict
     return {"allocations": allocations, "seconds": elapsed, "per_second": allocations / elapsed}
 
 
-def _bare_statement(agent_id: str):
-    """The service's own statement, built once by the service, then run from a plain psycopg connection
-    with only the allocation id changed: what PostgreSQL and the driver cost without the service. The ids
-    are time-ordered (UUID version 7), as the service's are: random ones would land on random pages of the
-    primary key index and cost PostgreSQL more than the service pays."""
+def _bare_statement(agent_id: str, warmup: int):
+    """The service's own statement, as the service sends it (seen once through Django's public
+    ``execute_wrapper``, so the floor follows the service whatever it sends), then run from a plain psycopg
+    connection with the same cursor class and only the allocation id changed: what PostgreSQL and the
+    driver cost without the service. The ids are time-ordered (UUID version 7), as the service's are:
+    random ones would land on random pages of the primary key index and cost PostgreSQL more than the
+    service pays. Takes ``warmup + 1`` allocations before it yields the first time."""
     import psycopg
     from django.db import connection
 
-    from allocation import services
+    from allocation.services import allocation_create
     from ledger.ids import uuid7
-    from ledger.models import Agent, UsageLog
+    from ledger.models import Agent
+
+    sent: list[tuple[str, list]] = []
+
+    def capture(execute, sql, params, many, context):
+        sent.append((sql, list(params or ())))
+        return execute(sql, params, many, context)
 
     agent = Agent.objects.get(pk=agent_id)
-    draft = services.allocation_prepare(agent=agent, resource_type_id="AI_TOKENS", amount=1)
-    rows = [
-        (services.Allocation, services._allocation_values(draft.allocation)),
-        (UsageLog, services._usage_values(draft)),
-    ]
-    sql, params = services._one_statement(connection, draft, rows=rows, companions=[], requires=())
-    id_at = next(index for index, value in enumerate(params) if value == draft.allocation.id)
-    settings = connection.get_connection_params()
-    settings.pop("cursor_factory", None)  # Django's binds on the client; the service binds on the server
-    with psycopg.connect(**settings, autocommit=True) as bare, psycopg.Cursor(bare) as cursor:
-        for _ in range(50):
+    with connection.execute_wrapper(capture):
+        allocation = allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1)
+    # The last statement that carried the new allocation's id is the one that wrote it.
+    sql, params = next((sql, params) for sql, params in reversed(sent) if allocation.id in params)
+    id_at = params.index(allocation.id)
+    # Django's connection parameters carry its cursor class: the statement is bound as the service binds it.
+    with (
+        psycopg.connect(**connection.get_connection_params(), autocommit=True) as bare,
+        bare.cursor() as cursor,
+    ):
+        for _ in range(warmup):
             params[id_at] = uuid7()
-            cursor.execute(sql, params, prepare=True)
+            cursor.execute(sql, params)
             cursor.fetchone()
         yield
         while True:
             params[id_at] = uuid7()
-            cursor.execute(sql, params, prepare=True)
+            cursor.execute(sql, params)
             cursor.fetchone()
             yield
 

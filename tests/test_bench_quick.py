@@ -1,5 +1,6 @@
 """The benchmark harness runs: ``python -m bench.run --quick`` ends by itself, exits 0 and prints the table
-with a row for every scenario. The timings are not asserted here; only that the harness has not rotted.
+with a row for every scenario, and scenarios 1 and 3 compare the grid with the bare baseline. The timings
+are not asserted here (nor whether a target was met); only that the harness has not rotted.
 
 It runs in its own database (``axiom_bench_quick``, beside the one ``DATABASE_URL`` names) and Redis
 database 14, never in the test database.
@@ -38,4 +39,12 @@ def test_bench_quick_runs_every_scenario_and_prints_the_table():
     for scenario in SCENARIOS:
         assert re.search(rf"^\| {scenario} \S", output, re.M), f"no row for scenario {scenario}\n{output}"
     assert "| ERROR" not in output, output
+    ratio = r"RATIO to the bare baseline \(no middleware\): {}, median of rounds"
+    for scenario in ("1 many agents", "3 hot agent"):
+        for measure in ("throughput", "p99"):
+            row = rf"^\| {scenario} +\| {ratio.format(measure)} +\| \d"
+            assert re.search(row, output, re.M), f"no {measure} ratio for {scenario}\n{output}"
+    assert re.search(r"^\| 1 bare baseline +\| errors \(non-201, socket\) +\| 0 of \d", output, re.M), output
+    assert re.search(r"^\| 3 bare hot row +\| errors \(non-201, socket\) +\| 0 of \d", output, re.M), output
+    assert re.search(r"^\| 3 hot agent +\| exact final counts .*\| pass +\|$", output, re.M), output
     assert "bench: harness ok" in output

@@ -1,0 +1,18 @@
+"""The bare baseline server's routes: the baseline view, and a readiness check that touches nothing."""
+
+from __future__ import annotations
+
+from django.http import HttpResponse
+from django.urls import path
+
+from bench.baseline import BaselineAllocateView
+
+
+def ready(request):
+    return HttpResponse("ok")
+
+
+urlpatterns = [
+    path("bench/baseline/<int:quota_id>", BaselineAllocateView.as_view(), name="bench-baseline"),
+    path("healthz", ready, name="healthz"),
+]
