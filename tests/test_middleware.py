@@ -11,9 +11,9 @@ from django.test import Client, RequestFactory
 from django.urls import reverse
 
 from axiom_grid.middleware import is_api_request
-from tests.api_fixtures import agent_a  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.django_db
+pytest_plugins = ["tests.api_fixtures"]
 
 PASSWORD = "pw-operator-1"  # conftest's staff_user
 
@@ -69,7 +69,7 @@ def test_the_docs_page_route_is_the_browser_page_the_middleware_names():
     assert is_api_request(RequestFactory().get(reverse("api:allocations", kwargs={"agent_id": "a-1"})))
 
 
-def test_bearer_key_post_runs_no_browser_middleware_and_needs_no_csrf_token(agent_a, staff_user):  # noqa: F811
+def test_bearer_key_post_runs_no_browser_middleware_and_needs_no_csrf_token(agent_a, staff_user):
     # The client also carries a staff session and a CSRF cookie, as a browser logged into the admin would:
     # the API call must neither read them nor answer with cookies of its own.
     browser = _logged_in_browser(staff_user)
