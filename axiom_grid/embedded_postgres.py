@@ -114,7 +114,11 @@ class EmbeddedPostgres:
             holders.clear()
             if _postmaster(self.data_dir) is None:
                 return False
-            self._pg_ctl(_wheel(), ["-w", "-t", str(STOP_TIMEOUT_SECONDS), "-m", "fast", "stop"])
+            try:
+                self._pg_ctl(_wheel(), ["-w", "-t", str(STOP_TIMEOUT_SECONDS), "-m", "fast", "stop"])
+            except EmbeddedPostgresError:
+                if _postmaster(self.data_dir) is not None:  # not a postmaster that died meanwhile
+                    raise
             return True
 
     def holders(self) -> list[int]:

@@ -41,8 +41,7 @@ ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 def service_ids(name: str) -> str:
-    # conftest skips tests whose keywords include "postgres" or "redis", and a bare parameter id is a
-    # keyword: these tests read a file and need neither service.
+    # A bare parameter id is a keyword: `-k redis` must not pick these tests, which only read a file.
     return f"{name}-service"
 
 
@@ -459,8 +458,6 @@ def test_collectstatic_works_with_the_manifest_storage(tmp_path):
 def test_procfile_runs_web_worker_and_beat():
     entries = procfile()
     assert {"web", "worker", "beat"} <= set(entries)
-    (web,) = split_commands(entries["web"])
-    assert "127.0.0.1:8000" in web, "the README promises http://127.0.0.1:8000"
     (worker,) = split_commands(entries["worker"])
     assert program(worker) == "celery" and "worker" in worker
     (beat,) = split_commands(entries["beat"])
@@ -468,6 +465,38 @@ def test_procfile_runs_web_worker_and_beat():
     from django_celery_beat.schedulers import DatabaseScheduler
 
     assert import_path(option_value(program_args(beat), "-S", "--scheduler")) is DatabaseScheduler
+
+
+def test_procfile_web_is_gunicorn_with_bounded_threads_on_loopback():
+    """`make run` serves as production does: gunicorn's threaded workers, a fixed number of threads (so of
+    database connections), on the address the README promises."""
+    (web,) = split_commands(procfile()["web"])
+    args = program_args(web)
+    assert program(web) == "gunicorn"
+    assert "axiom_grid.wsgi:application" in args
+    assert option_value(args, "-b", "--bind") == "127.0.0.1:8000"
+    assert option_value(args, "-k", "--worker-class") == "gthread"
+    assert option_value(args, "-w", "--workers") == "${WEB_CONCURRENCY:-2}"
+    assert option_value(args, "--threads") == "${WEB_THREADS:-4}"
+    assert "runserver" not in " ".join(procfile().values())
+
+
+def test_procfile_commands_are_single_programs():
+    """The runner execs each command, so that a stop signal reaches the program and not a shell."""
+    from axiom_grid.procfile import procfile_read
+
+    entries = procfile_read(ROOT / "Procfile")
+    assert entries == procfile()
+    for command in entries.values():
+        assert len(split_commands(command)) == 1
+        assert not set(shlex.split(command)) & {"|", "&", ";", "&&", "||"}
+
+
+def test_readme_documents_the_procfile_sizing_variables():
+    variables = set(re.findall(r"\$\{([A-Z_]+):-", (ROOT / "Procfile").read_text(encoding="utf-8")))
+    assert {"WEB_CONCURRENCY", "WEB_THREADS"} <= variables
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert not sorted(name for name in variables if f"`{name}`" not in readme)
 
 
 @pytest.mark.parametrize("name", ["web", "worker", "beat"])
@@ -480,18 +509,59 @@ def test_procfile_command_names_code_that_exists(name):
 # --- The two commands of the README ---------------------------------------------------------------------
 
 
-def test_ci_entry_point_runs_make_test():
+def test_ci_entry_point_runs_make_test_on_the_embedded_and_on_the_machines_postgres():
     lines = [
         line.strip()
         for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
-    assert any(line.split()[:2] == ["make", "test"] for line in lines)
+    runs = [
+        line for line in lines if re.search(r"(^|\s)make test(\s|$)", line) and not line.startswith("echo")
+    ]
+    assert len(runs) == 2, runs
+    embedded, machine = runs
+    assert embedded.startswith("env -u DATABASE_URL make test")
+    assert machine.startswith('DATABASE_URL="$machine_database_url" make test')
+    assert 'machine_database_url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/axiom_grid}"' in lines
+    assert "export CI=true" in lines
+    assert any(line.startswith("export REDIS_URL=") for line in lines)
+
+
+def makefile_recipe(target: str) -> str:
+    text = (ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    match = re.search(rf"^{target}:.*\n((?:\t.*\n?)*)", text, flags=re.MULTILINE)
+    assert match, f"no {target} target"
+    return match.group(1)
 
 
 def test_makefile_has_the_run_and_test_targets():
     targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(encoding="utf-8"), flags=re.MULTILINE)
-    assert {"run", "test", "lint", "format"} <= set(targets)
+    assert {"run", "test", "lint", "format", "clean"} <= set(targets)
+
+
+def test_make_run_prepares_and_serves_under_the_embedded_database_launcher():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile_recipe("run")
+    assert "$(WITH_DATABASE) sh -c" in recipe
+    assert "WITH_DATABASE := $(BIN)/python -m axiom_grid.embedded_postgres --" in makefile
+    steps = ["$(PREPARE)", "load_demo_data", "-m axiom_grid.procfile Procfile"]
+    positions = [recipe.index(step) for step in steps]
+    assert positions == sorted(positions)
+    assert "exec $(BIN)/python -m axiom_grid.procfile" in recipe  # the runner gets the signals itself
+    for command in ("migrate --noinput", "load_reference_data", "setup_periodic_tasks"):
+        assert command in makefile
+    assert "runserver" not in recipe
+
+
+def test_make_clean_stops_or_refuses_before_removing_var():
+    recipe = makefile_recipe("clean")
+    assert recipe.index("-m axiom_grid.embedded_postgres --stop") < recipe.index("rm -rf var/")
+
+
+def test_compose_postgres_is_a_supported_version(services):
+    oldest, newest = settings.POSTGRESQL_VERSIONS
+    major = int(services["postgres"]["image"].split(":")[1].split(".")[0].split("-")[0])
+    assert oldest <= major <= newest
 
 
 def test_readme_quick_start_shows_make_run_and_make_test_first():
