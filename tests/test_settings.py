@@ -58,7 +58,7 @@ def test_defaults_are_the_embedded_postgres_and_a_serverless_broker(tmp_path):
     assert got["host"] == str(tmp_path / "var" / "postgres")
     assert got["name"] == "axiom_grid"
     assert got["options"] == {"prepare_threshold": 5}
-    assert got["broker"] == "filesystem://"
+    assert got["broker"] == "filesystem://localhost//"
     assert (tmp_path / "var" / "broker" / "out").is_dir()
     assert got["debug"] is False
     assert got["flags"] == [True, True, True, True]
