@@ -15,8 +15,9 @@ The server listens on 127.0.0.1 only, on a free port (never the machine's 5432),
 with trust authentication like a Homebrew install (a development server), and with ``max_connections``
 bounded. Several commands may share it (``make run`` in one terminal, ``make test`` in another): each
 registers its process in ``var/postgres.lock`` under a file lock, and the last one to leave stops it. A
-server left running by a killed command is adopted, and a stale ``postmaster.pid`` is left to PostgreSQL,
-which checks it safely on start. Unix only (``fcntl``), like the rest of ``make run``.
+server left running by a killed command is adopted; what a killed server left behind (its backends, a
+``postmaster.pid`` naming a dead pid) is cleared before a new one starts. Unix only (``fcntl``), like the
+rest of ``make run``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,7 +97,7 @@ class EmbeddedPostgres:
         wheel = _wheel()
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with self._holders() as holders:
-            port = running_port(self.data_dir)
+            port = self._wait_until_ready()
             if port is None:
                 self._initdb(wheel)
                 self._clear_stale()
@@ -105,13 +107,12 @@ class EmbeddedPostgres:
         self.url = database_url(port)
         return self.url
 
-    def stop(self, *, force: bool = False) -> bool:
-        """Leave the server; stop it if no other live process uses it (or ``force``). True if it stopped."""
+    def stop(self) -> bool:
+        """Leave the server; stop it if no other live process uses it. True if it stopped."""
         with self._holders() as holders:
             holders.pop(str(os.getpid()), None)
-            if holders and not force:
+            if holders:
                 return False
-            holders.clear()
             if _postmaster(self.data_dir) is None:
                 return False
             try:
@@ -198,6 +199,17 @@ class EmbeddedPostgres:
             ],
             timeout=START_TIMEOUT_SECONDS,
         )
+
+    def _wait_until_ready(self) -> int | None:
+        """The port of a server running here, once it accepts connections (one a killed run was starting
+        may still be recovering); None if no server runs."""
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while (postmaster := _postmaster(self.data_dir)) is not None and postmaster["status"] != "ready":
+            if time.monotonic() > deadline:
+                status = postmaster["status"]
+                raise EmbeddedPostgresError(f"the server in {self.data_dir} stays {status!r}, never ready")
+            time.sleep(0.2)
+        return postmaster["port"] if postmaster else None
 
     def _clear_stale(self) -> None:
         """No postmaster runs here: end what a killed one left behind. Its backends notice its death only at
@@ -328,7 +340,7 @@ def run(command: list[str], data_dir: Path | None = None) -> int:
 
     The command runs in this process group, so a Ctrl-C at the terminal reaches it directly and is not
     sent twice; SIGTERM and SIGHUP sent to this process are forwarded. A command that ends by the
-    interrupt it was sent (honcho exits 130) has stopped as asked: that is exit 0.
+    interrupt it was sent (exit 130, or killed by it) has stopped as asked: that is exit 0.
     """
     received: list[int] = []
     child: subprocess.Popen | None = None
