@@ -41,7 +41,7 @@ def pytest_configure(config):
     this hook (pytest-django loads them first), so they learn the server's address here, in place,
     before any connection is made; subprocesses (the bench, the settings probes) get ``DATABASE_URL``."""
     global _embedded
-    if os.environ.get("DATABASE_URL"):
+    if os.environ.get("DATABASE_URL") or config.getoption("help") or config.getoption("version", 0):
         return
     _embedded = EmbeddedPostgres(settings.EMBEDDED_POSTGRES_DIR)
     try:
