@@ -5,34 +5,37 @@ from __future__ import annotations
 from django.urls import path
 
 from allocation.api import batch, compat, views
+from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 
 app_name = "api"
 
 # URLs are tried in order: the routes agents call on every task come first.
 urlpatterns = [
-    path("v1/agents/<str:agent_id>/allocations", views.AllocationCreateView.as_view(), name="allocations"),
-    path("v1/agents/<str:agent_id>/quota-checks", views.QuotaCheckView.as_view(), name="quota-checks"),
+    path(
+        "v1/agents/<agent_id:agent_id>/allocations", views.AllocationCreateView.as_view(), name="allocations"
+    ),
+    path("v1/agents/<agent_id:agent_id>/quota-checks", views.QuotaCheckView.as_view(), name="quota-checks"),
     *batch.urlpatterns,
     path("v1/agents", views.AgentListCreateView.as_view(), name="agents"),
-    path("v1/agents/<str:agent_id>", views.AgentDetailView.as_view(), name="agent"),
-    path("v1/agents/<str:agent_id>/quotas", views.QuotaListView.as_view(), name="quotas"),
+    path("v1/agents/<agent_id:agent_id>", views.AgentDetailView.as_view(), name="agent"),
+    path("v1/agents/<agent_id:agent_id>/quotas", views.QuotaListView.as_view(), name="quotas"),
     path(
-        "v1/agents/<str:agent_id>/allocations/<uuid:allocation_id>",
+        "v1/agents/<agent_id:agent_id>/allocations/<uuid:allocation_id>",
         views.AllocationDetailView.as_view(),
         name="allocation",
     ),
     path(
-        "v1/agents/<str:agent_id>/allocations/<uuid:allocation_id>/settle",
+        "v1/agents/<agent_id:agent_id>/allocations/<uuid:allocation_id>/settle",
         views.AllocationSettleView.as_view(),
         name="allocation-settle",
     ),
     path(
-        "v1/agents/<str:agent_id>/allocations/<uuid:allocation_id>/release",
+        "v1/agents/<agent_id:agent_id>/allocations/<uuid:allocation_id>/release",
         views.AllocationReleaseView.as_view(),
         name="allocation-release",
     ),
-    path("v1/agents/<str:agent_id>/usage", views.UsageListView.as_view(), name="usage"),
-    path("v1/agents/<str:agent_id>/cost", views.CostView.as_view(), name="cost"),
-    path("v1/agents/<str:agent_id>/shares", views.ShareCreateView.as_view(), name="shares"),
+    path("v1/agents/<agent_id:agent_id>/usage", views.UsageListView.as_view(), name="usage"),
+    path("v1/agents/<agent_id:agent_id>/cost", views.CostView.as_view(), name="cost"),
+    path("v1/agents/<agent_id:agent_id>/shares", views.ShareCreateView.as_view(), name="shares"),
     path("resources", compat.ResourcesView.as_view(), name="resources"),
 ]

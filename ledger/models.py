@@ -106,8 +106,9 @@ class TierQuota(models.Model):
         return f"{self.tier_id} {self.resource_type_id}: {self.limit:,}"
 
 
+AGENT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
 agent_id_validator = RegexValidator(
-    r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$",
+    rf"^{AGENT_ID_PATTERN}\Z",
     "An agent id is 1-64 letters, digits, '-', '_', '.' or ':', starting with a letter or digit.",
 )
 

@@ -107,6 +107,38 @@ CASES = {
         code="unsupported_media_type",
     ),
     "allocation-empty-body": Bad("allocations", raw="", fields=("resource_type", "amount")),
+    # What PostgreSQL cannot store: refused by the JSON parser, before the audit trail tries to.
+    "allocation-amount-overflows-to-infinity": Bad(
+        "allocations", raw='{"resource_type": "AI_TOKENS", "amount": 1e400}', code="malformed_json"
+    ),
+    "allocation-lone-surrogate": Bad(
+        "allocations",
+        raw='{"resource_type": "AI_TOKENS", "amount": 1, "task_id": "\\ud800"}',
+        code="malformed_json",
+    ),
+    "allocation-nul-in-a-key": Bad(
+        "allocations", raw='{"resource_type": "AI_TOKENS", "amount": 1, "a\\u0000": 1}', code="malformed_json"
+    ),
+    "allocation-nested-1000-deep": Bad("allocations", raw="[" * 1000 + "]" * 1000, code="malformed_json"),
+    "allocation-nested-33-deep": Bad(
+        "allocations",
+        raw='{"resource_type": "AI_TOKENS", "amount": 1, "x": ' + "[" * 32 + "]" * 32 + "}",
+        code="malformed_json",
+    ),
+    "allocation-body-over-the-limit": Bad(
+        "allocations", raw='{"task_id": "' + "a" * 2_700_000 + '"}', status=413, code="payload_too_large"
+    ),
+    "settle-amount-overflows-to-infinity": Bad("settle", raw='{"amount": 1e400}', code="malformed_json"),
+    "purchase-nul-agent-id": Bad(
+        "purchase", raw='{"agent_id": "\\u0000", "amount": 1}', code="malformed_json"
+    ),
+    "agent-create-nul-in-id": Bad(
+        "agents", raw='{"id": "a\\u0000", "tier": "PRO"}', code="malformed_json", as_operator=True
+    ),
+    "agent-patch-nul-in-metadata": Bad(
+        "agent", raw='{"metadata": {"a": "\\u0000"}}', method="patch", code="malformed_json", as_operator=True
+    ),
+    "quotas-nul-in-the-path": Bad("quotas-nul", method="get", status=404, code="not_found", as_operator=True),
     "allocation-empty-object": Bad("allocations", {}, fields=("resource_type", "amount")),
     "allocation-idempotency-key-too-long": Bad(
         "allocations",
@@ -325,6 +357,8 @@ def _url(target: str, world) -> str:
         "agent": reverse("api:agent", args=[a]),
         "compat": reverse("api:resources"),
         "usage": reverse("api:usage", args=[a]),
+        "purchase": f"/api/v1/marketplace/deals/{uuid.uuid4()}/purchase",
+        "quotas-nul": "/api/v1/agents/x%00/quotas",
     }[target]
 
 

@@ -26,6 +26,7 @@ from allocation.api.serializers import (
     StrictSerializer,
     plain_text,
 )
+from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.audit import audit_record
 from allocation.api.shared.auth import ApiKeyAuthentication, IsAuthenticatedPrincipal, IsOperator, agent_for
 from allocation.api.shared.errors import exception_response
@@ -292,7 +293,7 @@ class UsageBatchView(_BatchView):
 
 urlpatterns = [
     path(
-        "v1/agents/<str:agent_id>/allocations/batch",
+        "v1/agents/<agent_id:agent_id>/allocations/batch",
         AllocationBatchView.as_view(),
         name="allocations-batch",
     ),

@@ -15,6 +15,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from allocation.api.serializers import StrictSerializer
+from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.mutation import run_mutation
 from allocation.api.shared.views import AgentScopedView, valid
 from ledger.errors import NotFound
@@ -150,11 +151,11 @@ class AlertSettingsView(AgentScopedView):
 
 
 urlpatterns = [
-    path("v1/agents/<str:agent_id>/alerts", AlertListView.as_view(), name="alerts"),
+    path("v1/agents/<agent_id:agent_id>/alerts", AlertListView.as_view(), name="alerts"),
     path(
-        "v1/agents/<str:agent_id>/alerts/<int:alert_id>/acknowledge",
+        "v1/agents/<agent_id:agent_id>/alerts/<int:alert_id>/acknowledge",
         AlertAcknowledgeView.as_view(),
         name="alert-acknowledge",
     ),
-    path("v1/agents/<str:agent_id>/alert-settings", AlertSettingsView.as_view(), name="alert-settings"),
+    path("v1/agents/<agent_id:agent_id>/alert-settings", AlertSettingsView.as_view(), name="alert-settings"),
 ]

@@ -19,6 +19,7 @@ from rest_framework.response import Response
 
 from allocation.api.compat import camelize
 from allocation.api.serializers import StrictSerializer
+from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.auth import IsOperator
 from allocation.api.shared.mutation import run_mutation
 from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
@@ -168,14 +169,14 @@ def compat_optimize(request, agent: Agent, data: dict) -> tuple[int, dict]:
 
 
 urlpatterns = [
-    path("v1/agents/<str:agent_id>/metrics", MetricsView.as_view(), name="agent-metrics"),
-    path("v1/agents/<str:agent_id>/analysis", AnalysisView.as_view(), name="agent-analysis"),
+    path("v1/agents/<agent_id:agent_id>/metrics", MetricsView.as_view(), name="agent-metrics"),
+    path("v1/agents/<agent_id:agent_id>/analysis", AnalysisView.as_view(), name="agent-analysis"),
     path(
-        "v1/agents/<str:agent_id>/recommendations",
+        "v1/agents/<agent_id:agent_id>/recommendations",
         RecommendationsView.as_view(),
         name="agent-recommendations",
     ),
-    path("v1/agents/<str:agent_id>/optimize", OptimizeView.as_view(), name="agent-optimize"),
+    path("v1/agents/<agent_id:agent_id>/optimize", OptimizeView.as_view(), name="agent-optimize"),
     path(
         "v1/experiments/<int:experiment_id>/report",
         ExperimentReportView.as_view(),

@@ -7,6 +7,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 
 from allocation.api.serializers import AmountField, ResourceTypeField, StrictSerializer
+from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.mutation import run_mutation
 from allocation.api.shared.views import AgentScopedView, valid
 from optimization.models import Execution
@@ -68,5 +69,5 @@ class ExecutionCreateView(AgentScopedView):
 
 
 urlpatterns = [
-    path("v1/agents/<str:agent_id>/executions", ExecutionCreateView.as_view(), name="executions"),
+    path("v1/agents/<agent_id:agent_id>/executions", ExecutionCreateView.as_view(), name="executions"),
 ]

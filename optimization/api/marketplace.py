@@ -20,6 +20,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from allocation.api.serializers import AmountField, ResourceTypeField, StrictSerializer
+from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.auth import agent_for
 from allocation.api.shared.mutation import run_mutation
 from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
@@ -195,5 +196,5 @@ def compat_purchase(request, agent: Agent, data: dict) -> tuple[int, dict]:
 urlpatterns = [
     path("v1/marketplace/deals", DealSearchView.as_view(), name="deals"),
     path("v1/marketplace/deals/<uuid:deal_id>/purchase", DealPurchaseView.as_view(), name="deal-purchase"),
-    path("v1/agents/<str:agent_id>/deals", AgentDealsView.as_view(), name="agent-deals"),
+    path("v1/agents/<agent_id:agent_id>/deals", AgentDealsView.as_view(), name="agent-deals"),
 ]

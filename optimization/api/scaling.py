@@ -19,6 +19,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from allocation.api.serializers import StrictSerializer
+from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.mutation import run_mutation
 from allocation.api.shared.views import AgentScopedView, valid
 from ledger.errors import LedgerError, NotFound
@@ -187,7 +188,9 @@ class ScalingEventListView(AgentScopedView):
 
 
 urlpatterns = [
-    path("v1/agents/<str:agent_id>/scaling", ScaleView.as_view(), name="scaling"),
-    path("v1/agents/<str:agent_id>/scaling-policy", ScalingPolicyView.as_view(), name="scaling-policy"),
-    path("v1/agents/<str:agent_id>/scaling-events", ScalingEventListView.as_view(), name="scaling-events"),
+    path("v1/agents/<agent_id:agent_id>/scaling", ScaleView.as_view(), name="scaling"),
+    path("v1/agents/<agent_id:agent_id>/scaling-policy", ScalingPolicyView.as_view(), name="scaling-policy"),
+    path(
+        "v1/agents/<agent_id:agent_id>/scaling-events", ScalingEventListView.as_view(), name="scaling-events"
+    ),
 ]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -46,6 +48,14 @@ def exception_response(exc: Exception) -> Response | None:
         return Response(error_body(exc.code, exc.message, exc.details), status=exc.status)
     if isinstance(exc, Http404):
         return Response(error_body("not_found", "not found"), status=404)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(
+            error_body(
+                "payload_too_large",
+                f"the request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes",
+            ),
+            status=413,
+        )
     if isinstance(exc, DjangoPermissionDenied):
         return Response(error_body("forbidden", "permission denied"), status=403)
     if isinstance(exc, exceptions.ValidationError):
