@@ -179,7 +179,7 @@ def allocation_write(
                 allocation.quota_id = sql.allocate(row)
     except sql.QuotaShort as short:
         raise _quota_exceeded(
-            allocation.resource_type_id, requested=allocation.amount, available=short.available
+            allocation.resource_type_id, requested=allocation.amount, available=short.available, at=draft.now
         ) from None
     return allocation
 
@@ -213,10 +213,13 @@ def allocation_create(
     return allocation_write(draft)
 
 
-def _quota_exceeded(resource_type_id: str, *, requested: int, available: int, **details) -> QuotaExceeded:
+def _quota_exceeded(
+    resource_type_id: str, *, requested: int, available: int, at: dt.datetime, **details
+) -> QuotaExceeded:
     available = max(available, 0)
     return QuotaExceeded(
         f"{requested:,} {resource_type_id} requested, {available:,} available",
+        resets_at=month_bounds(at)[1],
         details={
             "resource_type": resource_type_id,
             "requested": requested,

@@ -72,6 +72,7 @@ def quota_available(*, limit: int, used: int, reserved: int, listed: int) -> int
 # --- Who may allocate -------------------------------------------------------------------------------------
 
 AGENT_MAY_ALLOCATE_SQL = "status = 'active'"
+RULE_THROTTLE_PREFIX = "rule:"  # the status reason of a throttle a rule set: "rule:<name>"
 
 
 def agent_refusal(*, agent_id: str, status: str, reason: str) -> LedgerError | None:
@@ -80,9 +81,13 @@ def agent_refusal(*, agent_id: str, status: str, reason: str) -> LedgerError | N
         return None
     if status == "suspended":
         return AgentSuspended(f"agent {agent_id} is suspended", details={"reason": reason})
+    details = {"reason": reason}
+    if reason.startswith(RULE_THROTTLE_PREFIX):
+        # Lifted by the rule's evaluation once its condition no longer holds: no fixed end.
+        details["rule"] = reason.removeprefix(RULE_THROTTLE_PREFIX)
+    why = f" by rule {details['rule']}" if "rule" in details else (f" ({reason})" if reason else "")
     return AgentThrottled(
-        f"agent {agent_id} is throttled: allocations are refused until it is lifted",
-        details={"reason": reason},
+        f"agent {agent_id} is throttled{why}: allocations are refused until it is lifted", details=details
     )
 
 

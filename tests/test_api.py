@@ -479,7 +479,16 @@ def test_allocation_over_quota_is_429_and_writes_nothing(agent_a):
     response = _allocate(agent_a, 600_001)
 
     details = assert_error(response, 429, "quota_exceeded")
-    assert details == {"resource_type": "AI_TOKENS", "requested": 600_001, "available": 600_000}
+    period_end = month_bounds(timezone.now())[1]
+    assert details == {
+        "resource_type": "AI_TOKENS",
+        "requested": 600_001,
+        "available": 600_000,
+        "resets_at": period_end.isoformat().replace("+00:00", "Z"),
+    }
+    # The quota comes back when the period ends: Retry-After says how long that is.
+    seconds = (period_end - timezone.now()).total_seconds()
+    assert seconds - 5 <= int(response["Retry-After"]) <= seconds + 5
     assert ledger_snapshot() == before
     assert _quota(agent_a.id).used == 400_000
     assert UsageLog.objects.count() == 1
@@ -521,6 +530,17 @@ def test_throttled_agent_may_check_but_not_allocate(agent_a):
     details = assert_error(allocation, 429, "agent_throttled")
     assert details["reason"] == "budget"
     assert ledger_snapshot() == before
+
+
+def test_a_rule_throttle_says_which_rule_and_when_to_look_again(agent_a):
+    agent_set_status(agent=agent_a.agent, status=Agent.Status.THROTTLED, reason="rule:BudgetExceeded")
+
+    response = _allocate(agent_a, 10)
+
+    details = assert_error(response, 429, "agent_throttled")
+    assert details == {"reason": "rule:BudgetExceeded", "rule": "BudgetExceeded"}
+    assert "by rule BudgetExceeded" in response.json()["error"]["message"]
+    assert response["Retry-After"] == "60"  # rules are evaluated every minute
 
 
 def test_suspended_agent_cannot_allocate(agent_a):

@@ -113,7 +113,12 @@ def test_listing_more_than_is_unused_is_refused_and_writes_nothing(seller):
     with pytest.raises(QuotaExceeded) as refused:
         _listing(seller, 200_001)
 
-    assert refused.value.details == {"resource_type": "AI_TOKENS", "requested": 200_001, "available": 200_000}
+    assert refused.value.details == {
+        "resource_type": "AI_TOKENS",
+        "requested": 200_001,
+        "available": 200_000,
+        "resets_at": refused.value.retry_at.isoformat().replace("+00:00", "Z"),
+    }
     assert _ledger() == before
     _listing(seller, 200_000)
     assert _quota("seller").available == 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, JsonResponse
+from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.response import Response
 
@@ -45,7 +47,13 @@ def _field_errors(detail) -> dict:
 def exception_response(exc: Exception) -> Response | None:
     """The error response for ``exc``, or None for an exception that is not ours to shape."""
     if isinstance(exc, LedgerError):
-        return Response(error_body(exc.code, exc.message, exc.details), status=exc.status)
+        response = Response(error_body(exc.code, exc.message, exc.details), status=exc.status)
+        retry_after = exc.retry_after
+        if exc.retry_at is not None:
+            retry_after = max(1, math.ceil((exc.retry_at - timezone.now()).total_seconds()))
+        if retry_after is not None:
+            response["Retry-After"] = str(retry_after)
+        return response
     if isinstance(exc, Http404):
         return Response(error_body("not_found", "not found"), status=404)
     if isinstance(exc, RequestDataTooBig):
