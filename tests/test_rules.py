@@ -141,6 +141,47 @@ def test_cooldown_keeps_a_rule_quiet_and_a_false_condition_resets_the_duration(s
     assert len(rule_alerts()) == 3
 
 
+# A condition starting at 12:00:02, first seen by the evaluation at 12:00:04; evaluations every minute, each
+# a few seconds late, as beat and the queue make them.
+CONDITION_START = T0 + dt.timedelta(seconds=2)
+JITTERED_EVALUATIONS = [
+    T0 + index * MINUTE + dt.timedelta(seconds=late) for index, late in enumerate([4, 3, 5, 0, 2, 3, 1])
+]
+
+
+@pytest.mark.parametrize("duration_seconds", [0, 5, 60, 120, 300])
+def test_a_rule_fires_at_the_first_evaluation_after_its_duration_despite_jitter(only_rule, duration_seconds):
+    """``duration: 1m`` fires at 12:01:03, 59 s after the evaluation that first saw its condition, not at
+    12:02:05; ``5m`` at 12:05:03 (299 s after); a duration under the jitter allowance (5 s) waits for the
+    next evaluation all the same; no duration fires at once."""
+    only_rule(
+        metric="resource_utilization_percent",
+        threshold=50,
+        duration_seconds=duration_seconds,
+        action="notify",
+    )
+    use_tokens("jittery", 600_000)
+    fired_at = [at for at in JITTERED_EVALUATIONS if rules_evaluate(now=at)["fired"]]
+    due = CONDITION_START + dt.timedelta(seconds=duration_seconds)
+    assert fired_at == [next(at for at in JITTERED_EVALUATIONS if at >= due)]
+    assert len(rule_alerts()) == 1
+
+
+def test_a_condition_that_stops_before_its_duration_never_fires(only_rule):
+    only_rule(metric="resource_utilization_percent", threshold=50, duration_seconds=60, action="notify")
+    first, second, third, fourth = JITTERED_EVALUATIONS[:4]
+    use_tokens("brief", 600_000)
+    assert rules_evaluate(now=first)["fired"] == 0
+    use_tokens("brief", 400_000)  # false again before its minute was up
+    assert rules_evaluate(now=second)["fired"] == 0
+    assert not RuleState.objects.exists()
+    assert rule_alerts() == []
+
+    use_tokens("brief", 600_000)  # true again: the minute counts from the evaluation that sees it
+    assert rules_evaluate(now=third)["fired"] == 0
+    assert rules_evaluate(now=fourth)["fired"] == 1
+
+
 def test_each_resource_of_an_agent_is_its_own_subject(seed_rules):
     agent = use_tokens("two", 900_000)
     compute = quota_open(agent=agent, resource_type_id="COMPUTE_MS", at=T0)

@@ -1,8 +1,9 @@
 """Optimization rules: evaluate every enabled rule against fleet-wide metrics and act on what fires.
 
 A rule's condition is checked per subject: an agent, or an agent's resource type for per-resource metrics.
-``RuleState`` remembers since when a condition has held, so ``duration: 5m`` fires only after five minutes
-of it holding, and ``last_fired_at`` keeps a rule quiet for its cooldown. The metrics come from
+``RuleState`` remembers since when a condition has held, so ``duration: 5m`` fires at the first evaluation
+five minutes after the one that saw it hold, whatever the evaluations' jitter (``rule_held_since``), and
+``last_fired_at`` keeps a rule quiet for its cooldown. The metrics come from
 ``optimization.selectors``, one query per metric and window for the whole fleet, so an evaluation costs the
 same number of queries for ten agents or ten thousand. The states are kept set-based too: two statements
 per rule, whatever the number of subjects, and no state is loaded into Python. Only the
@@ -81,6 +82,27 @@ def throttle_reason(rule: OptimizationRule) -> str:
 def rule_window(rule: OptimizationRule) -> dt.timedelta:
     """The look-back of windowed metrics: the last hour, or the rule's duration if that is longer."""
     return max(METRIC_WINDOW_MIN, dt.timedelta(seconds=rule.duration_seconds))
+
+
+# Evaluations follow their schedule (every minute by default) a little late and unevenly: beat sends each
+# run some time after it is due and the run waits its turn in the queue. A state's ``true_since`` is the
+# evaluation that first saw its condition, so the evaluation one duration later can find a few seconds less
+# than the duration since then, and a ``duration: 1m`` rule would fire at the next evaluation, 2 minutes
+# in. So a duration counts as held this much early: more than the evaluations' jitter, well under their
+# interval, so a rule fires neither an evaluation late nor one early.
+EVALUATION_JITTER = dt.timedelta(seconds=10)
+
+
+def rule_held_since(rule: OptimizationRule, now: dt.datetime) -> dt.datetime:
+    """A condition true since this instant or earlier has held for ``rule``'s duration at ``now``.
+
+    A rule without a duration fires at the evaluation that first sees its condition; a rule with one never
+    does (the allowance stops a microsecond short of ``now``), however short the duration.
+    """
+    if not rule.duration_seconds:
+        return now
+    allowed = dt.timedelta(seconds=rule.duration_seconds) - EVALUATION_JITTER
+    return now - max(allowed, dt.timedelta(microseconds=1))
 
 
 class _Metrics:
@@ -399,7 +421,7 @@ def _states_advance_sql(
         params = {
             "rule": rule.pk,
             "now": now,
-            "held_since": now - dt.timedelta(seconds=rule.duration_seconds),
+            "held_since": rule_held_since(rule, now),
             "cooled_since": now - dt.timedelta(seconds=rule.cooldown_seconds),
             "agents": agents,
             "subjects": subjects,
