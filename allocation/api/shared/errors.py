@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from django.utils import timezone
 from rest_framework import exceptions
@@ -44,8 +46,34 @@ def _field_errors(detail) -> dict:
     return [{"code": getattr(detail, "code", "invalid"), "message": str(detail)}]  # type: ignore[return-value]
 
 
+# While the database is unreachable every request fails alike: answer 503 with a hint to come back, and
+# log the outage once a minute per process instead of one traceback per request.
+DATABASE_RETRY_AFTER_SECONDS = 5
+OUTAGE_LOG_INTERVAL_SECONDS = 60.0
+_outage_logged_at: float | None = None
+
+
+def _database_unavailable(exc: Exception) -> Response:
+    global _outage_logged_at
+    now = time.monotonic()
+    if _outage_logged_at is None or now - _outage_logged_at >= OUTAGE_LOG_INTERVAL_SECONDS:
+        _outage_logged_at = now
+        logger.error(
+            "database unavailable, answering 503 (logged once a minute while it lasts): %s",
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+        )
+    response = Response(
+        error_body("service_unavailable", "the database is unavailable; try again shortly"), status=503
+    )
+    response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+    return response
+
+
 def exception_response(exc: Exception) -> Response | None:
     """The error response for ``exc``, or None for an exception that is not ours to shape."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        # Unreachable, restarting, or a connection lost mid-request: nothing was committed, try again.
+        return _database_unavailable(exc)
     if isinstance(exc, LedgerError):
         response = Response(error_body(exc.code, exc.message, exc.details), status=exc.status)
         retry_after = exc.retry_after
