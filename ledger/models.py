@@ -382,3 +382,16 @@ class OptimizationRule(models.Model):
     @property
     def condition(self) -> str:
         return f"{self.metric} {self.operator} {self.threshold.normalize():f}"
+
+
+class PeriodicRun(models.Model):
+    """The last tick of a periodic schedule that ran to completion (``ledger.periodic``): a second beat's send
+    of the same tick finds it and skips."""
+
+    schedule = models.CharField(max_length=200, primary_key=True)  # django-celery-beat's PeriodicTask.name
+    task = models.CharField(max_length=200)
+    sent_at = models.DateTimeField(help_text="When a beat sent the run: the tick it belongs to.")
+    finished_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.schedule} at {self.sent_at:%Y-%m-%d %H:%M:%S}"
