@@ -472,6 +472,7 @@ def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
     if not decider.accepted_items:
         return
     at = connection.ops.adapt_datetimefield_value(now)
+    period_start = connection.ops.adapt_datetimefield_value(month_bounds(now)[0])
     allocations = _Rows(
         Allocation,
         ("id", "agent", "resource_type", "quota", "amount", "unit_price_usd", "cost_usd", "task_id"),
@@ -481,7 +482,7 @@ def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
         UsageLog,
         ("agent", "resource_type", "quota", "amount", "unit_price_usd", "cost_usd", "task_id")
         + ("idempotency_key", "metadata"),
-        same={"kind": UsageLog.Kind.ALLOCATION.value, "created_at": at},
+        same={"kind": UsageLog.Kind.ALLOCATION.value, "created_at": at, "period_start": period_start},
     )
     for allocation_id, item, quota_id, cost in sorted(decider.accepted_items, key=_by_quota):
         unit_price, cost_text = decider.price_texts[item.resource_type_id], f"{cost:f}"

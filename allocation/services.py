@@ -237,6 +237,7 @@ def _usage_write(
     idempotency_key: str,
     metadata: dict | None,
     at: dt.datetime,
+    period_start: dt.datetime,
 ) -> UsageLog:
     return UsageLog.objects.create(
         agent_id=allocation.agent_id,
@@ -250,6 +251,7 @@ def _usage_write(
         idempotency_key=idempotency_key,
         metadata={"allocation_id": str(allocation.pk), **(metadata or {})},
         created_at=at,
+        period_start=period_start,
     )
 
 
@@ -321,6 +323,8 @@ def hold_settle(
                 },
             )
         if amount:
+            # A settlement belongs to its hold's period, the one whose quota it was just charged to, even
+            # when that period has ended since the hold was taken.
             _usage_write(
                 allocation,
                 amount=amount,
@@ -328,6 +332,7 @@ def hold_settle(
                 idempotency_key=idempotency_key,
                 metadata=None,
                 at=now,
+                period_start=Quota.objects.values_list("period_start", flat=True).get(pk=allocation.quota_id),
             )
     allocation.refresh_from_db()
     return allocation

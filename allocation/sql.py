@@ -118,6 +118,8 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '{PERIOD_NOT_OPEN}', MESSAGE = 'quota period not open';
     END IF;
 
+    -- Check the new rows' quota keys as each INSERT ends, not at COMMIT: not while the quota row is locked.
+    SET CONSTRAINTS allocation_allocation_quota_identity_fk, usage_logs_quota_identity_period_fk IMMEDIATE;
     IF p_record IS NOT NULL THEN
         PERFORM grid_mutation_record(p_record);
     END IF;
@@ -130,10 +132,10 @@ BEGIN
     IF NOT p_hold THEN
         INSERT INTO usage_logs
             (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
-             idempotency_key, metadata, created_at)
+             idempotency_key, metadata, created_at, period_start)
         VALUES
             (p_agent_id, p_resource_type, v_quota, p_amount, p_unit_price, p_cost, p_task_id, p_usage_kind,
-             p_usage_key, p_usage_metadata, p_now);
+             p_usage_key, p_usage_metadata, p_now, p_period_start);
     END IF;
 
     -- Last: the row lock is held from here to COMMIT.

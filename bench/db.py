@@ -152,9 +152,9 @@ WHERE a.id LIKE 'sw-%%' AND substr(a.id, 4)::int BETWEEN %(first)s AND %(last)s
 # is another period, which has no quota rows here).
 SWEEP_USAGE_SQL = """
 INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
-                        idempotency_key, metadata, created_at)
+                        idempotency_key, metadata, created_at, period_start)
 SELECT q.agent_id, 'AI_TOKENS', q.id, 1000, 0.000001, 0.001, '', 'allocation', '', '{}'::jsonb,
-       GREATEST(now() - make_interval(mins => (g * 7 + k * 480) %% 1440), %(start)s)
+       GREATEST(now() - make_interval(mins => (g * 7 + k * 480) %% 1440), %(start)s), q.period_start
 FROM generate_series(%(first)s, %(last)s) AS g
 JOIN quotas q ON q.agent_id = 'sw-' || lpad(g::text, 6, '0') AND q.resource_type_id = 'AI_TOKENS'
              AND q.period_start = %(start)s
@@ -198,9 +198,9 @@ WHERE a.id LIKE 'rd-%%'
 # the quota row of its period.
 READ_USAGE_SQL = """
 INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
-                        idempotency_key, metadata, created_at)
+                        idempotency_key, metadata, created_at, period_start)
 SELECT r.agent_id, r.resource_type_id, q.id, r.amount, 0.000001, r.amount * 0.000001, '', 'allocation', '',
-       '{}'::jsonb, r.created_at
+       '{}'::jsonb, r.created_at, q.period_start
 FROM (
     SELECT g, 'rd-' || lpad((g %% %(agents)s)::text, 4, '0') AS agent_id,
            (ARRAY['COMPUTE_MS', 'AI_TOKENS', 'STORAGE_KB', 'NETWORK_REQS', 'SOLANA_LAMPORTS'])

@@ -128,6 +128,7 @@ def _demo_usage(agent: Agent, share: float, now: dt.datetime, rng: random.Random
                         kind=UsageLog.Kind.ALLOCATION,
                         metadata={"superpower": rng.choice(SUPERPOWERS), "demo": True},
                         created_at=at,
+                        period_start=quota.period_start,
                     )
                 )
             Quota.objects.filter(pk=quota.pk).update(used=taken, spent_usd=spent)

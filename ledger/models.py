@@ -202,8 +202,11 @@ class Quota(models.Model):
             models.UniqueConstraint(
                 fields=["agent", "resource_type", "period_start"], name="quota_unique_period"
             ),
-            # The target of the usage rows' and allocations' one foreign key (ledger/schema.py).
+            # The targets of the allocations' and the usage rows' one foreign key (ledger/schema.py).
             models.UniqueConstraint(fields=["id", "agent", "resource_type"], name="quota_identity"),
+            models.UniqueConstraint(
+                fields=["id", "agent", "resource_type", "period_start"], name="quota_identity_period"
+            ),
             models.CheckConstraint(condition=Q(used__gte=0), name="quota_used_non_negative"),
             models.CheckConstraint(condition=Q(reserved__gte=0), name="quota_reserved_non_negative"),
             models.CheckConstraint(condition=Q(limit__gte=0), name="quota_limit_non_negative"),
@@ -296,6 +299,10 @@ class UsageLog(models.Model):
     idempotency_key = models.CharField(max_length=255, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(db_index=False)
+    # The quota period the row is charged to: its quota's, held to it by the composite foreign key
+    # (ledger/schema.py). A settlement belongs to its hold's period even when it is made after that period
+    # ended, so reports by period (cost, budgets, the dashboard) read this, not ``created_at``.
+    period_start = models.DateTimeField()
 
     class Meta:
         db_table = "usage_logs"

@@ -211,6 +211,7 @@ def _add_agent_with_ledger_rows(agent_id: str) -> None:
         cost_usd=Decimal("0.000005"),
         kind=UsageLog.Kind.ALLOCATION,
         created_at=timezone.now(),
+        period_start=quota.period_start,
     )
     Quota.objects.filter(pk=quota.pk).update(used=F("used") + 5)
     OptimizationRule.objects.create(

@@ -166,6 +166,7 @@ def test_allocation_costs_a_fixed_number_of_queries(tight_agent, django_assert_m
                 cost_usd=0,
                 kind="allocation",
                 created_at=services.timezone.now(),
+                period_start=allocation.quota.period_start,
             )
             for _ in range(history)
         )

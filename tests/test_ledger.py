@@ -277,7 +277,12 @@ def test_usage_rows_and_allocations_name_their_quotas_own_agent_and_resource_typ
     quota = quota_open(agent=agent, resource_type_id="AI_TOKENS")
     price = {"unit_price_usd": Decimal("0.000001"), "cost_usd": Decimal("0.000001")}
     rows = {
-        UsageLog: {"amount": 1, "kind": UsageLog.Kind.ALLOCATION, "created_at": dt.datetime.now(dt.UTC)},
+        UsageLog: {
+            "amount": 1,
+            "kind": UsageLog.Kind.ALLOCATION,
+            "created_at": dt.datetime.now(dt.UTC),
+            "period_start": quota.period_start,
+        },
         Allocation: {"amount": 1, "status": Allocation.Status.COMMITTED},
     }
     right = {"agent_id": "owner", "resource_type_id": "AI_TOKENS", "quota_id": quota.pk}
@@ -291,9 +296,14 @@ def test_usage_rows_and_allocations_name_their_quotas_own_agent_and_resource_typ
         with transaction.atomic():
             model.objects.create(**right, **price, **fields)
         for wrong in wrongs:
-            with pytest.raises(IntegrityError, match="quota_identity_fk"), transaction.atomic():
+            with pytest.raises(IntegrityError, match="quota_identity"), transaction.atomic():
                 model.objects.create(**{**right, **wrong}, **price, **fields)
         assert model.objects.count() == 1
+    # A usage row's period is its quota's: another period is refused too.
+    with pytest.raises(IntegrityError, match="quota_identity_period_fk"), transaction.atomic():
+        UsageLog.objects.create(
+            **right, **price, **{**rows[UsageLog], "period_start": quota.period_start - dt.timedelta(days=31)}
+        )
 
 
 @pytest.mark.parametrize(

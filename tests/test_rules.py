@@ -447,15 +447,17 @@ def test_a_ratio_too_large_to_store_still_fires(only_rule):
 
     agent = agent_create(agent_id="from-nothing", tier_code="PRO")
     for cost, at in ((Decimal("0.000000000001"), T0 - 5 * 60 * MINUTE), (Decimal("1000"), T0 - 5 * MINUTE)):
+        quota = quota_open(agent=agent, resource_type_id="AI_TOKENS", at=at)
         UsageLog.objects.create(
             agent=agent,
             resource_type_id="AI_TOKENS",
-            quota=quota_open(agent=agent, resource_type_id="AI_TOKENS", at=at),
+            quota=quota,
             amount=1,
             unit_price_usd=cost,
             cost_usd=cost,
             kind="allocation",
             created_at=at,
+            period_start=quota.period_start,
         )
     only_rule(name="spike", metric="cost_spike_ratio", threshold=3)
     assert rules_evaluate(now=T0)["fired"] == 1

@@ -348,6 +348,7 @@ def _purchase_book(*, deal: Deal, buyer: Agent, amount: int, actor: str, now: dt
         kind=UsageLog.Kind.PURCHASE,
         metadata={"deal_id": str(deal.pk), "purchase_id": purchase.pk},
         created_at=now,
+        period_start=buyer_quota.period_start,
     )
     return purchase
 
