@@ -7,12 +7,17 @@ import uuid
 from decimal import Decimal
 
 from django.core.serializers.json import DjangoJSONEncoder
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
 
 from ledger.models import COST, UNIT_PRICE, Agent, OptimizationRule, Quota, ResourceType, Tier
+from optimization.webhooks import webhook_secret_generate, webhook_secret_validate
 
 DEFAULT_BUDGET_THRESHOLDS = [50, 80, 90, 100]
+# Bounds of a webhook endpoint's own limits: what one delivery run may open to it, and what one request holds.
+MAX_CONCURRENT_REQUESTS = 32
+MAX_BATCH_SIZE = 1000
 
 
 def default_thresholds() -> list[int]:
@@ -57,16 +62,45 @@ class AlertSettings(models.Model):
 
 
 class WebhookEndpoint(models.Model):
-    """A URL that receives alerts as signed JSON: for one agent, or for all agents when ``agent`` is empty."""
+    """A URL that receives alerts as signed JSON (Standard Webhooks, ``optimization/webhooks.py``): for one
+    agent, or for all agents when ``agent`` is empty. How hard it may be pushed is the endpoint's to say."""
 
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="webhooks")
     url = models.URLField(max_length=500)
-    secret = models.CharField(max_length=200, help_text="HMAC-SHA256 key for the X-Axiom-Signature header.")
+    secret = models.CharField(
+        max_length=300,
+        default=webhook_secret_generate,
+        validators=[webhook_secret_validate],
+        help_text="Signing secret (whsec_ and base64): give it to the receiver to verify webhook-signature.",
+    )
     enabled = models.BooleanField(default=True)
+    max_concurrent_requests = models.PositiveSmallIntegerField(
+        default=4,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_CONCURRENT_REQUESTS)],
+        help_text="At most this many requests to this endpoint at the same time.",
+    )
+    batch_size = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_BATCH_SIZE)],
+        help_text="1: one alert per request, as a JSON object. More: up to this many alerts per request, "
+        "as a JSON array (only for a receiver that accepts arrays).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(
+                    max_concurrent_requests__gte=1, max_concurrent_requests__lte=MAX_CONCURRENT_REQUESTS
+                ),
+                name="webhook_concurrency_in_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(batch_size__gte=1, batch_size__lte=MAX_BATCH_SIZE),
+                name="webhook_batch_size_in_range",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.url} ({self.agent_id or 'global'})"

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
 import threading
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,18 +24,18 @@ from ledger.models import Agent, Quota
 from ledger.periods import UTC
 from ledger.services import agent_create, quota_open
 from optimization.models import Alert, AlertDelivery, AlertSettings, WebhookEndpoint
+from optimization.services import alert_delivery
 from optimization.services import alerts as alert_services
+from optimization.services.alert_delivery import MAX_ATTEMPTS, alerts_deliver, delivery_backoff
 from optimization.services.alerts import (
     FAN_OUT_BATCH_SIZE,
-    MAX_ATTEMPTS,
     alert_acknowledge,
-    alerts_deliver,
     budget_sweep,
     cost_spike_sweep,
-    delivery_backoff,
 )
 from optimization.services.rules import rules_evaluate
 from optimization.tasks import alerts as alert_tasks
+from optimization.webhooks import webhook_secret_key
 
 pytest.register_assert_rewrite("tests.api_fixtures")
 from tests.api_fixtures import assert_error  # noqa: E402
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.django_db
 pytest_plugins = ["tests.api_fixtures"]
 
 NOW = dt.datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
-SECRET = "whsec-test-0123456789"
+SECRET = "whsec_dGVzdC1zZWNyZXQtb2YtdGhpcnR5LXR3by1ieXRlcyE="  # 32 bytes, as an endpoint's form saves it
 
 
 # --- Helpers --------------------------------------------------------------------------------------------
@@ -112,9 +113,11 @@ def receiver():
 
 
 def signature_of(request: dict, secret: str = SECRET) -> str:
+    """The legacy ``X-Axiom-Signature`` the request should carry (Standard Webhooks' is checked by the
+    library, in tests/test_webhooks.py)."""
     timestamp = request["headers"]["X-Axiom-Timestamp"]
     message = f"{timestamp}.{request['body'].decode()}".encode()
-    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    return "sha256=" + hmac.new(webhook_secret_key(secret), message, hashlib.sha256).hexdigest()
 
 
 # --- Budget sweep ---------------------------------------------------------------------------------------
@@ -240,7 +243,7 @@ def test_a_broker_that_is_down_loses_no_alert(
         assert budget_sweep(now=NOW) == 1
     delivery = AlertDelivery.objects.get()
     assert delivery.status == "pending"
-    assert alerts_deliver(now=NOW) == 1  # the periodic task delivers it
+    assert alerts_deliver(now=NOW).delivered == 1  # the periodic task delivers it
 
 
 # --- Cost spikes ----------------------------------------------------------------------------------------
@@ -315,23 +318,23 @@ def test_webhook_is_signed_retried_with_backoff_and_delivered_once(reference_dat
     delivery = AlertDelivery.objects.get()
     assert (delivery.channel, delivery.target, delivery.status) == ("webhook", receiver.url, "pending")
 
-    assert alerts_deliver(now=NOW) == 0
+    assert alerts_deliver(now=NOW).delivered == 0
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("pending", 1, 500)
     assert delivery.last_error == "HTTP 500 Internal Server Error"
     assert delivery.next_attempt_at == NOW + dt.timedelta(seconds=30)
 
-    assert alerts_deliver(now=NOW + dt.timedelta(seconds=29)) == 0  # not due yet: nothing is sent
+    assert alerts_deliver(now=NOW + dt.timedelta(seconds=29)).delivered == 0  # not due yet: nothing is sent
     assert len(receiver.requests) == 1
 
-    assert alerts_deliver(now=NOW + dt.timedelta(seconds=30)) == 1
+    assert alerts_deliver(now=NOW + dt.timedelta(seconds=30)).delivered == 1
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("delivered", 2, 200)
     assert delivery.delivered_at == NOW + dt.timedelta(seconds=30)
     assert delivery.next_attempt_at is None
     assert delivery.last_error == ""
 
-    assert alerts_deliver(now=NOW + dt.timedelta(hours=2)) == 0  # delivered once, never again
+    assert alerts_deliver(now=NOW + dt.timedelta(hours=2)).delivered == 0  # delivered once, never again
     assert len(receiver.requests) == 2
     for request in receiver.requests:
         assert request["path"] == "/hooks/axiom"
@@ -358,7 +361,7 @@ def test_a_receiver_that_always_fails_ends_failed_after_the_maximum_attempts(ref
         at = NOW
         waits = []
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            assert alerts_deliver(now=at) == 0
+            assert alerts_deliver(now=at).delivered == 0
             delivery = AlertDelivery.objects.get()
             assert delivery.attempts == attempt
             if attempt < MAX_ATTEMPTS:
@@ -366,7 +369,7 @@ def test_a_receiver_that_always_fails_ends_failed_after_the_maximum_attempts(ref
                 at = delivery.next_attempt_at
         assert waits == [dt.timedelta(seconds=s) for s in (30, 60, 120, 240, 480)]
         assert (delivery.status, delivery.last_status_code, delivery.next_attempt_at) == ("failed", 503, None)
-        assert alerts_deliver(now=at + dt.timedelta(days=1)) == 0
+        assert alerts_deliver(now=at + dt.timedelta(days=1)).delivered == 0
         assert len(failing.requests) == MAX_ATTEMPTS
 
 
@@ -388,7 +391,7 @@ def test_an_unreachable_receiver_records_the_error_without_a_status_code(referen
     with WebhookReceiver() as closed:
         url = closed.url
     _alert_with_webhook(url)  # the server is shut down: connection refused
-    assert alerts_deliver(now=NOW) == 0
+    assert alerts_deliver(now=NOW).delivered == 0
     delivery = AlertDelivery.objects.get()
     assert (delivery.attempts, delivery.last_status_code, delivery.status) == (1, None, "pending")
     assert "refused" in delivery.last_error.lower() or "error" in delivery.last_error.lower()
@@ -398,8 +401,8 @@ def test_a_stale_copy_of_a_delivery_cannot_send_the_same_attempt(reference_data,
     _alert_with_webhook(receiver.url)
     first = AlertDelivery.objects.select_related("alert", "webhook").get()
     second = AlertDelivery.objects.select_related("alert", "webhook").get()  # another worker's read
-    assert alert_services._delivery_attempt(first, now=NOW) == "delivered"
-    assert alert_services._delivery_attempt(second, now=NOW) is None
+    assert alert_delivery._delivery_attempt(first, now=NOW) == "delivered"
+    assert alert_delivery._delivery_attempt(second, now=NOW) is None
     assert len(receiver.requests) == 1
     assert AlertDelivery.objects.get().attempts == 1
 
@@ -421,7 +424,7 @@ def test_alerts_fan_out_to_agent_and_global_webhooks_and_emails(reference_data, 
         ("email", "owner@example.com"),
         ("email", "oncall@example.com"),
     }
-    assert alerts_deliver(now=NOW) == 4
+    assert alerts_deliver(now=NOW).delivered == 4
     assert set(AlertDelivery.objects.values_list("status", flat=True)) == {"delivered"}
     assert sorted(message.to[0] for message in mail.outbox) == ["oncall@example.com", "owner@example.com"]
     assert mail.outbox[0].subject == "[Axiom info] fanned: Budget 50% reached"
@@ -439,7 +442,7 @@ def test_alerts_created_elsewhere_are_fanned_out_by_the_periodic_delivery(refere
     Alert.objects.create(
         agent=agent, kind="scaling", severity="info", title="Scaled up", message="1 -> 2", dedup_key="s:1"
     )
-    assert alerts_deliver(now=NOW) == 1
+    assert alerts_deliver(now=NOW).delivered == 1
     assert [message.to for message in mail.outbox] == [["owner@example.com"]]
     assert Alert.objects.get().delivery_queued_at == NOW
 
@@ -449,12 +452,12 @@ def test_email_that_fails_is_retried(reference_data, settings):
     agent = budget_agent("mailer", spent="50")
     AlertSettings.objects.create(agent=agent, email="owner@example.com")
     budget_sweep(now=NOW)
-    assert alerts_deliver(now=NOW) == 0
+    assert alerts_deliver(now=NOW).delivered == 0
     delivery = AlertDelivery.objects.get()
     assert (delivery.status, delivery.attempts) == ("pending", 1)
     assert delivery.last_error == "OSError: SMTP server unreachable"
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-    assert alerts_deliver(now=delivery.next_attempt_at) == 1
+    assert alerts_deliver(now=delivery.next_attempt_at).delivered == 1
     assert len(mail.outbox) == 1
 
 
@@ -674,19 +677,48 @@ def test_alert_changelist_makes_no_query_per_row(reference_data, admin_client_lo
     assert len(six_rows) == len(one_row)
 
 
-def test_admin_adds_a_webhook_endpoint(reference_data, admin_client_logged_in):
+def test_admin_adds_a_webhook_endpoint_with_a_generated_secret_and_refuses_a_weak_one(
+    reference_data, admin_client_logged_in
+):
     agent = budget_agent("hooked-in-admin")
-    response = admin_client_logged_in.post(
-        reverse("admin:optimization_webhookendpoint_add"),
-        {
-            "agent": agent.pk,
-            "url": "https://hooks.example.com/axiom",
-            "secret": "s3cret-s3cret",
-            "enabled": "on",
-        },
-    )
+    url = reverse("admin:optimization_webhookendpoint_add")
+    page = admin_client_logged_in.get(url).content.decode()
+    generated = re.search(r'name="secret" value="(whsec_[^"]+)"', page).group(1)
+    assert generated.startswith("whsec_") and len(webhook_secret_key(generated)) == 32
+    form = {
+        "agent": agent.pk,
+        "url": "https://hooks.example.com/axiom",
+        "secret": "s3cret-s3cret",
+        "enabled": "on",
+        "max_concurrent_requests": "4",
+        "batch_size": "1",
+    }
+    refused = admin_client_logged_in.post(url, form)
+    assert refused.status_code == 200
+    assert "A secret starts with whsec_" in refused.content.decode()
+    for bad, message in (("whsec_not base64!", "is base64"), ("whsec_c2hvcnQ=", "24 to 64 bytes")):
+        assert message in admin_client_logged_in.post(url, {**form, "secret": bad}).content.decode()
+    form["secret"] = generated
+    too_many = admin_client_logged_in.post(url, {**form, "max_concurrent_requests": "33"})
+    assert too_many.status_code == 200
+    assert not WebhookEndpoint.objects.exists()
+
+    response = admin_client_logged_in.post(url, {**form, "batch_size": "100"})
     assert response.status_code == 302, response.content[:2000]
-    assert WebhookEndpoint.objects.get().url == "https://hooks.example.com/axiom"
+    endpoint = WebhookEndpoint.objects.get()
+    assert (endpoint.url, endpoint.secret, endpoint.max_concurrent_requests, endpoint.batch_size) == (
+        "https://hooks.example.com/axiom",
+        generated,
+        4,
+        100,
+    )
+    # The change page shows the secret, for the operator to give the receiver; the list only masks it.
+    change = admin_client_logged_in.get(
+        reverse("admin:optimization_webhookendpoint_change", args=[endpoint.pk])
+    )
+    assert generated in change.content.decode()
+    listing = admin_client_logged_in.get(reverse("admin:optimization_webhookendpoint_changelist"))
+    assert generated not in listing.content.decode()
 
 
 def test_openapi_schema_describes_the_alert_paths(client):

@@ -2,7 +2,7 @@
 webhook endpoints and rule states.
 
 Alerts, deliveries and rule states are written by the sweeps, so their pages are read-only; acknowledging
-is an action that calls the service. A webhook's secret is never shown in a list.
+is an action that calls the service. A webhook's secret is never shown in a list, only on its own page.
 """
 
 from __future__ import annotations
@@ -142,13 +142,24 @@ class WebhookEndpointForm(forms.ModelForm):
 
     class Meta:
         model = WebhookEndpoint
-        fields = ["agent", "url", "secret", "enabled"]
+        fields = ["agent", "url", "secret", "enabled", "max_concurrent_requests", "batch_size"]
+        # Shown in full on the endpoint's own page (a new one comes with a generated secret), for the
+        # operator to hand to the receiver; lists mask it.
+        widgets = {"secret": forms.TextInput(attrs={"size": 60, "autocomplete": "off"})}
 
 
 @admin.register(WebhookEndpoint)
 class WebhookEndpointAdmin(admin.ModelAdmin):
     form = WebhookEndpointForm
-    list_display = ("url", "agent", "enabled", "masked_secret", "created_at")
+    list_display = (
+        "url",
+        "agent",
+        "enabled",
+        "max_concurrent_requests",
+        "batch_size",
+        "masked_secret",
+        "created_at",
+    )
     list_filter = ("enabled",)
     search_fields = ("url", "agent__id")
     raw_id_fields = ("agent",)

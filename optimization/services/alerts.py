@@ -1,21 +1,20 @@
-"""Budgets and alerts: the budget sweep, cost spike detection, alert delivery and acknowledgement.
+"""Budgets and alerts: the budget sweep, cost spike detection, fanning alerts out to their deliveries, and
+acknowledgement.
 
 Every alert has a ``dedup_key`` that is unique in the database, so a sweep that runs twice (or twice at the
 same time) alerts once. Each new alert fans out to one ``AlertDelivery`` row per channel and target, in the
-transaction that creates it; the HTTP and SMTP calls happen later, outside any transaction, each attempt
-claimed with a conditional UPDATE so that two workers never send the same attempt.
+transaction that creates it; the HTTP and SMTP calls happen later, outside any transaction, in
+``optimization/services/alert_delivery.py``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 
 from django.conf import settings
-from django.core.mail import send_mail
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -33,19 +32,11 @@ from optimization.models import (
     WebhookEndpoint,
 )
 from optimization.selectors import SPIKE_BASELINE_HOURS, budget_utilization, cost_spike_ratio
-from optimization.webhooks import WebhookResult, webhook_post
 
 logger = logging.getLogger(__name__)
 
 Severity = OptimizationRule.Severity
 
-MAX_ATTEMPTS = 6
-BACKOFF_BASE = dt.timedelta(seconds=30)
-BACKOFF_CAP = dt.timedelta(hours=1)
-DELIVERY_BATCH_SIZE = 200
-# Stop starting new attempts after this long, well inside the task's soft time limit: each send can take
-# the webhook timeout, and what is left is due again at the next run.
-DELIVERY_TIME_BUDGET_SECONDS = 120
 FAN_OUT_BATCH_SIZE = 2000
 THRESHOLD_MIN, THRESHOLD_MAX = 1, 1000
 DEFAULT_SPIKE_RATIO = Decimal("3")
@@ -299,130 +290,6 @@ def cost_spike_sweep(
             )
         )
     return alerts_create(alerts=alerts, now=now)
-
-
-# --- Delivery -------------------------------------------------------------------------------------------
-
-
-def delivery_backoff(attempts: int) -> dt.timedelta:
-    """How long to wait after the ``attempts``-th failed attempt: 30 s, 1 min, 2 min, ... capped at 1 h."""
-    return min(BACKOFF_BASE * 2 ** max(attempts - 1, 0), BACKOFF_CAP)
-
-
-def _due(now: dt.datetime) -> Q:
-    return Q(status=AlertDelivery.Status.PENDING, attempts__lt=MAX_ATTEMPTS) & (
-        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
-    )
-
-
-def alert_payload(alert: Alert) -> dict:
-    return {
-        "id": alert.pk,
-        "agent_id": alert.agent_id,
-        "kind": alert.kind,
-        "severity": alert.severity,
-        "title": alert.title,
-        "message": alert.message,
-        "data": alert.data,
-        "created_at": alert.created_at.isoformat(),
-    }
-
-
-def _send(delivery: AlertDelivery) -> WebhookResult:
-    alert = delivery.alert
-    if delivery.channel == AlertDelivery.Channel.EMAIL:
-        try:
-            send_mail(
-                subject=f"[Axiom {alert.severity}] {alert.agent_id}: {alert.title}"[:200],
-                message=f"{alert.message}\n\nAlert {alert.pk} ({alert.kind}), {alert.created_at.isoformat()}",
-                from_email=None,
-                recipient_list=[delivery.target],
-            )
-        except Exception as exc:  # SMTP and backend errors vary; each is one failed attempt
-            return WebhookResult(ok=False, status_code=None, error=f"{type(exc).__name__}: {exc}"[:500])
-        return WebhookResult(ok=True, status_code=None)
-    webhook = delivery.webhook
-    if webhook is None:
-        return WebhookResult(ok=False, status_code=None, error="the webhook endpoint was deleted")
-    if not webhook.enabled:
-        return WebhookResult(ok=False, status_code=None, error="the webhook endpoint is disabled")
-    # The endpoint's current URL and secret: a rotated secret applies to the retries too.
-    return webhook_post(url=webhook.url, secret=webhook.secret, payload=alert_payload(alert))
-
-
-def _delivery_attempt(delivery: AlertDelivery, *, now: dt.datetime) -> str | None:
-    """Claim the next attempt, send, record. Returns the new status, or None when another worker claimed
-    the attempt first (or it is not due)."""
-    attempt = delivery.attempts + 1
-    # The claim also moves next_attempt_at to when a retry would be due: it is the lease that keeps other
-    # workers off this row while it is in flight, and the retry time if this worker dies mid-send.
-    claimed = (
-        AlertDelivery.objects.filter(_due(now), pk=delivery.pk, attempts=delivery.attempts).update(
-            attempts=attempt, next_attempt_at=now + delivery_backoff(attempt)
-        )
-        == 1
-    )
-    if not claimed:
-        return None
-    result = _send(delivery)
-    this_attempt = AlertDelivery.objects.filter(pk=delivery.pk, attempts=attempt)
-    if result.ok:
-        status = AlertDelivery.Status.DELIVERED
-        this_attempt.update(
-            status=status,
-            delivered_at=now,
-            next_attempt_at=None,
-            last_status_code=result.status_code,
-            last_error="",
-        )
-    elif attempt >= MAX_ATTEMPTS:
-        status = AlertDelivery.Status.FAILED
-        this_attempt.update(
-            status=status, next_attempt_at=None, last_status_code=result.status_code, last_error=result.error
-        )
-    else:
-        status = AlertDelivery.Status.PENDING
-        this_attempt.update(last_status_code=result.status_code, last_error=result.error)
-    if status != AlertDelivery.Status.DELIVERED:
-        logger.info("alert delivery %s attempt %s failed: %s", delivery.pk, attempt, result.error)
-    return status
-
-
-def alert_delivery_attempt(*, delivery_id: int, now: dt.datetime | None = None) -> str | None:
-    """Attempt one delivery now if it is due (for a task that targets one row)."""
-    now = now or timezone.now()
-    delivery = (
-        AlertDelivery.objects.select_related("alert", "webhook").filter(_due(now), pk=delivery_id).first()
-    )
-    if delivery is None:
-        return None
-    return _delivery_attempt(delivery, now=now)
-
-
-def alerts_deliver(*, now: dt.datetime | None = None, limit: int = DELIVERY_BATCH_SIZE) -> int:
-    """Fan out alerts not fanned out yet, then attempt every due delivery (oldest due first, up to
-    ``limit``). Returns how many were delivered.
-
-    The due rows are one query for any number of agents; the sends are one per delivery, by nature.
-    """
-    now = now or timezone.now()
-    alerts_fan_out(now=now)
-    # A worker that died during a last attempt leaves it pending with no attempts left: close it.
-    AlertDelivery.objects.filter(
-        status=AlertDelivery.Status.PENDING, attempts__gte=MAX_ATTEMPTS, next_attempt_at__lte=now
-    ).update(status=AlertDelivery.Status.FAILED, next_attempt_at=None)
-    due = list(
-        AlertDelivery.objects.filter(_due(now))
-        .select_related("alert", "webhook")
-        .order_by("next_attempt_at", "id")[:limit]
-    )
-    deadline = time.monotonic() + DELIVERY_TIME_BUDGET_SECONDS
-    delivered = 0
-    for delivery in due:
-        if time.monotonic() > deadline:
-            break
-        delivered += _delivery_attempt(delivery, now=now) == AlertDelivery.Status.DELIVERED
-    return delivered
 
 
 # --- Acknowledgement and settings -----------------------------------------------------------------------
