@@ -391,7 +391,15 @@ def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> i
             return expired_total
 
 
-def quota_share(*, source: Agent, target: Agent, resource_type_id: str, amount: int, actor: str) -> dict:
+def quota_share(
+    *,
+    source: Agent,
+    target: Agent,
+    resource_type_id: str,
+    amount: int,
+    actor: str,
+    now: dt.datetime | None = None,
+) -> dict:
     """Move unused quota of the current period from ``source`` to ``target``, as grants on both sides.
 
     Both quota rows are locked in primary-key order, so two agents sharing with each other at once cannot
@@ -407,7 +415,7 @@ def quota_share(*, source: Agent, target: Agent, resource_type_id: str, amount: 
         raise AgentSuspended(f"agent {source.id} is suspended")
     if target.status == Agent.Status.SUSPENDED:
         raise LedgerError(f"target agent {target.id} is suspended", code="target_suspended", status=409)
-    now = timezone.now()
+    now = now or timezone.now()
     with transaction.atomic():
         # Open (insert) and lock the two periods in agent-id order: two agents sharing with each other at
         # once then wait for one another instead of deadlocking, also inside a caller's transaction.

@@ -59,3 +59,15 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
     spent = rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
     granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0
     return {"used": used, "limit": quota.base_limit + granted, "spent_usd": spent}
+
+
+# Every quota period whose counters disagree with the usage log: it should return no rows. The README shows
+# it to operators; tests run it.
+RECONCILIATION_SQL = """
+SELECT q.id, q.agent_id, q.resource_type_id, q.period_start, q.used, q.spent_usd
+FROM quotas q
+LEFT JOIN usage_logs u ON u.quota_id = q.id
+GROUP BY q.id
+HAVING q.used <> coalesce(sum(u.amount) FILTER (WHERE u.kind IN ('allocation', 'settlement', 'execution')), 0)
+    OR q.spent_usd <> coalesce(sum(u.cost_usd), 0);
+""".strip()

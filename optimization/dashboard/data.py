@@ -172,14 +172,18 @@ def cost_chart(*, agent: Agent, now: dt.datetime) -> dict:
     codes = list(ResourceType.objects.values_list("code", flat=True))
     days = [(start + dt.timedelta(days=i)).date() for i in range((end - start).days)]
     today = now.date()
-    daily = {
-        (row["day"], row["resource_type_id"]): row["total"]
-        for row in UsageLog.objects.filter(agent=agent, created_at__gte=start, created_at__lt=end)
+    # The period's rows, by the period they are charged to: a settlement made just after the period ended
+    # belongs to it (and counts on its last day), as in /cost and the budgets.
+    daily: dict[tuple[dt.date, str], Decimal] = {}
+    for row in (
+        UsageLog.objects.filter(agent=agent, period_start=start, created_at__gte=start)
         .annotate(day=TruncDate("created_at", tzinfo=dt.UTC))
         .values("day", "resource_type_id")
         .annotate(total=Sum("cost_usd"))
         .order_by()
-    }
+    ):
+        key = (min(row["day"], days[-1]), row["resource_type_id"])
+        daily[key] = daily.get(key, Decimal(0)) + row["total"]
     series = []
     for code in codes:
         running = Decimal(0)
