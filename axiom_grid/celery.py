@@ -1,13 +1,52 @@
-"""The Celery app. Configuration comes from Django settings (``CELERY_*``); tasks are found in each app."""
+"""The Celery app. Configuration comes from Django settings (``CELERY_*``); tasks are found in each app.
+
+A beat process stamps each periodic task it sends with the time it sent it, so that a worker can tell the
+sends of one tick from those of the next (``ledger.periodic``): with two beats running, each tick arrives
+twice and must be worked once.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 
 from celery import Celery
+from celery.signals import beat_embedded_init, beat_init, before_task_publish, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "axiom_grid.settings")
 
 app = Celery("axiom_grid")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+BEAT_SENT_AT_HEADER = "beat_sent_at"
+_in_beat = False
+
+
+@beat_init.connect
+@beat_embedded_init.connect
+def _mark_beat_process(**kwargs) -> None:
+    global _in_beat
+    _in_beat = True
+
+
+@before_task_publish.connect
+def _stamp_beat_send(headers: dict | None = None, **kwargs) -> None:
+    # django-celery-beat names the schedule in ``periodic_task_name``; the admin's "run now" does too, but
+    # only a beat process stamps: a run from the admin is not a tick.
+    if _in_beat and headers is not None and "periodic_task_name" in headers:
+        headers.setdefault(BEAT_SENT_AT_HEADER, dt.datetime.now(dt.UTC).isoformat())
+
+
+@worker_init.connect
+@beat_init.connect
+def _refuse_the_public_secret_key(**kwargs) -> None:
+    # SystemExit, not the ImproperlyConfigured itself: Celery logs and swallows a receiver's Exception.
+    from django.core.exceptions import ImproperlyConfigured
+
+    from axiom_grid.startup import ensure_secret_key
+
+    try:
+        ensure_secret_key()
+    except ImproperlyConfigured as error:
+        raise SystemExit(str(error)) from None

@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from django_celery_beat.models import PeriodicTask
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from allocation import services
 from allocation.models import Allocation, IdempotencyRecord
@@ -122,6 +122,37 @@ def test_periodic_tasks_are_set_up_idempotently_and_keep_admin_edits(db):
     assert PeriodicTask.objects.get(name="Expire holds").enabled is False
     call_command("setup_periodic_tasks", "--reset")
     assert PeriodicTask.objects.get(name="Expire holds").enabled is True
+
+
+def test_every_schedule_expires_its_messages_within_its_interval_and_keeps_shorter_edits(db):
+    from django_celery_beat.schedulers import ModelEntry
+
+    from axiom_grid.celery import app
+
+    call_command("setup_periodic_tasks")
+    for periodic in PeriodicTask.objects.select_related("interval"):
+        assert periodic.expire_seconds == periodic.interval.every, periodic.name
+        # What beat puts on each message it sends: a relative expiry, not an end date for the schedule.
+        assert ModelEntry(periodic, app=app).options["expires"] == periodic.interval.every
+
+    # A row from before expiries, a shorter interval and a shorter expiry, each edited in the admin.
+    quicker = IntervalSchedule.objects.create(every=20, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.filter(name="Expire holds").update(expire_seconds=None)
+    PeriodicTask.objects.filter(name="Budget alert sweep").update(interval=quicker)
+    PeriodicTask.objects.filter(name="Rule evaluation").update(expire_seconds=30)
+    ends = timezone.now() + dt.timedelta(days=30)
+    PeriodicTask.objects.filter(name="Alert delivery").update(expire_seconds=None, expires=ends)
+    call_command("setup_periodic_tasks")
+    expiries = dict(PeriodicTask.objects.values_list("name", "expire_seconds"))
+    edited = ("Expire holds", "Budget alert sweep", "Rule evaluation")
+    assert [expiries[name] for name in edited] == [60, 20, 30]
+    assert expiries["Alert delivery"] is None  # an end date excludes expire_seconds; it is the operator's
+    assert PeriodicTask.objects.get(name="Budget alert sweep").interval.every == 20
+
+    call_command("setup_periodic_tasks", "--reset")
+    rows = {row.name: row for row in PeriodicTask.objects.select_related("interval")}
+    assert all(row.expire_seconds == row.interval.every and row.expires is None for row in rows.values())
+    assert (rows["Budget alert sweep"].interval.every, rows["Rule evaluation"].expire_seconds) == (60, 60)
 
 
 def test_every_schedule_names_a_registered_task_with_its_interval(db):

@@ -10,6 +10,7 @@ import logging
 
 from celery import shared_task
 
+from ledger.periodic import periodic_task
 from optimization.services.alert_delivery import alert_delivery_attempt, alerts_deliver
 from optimization.services.alerts import budget_sweep, cost_spike_sweep
 from optimization.services.rules import rules_evaluate
@@ -28,22 +29,22 @@ __all__ = [
 ]
 
 
-@shared_task(name="optimization.budget_sweep", **TASK_OPTIONS)
+@periodic_task(name="optimization.budget_sweep", **TASK_OPTIONS)
 def budget_sweep_task() -> int:
     return budget_sweep()
 
 
-@shared_task(name="optimization.rules_evaluate", **TASK_OPTIONS)
+@periodic_task(name="optimization.rules_evaluate", **TASK_OPTIONS)
 def rules_evaluate_task() -> dict:
     return rules_evaluate()
 
 
-@shared_task(name="optimization.cost_spike_sweep", **TASK_OPTIONS)
+@periodic_task(name="optimization.cost_spike_sweep", **TASK_OPTIONS)
 def cost_spike_sweep_task() -> int:
     return cost_spike_sweep()
 
 
-@shared_task(name="optimization.alerts_deliver", **TASK_OPTIONS)
+@periodic_task(name="optimization.alerts_deliver", **TASK_OPTIONS)
 def alerts_deliver_task(chained: int = 0) -> int:
     """Deliver what is due. A run that used its whole time budget enqueues the next at once, so that a
     backlog (a sweep of a large fleet) drains continuously rather than a run a minute: at most

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from celery import shared_task
-
+from ledger.periodic import periodic_task
 from optimization.services.marketplace import marketplace_refresh
 from optimization.tasks.common import TASK_OPTIONS
 
 __all__ = ["marketplace_refresh_task"]
 
 
-@shared_task(name="optimization.marketplace_refresh", **TASK_OPTIONS)
+@periodic_task(name="optimization.marketplace_refresh", **TASK_OPTIONS)
 def marketplace_refresh_task() -> dict:
     return marketplace_refresh()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from celery import shared_task
-
+from ledger.periodic import periodic_task
 from optimization.services.scaling import scaling_evaluate
 from optimization.tasks.common import TASK_OPTIONS
 
 __all__ = ["scaling_evaluate_task"]
 
 
-@shared_task(name="optimization.scaling_evaluate", **TASK_OPTIONS)
+@periodic_task(name="optimization.scaling_evaluate", **TASK_OPTIONS)
 def scaling_evaluate_task() -> dict:
     return scaling_evaluate()
