@@ -10,7 +10,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from ledger import reference
-from ledger.errors import LedgerError, QuotaExceeded
+from ledger.errors import Conflict, LedgerError, QuotaExceeded
 from ledger.invariants import quota_fits
 from ledger.models import (
     Agent,
@@ -236,7 +236,7 @@ def agent_create(
     metadata: dict | None = None,
 ) -> Agent:
     if Agent.objects.filter(id=agent_id).exists():
-        raise LedgerError(f"agent {agent_id!r} already exists", code="agent_exists")
+        raise Conflict(f"agent {agent_id!r} already exists", code="agent_exists")
     tier = Tier.objects.filter(code=tier_code).first()
     if tier is None:
         raise LedgerError(f"unknown tier {tier_code!r}", code="unknown_tier")

@@ -861,7 +861,7 @@ def test_creating_an_existing_agent_is_400(operator_client, agent_a):
 
     response = operator_client.post(reverse("api:agents"), {"id": agent_a.id, "tier": "FREE"}, format="json")
 
-    assert_error(response, 400, "agent_exists")
+    assert_error(response, 409, "agent_exists")
     assert ledger_snapshot() == before
     assert Agent.objects.get(pk=agent_a.id).tier_id == "PRO"
 

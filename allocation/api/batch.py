@@ -41,9 +41,17 @@ MAX_METADATA_CHARS = 4000
 AUDITED_AGENT_IDS = 100
 
 
+class BatchItemsField(serializers.ListField):
+    """The items, any JSON values: they are checked one by one below, so that an invalid item refuses only
+    itself. ``item`` is the serializer of a valid item, for the API schema."""
+
+    def __init__(self, *, item: type[serializers.Serializer] | None = None, **kwargs):
+        self.item = item
+        super().__init__(min_length=1, max_length=MAX_BATCH_ITEMS, **kwargs)
+
+
 class BatchIn(StrictSerializer):
-    # Items are checked one by one below, so that an invalid item refuses only itself.
-    items = serializers.ListField(min_length=1, max_length=MAX_BATCH_ITEMS)
+    items = BatchItemsField()
 
 
 def _printable(value: str) -> None:
@@ -84,16 +92,16 @@ class UsageBatchItemIn(BatchItemIn):
     agent_id = serializers.CharField(max_length=64)
 
 
-class AllocationBatchIn(serializers.Serializer):
+class AllocationBatchIn(BatchIn):
     """The request body of the agent route, for the API schema."""
 
-    items = BatchItemIn(many=True, min_length=1, max_length=MAX_BATCH_ITEMS)
+    items = BatchItemsField(item=BatchItemIn)
 
 
-class UsageBatchIn(serializers.Serializer):
+class UsageBatchIn(BatchIn):
     """The request body of the operator route, for the API schema."""
 
-    items = UsageBatchItemIn(many=True, min_length=1, max_length=MAX_BATCH_ITEMS)
+    items = BatchItemsField(item=UsageBatchItemIn)
 
 
 class BatchErrorOut(serializers.Serializer):

@@ -7,10 +7,11 @@ then they answer 501 ``not_implemented``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, PolymorphicProxySerializer, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
@@ -19,9 +20,18 @@ from allocation.api.serializers import AmountField, QuotaOut, ResourceTypeField
 from allocation.api.shared.auth import agent_for
 from allocation.api.shared.errors import error_body
 from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.schema import errors
 from allocation.api.shared.views import GridAPIView, valid
 from allocation.api.views import cost_payload
-from ledger.errors import LedgerError, NotFound
+from ledger.errors import (
+    AgentSuspended,
+    AgentThrottled,
+    Conflict,
+    FeatureDisabled,
+    LedgerError,
+    NotFound,
+    QuotaExceeded,
+)
 from ledger.models import Agent
 from ledger.money import money_round
 
@@ -62,6 +72,33 @@ class CompatPost(serializers.Serializer):
     hold = serializers.BooleanField(required=False, default=False)
 
 
+# What each action needs besides ``agentId`` (``_require``): the request body's variants in the API schema.
+REQUIRED_BY_ACTION = {
+    "allocate": ("resourceType", "amount"),
+    "check": ("resourceType", "amount"),
+    "share": ("resourceType", "amount", "targetAgentId"),
+    "purchase": ("dealId", "amount"),
+    "optimize": (),
+}
+
+
+def _post_variant(action: str) -> type[serializers.Serializer]:
+    """``CompatPost`` as the schema of one action: its ``action``, with the fields it requires."""
+    fields = {name: copy.deepcopy(field) for name, field in CompatPost._declared_fields.items()}
+    fields["action"] = serializers.ChoiceField(choices=[action])
+    for name in REQUIRED_BY_ACTION[action]:
+        field = fields[name]  # a field is copied by its arguments: required is one of them
+        fields[name] = type(field)(*field._args, **{**field._kwargs, "required": True})
+    return type(f"Compat{action.title()}In", (serializers.Serializer,), fields)
+
+
+COMPAT_POST_SCHEMA = PolymorphicProxySerializer(
+    component_name="CompatPostIn",
+    serializers={action: _post_variant(action) for action in REQUIRED_BY_ACTION},
+    resource_type_field_name="action",
+)
+
+
 def _require(data: dict, *names: str) -> None:
     missing = [name for name in names if name not in data]
     if missing:
@@ -86,6 +123,7 @@ class ResourcesView(GridAPIView):
         responses=OpenApiTypes.OBJECT,
         summary="The product description's resource endpoint (read)",
     )
+    @errors(FeatureDisabled, NotFound)
     def get(self, request):
         query = valid(CompatQuery, request.query_params.dict())
         agent = agent_for(request.user, query["agentId"])
@@ -112,10 +150,31 @@ class ResourcesView(GridAPIView):
         return Response(handler(request, agent))
 
     @extend_schema(
-        parameters=[OpenApiParameter("action", str, enum=["optimize"], required=False)],
-        request=CompatPost,
-        responses=OpenApiTypes.OBJECT,
+        parameters=[
+            OpenApiParameter(
+                "action",
+                str,
+                enum=["optimize"],
+                description="Takes the place of the body's `action`",
+            )
+        ],
+        request=COMPAT_POST_SCHEMA,
+        responses={200: OpenApiTypes.OBJECT, 201: OpenApiTypes.OBJECT},
         summary="The product description's resource endpoint (allocate, check, share, purchase, optimize)",
+    )
+    @errors(
+        QuotaExceeded,
+        AgentThrottled,
+        AgentSuspended,
+        FeatureDisabled,
+        NotFound,
+        no_price=Conflict,
+        invalid_target=LedgerError,
+        target_suspended=Conflict,
+        deal_not_open=Conflict,
+        deal_insufficient=Conflict,
+        deal_changed=Conflict,
+        own_deal=Conflict,
     )
     def post(self, request):
         action = request.query_params.get("action") or (
@@ -128,7 +187,7 @@ class ResourcesView(GridAPIView):
             agent = agent_for(request.user, data["agentId"])
             name = data["action"]
             if name == "check":
-                _require(data, "resourceType", "amount")
+                _require(data, *REQUIRED_BY_ACTION[name])
                 result = services.quota_check(
                     agent=agent, resource_type_id=data["resourceType"], amount=data["amount"]
                 )
@@ -138,7 +197,7 @@ class ResourcesView(GridAPIView):
                     "reason": result.reason,
                 }
             if name == "allocate":
-                _require(data, "resourceType", "amount")
+                _require(data, *REQUIRED_BY_ACTION[name])
                 allocation = services.allocation_create(
                     agent=agent,
                     resource_type_id=data["resourceType"],
@@ -157,7 +216,7 @@ class ResourcesView(GridAPIView):
                     "expiresAt": allocation.expires_at.isoformat() if allocation.expires_at else None,
                 }
             if name == "share":
-                _require(data, "resourceType", "amount", "targetAgentId")
+                _require(data, *REQUIRED_BY_ACTION[name])
                 target = Agent.objects.filter(pk=data["targetAgentId"]).first()
                 if target is None:
                     raise NotFound(f"target agent {data['targetAgentId']!r} not found")

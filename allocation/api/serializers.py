@@ -179,10 +179,36 @@ class SettleIn(StrictSerializer):
     amount = AmountField(min_value=0)
 
 
+class ReleaseIn(StrictSerializer):
+    """A release takes no fields."""
+
+
 class ShareIn(StrictSerializer):
     resource_type = ResourceTypeField()
     amount = AmountField()
     target_agent_id = serializers.CharField(max_length=64)
+
+
+# A decimal rendered as an exact string, as many places as it has ("12.5", "0.000123"): money, percentages.
+DECIMAL_STRING = {"max_digits": None, "decimal_places": None}
+
+
+class ShareOut(serializers.Serializer):
+    resource_type = serializers.CharField()
+    amount = AmountField()
+    source_agent_id = serializers.CharField()
+    target_agent_id = serializers.CharField()
+    source_available = serializers.IntegerField(help_text="What the source has left available to allocate")
+
+
+class CostOut(serializers.Serializer):
+    agent_id = serializers.CharField()
+    period_start = serializers.DateTimeField()
+    period_end = serializers.DateTimeField()
+    by_resource_type = serializers.DictField(child=serializers.DecimalField(**DECIMAL_STRING))
+    total_usd = serializers.DecimalField(**DECIMAL_STRING)
+    monthly_budget_usd = serializers.DecimalField(**DECIMAL_STRING, allow_null=True)
+    budget_utilization_percent = serializers.DecimalField(**DECIMAL_STRING, allow_null=True)
 
 
 class QuotaOut(serializers.ModelSerializer):
@@ -216,9 +242,9 @@ class UsageOut(serializers.ModelSerializer):
 
 class UsageQuery(StrictSerializer):
     resource_type = ResourceTypeField(required=False)
-    since = serializers.DateTimeField(required=False)
-    until = serializers.DateTimeField(required=False)
-    cursor = serializers.CharField(required=False)
+    since = serializers.DateTimeField(required=False, help_text="ISO 8601, inclusive")
+    until = serializers.DateTimeField(required=False, help_text="ISO 8601, exclusive")
+    cursor = serializers.CharField(required=False, help_text="From the `next` or `previous` link")
     page_size = serializers.IntegerField(required=False, min_value=1, max_value=1000)
 
 
@@ -248,8 +274,10 @@ class AgentOut(serializers.ModelSerializer):
         return {override.resource_type_id: override.limit for override in obj.limit_overrides.all()}
 
 
-class CustomLimitsField(serializers.DictField):
-    child = AmountField(min_value=0)
+class ResourceAmountsField(serializers.DictField):
+    """An amount per resource type: ``{"AI_TOKENS": 500, ...}``; an unknown resource type is refused."""
+
+    child = AmountField()
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
@@ -257,6 +285,19 @@ class CustomLimitsField(serializers.DictField):
         if unknown:
             raise serializers.ValidationError(f"unknown resource types: {', '.join(unknown)}")
         return value
+
+
+class CustomLimitsField(ResourceAmountsField):
+    child = AmountField(min_value=0)
+
+
+class AgentCreatedOut(AgentOut):
+    api_key = serializers.CharField(
+        allow_null=True, help_text="The agent's first key, shown once (null when the creation is replayed)"
+    )
+
+    class Meta(AgentOut.Meta):
+        fields = [*AgentOut.Meta.fields, "api_key"]
 
 
 MONEY = {"max_digits": 20, "decimal_places": 2, "min_value": Decimal("0")}

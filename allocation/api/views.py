@@ -3,34 +3,47 @@
 from __future__ import annotations
 
 import django_filters
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import generics
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from allocation import services
 from allocation.api.serializers import (
+    AgentCreatedOut,
     AgentCreateIn,
     AgentOut,
     AgentPatchIn,
     AllocationIn,
     AllocationOut,
+    CostOut,
     QuotaCheckIn,
     QuotaCheckOut,
     QuotaOut,
+    ReleaseIn,
     SettleIn,
     ShareIn,
+    ShareOut,
     UsageOut,
     UsageQuery,
     allocation_in,
 )
 from allocation.api.shared.auth import ApiKeyAuthentication, CachedApiKeyAuthentication, IsOperator
 from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.schema import errors
 from allocation.api.shared.views import AgentScopedView, valid
 from allocation.keys import api_key_issue
 from allocation.models import Allocation
 from allocation.representation import USAGE_COLUMNS, allocation_body, usage_body
-from ledger.errors import NotFound
+from ledger.errors import (
+    AgentSuspended,
+    AgentThrottled,
+    Conflict,
+    FeatureDisabled,
+    LedgerError,
+    NotFound,
+    QuotaExceeded,
+)
 from ledger.models import Agent, UsageLog
 from ledger.services import agent_create, agent_update
 
@@ -54,8 +67,9 @@ class AgentListCreateView(generics.ListAPIView):
     filterset_class = AgentFilter
 
     @extend_schema(
-        request=AgentCreateIn, responses={201: AgentOut}, summary="Create an agent and its first key"
+        request=AgentCreateIn, responses={201: AgentCreatedOut}, summary="Create an agent and its first key"
     )
+    @errors(agent_exists=Conflict)
     def post(self, request):
         def create(body):
             data = valid(AgentCreateIn, body)
@@ -82,12 +96,11 @@ class AgentDetailView(AgentScopedView):
         return Response(AgentOut(self.agent()).data)
 
     @extend_schema(request=AgentPatchIn, responses=AgentOut)
+    @errors(forbidden=403, invalid_instances=LedgerError)
     def patch(self, request, agent_id):
         def update(body):
             agent = self.agent()
             if not request.user.is_operator:
-                from ledger.errors import LedgerError
-
                 raise LedgerError("only an operator can change an agent", code="forbidden", status=403)
             data = valid(AgentPatchIn, body)
             if "tier" in data:
@@ -124,6 +137,7 @@ class AllocationCreateView(AgentScopedView):
     authentication_classes = [CachedApiKeyAuthentication]
 
     @extend_schema(request=AllocationIn, responses={201: AllocationOut})
+    @errors(QuotaExceeded, AgentThrottled, AgentSuspended, no_price=Conflict, invalid_hold_ttl=LedgerError)
     def post(self, request, agent_id):
         # The hot path: one statement takes the quota and writes the allocation, its usage row, its audit
         # record and its stored response (one_statement); the agent key is usually known from a few
@@ -161,6 +175,7 @@ class AllocationDetailView(AgentScopedView):
 
 class AllocationSettleView(AgentScopedView):
     @extend_schema(request=SettleIn, responses=AllocationOut)
+    @errors(QuotaExceeded, hold_not_open=Conflict)
     def post(self, request, agent_id, allocation_id):
         def settle(body):
             data = valid(SettleIn, body)
@@ -176,10 +191,11 @@ class AllocationSettleView(AgentScopedView):
 
 
 class AllocationReleaseView(AgentScopedView):
-    @extend_schema(request=None, responses=AllocationOut)
+    @extend_schema(request=ReleaseIn, responses=AllocationOut)
+    @errors(hold_not_open=Conflict)
     def post(self, request, agent_id, allocation_id):
         def release(body):
-            valid(SettleIn.__base__, body)  # a release takes no fields
+            valid(ReleaseIn, body)
             allocation = services.hold_release(agent=self.agent(), allocation_id=allocation_id)
             return 200, AllocationOut(allocation).data
 
@@ -187,7 +203,10 @@ class AllocationReleaseView(AgentScopedView):
 
 
 class ShareCreateView(AgentScopedView):
-    @extend_schema(request=ShareIn, responses={201: dict})
+    @extend_schema(request=ShareIn, responses={201: ShareOut})
+    @errors(
+        QuotaExceeded, AgentSuspended, FeatureDisabled, invalid_target=LedgerError, target_suspended=Conflict
+    )
     def post(self, request, agent_id):
         def share(body):
             data = valid(ShareIn, body)
@@ -218,14 +237,9 @@ class UsagePagination(CursorPagination):
 
 
 class UsageListView(AgentScopedView):
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("resource_type", str),
-            OpenApiParameter("since", str, description="ISO 8601, inclusive"),
-            OpenApiParameter("until", str, description="ISO 8601, exclusive"),
-        ],
-        responses=UsageOut(many=True),
-    )
+    pagination_class = UsagePagination
+
+    @extend_schema(parameters=[UsageQuery], responses=UsageOut(many=True))
     def get(self, request, agent_id):
         agent = self.agent()
         query = valid(UsageQuery, request.query_params.dict())
@@ -236,13 +250,13 @@ class UsageListView(AgentScopedView):
             rows = rows.filter(created_at__gte=query["since"])
         if "until" in query:
             rows = rows.filter(created_at__lt=query["until"])
-        paginator = UsagePagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(rows, request, view=self)
         return paginator.get_paginated_response([usage_body(row) for row in page])
 
 
 class CostView(AgentScopedView):
-    @extend_schema(responses=dict)
+    @extend_schema(responses=CostOut)
     def get(self, request, agent_id):
         return Response(cost_payload(services.agent_cost(agent=self.agent())))
 

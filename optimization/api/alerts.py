@@ -9,7 +9,7 @@ PUT  /api/v1/agents/{id}/alert-settings                            {"budget_thre
 from __future__ import annotations
 
 from django.urls import path
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
@@ -101,8 +101,10 @@ class AlertPagination(CursorPagination):
 
 
 class AlertListView(AgentScopedView):
+    pagination_class = AlertPagination
+
     @extend_schema(
-        parameters=[OpenApiParameter("status", str, enum=["open", "acknowledged", "all"], default="open")],
+        parameters=[AlertQuery],
         responses=AlertOut(many=True),
         summary="The agent's alerts, newest first",
     )
@@ -114,13 +116,13 @@ class AlertListView(AgentScopedView):
             alerts = alerts.filter(acknowledged_at__isnull=True)
         elif query["status"] == "acknowledged":
             alerts = alerts.filter(acknowledged_at__isnull=False)
-        paginator = AlertPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(alerts, request, view=self)
         return paginator.get_paginated_response(AlertOut(page, many=True).data)
 
 
 class AlertAcknowledgeView(AgentScopedView):
-    @extend_schema(request=None, responses=AlertOut, summary="Acknowledge an alert (idempotent)")
+    @extend_schema(request=AcknowledgeIn, responses=AlertOut, summary="Acknowledge an alert (idempotent)")
     def post(self, request, agent_id, alert_id):
         def acknowledge(body):
             valid(AcknowledgeIn, body)

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from django.urls import path
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
@@ -22,8 +22,9 @@ from allocation.api.serializers import StrictSerializer
 from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.auth import IsOperator
 from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.schema import errors
 from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
-from ledger.errors import NotFound
+from ledger.errors import FeatureDisabled, NotFound
 from ledger.models import Agent
 from optimization.models import Experiment
 from optimization.services.analytics import (
@@ -66,7 +67,11 @@ def recommendations_payload(agent: Agent) -> dict:
 
 class MetricsQuery(StrictSerializer):
     window_hours = serializers.IntegerField(
-        min_value=1, max_value=MAX_WINDOW_HOURS, required=False, default=DEFAULT_WINDOW_HOURS
+        min_value=1,
+        max_value=MAX_WINDOW_HOURS,
+        required=False,
+        default=DEFAULT_WINDOW_HOURS,
+        help_text="The performance window in hours",
     )
 
 
@@ -76,14 +81,11 @@ class OptimizeIn(StrictSerializer):
 
 class MetricsView(AgentScopedView):
     @extend_schema(
-        parameters=[
-            OpenApiParameter(
-                "window_hours", int, description=f"Performance window, 1-{MAX_WINDOW_HOURS} (default 24)"
-            )
-        ],
+        parameters=[MetricsQuery],
         responses=OpenApiTypes.OBJECT,
         summary="Current usage, performance over a window, and this period's cost with a forecast",
     )
+    @errors(FeatureDisabled)
     def get(self, request, agent_id):
         agent = self.agent()
         query = valid(MetricsQuery, request.query_params.dict())
@@ -94,22 +96,25 @@ class AnalysisView(AgentScopedView):
     @extend_schema(
         responses=OpenApiTypes.OBJECT, summary="Bottlenecks, efficiency score and optimization actions"
     )
+    @errors(FeatureDisabled)
     def get(self, request, agent_id):
         return Response(render(agent_analysis(agent=self.agent())))
 
 
 class RecommendationsView(AgentScopedView):
     @extend_schema(responses=OpenApiTypes.OBJECT, summary="Ranked recommendations with expected savings")
+    @errors(FeatureDisabled)
     def get(self, request, agent_id):
         return Response(recommendations_payload(self.agent()))
 
 
 class OptimizeView(AgentScopedView):
     @extend_schema(
-        request=None,
+        request=OptimizeIn,
         responses=OpenApiTypes.OBJECT,
         summary="Apply the safe high-priority recommendations (scaling, deals within budget)",
     )
+    @errors(FeatureDisabled)
     def post(self, request, agent_id):
         def optimize(body):
             valid(OptimizeIn, body)
@@ -122,6 +127,7 @@ class ExperimentReportView(GridAPIView):
     permission_classes = [IsOperator]
 
     @extend_schema(responses=OpenApiTypes.OBJECT, summary="An A/B experiment's results per arm (operator)")
+    @errors(FeatureDisabled)
     def get(self, request, experiment_id):
         experiment = Experiment.objects.filter(pk=experiment_id).first()
         if experiment is None:

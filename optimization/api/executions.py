@@ -6,27 +6,23 @@ from django.urls import path
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 
-from allocation.api.serializers import AmountField, ResourceTypeField, StrictSerializer
+from allocation.api.serializers import ResourceAmountsField, StrictSerializer
 from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.schema import errors
 from allocation.api.shared.views import AgentScopedView, valid
+from ledger.errors import AgentSuspended, AgentThrottled, FeatureDisabled, QuotaExceeded
 from optimization.models import Execution
 from optimization.services.executions import execution_record
 
 
 class ExecutionIn(StrictSerializer):
     superpower = serializers.CharField(max_length=100)
-    resources = serializers.DictField(child=AmountField(), allow_empty=False)
+    resources = ResourceAmountsField(allow_empty=False)
     duration_ms = serializers.IntegerField(min_value=0, max_value=2**31 - 1)
     success = serializers.BooleanField()
     output_units = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
     task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-
-    def validate_resources(self, value: dict) -> dict:
-        field = ResourceTypeField()
-        for code in value:
-            field.run_validation(code)
-        return value
 
 
 class ExecutionOut(serializers.ModelSerializer):
@@ -50,6 +46,7 @@ class ExecutionOut(serializers.ModelSerializer):
 
 class ExecutionCreateView(AgentScopedView):
     @extend_schema(request=ExecutionIn, responses={201: ExecutionOut}, summary="Track a superpower execution")
+    @errors(QuotaExceeded, AgentThrottled, AgentSuspended, FeatureDisabled)
     def post(self, request, agent_id):
         def record(body):
             data = valid(ExecutionIn, body)

@@ -14,7 +14,7 @@ Which agent sells a deal is shown to operators only: to an agent's key a seller 
 from __future__ import annotations
 
 from django.urls import path
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
@@ -23,7 +23,9 @@ from allocation.api.serializers import AmountField, ResourceTypeField, StrictSer
 from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.auth import agent_for
 from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.schema import errors
 from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
+from ledger.errors import AgentSuspended, Conflict, FeatureDisabled, LedgerError, QuotaExceeded
 from ledger.models import Agent
 from optimization.models import Deal, Purchase
 from optimization.services.marketplace import deal_list, deal_purchase, deals_for_agent, deals_open
@@ -68,7 +70,9 @@ class DealIn(StrictSerializer):
     resource_type = ResourceTypeField()
     amount = AmountField()
     unit_price_usd = serializers.DecimalField(**UNIT_PRICE, min_value=0)
-    expires_at = serializers.DateTimeField(required=False)
+    expires_at = serializers.DateTimeField(
+        required=False, help_text="After now and no later than the end of the current period"
+    )
 
 
 class DealQuery(StrictSerializer):
@@ -112,23 +116,36 @@ class DealPagination(CursorPagination):
     max_page_size = 500
 
 
-class DealSearchView(GridAPIView):
-    @extend_schema(
-        parameters=[OpenApiParameter("resource_type", str)],
-        responses=DealOut(many=True),
-        summary="Open deals, cheapest first",
+class AgentDealsOut(serializers.Serializer):
+    agent_id = serializers.CharField()
+    period_start = serializers.DateTimeField()
+    period_end = serializers.DateTimeField()
+    shortfalls = serializers.ListField(child=serializers.DictField(), help_text="Forecast shortfalls")
+    list_prices = serializers.DictField(
+        child=serializers.DecimalField(max_digits=None, decimal_places=None), help_text="By resource type"
     )
+    deals = DealOut(many=True)
+
+
+class DealSearchView(GridAPIView):
+    pagination_class = DealPagination
+
+    @extend_schema(parameters=[DealQuery], responses=DealOut(many=True), summary="Open deals, cheapest first")
+    @errors(FeatureDisabled)
     def get(self, request):
         query = valid(DealQuery, request.query_params.dict())
         deals = deals_open(resource_type_id=query.get("resource_type"))
-        paginator = DealPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(deals, request, view=self)
         data = DealOut(page, many=True, context={"principal": request.user}).data
         return paginator.get_paginated_response(data)
 
 
 class AgentDealsView(AgentScopedView):
-    @extend_schema(responses=dict, summary="Deals below list price for what the agent is forecast to lack")
+    @extend_schema(
+        responses=AgentDealsOut, summary="Deals below list price for what the agent is forecast to lack"
+    )
+    @errors(FeatureDisabled)
     def get(self, request, agent_id):
         found = deals_for_agent(agent=self.agent())
         return Response(
@@ -143,6 +160,7 @@ class AgentDealsView(AgentScopedView):
         )
 
     @extend_schema(request=DealIn, responses={201: DealOut}, summary="List unused quota for sale")
+    @errors(QuotaExceeded, FeatureDisabled, invalid_price=LedgerError, invalid_expiry=LedgerError)
     def post(self, request, agent_id):
         def offer(body):
             data = valid(DealIn, body)
@@ -160,6 +178,14 @@ class AgentDealsView(AgentScopedView):
 
 class DealPurchaseView(GridAPIView):
     @extend_schema(request=PurchaseIn, responses={201: PurchaseOut}, summary="Buy units of a deal")
+    @errors(
+        AgentSuspended,
+        FeatureDisabled,
+        deal_not_open=Conflict,
+        deal_insufficient=Conflict,
+        deal_changed=Conflict,
+        own_deal=Conflict,
+    )
     def post(self, request, deal_id):
         agent_id = request.data.get("agent_id", "") if isinstance(request.data, dict) else ""
 

@@ -21,8 +21,9 @@ from rest_framework.response import Response
 from allocation.api.serializers import StrictSerializer
 from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.mutation import run_mutation
+from allocation.api.shared.schema import errors
 from allocation.api.shared.views import AgentScopedView, valid
-from ledger.errors import LedgerError, NotFound
+from ledger.errors import Conflict, LedgerError, NotFound
 from optimization.models import ScalingEvent, ScalingPolicy
 from optimization.services.scaling import (
     scaling_apply,
@@ -65,6 +66,16 @@ class ScalingEventOut(serializers.ModelSerializer):
             "actor",
             "created_at",
         ]
+
+
+class ScaleUnchangedOut(serializers.Serializer):
+    changed = serializers.BooleanField(help_text="Always false: the agent is already at that bound")
+    agent_id = serializers.CharField()
+    direction = serializers.ChoiceField(choices=ScalingEvent.Direction.choices)
+    instance_count = serializers.IntegerField()
+    min_instances = serializers.IntegerField()
+    max_instances = serializers.IntegerField()
+    reason = serializers.CharField()
 
 
 class ScalingPolicyIn(StrictSerializer):
@@ -110,9 +121,10 @@ class ScalingPolicyOut(serializers.ModelSerializer):
 class ScaleView(AgentScopedView):
     @extend_schema(
         request=ScaleIn,
-        responses={201: ScalingEventOut, 200: dict},
+        responses={201: ScalingEventOut, 200: ScaleUnchangedOut},
         summary="Scale an agent up or down now (operator)",
     )
+    @errors(forbidden=403)
     def post(self, request, agent_id):
         def scale(body):
             agent = self.agent()  # another agent's id answers 404 before the operator check
@@ -161,6 +173,7 @@ class ScalingPolicyView(AgentScopedView):
         responses={200: ScalingPolicyOut, 201: ScalingPolicyOut},
         summary="Create or change the agent's own scaling policy (operator)",
     )
+    @errors(forbidden=403, invalid_policy=LedgerError, policy_conflict=Conflict)
     def put(self, request, agent_id):
         def save(body):
             agent = self.agent()
@@ -178,11 +191,25 @@ class ScalingEventPagination(CursorPagination):
     max_page_size = 500
 
 
+class ScalingEventQuery(StrictSerializer):
+    cursor = serializers.CharField(required=False, help_text="From the `next` or `previous` link")
+    page_size = serializers.IntegerField(
+        required=False, min_value=1, max_value=ScalingEventPagination.max_page_size
+    )
+
+
 class ScalingEventListView(AgentScopedView):
-    @extend_schema(responses=ScalingEventOut(many=True), summary="The agent's scaling events, newest first")
+    pagination_class = ScalingEventPagination
+
+    @extend_schema(
+        parameters=[ScalingEventQuery],
+        responses=ScalingEventOut(many=True),
+        summary="The agent's scaling events, newest first",
+    )
     def get(self, request, agent_id):
+        valid(ScalingEventQuery, request.query_params.dict())  # as the other lists: a bad page_size is a 400
         events = ScalingEvent.objects.filter(agent=self.agent())
-        paginator = ScalingEventPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(events, request, view=self)
         return paginator.get_paginated_response(ScalingEventOut(page, many=True).data)
 
