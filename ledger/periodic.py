@@ -11,12 +11,14 @@ both in PostgreSQL, make the second send of a tick a no-op:
   that lock. The lock alone does not dedupe: the second beat's send often arrives after the first run has
   ended and released it. So each beat stamps its sends with the time it sent them (``BEAT_SENT_AT_HEADER``,
   set in ``axiom_grid.celery``), and a send runs only if it was sent at least three quarters of its
-  schedule's interval after the send of the last completed run. One beat sends a schedule at least an
-  interval apart, so its ticks always run (a quarter of slack absorbs a late publish); two beats' sends of
-  one tick are less than an interval apart, and with less than half an interval of slack two runs can never
-  fit in one interval, so whichever beat is first does the tick's work and the other's send skips. The
-  stamp is the beat's clock, not the worker's: time spent waiting in the queue does not shift a tick.
-  A run that fails records nothing, so the tick's other send (or the message's redelivery) still does it.
+  schedule's interval after the send of the last completed run. One beat alone sends a schedule at least an
+  interval apart, so every send of it runs (the quarter of slack absorbs a late publish). Two beats send each
+  tick twice, at most half an interval apart (pairing each send with the other beat's nearest): once one of
+  the two has run the other skips, and the later send of the next tick comes at least an interval after
+  both, so it runs if the earlier one did not. Each tick runs once, in whatever order the worker takes the
+  sends. The stamp is the beat's clock, not the worker's: time spent in the queue does not shift a tick. A
+  run that fails records nothing, so a send of the tick that comes after it (or the message's redelivery
+  after a lost worker) still does the work.
 
 Sweeps are idempotent on their own (conditional updates, dedup keys, cooldowns), but not every piece of
 work is: a rule without a cooldown fires at every evaluation, so two evaluations in one tick alert twice.
@@ -40,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
-from django.db import DatabaseError, connection
+from django.db import connection
 from django.utils import timezone
 
 from axiom_grid.celery import BEAT_SENT_AT_HEADER
@@ -75,7 +77,7 @@ def _lock_release(key: int) -> None:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_NAMESPACE, key])
-    except DatabaseError:
+    except Exception:  # whatever it is, it must not hide the run's own exception
         # A connection that cannot unlock is closed, and closing it is what releases a session lock.
         logger.warning("could not release the advisory lock %s; closing the connection", key, exc_info=True)
         connection.close()
