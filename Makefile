@@ -34,14 +34,14 @@ migrate: setup
 # gunicorn (127.0.0.1:8000), a Celery worker and beat from the Procfile (axiom_grid/procfile.py); Ctrl-C stops
 # the three, then the embedded database. The database is started once for the preparation and the service.
 run: setup
-	@$(WITH_DATABASE) sh -c '$(PREPARE) && $(MANAGE) load_demo_data && \
+	@DEBUG=$${DEBUG:-true} $(WITH_DATABASE) sh -c '$(PREPARE) && $(MANAGE) load_demo_data && \
 		echo "" && \
 		echo "  Axiom Energy Grid is starting on http://127.0.0.1:8000/" && \
 		echo "  Admin:  http://127.0.0.1:8000/admin/   login: admin / admin (demo)" && \
 		echo "  Database: $(DATABASE_NOTE)" && \
 		echo "  Broker: $(BROKER_NOTE)" && \
 		echo "" && \
-		PATH="$(CURDIR)/$(BIN):$$PATH" DEBUG=$${DEBUG:-true} exec $(BIN)/python -m axiom_grid.procfile Procfile'
+		PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/python -m axiom_grid.procfile Procfile'
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,6 +18,19 @@ class AxiomGridConfig(AppConfig):
 
     def ready(self) -> None:
         checks.register(postgresql_version_check, checks.Tags.database)
+        checks.register(csrf_middleware_check, checks.Tags.security, deploy=True)
+
+
+def csrf_middleware_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """Django's security.W003 looks for CsrfViewMiddleware by its dotted path, and the grid installs a
+    subclass that skips API calls (axiom_grid.middleware), so W003 is silenced in settings and this check
+    stands in for it: some installed middleware must be a CsrfViewMiddleware."""
+    from django.middleware.csrf import CsrfViewMiddleware
+    from django.utils.module_loading import import_string
+
+    if any(issubclass(import_string(path), CsrfViewMiddleware) for path in settings.MIDDLEWARE):
+        return []
+    return [checks.Error("No CSRF middleware is installed (a CsrfViewMiddleware).", id="axiom_grid.E004")]
 
 
 def postgresql_version_check(app_configs=None, databases=None, **kwargs) -> list[checks.CheckMessage]:

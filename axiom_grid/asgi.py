@@ -8,3 +8,7 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "axiom_grid.settings")
 application = get_asgi_application()
+
+from axiom_grid.startup import ensure_secret_key  # noqa: E402  (needs the settings loaded above)
+
+ensure_secret_key()

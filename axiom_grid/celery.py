@@ -11,7 +11,7 @@ import datetime as dt
 import os
 
 from celery import Celery
-from celery.signals import beat_embedded_init, beat_init, before_task_publish
+from celery.signals import beat_embedded_init, beat_init, before_task_publish, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "axiom_grid.settings")
 
@@ -37,3 +37,16 @@ def _stamp_beat_send(headers: dict | None = None, **kwargs) -> None:
     if _in_beat and headers is not None and "periodic_task_name" in headers:
         headers.setdefault(BEAT_SENT_AT_HEADER, dt.datetime.now(dt.UTC).isoformat())
 
+
+@worker_init.connect
+@beat_init.connect
+def _refuse_the_public_secret_key(**kwargs) -> None:
+    # SystemExit, not the ImproperlyConfigured itself: Celery logs and swallows a receiver's Exception.
+    from django.core.exceptions import ImproperlyConfigured
+
+    from axiom_grid.startup import ensure_secret_key
+
+    try:
+        ensure_secret_key()
+    except ImproperlyConfigured as error:
+        raise SystemExit(str(error)) from None

@@ -84,6 +84,8 @@ def _environment(database_url: str, redis_url: str, redis_ok: bool) -> None:
             "DATABASE_URL": database_url,
             "DJANGO_SETTINGS_MODULE": "bench.settings",
             "DEBUG": "false",
+            # The servers run as in production (DEBUG off), which needs a key; this one is the bench's own.
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or "bench-only-" + "k" * 50,
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }

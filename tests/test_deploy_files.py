@@ -159,6 +159,12 @@ def option_value(argv: list[str], *names: str) -> str | None:
     return None
 
 
+@pytest.fixture(autouse=True)
+def _a_production_secret_key(settings):
+    """Importing the WSGI module checks for a secret key, as a production start does."""
+    settings.SECRET_KEY_IS_SET = True
+
+
 def import_path(path: str) -> object:
     """``package.module:Name`` or ``package.module.Name``."""
     module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")

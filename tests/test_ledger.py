@@ -6,7 +6,7 @@ import datetime as dt
 from decimal import Decimal
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import IntegrityError, transaction
 from django.db.models import F, Sum
 
@@ -256,13 +256,24 @@ def test_demo_loader_is_idempotent_and_consistent(reference_data):
     assert UsageLog.objects.aggregate(total=Sum("cost_usd"))["total"] > 0
 
 
-def test_management_commands_load_reference_and_demo_data_twice(db, capsys):
+def test_management_commands_load_reference_and_demo_data_twice(db, capsys, settings):
+    settings.DEBUG = True
     call_command("load_reference_data")
     call_command("load_demo_data")
     call_command("load_demo_data")
     out = capsys.readouterr().out
     assert "created: 0 admin, 0 agents" in out
     assert Agent.objects.count() == len(DEMO_AGENTS)
+
+
+def test_demo_data_with_debug_off_needs_to_be_asked_for(db, settings, django_user_model):
+    settings.DEBUG = False
+    with pytest.raises(CommandError, match="admin / admin"):
+        call_command("load_demo_data")
+    assert not django_user_model.objects.exists() and not Agent.objects.exists()
+
+    call_command("load_demo_data", "--allow-demo-login")
+    assert django_user_model.objects.filter(username="admin", is_superuser=True).exists()
 
 
 @pytest.mark.django_db(transaction=True)
