@@ -758,3 +758,22 @@ def test_reading_the_stored_item_keys_reads_only_the_batchs_own_keys(operator_cl
     assert sorted(stored) == ["old-1", "old-2", "old-3"]
     assert stored["old-2"].fingerprint == "h2"
     assert _rows_read_from(table) - before <= 10
+
+
+# --- Units set aside for sale -------------------------------------------------------------------------------
+
+
+def test_a_batch_cannot_take_units_listed_for_sale(reference_data):
+    """The batch twin of test_listing_sets_the_units_aside_until_sold_or_expired."""
+    from optimization.services.marketplace import deal_list
+
+    agent, client = _custom_agent("lister", AI_TOKENS=1_000)
+    deal_list(agent=agent, resource_type_id="AI_TOKENS", amount=300, unit_price_usd=Decimal("0.0000005"))
+
+    body = _ok(_post(client, _agent_url("lister"), [{"resource_type": "AI_TOKENS", "amount": 1}] * 1_000))
+
+    assert _statuses(body).count(201) == 700
+    assert set(_statuses(body)[700:]) == {429}
+    quota = _assert_ledger_matches("lister")
+    assert (quota.used, quota.listed, quota.limit) == (700, 300, 1_000)
+    assert quota.used + quota.reserved + quota.listed <= quota.limit

@@ -539,14 +539,15 @@ def test_optimize_endpoint_refuses_unknown_fields_and_other_agents(opt_client, a
 
 
 def test_compat_recommendations_and_optimize_through_the_resources_endpoint(
-    opt_client, purchases, frozen_now, monkeypatch
+    opt_client, purchases, frozen_now
 ):
     from allocation.api import compat
     from optimization.api.analytics import compat_metrics, compat_optimize, compat_recommendations
 
-    monkeypatch.setitem(compat.COMPAT_GET_ACTIONS, "metrics", compat_metrics)
-    monkeypatch.setitem(compat.COMPAT_GET_ACTIONS, "recommendations", compat_recommendations)
-    monkeypatch.setitem(compat.COMPAT_POST_ACTIONS, "optimize", compat_optimize)
+    # Through the real wiring: the optimization app registers these actions when it is ready.
+    assert compat.COMPAT_GET_ACTIONS["metrics"] is compat_metrics
+    assert compat.COMPAT_GET_ACTIONS["recommendations"] is compat_recommendations
+    assert compat.COMPAT_POST_ACTIONS["optimize"] is compat_optimize
     url = reverse("api:resources")
 
     recommendations = opt_client.get(url, {"action": "recommendations", "agentId": "opt"})
