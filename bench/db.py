@@ -21,7 +21,6 @@ import psycopg.errors
 
 DEFAULT_SERVER_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 POSTGRES_SCHEMES = {"postgres", "postgresql", "pgsql"}
-REDIS_DB = 14
 LOCK_WAIT_SECONDS = 300
 
 
@@ -44,18 +43,26 @@ def database_name(url: str) -> str:
 
 
 def bench_redis_url() -> str:
-    """Database 14 of the environment's Redis (or of the local one)."""
-    base = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    return urlunsplit(urlsplit(base)._replace(path=f"/{REDIS_DB}"))
+    """The environment's Redis (or the local one): the bench writes only keys under ``redis_key_prefix``."""
+    return os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
-def redis_flush(url: str) -> bool:
-    """Empty the bench's Redis database (only that one). False when Redis is not reachable."""
+def redis_key_prefix(database_url: str) -> str:
+    """The prefix of every Redis key the bench's processes write (``REDIS_KEY_PREFIX``), named after its
+    database: two benches, or a bench beside the service or the test suite, never share a key."""
+    return f"axiom-bench:{database_name(database_url)}:"
+
+
+def redis_forget(url: str, prefix: str) -> bool:
+    """Delete the bench's own Redis keys (those under ``prefix``), nothing else. False when Redis is not
+    reachable."""
     try:
         import redis
 
         client = redis.Redis.from_url(url, socket_connect_timeout=2)
-        client.flushdb()
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
         client.close()
         return True
     except Exception:

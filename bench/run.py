@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
     database_url = db.bench_database_url(quick=args.quick)
     redis_url = db.bench_redis_url()
-    redis_ok = db.redis_flush(redis_url)
+    redis_prefix = db.redis_key_prefix(database_url)
+    redis_ok = db.redis_forget(redis_url, redis_prefix)
     _environment(database_url, redis_url, redis_ok)
+    os.environ["REDIS_KEY_PREFIX"] = redis_prefix
     report = Report()
     redis_text = redis_url if redis_ok else "not reachable"
     log(f"{profile.name} run: database {db.database_name(database_url)}, Redis {redis_text}")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         connections.close_all()
 
     if redis_ok:
-        db.redis_flush(redis_url)
+        db.redis_forget(redis_url, redis_prefix)
     report.rows.sort(key=lambda row: row.scenario[0])  # stable: scenario order, rows as measured
     loadgen = "wrk (scenarios 1, 3) + asyncio client" if use_wrk else "asyncio client"
     print()

@@ -1,6 +1,6 @@
 """Settings of the grid's bench server and of the bench process: the project's settings as they are.
 
-``bench.run`` points ``DATABASE_URL`` and ``REDIS_URL`` at the bench database and Redis database 14 before
+``bench.run`` points ``DATABASE_URL`` at the bench database and gives its Redis keys their own prefix before
 Django starts, so these settings never touch the development or test databases.
 """
 

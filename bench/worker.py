@@ -6,7 +6,7 @@ its queries (CaptureQueriesContext) and reads the process's peak RSS (VmHWM).
 ``python -m bench.worker allocate AGENT[,AGENT...] --count N --seconds S`` calls ``allocation_create`` in a
 loop, one thread per agent, then runs the same statement from bare psycopg for comparison.
 Each prints one line ``BENCH_JSON {...}``.
-Run by bench/run.py with the bench's environment (settings, database, Redis database 14).
+Run by bench/run.py with the bench's environment (settings, database, Redis key prefix).
 """
 
 from __future__ import annotations

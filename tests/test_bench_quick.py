@@ -2,8 +2,9 @@
 with a row for every scenario, and scenarios 1 and 3 compare the grid with the bare baseline. The timings
 are not asserted here (nor whether a target was met); only that the harness has not rotted.
 
-It runs in its own database (``axiom_bench_quick``, beside the one ``DATABASE_URL`` names) and Redis
-database 14, never in the test database.
+It runs in a database of its own named after the test database (``<test database>_bench_quick`` on the same
+server), which it drops afterwards, and writes only Redis keys under its own prefix: a test run touches
+nothing it did not create.
 """
 
 from __future__ import annotations
@@ -14,14 +15,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
+import pytest
+from django.db import connection
+from psycopg import sql
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_SECONDS = 115
 SCENARIOS = ("1", "2", "3", "4", "5", "6")
 
 
-def test_bench_quick_runs_every_scenario_and_prints_the_table():
-    env = {**os.environ}
-    env.pop("BENCH_DATABASE_URL", None)  # always the derived axiom_bench_quick
+@pytest.fixture
+def bench_database_url(django_db_setup, django_db_blocker):
+    """A database named after this run's test database, dropped when the test ends."""
+    database = connection.settings_dict
+    name = f"{database['NAME']}_bench_quick"
+    credentials = database["USER"] + (f":{database['PASSWORD']}" if database["PASSWORD"] else "")
+    server = f"postgres://{credentials}@{database['HOST'] or '127.0.0.1'}:{database['PORT'] or 5432}"
+    yield f"{server}/{name}"
+    with django_db_blocker.unblock(), psycopg.connect(f"{server}/postgres", autocommit=True) as maintenance:
+        maintenance.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_bench_quick_runs_every_scenario_and_prints_the_table(bench_database_url):
+    env = {**os.environ, "BENCH_DATABASE_URL": bench_database_url}
     completed = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--docs", "no"],
         cwd=ROOT,
