@@ -14,7 +14,7 @@ from ledger.services import reference_data_load
 
 
 class Command(BaseCommand):
-    help = "Create the demo admin login (admin / admin) and demo agents with realistic usage (skips what exists)."
+    help = "Create the demo admin login (admin / admin) and demo agents with three weeks of usage."
 
     def add_arguments(self, parser):
         parser.add_argument(
