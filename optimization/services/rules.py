@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from ledger.bulk import server_bound_cursor
 from ledger.errors import LedgerError
+from ledger.invariants import RULE_THROTTLE_PREFIX
 from ledger.models import Agent, OptimizationRule
 from ledger.services import agent_set_status
 from optimization.models import Alert, RuleState
@@ -44,7 +45,7 @@ Metric = OptimizationRule.Metric
 Action = OptimizationRule.Action
 
 METRIC_WINDOW_MIN = dt.timedelta(hours=1)
-THROTTLE_REASON_PREFIX = "rule:"
+THROTTLE_REASON_PREFIX = RULE_THROTTLE_PREFIX  # the status reason of a rule's throttle: "rule:<name>"
 
 OPERATORS: dict[str, Callable[[Decimal, Decimal], bool]] = {
     ">": operator.gt,
