@@ -9,11 +9,12 @@ calls, so the database sees one connection whatever the number of requests in fl
 - Due deliveries are read in turns per endpoint (the oldest of each, then the second of each...), so a
   backlog for one endpoint never starves another; at most ``max_concurrent_requests`` requests are in flight
   to an endpoint.
-- Each request is claimed just before it is sent, in one transaction for all the requests that start
-  together: ``attempts + 1``, and ``next_attempt_at`` moved to when a retry would be due. That is the lease
-  that keeps other workers off the rows while they are in flight, and the retry time if the worker dies
-  mid-send: the same message is then sent again with the same ``webhook-id``, by which the receiver knows
-  the repeat. Delivery is at least once, never at most once.
+- Requests are claimed shortly before they are sent (about ``PREFETCH_SECONDS`` of an endpoint's requests
+  ahead), many in one transaction: ``attempts + 1``, and ``next_attempt_at`` moved to when a
+  retry would be due. That is the lease that keeps other workers off the rows while they are in flight, and
+  the retry time if the worker dies mid-send: the same message is then sent again with the same
+  ``webhook-id``, by which the receiver knows the repeat. Delivery is at least once, never at most once.
+  Answers are recorded in batches too (``RECORD_BATCH``, ``RECORD_INTERVAL_SECONDS``).
 - An endpoint whose ``batch_size`` is more than 1 receives up to that many alerts per request, as a JSON
   array, each item with its own ``webhook_id``.
 - An endpoint that fails ``FAILURES_BEFORE_PAUSE`` requests in a row is left alone for the rest of the run:
@@ -67,6 +68,13 @@ READ_AHEAD_PER_ENDPOINT = 1000
 # was full, so that a run waiting on slow endpoints does not query in a loop.
 READ_INTERVAL_SECONDS = 1.0
 WAIT_SECONDS = 0.25
+# Claims are taken ahead for about PREFETCH_SECONDS of an endpoint's requests (from its recent answer
+# times; between 2 and 16 rounds of its concurrency), well inside the shortest lease (30 s); answers are
+# recorded this many at a time or this often. A few statements per many requests, not per request.
+PREFETCH_SECONDS = 5.0
+PREFETCH_ROUNDS_MIN, PREFETCH_ROUNDS_MAX = 2, 16
+RECORD_BATCH = 200
+RECORD_INTERVAL_SECONDS = 0.25
 # One run at a time (see the module docstring): the key of its session advisory lock, "alert-delivery".
 DELIVERY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"alert-delivery").digest()[:8], "big", signed=True)
 
@@ -197,13 +205,18 @@ class _Run:
         self.limit = limit
         self.time_budget = time_budget
         self.report = DeliveryRun()
-        self.queues: dict[Group, deque[AlertDelivery]] = {}
+        self.queues: dict[Group, deque[AlertDelivery]] = {}  # read, not claimed yet
+        self.ready: dict[Group, deque[_Unit]] = defaultdict(deque)  # claimed, not started yet
         self.limits: dict[Group, tuple[int, int]] = {}
         self.in_flight: Counter[Group] = Counter()
-        self.futures: dict[Future, _Unit] = {}
+        self.futures: dict[Future, tuple[_Unit, float]] = {}  # and when it started
+        self.answer_seconds: dict[Group, float] = {}  # a moving average per endpoint
+        self.held: set[int] = set()  # claimed by this run and not recorded: never read again meanwhile
+        self.results: list[tuple[_Unit, WebhookResult]] = []  # answered, not recorded yet
+        self.results_since = 0.0
         self.failure_streak: Counter[Group] = Counter()
         self.paused: set[Group] = set()
-        self.started_deliveries = 0
+        self.claimed_deliveries = 0
         self.rotation = 0
         self.last_read = float("-inf")
         self.last_read_full = True
@@ -214,7 +227,14 @@ class _Run:
         return self.now + dt.timedelta(seconds=int(time.monotonic() - self.started))
 
     def out_of_budget(self) -> bool:
-        return time.monotonic() - self.started >= self.time_budget or self.started_deliveries >= self.limit
+        return time.monotonic() - self.started >= self.time_budget or self.claimed_deliveries >= self.limit
+
+    def has_work(self) -> bool:
+        return any(
+            self.queues.get(group) or self.ready.get(group)
+            for group in self.limits
+            if group not in self.paused
+        )
 
     # Reading --------------------------------------------------------------------------------------------
 
@@ -264,20 +284,21 @@ class _Run:
             .order_by("turn", "next_attempt_at", "id")[:READ_AHEAD]
         )
         for delivery in found:
+            if delivery.pk in self.held:
+                continue  # a lease of this run's that ran out while waiting: still this run's
             group = _group(delivery)
             self.queues.setdefault(group, deque()).append(delivery)
             self.limits.setdefault(group, _limits(delivery))
         return len(found)
 
-    def has_work(self) -> bool:
-        return any(queue for group, queue in self.queues.items() if group not in self.paused)
-
-    # Claiming and sending -------------------------------------------------------------------------------
+    # Claiming and starting ------------------------------------------------------------------------------
 
     def claim(self, units: list[_Unit]) -> list[_Unit]:
         """Take the next attempt of every delivery of ``units`` that is still due, in one transaction; keep
         the units with something claimed. Rows another worker holds or has claimed meanwhile are skipped."""
         ids = [delivery.pk for unit in units for delivery in unit.deliveries]
+        if not ids:
+            return []
         at = self.clock()
         with transaction.atomic():
             attempts = dict(
@@ -304,42 +325,120 @@ class _Run:
             unit.attempts = {delivery.pk: attempts[delivery.pk] + 1 for delivery in unit.deliveries}
             if unit.deliveries:
                 claimed.append(unit)
+        self.held.update(attempts)
         return claimed
 
-    def dispatch(self, pool: ThreadPoolExecutor, client: WebhookClient) -> None:
-        """Start as many requests as the limits allow: the pool's threads, each endpoint's concurrency, the
-        run's limit. Endpoints take turns, starting from a different one each time."""
+    def release(self, units: Iterable[_Unit]) -> None:
+        """Give back claims that will not be sent in this run: the attempt is not spent, and the rows are
+        due at once (for the next run; this one skips their endpoint)."""
+        by_attempt: dict[int, list[int]] = defaultdict(list)
+        for unit in units:
+            for pk, attempt in unit.attempts.items():
+                by_attempt[attempt].append(pk)
+        at = self.clock()
+        for attempt, ids in by_attempt.items():
+            AlertDelivery.objects.filter(pk__in=ids, attempts=attempt).update(
+                attempts=attempt - 1, next_attempt_at=at
+            )
+            self.held.difference_update(ids)
+
+    def prefetch(self) -> None:
+        """Claim ahead, in one transaction, about ``PREFETCH_SECONDS`` of requests for each endpoint that has
+        none claimed: one claim per many answers rather than one per answer."""
         units: list[_Unit] = []
-        starting: Counter[Group] = Counter()
-        groups = [group for group in self.queues if group not in self.paused]
-        if groups:
-            self.rotation = (self.rotation + 1) % len(groups)
-            groups = groups[self.rotation :] + groups[: self.rotation]
+        for group, queue in self.queues.items():
+            if group in self.paused or self.ready[group] or not queue:
+                continue
+            concurrency, batch_size = self.limits[group]
+            seconds = self.answer_seconds.get(group, PREFETCH_SECONDS / PREFETCH_ROUNDS_MIN)
+            rounds = min(
+                max(int(PREFETCH_SECONDS / max(seconds, 0.001)), PREFETCH_ROUNDS_MIN), PREFETCH_ROUNDS_MAX
+            )
+            for _ in range(rounds * concurrency):
+                if not queue or self.claimed_deliveries >= self.limit:
+                    break
+                taken = [
+                    queue.popleft()
+                    for _ in range(min(batch_size, len(queue), self.limit - self.claimed_deliveries))
+                ]
+                self.claimed_deliveries += len(taken)
+                units.append(_Unit(group=group, deliveries=taken))
+        for unit in self.claim(units):
+            self.ready[unit.group].append(unit)
+
+    def start(self, pool: ThreadPoolExecutor, client: WebhookClient) -> None:
+        """Start claimed requests as far as the pool's threads and each endpoint's concurrency allow,
+        endpoints taking turns from a different one each time."""
+        groups = [group for group, ready in self.ready.items() if ready]
+        if not groups:
+            return
+        self.rotation = (self.rotation + 1) % len(groups)
+        groups = groups[self.rotation :] + groups[: self.rotation]
         room = DELIVERY_THREADS - len(self.futures)
         progress = True
-        while progress and room > 0 and self.started_deliveries < self.limit:
+        while progress and room > 0:
             progress = False
             for group in groups:
-                queue = self.queues[group]
-                concurrency, batch_size = self.limits[group]
-                if not queue or self.in_flight[group] + starting[group] >= concurrency:
+                if not self.ready[group] or self.in_flight[group] >= self.limits[group][0]:
                     continue
-                taken = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-                units.append(_Unit(group=group, deliveries=taken))
-                starting[group] += 1
-                self.started_deliveries += len(taken)
+                unit = self.ready[group].popleft()
+                self.futures[pool.submit(_unit_send, client, unit)] = (unit, time.monotonic())
+                self.in_flight[group] += 1
+                self.report.requests += 1
                 room -= 1
                 progress = True
-                if room == 0 or self.started_deliveries >= self.limit:
+                if room == 0:
                     break
-        if not units:
-            return
-        for unit in self.claim(units):
-            self.futures[pool.submit(_unit_send, client, unit)] = unit
-            self.in_flight[unit.group] += 1
-            self.report.requests += 1
 
-    # Recording ------------------------------------------------------------------------------------------
+    # Answers --------------------------------------------------------------------------------------------
+
+    def collect(self, futures: Iterable[Future]) -> None:
+        """Take the answers in: count them, pause an endpoint that keeps failing, keep them for ``flush``."""
+        for future in futures:
+            unit, started = self.futures.pop(future)
+            self.in_flight[unit.group] -= 1
+            seconds = time.monotonic() - started
+            self.answer_seconds[unit.group] = (
+                0.8 * self.answer_seconds.get(unit.group, seconds) + 0.2 * seconds
+            )
+            try:
+                result = future.result()
+            except Exception as exc:  # a failure while sending is a failed attempt, not a lost claim
+                logger.exception("alert delivery %s raised", unit.deliveries[0].pk)
+                result = WebhookResult(ok=False, status_code=None, error=f"{type(exc).__name__}: {exc}"[:500])
+            size = len(unit.deliveries)
+            if result.ok:
+                self.failure_streak[unit.group] = 0
+                self.report.delivered += size
+            else:
+                self.report.failed_attempts += size
+                self.failure_streak[unit.group] += 1
+                logger.info(
+                    "alert delivery to %s failed (%s deliveries, first %s): %s",
+                    unit.deliveries[0].target,
+                    size,
+                    unit.deliveries[0].pk,
+                    result.error,
+                )
+                if self.failure_streak[unit.group] >= FAILURES_BEFORE_PAUSE and unit.group not in self.paused:
+                    self.paused.add(unit.group)
+                    self.queues.pop(unit.group, None)
+                    self.release(self.ready.pop(unit.group, ()))
+            if not self.results:
+                self.results_since = time.monotonic()
+            self.results.append((unit, result))
+
+    def flush(self, *, force: bool = False) -> None:
+        """Record the answers taken in, in a few statements for many answers. Until then an answer lives
+        only here: a worker that dies first sends those alerts again, as at-least-once allows."""
+        if self.results and (
+            force
+            or len(self.results) >= RECORD_BATCH
+            or time.monotonic() - self.results_since >= RECORD_INTERVAL_SECONDS
+        ):
+            results, self.results = self.results, []
+            self.record(results)
+            self.held.difference_update(pk for unit, _ in results for pk in unit.attempts)
 
     def record(self, results: list[tuple[_Unit, WebhookResult]]) -> dict[int, str]:
         """Write the outcome of each attempt, one UPDATE per distinct outcome. Returns each delivery's new
@@ -349,23 +448,6 @@ class _Run:
         outcomes: dict[tuple[str, int, int | None, str], list[int]] = defaultdict(list)
         statuses: dict[int, str] = {}
         for unit, result in results:
-            size = len(unit.deliveries)
-            if result.ok:
-                self.failure_streak[unit.group] = 0
-                self.report.delivered += size
-            else:
-                self.report.failed_attempts += size
-                self.failure_streak[unit.group] += 1
-                if self.failure_streak[unit.group] >= FAILURES_BEFORE_PAUSE and unit.group not in self.paused:
-                    self.paused.add(unit.group)
-                    self.queues.pop(unit.group, None)
-                logger.info(
-                    "alert delivery to %s failed (%s deliveries, first %s): %s",
-                    unit.deliveries[0].target,
-                    size,
-                    unit.deliveries[0].pk,
-                    result.error,
-                )
             for delivery in unit.deliveries:
                 attempt = unit.attempts[delivery.pk]
                 if result.ok:
@@ -375,8 +457,7 @@ class _Run:
                 else:
                     status = Status.PENDING
                 statuses[delivery.pk] = status
-                error = "" if result.ok else result.error
-                outcomes[(status, attempt, result.status_code, error)].append(delivery.pk)
+                outcomes[(status, attempt, result.status_code, result.error)].append(delivery.pk)
         for (status, attempt, status_code, error), ids in outcomes.items():
             this_attempt = AlertDelivery.objects.filter(pk__in=ids, attempts=attempt)
             if status == Status.DELIVERED:
@@ -395,39 +476,28 @@ class _Run:
                 this_attempt.update(last_status_code=status_code, last_error=error)
         return statuses
 
-    def collect(self, futures: Iterable[Future]) -> None:
-        results = []
-        for future in futures:
-            unit = self.futures.pop(future)
-            self.in_flight[unit.group] -= 1
-            try:
-                result = future.result()
-            except Exception as exc:  # a failure while sending is a failed attempt, not a lost claim
-                logger.exception("alert delivery %s raised", unit.deliveries[0].pk)
-                result = WebhookResult(ok=False, status_code=None, error=f"{type(exc).__name__}: {exc}"[:500])
-            results.append((unit, result))
-        if results:
-            self.record(results)
-
     def run(self) -> DeliveryRun:
         with (
             WebhookClient() as client,
             ThreadPoolExecutor(max_workers=DELIVERY_THREADS, thread_name_prefix="alert-delivery") as pool,
         ):
             alerts_fan_out(now=self.clock())
-            while not self.out_of_budget():
-                self.read(force=not self.futures)
-                self.dispatch(pool, client)
+            while True:
+                stopping = self.out_of_budget()
+                if not stopping:
+                    self.read(force=not self.futures and not any(self.ready.values()))
+                    self.prefetch()
+                # Once out of budget, what is claimed is still sent (a few requests per endpoint at most).
+                self.start(pool, client)
                 if not self.futures:
-                    if self.has_work():
+                    if not stopping and self.has_work():
                         continue  # every claim was lost to another worker: the next rows, if any
-                    break  # nothing is due
+                    break
                 done, _ = wait(self.futures, timeout=WAIT_SECONDS, return_when=FIRST_COMPLETED)
                 self.collect(done)
-            self.report.more = self.out_of_budget() and (self.has_work() or self.last_read_full)
-            while self.futures:  # what was started finishes and is recorded
-                done, _ = wait(self.futures, return_when=FIRST_COMPLETED)
-                self.collect(done)
+                self.flush()
+            self.flush(force=True)
+            self.report.more = stopping and (self.has_work() or self.last_read_full)
         return self.report
 
 
