@@ -16,7 +16,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from allocation import services
-from allocation.api.serializers import AmountField, QuotaOut, ResourceTypeField
+from allocation.api.serializers import AmountField, JsonTextSerializer, QuotaOut, ResourceTypeField
 from allocation.api.shared.auth import agent_for
 from allocation.api.shared.errors import error_body
 from allocation.api.shared.mutation import run_mutation
@@ -61,7 +61,7 @@ class CompatQuery(serializers.Serializer):
     agentId = serializers.CharField(max_length=64)  # noqa: N815 - the product's own parameter name
 
 
-class CompatPost(serializers.Serializer):
+class CompatPost(JsonTextSerializer):
     action = serializers.ChoiceField(choices=["allocate", "check", "share", "purchase", "optimize"])
     agentId = serializers.CharField(max_length=64)  # noqa: N815
     resourceType = ResourceTypeField(required=False)  # noqa: N815

@@ -48,7 +48,24 @@ class ResourceTypeField(serializers.CharField):
         return value
 
 
-class StrictSerializer(serializers.Serializer):
+class JsonTextSerializer(serializers.Serializer):
+    """Takes text only as JSON strings, as the API schema says: DRF's CharField would turn 12 into "12"."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            not_text = sorted(
+                name
+                for name, field in self.fields.items()
+                if isinstance(field, serializers.CharField)
+                and data.get(name) is not None
+                and not isinstance(data[name], str)
+            )
+            if not_text:
+                raise serializers.ValidationError({name: ["must be a JSON string"] for name in not_text})
+        return super().to_internal_value(data)
+
+
+class StrictSerializer(JsonTextSerializer):
     """Refuses keys it does not know, so a typo is an error rather than a silently ignored field."""
 
     def to_internal_value(self, data):

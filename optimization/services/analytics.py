@@ -180,7 +180,10 @@ def exhaustion_at(*, available: int, units_24h: int, now: dt.datetime) -> dt.dat
         return now
     if units_24h <= 0:
         return None
-    return now + dt.timedelta(seconds=available * int(BURN_WINDOW.total_seconds()) // units_24h)
+    try:
+        return now + dt.timedelta(seconds=available * int(BURN_WINDOW.total_seconds()) // units_24h)
+    except OverflowError:  # a limit of up to 2^53 units at a trickle: past the year 9999, as good as never
+        return None
 
 
 @dataclass(frozen=True)
