@@ -62,8 +62,8 @@ EMAIL_CONCURRENCY = 4  # emails are sent one SMTP connection each; this many at 
 FAILURES_BEFORE_PAUSE = 3
 # Read-ahead: the rows read at once, and at most this many of one endpoint's, so that a read spreads over
 # the endpoints. An endpoint's next rows are read when its own have all been sent.
-READ_AHEAD = 5000
-READ_AHEAD_PER_ENDPOINT = 1000
+READ_AHEAD = 10_000
+READ_AHEAD_PER_ENDPOINT = 5000
 # Without anything in flight a run reads again at once; otherwise at most this often unless the last read
 # was full, so that a run waiting on slow endpoints does not query in a loop.
 READ_INTERVAL_SECONDS = 1.0

@@ -144,39 +144,40 @@ def alerts_fan_out(
         .values_list("agent_id", "email")
     )
     global_emails = _global_alert_emails()
-    deliveries = []
+    # Column lists for one INSERT ... unnest: a sweep of a large fleet fans out tens of thousands.
+    columns: dict[str, list] = {"alert_id": [], "channel": [], "webhook_id": [], "target": []}
+
+    def add(alert_id: int, channel: str, webhook_id: int | None, target: str) -> None:
+        for name, value in zip(columns, (alert_id, channel, webhook_id, target), strict=True):
+            columns[name].append(value)
+
     for alert_id, agent_id in alerts:
         targets: set[tuple[str, str]] = set()
         for webhook_id, webhook_agent_id, url in webhooks:
             if webhook_agent_id in (None, agent_id) and (AlertDelivery.Channel.WEBHOOK, url) not in targets:
                 targets.add((AlertDelivery.Channel.WEBHOOK, url))
-                deliveries.append(
-                    AlertDelivery(
-                        alert_id=alert_id,
-                        channel=AlertDelivery.Channel.WEBHOOK,
-                        webhook_id=webhook_id,
-                        target=url,
-                        next_attempt_at=now,
-                    )
-                )
+                add(alert_id, AlertDelivery.Channel.WEBHOOK, webhook_id, url)
         for address in [agent_emails.get(agent_id), *global_emails]:
             if address and (AlertDelivery.Channel.EMAIL, address) not in targets:
                 targets.add((AlertDelivery.Channel.EMAIL, address))
-                deliveries.append(
-                    AlertDelivery(
-                        alert_id=alert_id,
-                        channel=AlertDelivery.Channel.EMAIL,
-                        target=address,
-                        next_attempt_at=now,
-                    )
-                )
+                add(alert_id, AlertDelivery.Channel.EMAIL, None, address)
     with transaction.atomic():
-        if deliveries:
-            AlertDelivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+        bulk_insert(
+            model=AlertDelivery,
+            columns=columns,
+            constants={
+                "status": AlertDelivery.Status.PENDING,
+                "attempts": 0,
+                "last_error": "",
+                "next_attempt_at": now,
+                "created_at": timezone.now(),
+            },
+            ignore_conflicts=True,
+        )
         Alert.objects.filter(pk__in=[alert_id for alert_id, _ in alerts], delivery_queued_at=None).update(
             delivery_queued_at=now
         )
-    return len(deliveries)
+    return len(columns["alert_id"])
 
 
 # --- Budgets --------------------------------------------------------------------------------------------
