@@ -19,9 +19,12 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import import_module
 from pathlib import Path
 
+import psycopg
 import pytest
+from django.apps import apps as django_apps
 from django.db import connection
 from django.utils import timezone
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -207,27 +210,20 @@ def test_secrets_are_generated_in_the_specifications_form_and_legacy_ones_keep_t
 
 
 def test_migration_re_encodes_stored_secrets_with_the_same_key():
-    from importlib import import_module
-
     migration = import_module("optimization.migrations.0007_webhook_standard_signing_and_limits")
     legacy = _endpoint("http://127.0.0.1:9/a", secret="topsecret-value-42")
     prefixed = _endpoint("http://127.0.0.1:9/b", secret="whsec_looks-standard")
-    migration.secrets_encode(django_apps(), None)
+    migration.secrets_encode(django_apps, None)
     legacy.refresh_from_db()
     prefixed.refresh_from_db()
+    # Every stored secret: even one that already looked like whsec_, whose key was its own text.
     assert webhook_secret_key(legacy.secret) == b"topsecret-value-42"
     assert webhook_secret_key(prefixed.secret) == b"whsec_looks-standard"
-    migration.secrets_decode(django_apps(), None)
+    migration.secrets_decode(django_apps, None)
     assert set(WebhookEndpoint.objects.values_list("secret", flat=True)) == {
         "topsecret-value-42",
         "whsec_looks-standard",
     }
-
-
-def django_apps():
-    from django.apps import apps
-
-    return apps
 
 
 # --- At least once, with a stable webhook-id ------------------------------------------------------------
@@ -433,12 +429,7 @@ def test_one_run_at_a_time_keeps_the_bound_across_workers(agent):
     _alerts(agent, 3)
     with Receiver() as receiver:
         _endpoint(receiver.url(), agent=agent)
-        import psycopg
-
-        db = connection.settings_dict
-        other = psycopg.connect(
-            host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"], dbname=db["NAME"]
-        )
+        other = psycopg.connect(_database_url())
         try:
             other.execute("SELECT pg_advisory_lock(%s)", [DELIVERY_LOCK_KEY])  # another worker's run
             assert alerts_deliver(now=NOW) == DeliveryRun(busy=True)
