@@ -152,7 +152,8 @@ class Alert(models.Model):
 
 
 class AlertDelivery(models.Model):
-    """One channel's delivery of one alert, with its attempts; claimed with a conditional UPDATE."""
+    """One channel's delivery of one alert, with its attempts; each attempt claimed by a delivery run
+    (``optimization/services/alert_delivery.py``) before it is sent."""
 
     class Channel(models.TextChoices):
         WEBHOOK = "webhook", "Webhook"

@@ -61,7 +61,7 @@ DELIVERY_THREADS = 16  # requests in flight at once, over all endpoints
 EMAIL_CONCURRENCY = 4  # emails are sent one SMTP connection each; this many at once
 FAILURES_BEFORE_PAUSE = 3
 # Read-ahead: the rows read at once, and at most this many of one endpoint's, so that a read spreads over
-# the endpoints. An endpoint's next rows are read when its own have all been sent.
+# the endpoints. An endpoint's next rows are read once those read before have all been claimed.
 READ_AHEAD = 10_000
 READ_AHEAD_PER_ENDPOINT = 5000
 # Without anything in flight a run reads again at once; otherwise at most this often unless the last read
