@@ -34,7 +34,11 @@ def _test_database_url() -> str:
 
 
 def _run(command: list[str], tmp_path: Path, **overrides) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key not in {"SECRET_KEY", "REDIS_URL", "DEBUG"}}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"SECRET_KEY", "REDIS_URL", "DEBUG", "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    }
     env.update(
         {
             "AXIOM_VAR_DIR": str(tmp_path),
