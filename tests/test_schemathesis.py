@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from django.core.servers import basehttp
 from django.utils import timezone
 
 from allocation import services
@@ -31,6 +32,13 @@ from optimization.models import Alert, Experiment
 from optimization.services.marketplace import deal_list
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
+
+
+@pytest.fixture(autouse=True)
+def _live_server_without_nagle(monkeypatch):
+    """The live server's handler writes a response's headers and body in separate sends; on a kept-alive
+    connection Nagle's algorithm then holds the body for the client's delayed ACK (~40 ms a request)."""
+    monkeypatch.setattr(basehttp.WSGIRequestHandler, "disable_nagle_algorithm", True)
 
 SCHEMATHESIS = Path(sys.executable).with_name("st")
 MAX_EXAMPLES = 2
@@ -92,7 +100,7 @@ def config_text(*, key: str, parameters: dict) -> str:
     lines = [
         f"seed = {SEED}",
         "workers = 1",
-        "request-timeout = 30",
+        "request-timeout = 15",
         "[cache]",
         "enabled = false",
         # Every check (as --checks all, which would also override the per-operation exceptions below).
