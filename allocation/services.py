@@ -42,6 +42,7 @@ from ledger.models import Agent, Grant, Quota, ResourceType, UsageLog
 from ledger.money import money_round, percent, usage_cost
 from ledger.periods import month_bounds
 from ledger.reference_cache import price_table, resource_type_codes
+from ledger.selectors import base_limits
 from ledger.services import quota_open, quotas_open_all
 
 
@@ -71,8 +72,6 @@ def quota_check(*, agent: Agent, resource_type_id: str, amount: int) -> QuotaChe
     start, _ = month_bounds(timezone.now())
     quota = Quota.objects.filter(agent=agent, resource_type_id=resource_type_id, period_start=start).first()
     if quota is None:
-        from ledger.selectors import base_limits
-
         available = base_limits(agent=agent).get(resource_type_id, 0)
     else:
         available = max(quota.available, 0)
@@ -394,28 +393,36 @@ def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> i
 def quota_share(
     *,
     source: Agent,
-    target: Agent,
+    target_id: str,
     resource_type_id: str,
     amount: int,
     actor: str,
     now: dt.datetime | None = None,
 ) -> dict:
-    """Move unused quota of the current period from ``source`` to ``target``, as grants on both sides.
+    """Move unused quota of the current period from ``source`` to the agent ``target_id``, as grants on
+    both sides.
 
     Both quota rows are locked in primary-key order, so two agents sharing with each other at once cannot
-    deadlock; the source can give only what it has available.
+    deadlock; the source can give only what it has available. A refusal must not tell whether the target
+    exists (a key may not even learn which agents there are): the source's own room is checked before the
+    target is looked up, and a suspended target is answered as a missing one.
     """
     if not settings.ENABLE_COLLABORATION_SHARING:
         raise FeatureDisabled("resource sharing is switched off (ENABLE_COLLABORATION_SHARING)")
     _ensure_resource_type(resource_type_id)
     amount_validate(amount)
-    if source.pk == target.pk:
+    if source.pk == target_id:
         raise LedgerError("an agent cannot share with itself", code="invalid_target")
     if source.status == Agent.Status.SUSPENDED:
         raise AgentSuspended(f"agent {source.id} is suspended")
-    if target.status == Agent.Status.SUSPENDED:
-        raise LedgerError(f"target agent {target.id} is suspended", code="target_suspended", status=409)
     now = now or timezone.now()
+    # A read, not quota_open: nothing is written before the periods are opened in agent-id order below.
+    available = _available_now(source, resource_type_id, now)
+    if amount > available:
+        raise _share_exceeds(source, resource_type_id, amount, available=available)
+    target = Agent.objects.filter(pk=target_id).exclude(status=Agent.Status.SUSPENDED).first()
+    if target is None:
+        raise NotFound(f"target agent {target_id!r} not found")
     with transaction.atomic():
         # Open (insert) and lock the two periods in agent-id order: two agents sharing with each other at
         # once then wait for one another instead of deadlocking, also inside a caller's transaction.
@@ -432,15 +439,7 @@ def quota_share(
         }
         source_quota = locked[source_quota.pk]
         if amount > source_quota.available:
-            raise QuotaExceeded(
-                f"{source.id} has {max(source_quota.available, 0):,} {resource_type_id} unused, "
-                f"{amount:,} asked",
-                details={
-                    "resource_type": resource_type_id,
-                    "requested": amount,
-                    "available": max(source_quota.available, 0),
-                },
-            )
+            raise _share_exceeds(source, resource_type_id, amount, available=source_quota.available)
         Quota.objects.filter(pk=source_quota.pk).update(limit=F("limit") - amount, updated_at=now)
         Quota.objects.filter(pk=target_quota.pk).update(limit=F("limit") + amount, updated_at=now)
         Grant.objects.bulk_create(
@@ -476,6 +475,21 @@ def quota_share(
 def agent_quotas(*, agent: Agent) -> list[Quota]:
     """The current period's quota of every resource type, opening the ones not used yet."""
     return quotas_open_all(agent=agent)
+
+
+def _available_now(agent: Agent, resource_type_id: str, now: dt.datetime) -> int:
+    """What the agent's quota of the period containing ``now`` has available, without opening it."""
+    start, _ = month_bounds(now)
+    quota = Quota.objects.filter(agent=agent, resource_type_id=resource_type_id, period_start=start).first()
+    return quota.available if quota is not None else base_limits(agent=agent).get(resource_type_id, 0)
+
+
+def _share_exceeds(source: Agent, resource_type_id: str, amount: int, *, available: int) -> QuotaExceeded:
+    available = max(available, 0)
+    return QuotaExceeded(
+        f"{source.id} has {available:,} {resource_type_id} unused, {amount:,} asked",
+        details={"resource_type": resource_type_id, "requested": amount, "available": available},
+    )
 
 
 def agent_cost(*, agent: Agent, now: dt.datetime | None = None) -> dict:

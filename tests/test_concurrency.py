@@ -137,7 +137,7 @@ def test_agents_sharing_with_each_other_at_once_do_not_deadlock(db):
         with transaction.atomic():  # as the API runs it, inside the request's transaction
             return services.quota_share(
                 source=Agent.objects.get(pk=source),
-                target=Agent.objects.get(pk=target),
+                target_id=target,
                 resource_type_id="COMPUTE_MS",
                 amount=100,
                 actor="test",

@@ -362,12 +362,6 @@ def _own_request(attack: Attack, victim: Victim) -> tuple[str, object]:
     return path, body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak, left for the owners of sharing: the share target is looked up before the source's "
-    "room is checked, so a share A cannot afford answers 404 for a target that does not exist and 429 (or "
-    "409 target_suspended) for one that does, and nothing is written either way",
-)
 @pytest.mark.parametrize("target_state", ["active", "suspended"])
 def test_a_refused_share_does_not_tell_whether_its_target_exists(keys, victim, target_state):
     """A share names another agent, so one that succeeds tells that it exists (and costs what it gives);

@@ -119,7 +119,12 @@ def test_a_share_after_midnight_moves_the_new_periods_quota(agent):
     services.allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1_000, now=BEFORE_MIDNIGHT)
 
     services.quota_share(
-        source=agent, target=other, resource_type_id="AI_TOKENS", amount=500, actor="t", now=AFTER_MIDNIGHT
+        source=agent,
+        target_id=other.pk,
+        resource_type_id="AI_TOKENS",
+        amount=500,
+        actor="t",
+        now=AFTER_MIDNIGHT,
     )
 
     november = _quota(agent, "AI_TOKENS", NOV)

@@ -32,7 +32,6 @@ from ledger.errors import (
     NotFound,
     QuotaExceeded,
 )
-from ledger.models import Agent
 from ledger.money import money_round
 
 # action name -> callable(request, agent, body) -> (status, data); filled by the optimization app.
@@ -170,7 +169,6 @@ class ResourcesView(GridAPIView):
         NotFound,
         no_price=Conflict,
         invalid_target=LedgerError,
-        target_suspended=Conflict,
         deal_not_open=Conflict,
         deal_insufficient=Conflict,
         deal_changed=Conflict,
@@ -217,12 +215,9 @@ class ResourcesView(GridAPIView):
                 }
             if name == "share":
                 _require(data, *REQUIRED_BY_ACTION[name])
-                target = Agent.objects.filter(pk=data["targetAgentId"]).first()
-                if target is None:
-                    raise NotFound(f"target agent {data['targetAgentId']!r} not found")
                 result = services.quota_share(
                     source=agent,
-                    target=target,
+                    target_id=data["targetAgentId"],
                     resource_type_id=data["resourceType"],
                     amount=data["amount"],
                     actor=request.user.label,

@@ -204,19 +204,13 @@ class AllocationReleaseView(AgentScopedView):
 
 class ShareCreateView(AgentScopedView):
     @extend_schema(request=ShareIn, responses={201: ShareOut})
-    @errors(
-        QuotaExceeded, AgentSuspended, FeatureDisabled, invalid_target=LedgerError, target_suspended=Conflict
-    )
+    @errors(QuotaExceeded, AgentSuspended, FeatureDisabled, invalid_target=LedgerError)
     def post(self, request, agent_id):
         def share(body):
             data = valid(ShareIn, body)
-            source = self.agent()
-            target = Agent.objects.filter(pk=data["target_agent_id"]).first()
-            if target is None:
-                raise NotFound(f"target agent {data['target_agent_id']!r} not found")
             result = services.quota_share(
-                source=source,
-                target=target,
+                source=self.agent(),
+                target_id=data["target_agent_id"],
                 resource_type_id=data["resource_type"],
                 amount=data["amount"],
                 actor=request.user.label,

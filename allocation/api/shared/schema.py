@@ -90,7 +90,7 @@ def errors(*kinds: type[LedgerError], **codes: type[LedgerError] | int) -> Calla
     """Declare the domain errors a view method can answer, beyond those ``GridAutoSchema`` derives.
 
     ``kinds`` are error classes (their code and status); ``codes`` name a code raised with another class
-    or status: ``@errors(QuotaExceeded, hold_not_open=Conflict, target_suspended=409)``.
+    or status: ``@errors(QuotaExceeded, hold_not_open=Conflict, invalid_target=400)``.
     """
     declared = {kind.code: kind.status for kind in kinds}
     declared.update({code: kind if isinstance(kind, int) else kind.status for code, kind in codes.items()})
