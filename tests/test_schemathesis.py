@@ -40,6 +40,7 @@ def _live_server_without_nagle(monkeypatch):
     connection Nagle's algorithm then holds the body for the client's delayed ACK (~40 ms a request)."""
     monkeypatch.setattr(basehttp.WSGIRequestHandler, "disable_nagle_algorithm", True)
 
+
 SCHEMATHESIS = Path(sys.executable).with_name("st")
 MAX_EXAMPLES = 2
 SEED = 20_261_205
