@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from contextlib import contextmanager
 
+import psycopg
 from django.db import connection, models
 
 
@@ -141,13 +142,12 @@ def server_bound_cursor():
     """A cursor that binds parameters on the server, for statements over large arrays: mark them ``%b`` (or
     ``%(name)b``) and they travel in binary. Django's own cursors bind on the client: they would write every
     array out as a literal, escaping each element with a regular expression, which cost more than the
-    statement itself at 16,000 rows. Queries are logged and errors translated as through
-    ``connection.cursor()``."""
-    from django.db.backends.postgresql.base import ServerBindingCursor
-
+    statement itself at 16,000 rows. A statement run through it a few times is also prepared by psycopg
+    (``prepare_threshold`` in the database OPTIONS): the allocation's call uses it for that. Queries are
+    logged and errors translated as through ``connection.cursor()``."""
     connection.ensure_connection()
     connection.validate_thread_sharing()
-    raw = ServerBindingCursor(connection.connection)
+    raw = psycopg.Cursor(connection.connection)  # psycopg's own cursor binds on the server
     cursor = connection.make_debug_cursor(raw) if connection.queries_logged else connection.make_cursor(raw)
     with cursor:
         yield cursor

@@ -400,3 +400,14 @@ def test_the_check_constraint_counts_listed_units(agent_a):
     Quota.objects.filter(pk=allocation.quota_id).update(listed=PRO_AI_TOKENS - 10)
     with pytest.raises(QuotaExceeded):
         services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1)
+
+
+def test_the_allocation_call_is_prepared_on_the_server_after_a_few_uses(agent_a):
+    for _ in range(8):
+        services.allocation_create(agent=agent_a.agent, resource_type_id="AI_TOKENS", amount=1)
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        statements = [statement for (statement,) in cursor.fetchall()]
+    assert any(statement.startswith("SELECT grid_allocate(") for statement in statements), statements
+    assert _used(agent_a.id) == 8
