@@ -227,7 +227,7 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {
     "TITLE": "Axiom Energy Grid API",
     "DESCRIPTION": "Quota checks, allocations, holds, sharing and cost for AI agents. Every error answers "
-    "`{\"error\": {\"code\", \"message\", \"details\"}}`. Request bodies are JSON objects whose strings "
+    '`{"error": {"code", "message", "details"}}`. Request bodies are JSON objects whose strings '
     "may not hold NUL characters or unpaired surrogates, nested at most 32 levels (400 `malformed_json`).",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
