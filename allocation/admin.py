@@ -148,8 +148,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
         # The admin goes on with ``obj`` (the log entry, the redirect), so it must become the saved row.
         for field in ApiKey._meta.concrete_fields:
             setattr(obj, field.attname, getattr(created, field.attname))
-        obj._state.adding = False
-        obj._state.db = created._state.db
         messages.success(request, f"New key: {raw_key} — copy it now, it will not be shown again.")
 
     @admin.display(description="key", ordering="prefix")

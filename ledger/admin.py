@@ -264,7 +264,6 @@ class AgentAdmin(admin.ModelAdmin):
             )
             # The admin goes on with this instance (the log entry, the redirect): make it the saved row.
             agent.refresh_from_db()
-            agent._state.adding = False
             return
         changes = {name: form.cleaned_data[name] for name in form.changed_data if name in AGENT_PLAIN_FIELDS}
         if overrides.has_changed():
