@@ -69,12 +69,7 @@ def quota_check(*, agent: Agent, resource_type_id: str, amount: int) -> QuotaChe
     """Would ``amount`` fit now? Changes nothing (a throttled agent may still ask)."""
     _ensure_resource_type(resource_type_id)
     amount_validate(amount)
-    start, _ = month_bounds(timezone.now())
-    quota = Quota.objects.filter(agent=agent, resource_type_id=resource_type_id, period_start=start).first()
-    if quota is None:
-        available = base_limits(agent=agent).get(resource_type_id, 0)
-    else:
-        available = max(quota.available, 0)
+    available = max(_available_now(agent, resource_type_id, timezone.now()), 0)
     try:
         agent_ensure_may_allocate(agent_id=agent.pk, status=agent.status, reason=agent.status_reason)
     except LedgerError as refusal:
