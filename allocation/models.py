@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models import Q
+from django.db.models.expressions import RawSQL
 
 from ledger.ids import uuid7
 from ledger.models import COST, UNIT_PRICE, Agent, Quota, ResourceType
@@ -44,6 +46,17 @@ class Allocation(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Defaults in the database too: the batch writer inserts rows without these columns.
+    run_id = models.CharField(
+        max_length=200, blank=True, default="", db_default="", help_text="The run the call named, if any."
+    )
+    budget_ids = ArrayField(
+        models.BigIntegerField(),
+        default=list,
+        db_default=RawSQL("'{}'::bigint[]", []),
+        blank=True,
+        help_text="The budgets charged (a hold: reserved on, settled or released from).",
+    )
 
     class Meta:
         ordering = ["-created_at"]

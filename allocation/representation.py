@@ -45,6 +45,7 @@ def allocation_body(allocation: Allocation) -> dict:
         "unit_price_usd": decimal_text(allocation.unit_price_usd, _PRICE_QUANTUM),
         "status": str(allocation.status),
         "task_id": allocation.task_id,
+        "run_id": allocation.run_id,
         "expires_at": iso_datetime(allocation.expires_at),
         "settled_amount": settled,
         "created_at": iso_datetime(allocation.created_at),

@@ -22,9 +22,11 @@ from django.utils import timezone
 
 from allocation import sql
 from allocation.models import Allocation
+from ledger.budgets import budget_mark_refused, budget_refusal
 from ledger.bulk import bulk_update_column
 from ledger.errors import (
     AgentSuspended,
+    BudgetExceeded,
     Conflict,
     FeatureDisabled,
     LedgerError,
@@ -51,6 +53,13 @@ class QuotaCheck:
     allowed: bool
     available: int
     reason: str
+    details: dict | None = None
+
+    def body(self) -> dict:
+        body = {"allowed": self.allowed, "available": self.available, "reason": self.reason}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
 
 
 def _ensure_resource_type(resource_type_id: str) -> None:
@@ -65,17 +74,24 @@ def _unit_price(resource_type_id: str, at: dt.datetime) -> Decimal:
     return price
 
 
-def quota_check(*, agent: Agent, resource_type_id: str, amount: int) -> QuotaCheck:
-    """Would ``amount`` fit now? Changes nothing (a throttled agent may still ask)."""
+def quota_check(*, agent: Agent, resource_type_id: str, amount: int, run_id: str = "") -> QuotaCheck:
+    """Would ``amount`` fit now, in the quota and in every budget that applies (the run's too, if named)?
+    Changes nothing (a throttled agent may still ask)."""
     _ensure_resource_type(resource_type_id)
     amount_validate(amount)
-    available = max(_available_now(agent, resource_type_id, timezone.now()), 0)
+    now = timezone.now()
+    available = max(_available_now(agent, resource_type_id, now), 0)
     try:
         agent_ensure_may_allocate(agent_id=agent.pk, status=agent.status, reason=agent.status_reason)
     except LedgerError as refusal:
         return QuotaCheck(False, available, refusal.code)
     if amount > available:
         return QuotaCheck(False, available, "quota_exceeded")
+    price = price_table.unit_price(resource_type_id, now)
+    cost = usage_cost(amount, price) if price is not None else Decimal(0)
+    refusal = budget_refusal(agent=agent, cost=cost, run_id=run_id, now=now)
+    if refusal is not None:
+        return QuotaCheck(False, available, refusal.code, refusal.details or None)
     return QuotaCheck(True, available, "ok")
 
 
@@ -103,6 +119,7 @@ def allocation_prepare(
     kind: str = UsageLog.Kind.ALLOCATION,
     metadata: dict | None = None,
     now: dt.datetime | None = None,
+    run_id: str = "",
 ) -> AllocationDraft:
     """Check the request and price it; no query (prices are cached). ``allocation_write`` takes the quota.
 
@@ -124,6 +141,7 @@ def allocation_prepare(
         cost_usd=Decimal(0) if hold else usage_cost(amount, unit_price),
         status=Allocation.Status.HELD if hold else Allocation.Status.COMMITTED,
         task_id=task_id,
+        run_id=run_id,
         expires_at=expires_at,
         created_at=timezone.now(),  # the wall clock, as auto_now_add would set it, even when ``now`` is given
     )
@@ -162,6 +180,8 @@ def allocation_write(
         usage_metadata={"allocation_id": str(allocation.pk), **(draft.metadata or {})},
         api_key_id=api_key_id,
         record=record,
+        run_id=allocation.run_id,
+        quoted_cost_usd=_quoted_cost(allocation),
     )
     try:
         try:
@@ -175,7 +195,15 @@ def allocation_write(
         raise _quota_exceeded(
             allocation.resource_type_id, requested=allocation.amount, available=short.available, at=draft.now
         ) from None
+    except BudgetExceeded as refusal:
+        budget_mark_refused(budget_id=refusal.details["budget_id"], now=draft.now)
+        raise
     return allocation
+
+
+def _quoted_cost(allocation: Allocation) -> Decimal:
+    """What an allocation costs at its quoted price: a hold reserves it on the budgets until it is settled."""
+    return usage_cost(allocation.amount, allocation.unit_price_usd)
 
 
 def allocation_create(
@@ -190,6 +218,7 @@ def allocation_create(
     kind: str = UsageLog.Kind.ALLOCATION,
     metadata: dict | None = None,
     now: dt.datetime | None = None,
+    run_id: str = "",
 ) -> Allocation:
     """Commit ``amount`` at once (usage row written) or hold it until settled, released or expired."""
     draft = allocation_prepare(
@@ -203,6 +232,7 @@ def allocation_create(
         kind=kind,
         metadata=metadata,
         now=now,
+        run_id=run_id,
     )
     return allocation_write(draft)
 
@@ -297,6 +327,12 @@ def hold_settle(
         )
         if not claimed:
             raise Conflict(f"allocation {allocation.pk} is no longer an open hold", code="hold_not_open")
+        _budgets_apply(
+            allocation,
+            now=now,
+            spend=usage_cost(amount, allocation.unit_price_usd),
+            release=_quoted_cost(allocation),
+        )
         extra = amount - held
         updated = Quota.objects.filter(quota_fits(extra), pk=allocation.quota_id).update(
             reserved=F("reserved") - held,
@@ -332,6 +368,15 @@ def hold_settle(
     return allocation
 
 
+def _budgets_apply(allocation: Allocation, *, now: dt.datetime, **change: Decimal) -> None:
+    """Move a hold's money on the budgets it reserved on (after its row is claimed, before its quota)."""
+    try:
+        sql.budgets_apply(allocation.budget_ids, now=now, **change)
+    except BudgetExceeded as refusal:
+        budget_mark_refused(budget_id=refusal.details["budget_id"], now=now)
+        raise
+
+
 def hold_release(*, agent: Agent, allocation_id, now: dt.datetime | None = None) -> Allocation:
     """Give an open hold back in full."""
     now = now or timezone.now()
@@ -342,6 +387,7 @@ def hold_release(*, agent: Agent, allocation_id, now: dt.datetime | None = None)
         )
         if not claimed:
             raise Conflict(f"allocation {allocation.pk} is no longer an open hold", code="hold_not_open")
+        _budgets_apply(allocation, now=now, release=_quoted_cost(allocation))
         Quota.objects.filter(pk=allocation.quota_id).update(
             reserved=F("reserved") - allocation.amount, updated_at=now
         )
@@ -363,16 +409,23 @@ def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> i
                 Allocation.objects.select_for_update(skip_locked=True)
                 .filter(status=Allocation.Status.HELD, expires_at__lte=now)
                 .order_by("quota_id", "pk")
-                .values_list("pk", "quota_id", "amount")[:batch_size]
+                .values_list("pk", "quota_id", "amount", "unit_price_usd", "budget_ids")[:batch_size]
             )
             if not holds:
                 return expired_total
-            Allocation.objects.filter(pk__in=[pk for pk, _, _ in holds]).update(
+            Allocation.objects.filter(pk__in=[hold[0] for hold in holds]).update(
                 status=Allocation.Status.EXPIRED, finished_at=now
             )
             per_quota: dict[int, int] = {}
-            for _, quota_id, amount in holds:
+            per_budget: dict[int, Decimal] = {}
+            for _, quota_id, amount, unit_price, budget_ids in holds:
                 per_quota[quota_id] = per_quota.get(quota_id, 0) + amount
+                for budget_id in budget_ids:
+                    per_budget[budget_id] = per_budget.get(budget_id, Decimal(0)) + usage_cost(
+                        amount, unit_price
+                    )
+            # Budgets before quotas, in id order: the lock order of every writer (ledger.budgets).
+            sql.budgets_release(per_budget, now=now)
             bulk_update_column(
                 model=Quota,
                 field="reserved",

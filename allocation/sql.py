@@ -23,6 +23,7 @@ When a function's text changes here, add a migration that runs ``FUNCTIONS_SQL``
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -30,19 +31,123 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError, connection, transaction
 
 from ledger.bulk import server_bound_cursor
-from ledger.errors import LedgerError, NotFound
+from ledger.errors import BudgetExceeded, Conflict, LedgerError, NotFound
 from ledger.invariants import (
     AGENT_MAY_ALLOCATE_SQL,
+    BUDGET_CARRY_SQL,
     QUOTA_AVAILABLE_SQL,
     agent_refusal,
+    budget_room_sql,
     quota_fits_sql,
 )
+from ledger.periods import WINDOW_BOUNDS_SQL
 
 AGENT_NOT_FOUND = "GR404"
 AGENT_MAY_NOT_ALLOCATE = "GR403"
 KEY_REVOKED = "GR401"
 PERIOD_NOT_OPEN = "GR409"
 QUOTA_EXCEEDED = "GR429"
+BUDGET_EXCEEDED = "GR402"
+RUN_NOT_FOUND = "GRR04"
+RUN_ENDED = "GRR10"
+
+# Budgets in the order every writer locks them: by ascending id, before any quota row. A writer that takes
+# several budgets (an agent's, its team's, its organization's and its run's) and then a quota therefore
+# never waits for a lock held by one that waits for its own.
+BUDGETS_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION grid_budgets_apply(
+    p_ids bigint[], p_now timestamptz, p_spend numeric, p_reserve numeric, p_release numeric
+) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    -- What the call adds to each budget's spent plus reserved: only an increase must fit.
+    v_net numeric := p_spend + p_reserve - p_release;
+    b record;
+    w record;
+    v_unused numeric;
+BEGIN
+    IF p_ids IS NULL OR cardinality(p_ids) = 0 THEN
+        RETURN;
+    END IF;
+    FOR b IN
+        SELECT id, scope, organization_id, team_id, agent_id, run_id, budget_window, mode, limit_usd,
+               rollover_percent, window_start, window_end, spent_usd, reserved_usd, rollover_usd
+        FROM ledger_budget WHERE id = ANY(p_ids) ORDER BY id FOR NO KEY UPDATE
+    LOOP
+        IF b.window_end IS NOT NULL AND p_now >= b.window_end THEN
+            -- The window has ended: open the one containing now, with the rollover.
+            w := grid_budget_window(b.budget_window, p_now);
+            v_unused := CASE WHEN b.window_end = w.window_start
+                             THEN {budget_room_sql("b")}
+                             ELSE b.limit_usd - b.reserved_usd END;
+            b.rollover_usd := {
+    BUDGET_CARRY_SQL.format(unused="v_unused", limit="b.limit_usd", percent="b.rollover_percent")
+};
+            b.spent_usd := 0;
+            b.window_start := w.window_start;
+            b.window_end := w.window_end;
+            UPDATE ledger_budget
+            SET window_start = b.window_start, window_end = b.window_end, spent_usd = 0,
+                rollover_usd = b.rollover_usd
+            WHERE id = b.id;
+        END IF;
+        IF v_net > 0 AND b.mode = 'hard' AND {budget_room_sql("b")} < v_net THEN
+            RAISE EXCEPTION USING ERRCODE = '{BUDGET_EXCEEDED}', MESSAGE = 'budget exceeded',
+                DETAIL = jsonb_build_object(
+                    'budget_id', b.id,
+                    'scope', b.scope,
+                    'scope_id', CASE b.scope WHEN 'organization' THEN b.organization_id
+                                             WHEN 'team' THEN b.team_id
+                                             WHEN 'run' THEN b.run_id
+                                             ELSE b.agent_id END,
+                    'window', b.budget_window,
+                    'window_start', b.window_start,
+                    'window_end', b.window_end,
+                    'limit_usd', b.limit_usd,
+                    'rollover_usd', b.rollover_usd,
+                    'spent_usd', b.spent_usd,
+                    'reserved_usd', b.reserved_usd,
+                    'requested_usd', v_net
+                )::text;
+        END IF;
+    END LOOP;
+    UPDATE ledger_budget
+    SET spent_usd = spent_usd + p_spend, reserved_usd = reserved_usd + p_reserve - p_release,
+        updated_at = p_now
+    WHERE id = ANY(p_ids);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION grid_agent_budgets(p_agent_id text, p_run_id text, p_now timestamptz)
+RETURNS bigint[]
+LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+    v_ids bigint[];
+    v_run_found boolean;
+    v_run_ended boolean;
+BEGIN
+    -- Every budget a call by the agent (naming run p_run_id, or '' for none) must fit in, in lock order.
+    SELECT array_agg(b.id ORDER BY b.id) FILTER (WHERE b.scope <> 'run' OR b.expires_at > p_now),
+           coalesce(bool_or(b.scope = 'run'), false),
+           coalesce(bool_or(b.scope = 'run' AND b.expires_at <= p_now), false)
+    INTO v_ids, v_run_found, v_run_ended
+    FROM ledger_agent a
+    LEFT JOIN ledger_team t ON t.id = a.team_id
+    JOIN ledger_budget b
+      ON (b.agent_id = a.id AND (b.scope = 'agent' OR (b.scope = 'run' AND b.run_id = p_run_id)))
+      OR (b.scope = 'team' AND b.team_id = a.team_id)
+      OR (b.scope = 'organization' AND b.organization_id = t.organization_id)
+    WHERE a.id = p_agent_id;
+    IF p_run_id <> '' AND NOT v_run_found THEN
+        RAISE EXCEPTION USING ERRCODE = '{RUN_NOT_FOUND}', MESSAGE = 'run not found', DETAIL = p_run_id;
+    END IF;
+    IF v_run_ended THEN
+        RAISE EXCEPTION USING ERRCODE = '{RUN_ENDED}', MESSAGE = 'run ended', DETAIL = p_run_id;
+    END IF;
+    RETURN v_ids;
+END
+$fn$;
+"""
 
 RECORD_FUNCTION_SQL = """
 CREATE OR REPLACE FUNCTION grid_mutation_record(p_record jsonb) RETURNS void
@@ -92,7 +197,9 @@ CREATE OR REPLACE FUNCTION grid_allocate(
     p_usage_key text,
     p_usage_metadata jsonb,
     p_api_key_id bigint,
-    p_record jsonb
+    p_record jsonb,
+    p_run_id text,
+    p_quoted_cost numeric
 ) RETURNS bigint
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -101,6 +208,7 @@ DECLARE
     v_may_allocate boolean;
     v_quota bigint;
     v_available bigint;
+    v_budgets bigint[];
 BEGIN
     SELECT status, status_reason, {AGENT_MAY_ALLOCATE_SQL} INTO v_status, v_reason, v_may_allocate
     FROM ledger_agent WHERE id = p_agent_id;
@@ -119,6 +227,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = '{PERIOD_NOT_OPEN}', MESSAGE = 'quota period not open';
     END IF;
+    v_budgets := grid_agent_budgets(p_agent_id, p_run_id, p_now);
 
     -- Check the new rows' quota keys as each INSERT ends, not at COMMIT: not while the quota row is locked.
     SET CONSTRAINTS allocation_allocation_quota_identity_fk, usage_logs_quota_identity_period_fk IMMEDIATE;
@@ -127,10 +236,11 @@ BEGIN
     END IF;
     INSERT INTO allocation_allocation
         (id, agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, status, task_id,
-         expires_at, created_at)
+         expires_at, created_at, run_id, budget_ids)
     VALUES
         (p_allocation_id, p_agent_id, p_resource_type, v_quota, p_amount, p_unit_price, p_cost,
-         CASE WHEN p_hold THEN 'held' ELSE 'committed' END, p_task_id, p_expires_at, p_created_at);
+         CASE WHEN p_hold THEN 'held' ELSE 'committed' END, p_task_id, p_expires_at, p_created_at, p_run_id,
+         coalesce(v_budgets, '{{}}'));
     IF NOT p_hold THEN
         INSERT INTO usage_logs
             (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
@@ -140,7 +250,13 @@ BEGIN
              p_usage_key, p_usage_metadata, p_now, p_period_start);
     END IF;
 
-    -- Last: the row lock is held from here to COMMIT.
+    -- Last, the locks held to COMMIT: the budgets (a hold reserves its quoted cost), then the quota.
+    IF v_budgets IS NOT NULL THEN
+        PERFORM grid_budgets_apply(
+            v_budgets, p_now,
+            CASE WHEN p_hold THEN 0 ELSE p_cost END, CASE WHEN p_hold THEN p_quoted_cost ELSE 0 END, 0
+        );
+    END IF;
     UPDATE quotas
     SET used = used + CASE WHEN p_hold THEN 0 ELSE p_amount END,
         reserved = reserved + CASE WHEN p_hold THEN p_amount ELSE 0 END,
@@ -157,14 +273,28 @@ END
 $fn$;
 """
 
-FUNCTIONS_SQL = RECORD_FUNCTION_SQL + ALLOCATE_FUNCTION_SQL
-DROP_FUNCTIONS_SQL = """
+FUNCTIONS_SQL = WINDOW_BOUNDS_SQL + RECORD_FUNCTION_SQL + BUDGETS_FUNCTION_SQL + ALLOCATE_FUNCTION_SQL
+# The functions ``FUNCTIONS_SQL`` defines, by name and argument types (a test compares their text).
+FUNCTION_SIGNATURES = {
+    "grid_budget_window": "text, timestamptz",
+    "grid_mutation_record": "jsonb",
+    "grid_budgets_apply": "bigint[], timestamptz, numeric, numeric, numeric",
+    "grid_agent_budgets": "text, text, timestamptz",
+    "grid_allocate": "text, text, timestamptz, bigint, boolean, timestamptz, uuid, numeric, numeric, text, "
+    "timestamptz, timestamptz, text, text, jsonb, bigint, jsonb, text, numeric",
+}
+# grid_allocate before budgets: a different signature is another function, so it is dropped by name.
+PREVIOUS_ALLOCATE_DROP_SQL = """
 DROP FUNCTION IF EXISTS grid_allocate(text, text, timestamptz, bigint, boolean, timestamptz, uuid, numeric,
     numeric, text, timestamptz, timestamptz, text, text, jsonb, bigint, jsonb);
-DROP FUNCTION IF EXISTS grid_mutation_record(jsonb);
 """
+DROP_FUNCTIONS_SQL = "".join(
+    f"DROP FUNCTION IF EXISTS {name}({arguments});\n" for name, arguments in FUNCTION_SIGNATURES.items()
+)
 
-_ALLOCATE_CALL = "SELECT grid_allocate(" + ", ".join(["%s"] * 17) + ")"
+_ALLOCATE_CALL = "SELECT grid_allocate(" + ", ".join(["%s"] * 19) + ")"
+_BUDGETS_APPLY_CALL = "SELECT grid_budgets_apply(%s, %s, %s, %s, %s)"
+_AGENT_BUDGETS_CALL = "SELECT grid_agent_budgets(%s, %s, %s)"
 _RECORD_CALL = "SELECT grid_mutation_record(%s::jsonb)"
 
 _JSON = DjangoJSONEncoder(separators=(",", ":"))
@@ -214,6 +344,8 @@ class AllocationRow:
     usage_metadata: dict
     api_key_id: int | None
     record: dict | None
+    run_id: str = ""
+    quoted_cost_usd: Decimal = Decimal(0)  # a hold's cost at its quoted price: what it reserves on budgets
 
 
 def json_text(value) -> str:
@@ -244,6 +376,8 @@ def allocate(row: AllocationRow) -> int:
         json_text(row.usage_metadata),
         row.api_key_id,
         None if row.record is None else json_text(row.record),
+        row.run_id,
+        row.quoted_cost_usd,
     ]
     try:
         if connection.in_atomic_block:
@@ -252,6 +386,58 @@ def allocate(row: AllocationRow) -> int:
         return _fetch_one(_ALLOCATE_CALL, params, server_bound=True)
     except DatabaseError as exc:
         refusal = _refusal(exc, row)
+        if refusal is None:
+            raise
+        raise refusal from exc
+
+
+def budgets_apply(
+    budget_ids: list[int],
+    *,
+    now: dt.datetime,
+    spend: Decimal = Decimal(0),
+    reserve: Decimal = Decimal(0),
+    release: Decimal = Decimal(0),
+) -> None:
+    """Charge budgets outside an allocation (a settlement, a release, a purchase): lock them in id order,
+    roll ended windows, and refuse with ``BudgetExceeded`` if what is added does not fit a hard one.
+    Inside a transaction it runs in a savepoint; call it before locking any quota row."""
+    if not budget_ids:
+        return
+    params = [list(budget_ids), now, spend, reserve, release]
+    try:
+        with transaction.atomic():
+            _fetch_one(_BUDGETS_APPLY_CALL, params)
+    except DatabaseError as exc:
+        refusal = _budget_refusal(exc)
+        if refusal is None:
+            raise
+        raise refusal from exc
+
+
+def budgets_release(amounts: dict[int, Decimal], *, now: dt.datetime) -> None:
+    """Give back what holds reserved (budget id -> dollars), many budgets at once: the expiry sweep's
+    form of ``budgets_apply``. Locks the rows in id order first, like every writer of budgets."""
+    if not amounts:
+        return
+    ids = sorted(amounts)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM ledger_budget WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE", [ids])
+        cursor.execute(
+            "UPDATE ledger_budget AS b SET reserved_usd = b.reserved_usd - d.amount, updated_at = %s "
+            "FROM unnest(%s::bigint[], %s::numeric[]) AS d(id, amount) WHERE b.id = d.id",
+            [now, ids, [amounts[budget_id] for budget_id in ids]],
+        )
+
+
+def agent_budget_ids(agent_id: str, *, run_id: str = "", now: dt.datetime) -> list[int]:
+    """The budgets a call by the agent (naming ``run_id``, if any) must fit in, in lock order; a run that
+    does not exist or has ended refuses the call."""
+    try:
+        with transaction.atomic():
+            return _fetch_one(_AGENT_BUDGETS_CALL, [agent_id, run_id, now]) or []
+    except DatabaseError as exc:
+        refusal = _budget_refusal(exc)
         if refusal is None:
             raise
         raise refusal from exc
@@ -272,7 +458,24 @@ def _fetch_one(sql: str, params: list, *, server_bound: bool = False):
         return cursor.fetchone()[0]
 
 
+def _budget_refusal(exc: DatabaseError) -> LedgerError | None:
+    diag = getattr(exc.__cause__, "diag", None)
+    state = getattr(diag, "sqlstate", None)
+    if state == BUDGET_EXCEEDED:
+        return BudgetExceeded.from_detail(json.loads(diag.message_detail))
+    if state == RUN_NOT_FOUND:
+        return NotFound(f"run {diag.message_detail!r} not found", code="run_not_found")
+    if state == RUN_ENDED:
+        return Conflict(
+            f"run {diag.message_detail!r} has ended: a call may not name it any more", code="run_ended"
+        )
+    return None
+
+
 def _refusal(exc: DatabaseError, row: AllocationRow) -> LedgerError | None:
+    budget = _budget_refusal(exc)
+    if budget is not None:
+        return budget
     diag = getattr(exc.__cause__, "diag", None)
     state = getattr(diag, "sqlstate", None)
     if state == QUOTA_EXCEEDED:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from decimal import ROUND_CEILING, Decimal
 
 from django.utils import timezone
 
@@ -48,6 +49,48 @@ class QuotaExceeded(LedgerError):
         super().__init__(message, **kwargs)
         self.retry_at = resets_at or month_bounds(timezone.now())[1]
         self.details.setdefault("resets_at", self.retry_at.isoformat().replace("+00:00", "Z"))
+
+
+class BudgetExceeded(LedgerError):
+    """A hard budget has no room for the call's cost: it comes back when the budget's window ends (a run's
+    total window never does), its limit is raised or its holds are released."""
+
+    code = "budget_exceeded"
+    status = 429
+
+    @classmethod
+    def from_detail(cls, detail: dict) -> BudgetExceeded:
+        """From the figures the database reports (``allocation.sql.grid_budgets_apply``)."""
+        money = Decimal("0.000001")
+        figures = {
+            name: str(Decimal(str(detail[name])).quantize(money, rounding=ROUND_CEILING).normalize())
+            for name in ("limit_usd", "rollover_usd", "spent_usd", "reserved_usd", "requested_usd")
+        }
+        window_end = _iso(detail.get("window_end"))
+        error = cls(
+            f"{detail['scope']} {detail['scope_id']}'s {detail['window']} budget has "
+            f"${figures['limit_usd']} (rollover ${figures['rollover_usd']}), ${figures['spent_usd']} spent "
+            f"and ${figures['reserved_usd']} reserved: no room for ${figures['requested_usd']}",
+            details={
+                "budget_id": detail["budget_id"],
+                "scope": detail["scope"],
+                "scope_id": detail["scope_id"],
+                "window": detail["window"],
+                "window_start": _iso(detail.get("window_start")),
+                "window_end": window_end,
+                **figures,
+            },
+        )
+        if window_end is not None:
+            error.retry_at = dt.datetime.fromisoformat(window_end)
+        return error
+
+
+def _iso(value: str | None) -> str | None:
+    """A timestamp from PostgreSQL's JSON as the API writes it (ISO 8601, UTC, ``Z``)."""
+    if value is None:
+        return None
+    return dt.datetime.fromisoformat(value).astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 class AgentThrottled(LedgerError):

@@ -9,6 +9,9 @@
   largest integer every JSON client represents exactly (``amount_validate``).
 - **Who may allocate**: only an ``active`` agent (``agent_ensure_may_allocate``, ``AGENT_MAY_ALLOCATE_SQL``).
 - **Holds**: live 1 second to 7 days, 15 minutes unless asked (``hold_expires_at``).
+- **Budgets**: a hard budget has room for a cost ``c`` when ``spent + reserved + c <= limit + rollover``
+  (``budget_room_sql``, ``budget_room``); a window that opens carries over the previous window's unused
+  part, at most ``rollover_percent`` of the limit (``BUDGET_CARRY_SQL``, ``budget_carry``).
 
 Opening a quota period lives in ``ledger.services.quotas_open`` and money rounding in ``ledger.money``;
 ``tests/test_single_home.py`` fails if another module states any of these again.
@@ -17,6 +20,7 @@ Opening a quota period lives in ``ledger.services.quotas_open`` and money roundi
 from __future__ import annotations
 
 import datetime as dt
+from decimal import ROUND_HALF_UP, Decimal
 
 from django.db.models import F, Q
 
@@ -118,3 +122,29 @@ def hold_expires_at(*, now: dt.datetime, ttl_seconds: int | None) -> dt.datetime
             code="invalid_hold_ttl",
         )
     return now + dt.timedelta(seconds=ttl_seconds)
+
+
+# --- Budgets ----------------------------------------------------------------------------------------------
+
+
+def budget_room_sql(row: str = "") -> str:
+    """SQL for the dollars a ``ledger_budget`` row (or PL/pgSQL record ``row``) can still take this window."""
+    p = f"{row}." if row else ""
+    return f"({p}limit_usd + {p}rollover_usd - {p}spent_usd - {p}reserved_usd)"
+
+
+def budget_room(*, limit: Decimal, rollover: Decimal, spent: Decimal, reserved: Decimal) -> Decimal:
+    """Dollars a budget can still take this window (negative when its limit was cut below what is taken)."""
+    return limit + rollover - spent - reserved
+
+
+# SQL for the rollover a window opens with, from the previous window's figures: ``unused`` is what that
+# window left (its limit plus its own rollover, less spent and reserved; a window nobody charged left its
+# whole limit less what is still reserved). Parameters: limit, rollover_percent, unused.
+BUDGET_CARRY_SQL = "LEAST(GREATEST({unused}, 0), round({limit} * {percent} / 100, 6))"
+
+
+def budget_carry(*, limit: Decimal, rollover_percent: int, unused: Decimal) -> Decimal:
+    """``BUDGET_CARRY_SQL`` in Python."""
+    cap = (limit * rollover_percent / 100).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+    return min(max(unused, Decimal(0)), cap)

@@ -113,6 +113,35 @@ agent_id_validator = RegexValidator(
 )
 
 
+class Organization(models.Model):
+    """The top of the budget hierarchy: teams belong to one organization, agents to one team."""
+
+    id = models.CharField(max_length=64, primary_key=True, validators=[agent_id_validator])
+    name = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class Team(models.Model):
+    id = models.CharField(max_length=64, primary_key=True, validators=[agent_id_validator])
+    name = models.CharField(max_length=200, blank=True)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, null=True, blank=True, related_name="teams"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.id
+
+
 class Agent(models.Model):
     class Status(models.TextChoices):
         ACTIVE = "active", "Active"
@@ -125,8 +154,13 @@ class Agent(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True)
     status_reason = models.CharField(max_length=300, blank=True)
     monthly_budget_usd = models.DecimalField(
-        **MONEY, null=True, blank=True, validators=[MinValueValidator(Decimal("0"))]
+        **MONEY,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text="A hard agent/month budget (kept as one, by a database trigger: ledger/budgets.py).",
     )
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, null=True, blank=True, related_name="agents")
     instance_count = models.PositiveIntegerField(default=1)
     min_instances = models.PositiveIntegerField(default=1)
     max_instances = models.PositiveIntegerField(default=10)
@@ -319,6 +353,122 @@ class UsageLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.agent_id} {self.kind} {self.amount:,} {self.resource_type_id} ${self.cost_usd}"
+
+
+BUDGET_MONEY = {"max_digits": 20, "decimal_places": 6}
+DEFAULT_BUDGET_THRESHOLDS = (50, 80, 90, 100)
+
+
+def budget_thresholds_default() -> list[int]:
+    return list(DEFAULT_BUDGET_THRESHOLDS)
+
+
+class Budget(models.Model):
+    """A dollar limit on what one scope may spend in a window, checked inside every allocation.
+
+    The row holds its current window's figures: ``spent_usd`` (committed and settled cost),
+    ``reserved_usd`` (quoted cost of open holds) and ``rollover_usd`` (what the previous window left,
+    added to the limit). A window that has ended is rolled when the budget is next charged or swept
+    (``allocation.sql``); readers see it rolled already (``ledger.budgets.budget_figures``).
+    """
+
+    class Scope(models.TextChoices):
+        ORGANIZATION = "organization", "Organization"
+        TEAM = "team", "Team"
+        AGENT = "agent", "Agent"
+        RUN = "run", "Run"
+
+    class Window(models.TextChoices):
+        DAY = "day", "Day"
+        WEEK = "week", "Week (from Monday 00:00 UTC)"
+        MONTH = "month", "Calendar month"
+        TOTAL = "total", "Total (a run's life)"
+
+    class Mode(models.TextChoices):
+        HARD = "hard", "Hard: refuse"
+        SOFT = "soft", "Soft: alert only"
+
+    scope = models.CharField(max_length=16, choices=Scope.choices)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, null=True, blank=True, related_name="budgets"
+    )
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, null=True, blank=True, related_name="budgets")
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="budgets")
+    run_id = models.CharField(max_length=200, blank=True)
+    # "window" is a reserved word in SQL: the column has a plain name.
+    window = models.CharField(max_length=8, choices=Window.choices, db_column="budget_window")
+    limit_usd = models.DecimalField(**BUDGET_MONEY, validators=[MinValueValidator(Decimal("0"))])
+    mode = models.CharField(max_length=8, choices=Mode.choices, default=Mode.HARD)
+    rollover_percent = models.PositiveSmallIntegerField(default=0)
+    thresholds = models.JSONField(
+        default=budget_thresholds_default, blank=True, help_text="Alert percentages, e.g. [50, 80, 100]"
+    )
+    managed = models.BooleanField(
+        default=False, help_text="The agent's monthly_budget_usd: change it there, not here."
+    )
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField(null=True, blank=True, help_text="Empty for a total window.")
+    spent_usd = models.DecimalField(**COST, default=Decimal("0"))
+    reserved_usd = models.DecimalField(**COST, default=Decimal("0"))
+    rollover_usd = models.DecimalField(**COST, default=Decimal("0"))
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="A run's end: no call may name it after."
+    )
+    refused_at = models.DateTimeField(
+        null=True, blank=True, help_text="When it first refused a call since it last had room."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    Q(scope="organization", organization__isnull=False, team__isnull=True, agent__isnull=True)
+                    | Q(scope="team", organization__isnull=True, team__isnull=False, agent__isnull=True)
+                    | Q(scope="agent", organization__isnull=True, team__isnull=True, agent__isnull=False)
+                    | Q(scope="run", organization__isnull=True, team__isnull=True, agent__isnull=False)
+                ),
+                name="budget_scope_target_consistent",
+            ),
+            models.CheckConstraint(
+                condition=(Q(scope="run", window="total") & ~Q(run_id="")) | (~Q(scope="run") & Q(run_id="")),
+                name="budget_run_named_total",
+            ),
+            models.CheckConstraint(
+                condition=Q(window="total", window_end__isnull=True)
+                | (~Q(window="total") & Q(window_end__gt=F("window_start"))),
+                name="budget_window_ordered",
+            ),
+            models.CheckConstraint(condition=Q(limit_usd__gte=0), name="budget_limit_non_negative"),
+            models.CheckConstraint(condition=Q(spent_usd__gte=0), name="budget_spent_non_negative"),
+            models.CheckConstraint(condition=Q(reserved_usd__gte=0), name="budget_reserved_non_negative"),
+            models.CheckConstraint(condition=Q(rollover_usd__gte=0), name="budget_rollover_non_negative"),
+            models.CheckConstraint(
+                condition=Q(rollover_percent__gte=0, rollover_percent__lte=100),
+                name="budget_rollover_percent",
+            ),
+            models.UniqueConstraint(
+                fields=["agent", "run_id"], condition=Q(scope="run"), name="budget_unique_run"
+            ),
+            models.UniqueConstraint(
+                fields=["agent"], condition=Q(managed=True), name="budget_unique_managed"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.scope_id} {self.window} ${self.limit_usd}"
+
+    @property
+    def scope_id(self) -> str:
+        if self.scope == self.Scope.ORGANIZATION:
+            return self.organization_id
+        if self.scope == self.Scope.TEAM:
+            return self.team_id
+        if self.scope == self.Scope.RUN:
+            return self.run_id
+        return self.agent_id
 
 
 class OptimizationRule(models.Model):

@@ -12,9 +12,10 @@ from django.db import models
 from django.db.models import F, Q
 
 from ledger.models import COST, UNIT_PRICE, Agent, OptimizationRule, Quota, ResourceType, Tier
+from ledger.models import DEFAULT_BUDGET_THRESHOLDS as LEDGER_BUDGET_THRESHOLDS
 from optimization.webhooks import webhook_secret_generate, webhook_secret_validate
 
-DEFAULT_BUDGET_THRESHOLDS = [50, 80, 90, 100]
+DEFAULT_BUDGET_THRESHOLDS = list(LEDGER_BUDGET_THRESHOLDS)
 # Bounds of a webhook endpoint's own limits: what one delivery run may open to it, and what one request holds.
 MAX_CONCURRENT_REQUESTS = 32
 MAX_BATCH_SIZE = 1000
@@ -109,13 +110,17 @@ class WebhookEndpoint(models.Model):
 class Alert(models.Model):
     class Kind(models.TextChoices):
         BUDGET = "budget", "Budget threshold"
+        BUDGET_RESOLVED = "budget_resolved", "Budget has room again"
         RULE = "rule", "Optimization rule"
         COST_SPIKE = "cost_spike", "Cost spike"
         SCALING = "scaling", "Scaling"
 
     # alert_agent_time_idx leads with the agent: no index of its own (a rule can write 100,000 alerts in
     # one evaluation, and every index is one more write per alert).
-    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="alerts", db_index=False)
+    # Empty for an alert about a team's or an organization's budget.
+    agent = models.ForeignKey(
+        Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="alerts", db_index=False
+    )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     severity = models.CharField(max_length=16, choices=OptimizationRule.Severity.choices)
     title = models.CharField(max_length=200)

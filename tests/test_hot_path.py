@@ -381,14 +381,22 @@ def test_the_databases_functions_are_the_modules(agent_a):
     """A change to allocation/sql.py needs a migration that runs it: until then this fails."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT proname, prosrc FROM pg_proc WHERE proname IN ('grid_allocate', 'grid_mutation_record')"
+            "SELECT proname, oidvectortypes(proargtypes), prosrc FROM pg_proc WHERE proname = ANY(%s)",
+            [list(sql.FUNCTION_SIGNATURES)],
         )
-        installed = dict(cursor.fetchall())
-    for name, text in (
-        ("grid_allocate", sql.ALLOCATE_FUNCTION_SQL),
-        ("grid_mutation_record", sql.RECORD_FUNCTION_SQL),
-    ):
-        assert installed[name] == text.split("$fn$")[1], name
+        installed = {name: (arguments, text) for name, arguments, text in cursor.fetchall()}
+    # Each function once (an old signature left behind would be a second row), with the module's text.
+    assert sorted(installed) == sorted(sql.FUNCTION_SIGNATURES)
+    bodies = dict(
+        zip(
+            [part.split("(")[0].split()[-1] for part in sql.FUNCTIONS_SQL.split("$fn$")[0::2][:-1]],
+            sql.FUNCTIONS_SQL.split("$fn$")[1::2],
+            strict=True,
+        )
+    )
+    for name, (arguments, text) in installed.items():
+        assert text == bodies[name], name
+        assert arguments.replace("timestamp with time zone", "timestamptz") == sql.FUNCTION_SIGNATURES[name]
 
 
 def test_the_check_constraint_counts_listed_units(agent_a):

@@ -189,11 +189,7 @@ class ResourcesView(GridAPIView):
                 result = services.quota_check(
                     agent=agent, resource_type_id=data["resourceType"], amount=data["amount"]
                 )
-                return 200, {
-                    "allowed": result.allowed,
-                    "available": result.available,
-                    "reason": result.reason,
-                }
+                return 200, result.body()
             if name == "allocate":
                 _require(data, *REQUIRED_BY_ACTION[name])
                 allocation = services.allocation_create(

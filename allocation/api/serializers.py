@@ -76,15 +76,23 @@ class StrictSerializer(JsonTextSerializer):
         return super().to_internal_value(data)
 
 
+RUN_ID = {"max_length": 200, "required": False, "allow_blank": True, "default": ""}
+
+
 class QuotaCheckIn(StrictSerializer):
     resource_type = ResourceTypeField()
     amount = AmountField()
+    run_id = serializers.CharField(**RUN_ID, help_text="The run the call would name: its budget applies too.")
 
 
 class QuotaCheckOut(serializers.Serializer):
     allowed = serializers.BooleanField()
     available = serializers.IntegerField()
     reason = serializers.CharField()
+    details = serializers.DictField(
+        required=False,
+        help_text="With reason budget_exceeded: the budget, as a 429 budget_exceeded gives it.",
+    )
 
 
 class AllocationIn(StrictSerializer):
@@ -94,6 +102,9 @@ class AllocationIn(StrictSerializer):
     hold = serializers.BooleanField(required=False, default=False)
     hold_ttl_seconds = serializers.IntegerField(
         required=False, min_value=MIN_HOLD_TTL_SECONDS, max_value=MAX_HOLD_TTL_SECONDS
+    )
+    run_id = serializers.CharField(
+        **RUN_ID, help_text="A run of the agent (POST .../runs): its budget applies."
     )
 
 
@@ -121,6 +132,7 @@ def allocation_in_fast(raw) -> dict | None:
     resource_type = raw.get("resource_type")
     amount = raw.get("amount")
     task_id = raw.get("task_id", "")
+    run_id = raw.get("run_id", "")
     hold = raw.get("hold", False)
     if (
         type(resource_type) is not str
@@ -128,10 +140,17 @@ def allocation_in_fast(raw) -> dict | None:
         or type(amount) is not int
         or not amount_is_valid(amount)
         or not plain_text(task_id, 200)
+        or not plain_text(run_id, 200)
         or type(hold) is not bool
     ):
         return None
-    data = {"resource_type": resource_type, "amount": amount, "task_id": task_id, "hold": hold}
+    data = {
+        "resource_type": resource_type,
+        "amount": amount,
+        "task_id": task_id,
+        "hold": hold,
+        "run_id": run_id,
+    }
     if "hold_ttl_seconds" in raw:
         ttl = raw["hold_ttl_seconds"]
         if type(ttl) is not int or not MIN_HOLD_TTL_SECONDS <= ttl <= MAX_HOLD_TTL_SECONDS:
@@ -156,6 +175,7 @@ class AllocationOut(serializers.ModelSerializer):
             "unit_price_usd",
             "status",
             "task_id",
+            "run_id",
             "expires_at",
             "settled_amount",
             "created_at",

@@ -126,9 +126,12 @@ class QuotaCheckView(AgentScopedView):
         def check(body):
             data = valid(QuotaCheckIn, body)
             result = services.quota_check(
-                agent=self.agent(), resource_type_id=data["resource_type"], amount=data["amount"]
+                agent=self.agent(),
+                resource_type_id=data["resource_type"],
+                amount=data["amount"],
+                run_id=data["run_id"],
             )
-            return 200, {"allowed": result.allowed, "available": result.available, "reason": result.reason}
+            return 200, result.body()
 
         return run_mutation(request, action="quota.check", agent_id=agent_id, handler=check, audited=False)
 
@@ -152,6 +155,7 @@ class AllocationCreateView(AgentScopedView):
                 hold=data["hold"],
                 hold_ttl_seconds=data.get("hold_ttl_seconds"),
                 idempotency_key=frame.idempotency_key or "",
+                run_id=data["run_id"],
             )
             payload = allocation_body(draft.allocation)
             services.allocation_write(
