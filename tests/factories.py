@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import factory
 
-from ledger.models import Agent, Tier
+from ledger.models import Agent, Organization, Team, Tier
 
 
 class AgentFactory(factory.django.DjangoModelFactory):
@@ -15,6 +15,25 @@ class AgentFactory(factory.django.DjangoModelFactory):
     id = factory.Sequence(lambda n: f"agent-{n:04d}")
     name = factory.LazyAttribute(lambda o: f"Agent {o.id}")
     tier = factory.LazyFunction(lambda: Tier.objects.get(code="PRO"))
+
+
+class OrganizationFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Organization
+        django_get_or_create = ("id",)
+
+    id = factory.Sequence(lambda n: f"org-{n:04d}")
+    name = factory.LazyAttribute(lambda o: f"Organization {o.id}")
+
+
+class TeamFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Team
+        django_get_or_create = ("id",)
+
+    id = factory.Sequence(lambda n: f"team-{n:04d}")
+    name = factory.LazyAttribute(lambda o: f"Team {o.id}")
+    organization = None
 
 
 def fleet_create(
