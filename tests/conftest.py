@@ -74,6 +74,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_redis)
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix) -> None:
+    """Each session its own test database (named after its process), so that two runs at once on one
+    server, e.g. the embedded one, do not drop each other's."""
+    default = settings.DATABASES["default"]
+    default.setdefault("TEST", {}).setdefault("NAME", f"test_{default['NAME']}_{os.getpid()}")
+
+
 @pytest.fixture
 def reference_data(db):
     from ledger.services import reference_data_load
