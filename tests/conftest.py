@@ -78,8 +78,12 @@ def pytest_collection_modifyitems(config, items):
 def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix) -> None:
     """Each session its own test database (named after its process), so that two runs at once on one
     server, e.g. the embedded one, do not drop each other's."""
-    default = settings.DATABASES["default"]
-    default.setdefault("TEST", {}).setdefault("NAME", f"test_{default['NAME']}_{os.getpid()}")
+    from django.db import connections
+
+    default = connections["default"].settings_dict
+    test = default.setdefault("TEST", {})
+    if not test.get("NAME"):
+        test["NAME"] = f"test_{default['NAME']}_{os.getpid()}"
 
 
 @pytest.fixture
