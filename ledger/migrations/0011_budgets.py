@@ -9,19 +9,6 @@ from django.db import migrations, models
 from ledger.budgets import MANAGED_BUDGET_TRIGGER_DROP_SQL, MANAGED_BUDGET_TRIGGER_SQL
 from ledger.periods import WINDOW_BOUNDS_SQL
 
-# The agents' new team column gets no varchar_pattern_ops twin, like their other columns (migration 0005).
-AGENT_PATTERN_TWINS_DROP_SQL = """
-DO $$
-DECLARE twin record;
-BEGIN
-    FOR twin IN SELECT indexname FROM pg_indexes
-                WHERE tablename = 'ledger_agent' AND indexdef LIKE '%varchar_pattern_ops%' LOOP
-        EXECUTE format('DROP INDEX %I', twin.indexname);
-    END LOOP;
-END
-$$;
-"""
-
 # Agents that had a monthly budget get it as a managed hard agent/month budget, with this month's spend.
 MANAGED_BUDGETS_BACKFILL_SQL = """
 INSERT INTO ledger_budget
@@ -327,10 +314,7 @@ class Migration(migrations.Migration):
             },
         ),
         migrations.RunSQL(
-            AGENT_PATTERN_TWINS_DROP_SQL
-            + WINDOW_BOUNDS_SQL
-            + MANAGED_BUDGET_TRIGGER_SQL
-            + MANAGED_BUDGETS_BACKFILL_SQL,
+            WINDOW_BOUNDS_SQL + MANAGED_BUDGET_TRIGGER_SQL + MANAGED_BUDGETS_BACKFILL_SQL,
             MANAGED_BUDGET_TRIGGER_DROP_SQL,
         ),
     ]
