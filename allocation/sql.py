@@ -122,22 +122,32 @@ CREATE OR REPLACE FUNCTION grid_agent_budgets(p_agent_id text, p_run_id text, p_
 RETURNS bigint[]
 LANGUAGE plpgsql STABLE AS $fn$
 DECLARE
+    v_team text;
+    v_organization text;
     v_ids bigint[];
     v_run_found boolean;
     v_run_ended boolean;
 BEGIN
-    -- Every budget a call by the agent (naming run p_run_id, or '' for none) must fit in, in lock order.
+    -- Every budget a call by the agent (naming run p_run_id, or '' for none) must fit in, in lock order:
+    -- one index lookup per scope.
+    SELECT a.team_id, t.organization_id INTO v_team, v_organization
+    FROM ledger_agent a LEFT JOIN ledger_team t ON t.id = a.team_id
+    WHERE a.id = p_agent_id;
     SELECT array_agg(b.id ORDER BY b.id) FILTER (WHERE b.scope <> 'run' OR b.expires_at > p_now),
            coalesce(bool_or(b.scope = 'run'), false),
            coalesce(bool_or(b.scope = 'run' AND b.expires_at <= p_now), false)
     INTO v_ids, v_run_found, v_run_ended
-    FROM ledger_agent a
-    LEFT JOIN ledger_team t ON t.id = a.team_id
-    JOIN ledger_budget b
-      ON (b.agent_id = a.id AND (b.scope = 'agent' OR (b.scope = 'run' AND b.run_id = p_run_id)))
-      OR (b.scope = 'team' AND b.team_id = a.team_id)
-      OR (b.scope = 'organization' AND b.organization_id = t.organization_id)
-    WHERE a.id = p_agent_id;
+    FROM (
+        SELECT id, scope, expires_at FROM ledger_budget WHERE scope = 'agent' AND agent_id = p_agent_id
+        UNION ALL
+        SELECT id, scope, expires_at FROM ledger_budget
+        WHERE scope = 'run' AND agent_id = p_agent_id AND run_id = p_run_id AND p_run_id <> ''
+        UNION ALL
+        SELECT id, scope, expires_at FROM ledger_budget WHERE scope = 'team' AND team_id = v_team
+        UNION ALL
+        SELECT id, scope, expires_at FROM ledger_budget
+        WHERE scope = 'organization' AND organization_id = v_organization
+    ) AS b;
     IF p_run_id <> '' AND NOT v_run_found THEN
         RAISE EXCEPTION USING ERRCODE = '{RUN_NOT_FOUND}', MESSAGE = 'run not found', DETAIL = p_run_id;
     END IF;

@@ -422,6 +422,9 @@ class Budget(models.Model):
 
     class Meta:
         ordering = ["id"]
+        # Every allocation looks up the agent's budgets (the run's by budget_unique_run, the team's and the
+        # organization's by their foreign keys' indexes): an agent's runs must not be scanned for them.
+        indexes = [models.Index(fields=["agent"], condition=Q(scope="agent"), name="budget_agent_scope_idx")]
         constraints = [
             models.CheckConstraint(
                 condition=(
