@@ -11,9 +11,12 @@ from decimal import Decimal
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from ledger.models import Agent, Quota, UsageLog
+from ledger.budgets import agent_team_set, budget_create, organization_create, team_create
+from ledger.models import Agent, Budget, Organization, Quota, UsageLog
 from ledger.money import usage_cost
 from ledger.periods import month_bounds
 from ledger.selectors import base_limits, prices_in_effect
@@ -135,6 +138,10 @@ def _demo_usage(agent: Agent, share: float, now: dt.datetime, rng: random.Random
     UsageLog.objects.bulk_create(rows, batch_size=1000)
 
 
+DEMO_ORGANIZATION = "demo-org"
+DEMO_TEAMS = {"demo-research": ["agent-123", "agent-research"], "demo-ops": ["agent-456", "agent-789"]}
+
+
 @transaction.atomic
 def demo_data_load(*, now: dt.datetime | None = None) -> dict[str, int]:
     """Create the demo admin and the demo agents that are missing, each with three weeks of usage."""
@@ -153,8 +160,42 @@ def demo_data_load(*, now: dt.datetime | None = None) -> dict[str, int]:
         )
         # Seeded by the agent id, so every fresh install shows the same history.
         _demo_usage(agent, share, now, random.Random(agent_id))
+        # The history was written in bulk: its monthly budget counts this month's part of it.
+        Budget.objects.filter(agent=agent, managed=True).update(
+            spent_usd=Quota.objects.filter(agent=agent, period_start=month_bounds(now)[0]).aggregate(
+                total=Coalesce(Sum("spent_usd"), Decimal(0))
+            )["total"]
+        )
         created["agents"] += 1
+    created["budgets"] = _demo_budgets(now)
     return created
+
+
+def _demo_budgets(now: dt.datetime) -> int:
+    """An organization with two teams and their budgets, once: the admin and the dashboard show them."""
+    if Organization.objects.filter(pk=DEMO_ORGANIZATION).exists():
+        return 0
+    organization_create(id=DEMO_ORGANIZATION, name="Demo organization")
+    for team_id, members in DEMO_TEAMS.items():
+        team_create(id=team_id, name=f"Demo {team_id}", organization_id=DEMO_ORGANIZATION)
+        for agent in Agent.objects.filter(pk__in=members):
+            agent_team_set(agent=agent, team_id=team_id)
+    budgets = [
+        budget_create(
+            scope="organization", scope_id=DEMO_ORGANIZATION, window="month", limit_usd="2000", now=now
+        ),
+        budget_create(scope="team", scope_id="demo-research", window="week", limit_usd="400", now=now),
+        budget_create(
+            scope="team",
+            scope_id="demo-ops",
+            window="day",
+            limit_usd="40",
+            mode="soft",
+            rollover_percent=25,
+            now=now,
+        ),
+    ]
+    return len(budgets)
 
 
 __all__ = ["demo_data_load"]

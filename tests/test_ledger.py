@@ -13,6 +13,7 @@ from django.db.models import F, Sum
 from ledger.demo import DEMO_AGENTS, DEMO_DAYS, demo_data_load
 from ledger.models import (
     Agent,
+    Budget,
     Grant,
     OptimizationRule,
     Quota,
@@ -238,11 +239,24 @@ def test_tier_change_rebases_limits_and_never_cuts_below_usage(reference_data):
 
 def test_demo_loader_is_idempotent_and_consistent(reference_data):
     first = demo_data_load()
-    assert first == {"admin": 1, "agents": len(DEMO_AGENTS)}
-    counts = (Agent.objects.count(), UsageLog.objects.count(), Quota.objects.count())
+    assert first == {"admin": 1, "agents": len(DEMO_AGENTS), "budgets": 3}
+    counts = (Agent.objects.count(), UsageLog.objects.count(), Quota.objects.count(), Budget.objects.count())
     assert counts[1] > 500
-    assert demo_data_load() == {"admin": 0, "agents": 0}
-    assert (Agent.objects.count(), UsageLog.objects.count(), Quota.objects.count()) == counts
+    assert demo_data_load() == {"admin": 0, "agents": 0, "budgets": 0}
+    assert (
+        Agent.objects.count(),
+        UsageLog.objects.count(),
+        Quota.objects.count(),
+        Budget.objects.count(),
+    ) == counts
+    # Each monthly budget counts the agent's spend this month, as its quota rows do.
+    for budget in Budget.objects.filter(managed=True):
+        assert budget.spent_usd == sum(
+            Quota.objects.filter(agent=budget.agent, period_start=budget.window_start).values_list(
+                "spent_usd", flat=True
+            )
+        )
+    assert Budget.objects.filter(scope="team", spent_usd__gt=0).exists()
     for quota in Quota.objects.all():
         assert 0 <= quota.used <= quota.limit
         assert quota_reconciliation(quota=quota) == {
