@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 from django.utils import timezone
 
@@ -61,9 +61,8 @@ class BudgetExceeded(LedgerError):
     @classmethod
     def from_detail(cls, detail: dict) -> BudgetExceeded:
         """From the figures the database reports (``allocation.sql.grid_budgets_apply``)."""
-        money = Decimal("0.000001")
         figures = {
-            name: str(Decimal(str(detail[name])).quantize(money, rounding=ROUND_CEILING).normalize())
+            name: format(Decimal(str(detail[name])).normalize(), "f")
             for name in ("limit_usd", "rollover_usd", "spent_usd", "reserved_usd", "requested_usd")
         }
         window_end = _iso(detail.get("window_end"))

@@ -1,7 +1,8 @@
 """Each core rule is stated in one module; this test fails when another module states it again.
 
 The homes: the capacity rule, amount bounds, who may allocate and hold TTL bounds in ``ledger/invariants.py``;
-opening a quota period in ``ledger/services.py`` (``quotas_open``); money rounding in ``ledger/money.py``.
+opening a quota period in ``ledger/services.py`` (``quotas_open``); money rounding in ``ledger/money.py``;
+a budget's room and rollover in ``ledger/invariants.py`` and its windows in ``ledger/periods.py``.
 The SQL of the allocation (``allocation/sql.py``) builds its text from the invariants module's fragments.
 Migrations are history and are not scanned. No database is needed.
 """
@@ -41,6 +42,19 @@ RULES = {
     "opening a quota period": (
         "ledger/services.py",
         [r"\bQuota\(\s*agent", r"Quota\.objects\.(bulk_)?create\(", r"INSERT INTO quotas"],
+    ),
+    "budget room and rollover": (
+        "ledger/invariants.py",
+        [
+            r"spent_usd\s*\+\s*reserved_usd",
+            r"limit_usd\s*\+\s*rollover_usd",
+            r"rollover_percent\s*/\s*100",
+            r"limit\s*\+\s*rollover\s*-\s*spent",
+        ],
+    ),
+    "budget windows": (
+        "ledger/periods.py",
+        [r"timedelta\(\s*days\s*=\s*\w+\.weekday\(\)", r"date_trunc\(\s*'week'", r"interval '1 month'"],
     ),
     "money rounding": (
         "ledger/money.py",
