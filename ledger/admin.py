@@ -3,13 +3,19 @@
 Quotas, grants and usage logs are the ledger: they change only through ``ledger.services`` (and the
 allocation engine), so their admin pages are view-only. What an operator may do to an agent beyond editing
 its settings (change its tier, throttle it, grant it extra quota) is an admin action that calls one service.
+Organizations, teams and budgets are created and changed through ``ledger.budgets``; a budget's counters
+(spent, reserved, rollover, its window) are the allocation engine's and are only shown, as of now.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from decimal import Decimal
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.contrib.admin.utils import quote
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
@@ -19,16 +25,21 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from ledger import budgets as budget_services
 from ledger import services
 from ledger.errors import LedgerError
 from ledger.models import (
+    DEFAULT_BUDGET_THRESHOLDS,
     Agent,
     AgentLimitOverride,
+    Budget,
     Grant,
     OptimizationRule,
+    Organization,
     Quota,
     ResourcePrice,
     ResourceType,
+    Team,
     Tier,
     TierQuota,
     UsageLog,
@@ -166,7 +177,16 @@ class AgentAdminForm(forms.ModelForm):
     class Meta:
         model = Agent
         # The admin narrows these per page (add or change) through its fieldsets and read-only fields.
-        fields = ("id", "name", "tier", "monthly_budget_usd", "min_instances", "max_instances", "metadata")
+        fields = (
+            "id",
+            "name",
+            "tier",
+            "team",
+            "monthly_budget_usd",
+            "min_instances",
+            "max_instances",
+            "metadata",
+        )
 
     def clean(self):
         cleaned = super().clean()
@@ -197,20 +217,35 @@ class GrantQuotaForm(forms.Form):
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     form = AgentAdminForm
-    list_display = ("id", "name", "tier", "status", "monthly_budget_usd", "instance_count", "created_at")
+    list_display = (
+        "id",
+        "name",
+        "tier",
+        "team",
+        "status",
+        "monthly_budget_usd",
+        "instance_count",
+        "created_at",
+    )
     list_filter = ("tier", "status")
-    search_fields = ("id", "name")
-    list_select_related = ("tier",)
+    search_fields = ("id", "name", "team__id")
+    list_select_related = ("tier", "team")
+    # A select of every team would not scale; the team admin's search serves this field instead.
+    autocomplete_fields = ("team",)
     date_hierarchy = "created_at"
     inlines = [AgentLimitOverrideInline]
     actions = ["change_tier", "throttle", "unthrottle", "grant_quota"]
 
     def get_fieldsets(self, request: HttpRequest, obj=None):
         if obj is None:
-            return [(None, {"fields": ("id", "name", "tier", "monthly_budget_usd", "metadata")})]
+            return [(None, {"fields": ("id", "name", "tier", "team", "monthly_budget_usd", "metadata")})]
         return [
-            (None, {"fields": ("id", "name", "tier", ("status", "status_reason"), "monthly_budget_usd")}),
+            (
+                None,
+                {"fields": ("id", "name", "tier", "team", ("status", "status_reason"), "monthly_budget_usd")},
+            ),
             ("This period's quotas", {"fields": ("resource_monitor", "period_quotas")}),
+            ("Budgets that apply now", {"fields": ("budgets_now",)}),
             ("Instances", {"fields": (("instance_count", "min_instances", "max_instances"),)}),
             (None, {"fields": ("metadata", "created_at", "updated_at")}),
         ]
@@ -230,7 +265,12 @@ class AgentAdmin(admin.ModelAdmin):
             "updated_at",
             "period_quotas",
             "resource_monitor",
+            "budgets_now",
         )
+
+    @admin.display(description="budgets")
+    def budgets_now(self, obj: Agent):
+        return _budget_table(budget_services.budgets_applying(agent=obj), now=timezone.now())
 
     @admin.display(description="resource monitor")
     def resource_monitor(self, obj: Agent):
@@ -262,6 +302,8 @@ class AgentAdmin(admin.ModelAdmin):
                 metadata=agent.metadata,
                 custom_limits=custom_limits,
             )
+            if agent.team_id:
+                budget_services.agent_team_set(agent=agent, team_id=agent.team_id)
             # The admin goes on with this instance (the log entry, the redirect): make it the saved row.
             agent.refresh_from_db()
             return
@@ -270,6 +312,9 @@ class AgentAdmin(admin.ModelAdmin):
             changes["custom_limits"] = custom_limits
         if changes:
             services.agent_update(agent=agent, actor=request.user.get_username(), **changes)
+        if "team" in form.changed_data:
+            team = form.cleaned_data["team"]
+            budget_services.agent_team_set(agent=agent, team_id=None if team is None else team.pk)
 
     @admin.display(description="quotas")
     def period_quotas(self, obj: Agent):
@@ -434,6 +479,447 @@ class AgentAdmin(admin.ModelAdmin):
             messages.SUCCESS,
         )
         return None
+
+
+# --- Organizations, teams and budgets -------------------------------------------------------------------
+
+
+def _budget_table(budgets: list[Budget], *, now: dt.datetime):
+    """The budgets' current windows as a reader sees them now (an ended window shown rolled), each row
+    linking to its budget."""
+    if not budgets:
+        return "none"
+    rows = []
+    for budget in budgets:
+        figures = budget_services.budget_figures(budget, now=now)
+        rows.append(
+            (
+                reverse("admin:ledger_budget_change", args=[budget.pk]),
+                budget.pk,
+                budget.scope,
+                budget.scope_id,
+                budget.window,
+                budget.mode,
+                budget.limit_usd,
+                figures.spent_usd,
+                figures.reserved_usd,
+                figures.rollover_usd,
+                figures.remaining_usd,
+                _window_end(budget, figures),
+            )
+        )
+    body = format_html_join(
+        "\n",
+        '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+        "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        rows,
+    )
+    return format_html(
+        "<table><thead><tr><th>budget</th><th>scope</th><th>of</th><th>window</th><th>mode</th>"
+        "<th>limit (USD)</th><th>spent</th><th>reserved</th><th>rollover</th><th>remaining</th>"
+        "<th>window ends (UTC)</th></tr></thead><tbody>{}</tbody></table>",
+        body,
+    )
+
+
+def _window_end(budget: Budget, figures: budget_services.BudgetFigures) -> str:
+    if figures.window_end is not None:
+        return f"{figures.window_end:%Y-%m-%d %H:%M}"
+    # A run's total window has no end of its own; the run does.
+    return f"run ends {budget.expires_at:%Y-%m-%d %H:%M}" if budget.expires_at else "-"
+
+
+class _ServiceForm(forms.ModelForm):
+    """A form whose row is written by a service, called once every field and the model's own checks have
+    passed: the service is the validation, so its refusal becomes the form's error rather than an error
+    page. The admin's view runs in one transaction and this is the form's last step, so nothing can
+    refuse the form after the row is written; ``save_model`` then has nothing left to do."""
+
+    # Where each service error code is shown; others are shown above the form.
+    ERROR_FIELDS: dict[str, str] = {}
+
+    def service_call(self):
+        raise NotImplementedError
+
+    def _post_clean(self):
+        # As Django's UserCreationForm does with its password check: after the model's validation.
+        super()._post_clean()
+        if self.errors:
+            return
+        try:
+            with transaction.atomic():
+                self.instance = self.service_call()
+        except LedgerError as error:
+            field = self.ERROR_FIELDS.get(error.code)
+            self.add_error(field if field in self.fields else None, error.message)
+
+
+class OrganizationAdminForm(_ServiceForm):
+    ERROR_FIELDS = {"invalid_id": "id", "already_exists": "id"}
+
+    class Meta:
+        model = Organization
+        fields = ("id", "name")
+
+    def service_call(self) -> Organization:
+        if self.instance._state.adding:
+            return budget_services.organization_create(
+                id=self.cleaned_data["id"], name=self.cleaned_data["name"]
+            )
+        # A name is only a label: no rule beyond the field's own.
+        Organization.objects.filter(pk=self.instance.pk).update(name=self.cleaned_data["name"])
+        self.instance.refresh_from_db()
+        return self.instance
+
+
+class TeamAdminForm(_ServiceForm):
+    ERROR_FIELDS = {
+        "invalid_id": "id",
+        "already_exists": "id",
+        "organization_not_found": "organization",
+    }
+
+    class Meta:
+        model = Team
+        fields = ("id", "name", "organization")
+
+    def service_call(self) -> Team:
+        organization = self.cleaned_data.get("organization")
+        if self.instance._state.adding:
+            return budget_services.team_create(
+                id=self.cleaned_data["id"],
+                name=self.cleaned_data["name"],
+                organization_id=None if organization is None else organization.pk,
+            )
+        # Moving a team moves its agents' calls to the new organization's budgets from the next call;
+        # what they spent stays where it was charged (as when an agent changes team).
+        Team.objects.filter(pk=self.instance.pk).update(
+            name=self.cleaned_data["name"], organization=organization
+        )
+        self.instance.refresh_from_db()
+        return self.instance
+
+
+@admin.register(Organization)
+class OrganizationAdmin(admin.ModelAdmin):
+    form = OrganizationAdminForm
+    list_display = ("id", "name", "team_count", "budget_count", "created_at")
+    search_fields = ("id", "name")
+
+    def get_queryset(self, request: HttpRequest):
+        # Two counts over two joins: distinct, or each would multiply the other.
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(team_count=Count("teams", distinct=True), budget_count=Count("budgets", distinct=True))
+        )
+
+    def get_fields(self, request: HttpRequest, obj=None):
+        return ("id", "name") if obj is None else ("id", "name", "created_at", "budgets_now")
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        # Editing a primary key in the admin saves a second row instead of renaming the first.
+        return () if obj is None else ("id", "created_at", "budgets_now")
+
+    def save_model(self, request: HttpRequest, obj, form, change: bool) -> None:
+        pass  # written by the service, when the form was validated
+
+    @admin.display(description="teams", ordering="team_count")
+    def team_count(self, obj: Organization):
+        url = f"{reverse('admin:ledger_team_changelist')}?organization__id__exact={obj.pk}"
+        return format_html('<a href="{}">{}</a>', url, obj.team_count)
+
+    @admin.display(description="budgets", ordering="budget_count")
+    def budget_count(self, obj: Organization):
+        url = f"{reverse('admin:ledger_budget_changelist')}?organization__id__exact={obj.pk}"
+        return format_html('<a href="{}">{}</a>', url, obj.budget_count)
+
+    @admin.display(description="its budgets, as of now")
+    def budgets_now(self, obj: Organization):
+        return _budget_table(list(obj.budgets.order_by("id")), now=timezone.now())
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    form = TeamAdminForm
+    list_display = ("id", "name", "organization", "agent_count", "budget_count", "created_at")
+    list_filter = ("organization",)
+    list_select_related = ("organization",)
+    search_fields = ("id", "name", "organization__id")
+    autocomplete_fields = ("organization",)
+
+    def get_queryset(self, request: HttpRequest):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                agent_count=Count("agents", distinct=True), budget_count=Count("budgets", distinct=True)
+            )
+        )
+
+    def get_fields(self, request: HttpRequest, obj=None):
+        fields = ("id", "name", "organization")
+        return fields if obj is None else (*fields, "created_at", "budgets_now")
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        return () if obj is None else ("id", "created_at", "budgets_now")
+
+    def save_model(self, request: HttpRequest, obj, form, change: bool) -> None:
+        pass  # written by the service, when the form was validated
+
+    @admin.display(description="agents", ordering="agent_count")
+    def agent_count(self, obj: Team):
+        url = f"{reverse('admin:ledger_agent_changelist')}?team__id__exact={obj.pk}"
+        return format_html('<a href="{}">{}</a>', url, obj.agent_count)
+
+    @admin.display(description="budgets", ordering="budget_count")
+    def budget_count(self, obj: Team):
+        url = f"{reverse('admin:ledger_budget_changelist')}?team__id__exact={obj.pk}"
+        return format_html('<a href="{}">{}</a>', url, obj.budget_count)
+
+    @admin.display(description="its budgets, as of now")
+    def budgets_now(self, obj: Team):
+        return _budget_table(list(obj.budgets.order_by("id")), now=timezone.now())
+
+
+class ThresholdsField(forms.CharField):
+    """Alert percentages typed as ``50, 80, 90, 100``; empty for no alerts. The range is the service's."""
+
+    def prepare_value(self, value):
+        if isinstance(value, list | tuple):
+            return ", ".join(str(item) for item in value)
+        return value
+
+    def to_python(self, value) -> list[int]:
+        text = super().to_python(value)
+        if isinstance(text, list):
+            return text
+        try:
+            return [int(item) for item in text.replace(";", ",").split(",") if item.strip()]
+        except ValueError:
+            raise ValidationError("Whole percentages separated by commas, e.g. 50, 80, 90, 100.") from None
+
+    def has_changed(self, initial, data) -> bool:
+        try:
+            return self.to_python(self.prepare_value(initial)) != self.to_python(data)
+        except ValidationError:
+            return True
+
+
+class BudgetAdminForm(_ServiceForm):
+    ERROR_FIELDS = {
+        "invalid_scope": "scope_id",
+        "organization_not_found": "scope_id",
+        "team_not_found": "scope_id",
+        "agent_not_found": "scope_id",
+        "invalid_window": "window",
+        "invalid_limit": "limit_usd",
+        "invalid_mode": "mode",
+        "invalid_rollover": "rollover_percent",
+        "invalid_thresholds": "thresholds",
+    }
+    # A run's budget belongs to the agent's call that names it (POST /agents/{id}/runs), and so does the
+    # total window: the admin creates the standing budgets.
+    scope = forms.ChoiceField(
+        choices=[choice for choice in Budget.Scope.choices if choice[0] != Budget.Scope.RUN]
+    )
+    scope_id = forms.CharField(
+        max_length=64, label="Scope id", help_text="The id of the organization, team or agent."
+    )
+    window = forms.ChoiceField(
+        choices=[choice for choice in Budget.Window.choices if choice[0] != Budget.Window.TOTAL],
+        help_text="UTC. A budget created mid-window starts with what its scope has spent in it already.",
+    )
+    # The model's own constraint would say it only as a violated constraint, above the form.
+    rollover_percent = forms.IntegerField(
+        min_value=0,
+        max_value=100,
+        initial=0,
+        help_text="The share of the limit that the unused part of a window may add to the next one.",
+    )
+    thresholds = ThresholdsField(
+        required=False,
+        initial=", ".join(str(item) for item in DEFAULT_BUDGET_THRESHOLDS),
+        help_text="Alert at these percentages of the limit, e.g. 50, 80, 90, 100. Empty: no alerts.",
+    )
+
+    class Meta:
+        model = Budget
+        fields = ("limit_usd", "mode", "rollover_percent", "thresholds")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.instance._state.adding:
+            # What a budget is (its scope and window) is fixed once it exists: shown, not asked.
+            for name in ("scope", "scope_id", "window"):
+                self.fields.pop(name, None)
+
+    def service_call(self) -> Budget:
+        data = self.cleaned_data
+        if self.instance._state.adding:
+            return budget_services.budget_create(
+                scope=data["scope"],
+                scope_id=data["scope_id"],
+                window=data["window"],
+                limit_usd=data["limit_usd"],
+                mode=data["mode"],
+                rollover_percent=data["rollover_percent"],
+                thresholds=data["thresholds"],
+            )
+        changes = {name: data[name] for name in self.changed_data if name in budget_services.EDITABLE_FIELDS}
+        return budget_services.budget_update(budget=self.instance, changes=changes)
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    form = BudgetAdminForm
+    list_display = (
+        "id",
+        "scope",
+        "scope_of",
+        "window",
+        "mode",
+        "limit_usd",
+        "current_window_start",
+        "current_window_end",
+        "spent",
+        "reserved",
+        "rollover",
+        "remaining",
+        "refusing",
+    )
+    list_filter = ("scope", "window", "mode", "managed")
+    search_fields = ("agent__id", "team__id", "organization__id", "run_id")
+    # Every figure is computed from the row itself (budget_figures): no query per row, no join.
+    show_full_result_count = False
+
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        if obj is None:
+            return [
+                (None, {"fields": ("scope", "scope_id", "window")}),
+                (None, {"fields": ("limit_usd", "mode", "rollover_percent", "thresholds")}),
+            ]
+        limits = {"fields": ("limit_usd", "mode", "rollover_percent", "thresholds")}
+        if obj.managed:
+            limits["description"] = (
+                f"This is agent {obj.agent_id}'s monthly budget: to change its limit, change the agent's "
+                "monthly budget (monthly_budget_usd); empty it to remove this budget."
+            )
+        return [
+            (None, {"fields": (("scope", "scope_of"), "window", "managed")}),
+            ("Limit and alerts", limits),
+            (
+                "Current window, as of now",
+                {
+                    "fields": (
+                        ("current_window_start", "current_window_end"),
+                        ("spent", "reserved", "rollover"),
+                        "remaining",
+                        ("expires_at", "refused_at"),
+                    ),
+                    "description": "Kept by the allocations themselves; a window that has ended is shown "
+                    "rolled over, as the next call will find it.",
+                },
+            ),
+            (None, {"fields": ("created_at", "updated_at")}),
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        if obj is None:
+            return ()
+        # What a budget is (its scope and window) is fixed; its counters are the allocations'.
+        fields = [
+            "scope",
+            "scope_of",
+            "window",
+            "managed",
+            "current_window_start",
+            "current_window_end",
+            "spent",
+            "reserved",
+            "rollover",
+            "remaining",
+            "expires_at",
+            "refused_at",
+            "created_at",
+            "updated_at",
+        ]
+        if obj.managed:
+            fields.append("limit_usd")
+        return fields
+
+    def save_model(self, request: HttpRequest, obj, form, change: bool) -> None:
+        pass  # written by the service, when the form was validated
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        # The agent's monthly budget goes with its monthly_budget_usd.
+        if obj is not None and obj.managed:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_model(self, request: HttpRequest, obj: Budget) -> None:
+        budget_services.budget_delete(budget=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Budget]) -> None:
+        managed = [budget.pk for budget in queryset if budget.managed]
+        for budget in queryset.filter(managed=False).order_by("pk"):
+            budget_services.budget_delete(budget=budget)
+        if managed:
+            self.message_user(
+                request,
+                f"Kept the agents' monthly budgets {', '.join(map(str, managed))}: empty the agent's "
+                "monthly budget to remove one.",
+                messages.WARNING,
+            )
+
+    def _figures(self, obj: Budget) -> budget_services.BudgetFigures:
+        # One page computes each row's figures at one moment, once.
+        cached = getattr(obj, "_admin_figures", None)
+        if cached is None:
+            cached = budget_services.budget_figures(obj, now=timezone.now())
+            obj._admin_figures = cached
+        return cached
+
+    @admin.display(description="of")
+    def scope_of(self, obj: Budget):
+        target = {
+            Budget.Scope.ORGANIZATION: ("admin:ledger_organization_change", obj.organization_id),
+            Budget.Scope.TEAM: ("admin:ledger_team_change", obj.team_id),
+            Budget.Scope.AGENT: ("admin:ledger_agent_change", obj.agent_id),
+            Budget.Scope.RUN: ("admin:ledger_agent_change", obj.agent_id),
+        }[obj.scope]
+        label = f"{obj.agent_id} / {obj.run_id}" if obj.scope == Budget.Scope.RUN else obj.scope_id
+        return format_html('<a href="{}">{}</a>', reverse(target[0], args=[quote(target[1])]), label)
+
+    @admin.display(description="window start (UTC)")
+    def current_window_start(self, obj: Budget) -> str:
+        return f"{self._figures(obj).window_start:%Y-%m-%d %H:%M}"
+
+    @admin.display(description="window end (UTC)")
+    def current_window_end(self, obj: Budget) -> str:
+        return _window_end(obj, self._figures(obj))
+
+    @admin.display(description="spent")
+    def spent(self, obj: Budget) -> Decimal:
+        return self._figures(obj).spent_usd
+
+    @admin.display(description="reserved")
+    def reserved(self, obj: Budget) -> Decimal:
+        return self._figures(obj).reserved_usd
+
+    @admin.display(description="rollover")
+    def rollover(self, obj: Budget) -> Decimal:
+        return self._figures(obj).rollover_usd
+
+    @admin.display(description="remaining")
+    def remaining(self, obj: Budget) -> Decimal:
+        return self._figures(obj).remaining_usd
+
+    @admin.display(description="refusing", boolean=True)
+    def refusing(self, obj: Budget) -> bool | None:
+        if obj.mode != Budget.Mode.HARD:
+            return None
+        return obj.refused_at is not None or self._figures(obj).remaining_usd <= 0
 
 
 # --- The ledger: view-only ------------------------------------------------------------------------------

@@ -131,6 +131,16 @@ def every_model_has_a_row(reference_data, staff_user):
         true_since=timezone.now(),
         last_value=Decimal("85"),
     )
+    # An organization, its team with the agent in it, and a budget of each scope (the demo agents'
+    # monthly budgets are the managed ones).
+    from ledger import budgets
+
+    budgets.organization_create(id="org-acme", name="Acme")
+    budgets.team_create(id="team-search", name="Search", organization_id="org-acme")
+    budgets.agent_team_set(agent=agent, team_id="team-search")
+    budgets.budget_create(scope="organization", scope_id="org-acme", window="month", limit_usd="100")
+    budgets.budget_create(scope="team", scope_id="team-search", window="week", limit_usd="20")
+    budgets.run_create(agent=agent, run_id="loop-1", limit_usd="1")
 
 
 @pytest.fixture
@@ -162,6 +172,9 @@ def test_ledger_celery_beat_and_auth_models_are_registered():
         "ledger.Grant",
         "ledger.UsageLog",
         "ledger.OptimizationRule",
+        "ledger.Organization",
+        "ledger.Team",
+        "ledger.Budget",
         "django_celery_beat.PeriodicTask",
         "django_celery_beat.IntervalSchedule",
         "django_celery_beat.CrontabSchedule",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
 
 import pytest
@@ -151,3 +152,67 @@ def test_admin_links_to_the_dashboard(fleet, admin_client_logged_in):
         reverse("admin:ledger_agent_change", args=["agent-123"])
     ).content.decode()
     assert f"{reverse('dashboard:resources')}?agent=agent-123" in agent_page
+
+
+def test_monitor_data_lists_every_budget_that_applies_with_what_remains(fleet, admin_client_logged_in):
+    from allocation.services import allocation_create
+    from ledger import budgets
+    from ledger.models import Budget, UsageLog
+    from ledger.periods import window_bounds
+    from tests.factories import AgentFactory, OrganizationFactory, TeamFactory
+
+    team = TeamFactory(id="team-search", organization=OrganizationFactory(id="org-acme"))
+    agent = AgentFactory(id="agent-budgeted", team=team)
+    AgentFactory(id="agent-elsewhere")  # budgets of agents outside the team do not apply
+    daily = budgets.budget_create(scope="team", scope_id="team-search", window="day", limit_usd="5")
+    weekly = budgets.budget_create(scope="team", scope_id="team-search", window="week", limit_usd="2")
+    tiny = budgets.budget_create(
+        scope="organization", scope_id="org-acme", window="month", limit_usd="0.000001", mode="soft"
+    )
+    run = budgets.run_create(agent=agent, run_id="loop-1", limit_usd="1")
+    budgets.budget_create(scope="agent", scope_id="agent-elsewhere", window="day", limit_usd="9")
+    budgets.run_create(agent=Agent.objects.get(pk="agent-elsewhere"), run_id="loop-1", limit_usd="1")
+
+    allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=40_000)
+    allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=10_000, run_id="loop-1")
+    first, second = UsageLog.objects.filter(agent=agent).order_by("id")
+    total, run_cost = first.cost_usd + second.cost_usd, second.cost_usd
+    assert first.cost_usd > 0 and run_cost > 0
+    # The agent's own month budget, created now: it counts the month's spend and has no room left.
+    exhausted = budgets.budget_create(
+        scope="agent", scope_id=agent.pk, window="month", limit_usd=total.normalize()
+    )
+    # The weekly budget's window ended: it is shown as the next call will find it, rolled over.
+    last_week = timezone.now() - dt.timedelta(days=7)
+    start, end = window_bounds("week", last_week)
+    Budget.objects.filter(pk=weekly.pk).update(window_start=start, window_end=end, spent_usd=Decimal("2"))
+
+    data = admin_client_logged_in.get(f"{reverse('dashboard:resources-data')}?agent={agent.pk}").json()
+
+    shown = {row["id"]: row for row in data["budgets"]}
+    assert list(shown) == sorted([daily.pk, weekly.pk, tiny.pk, run.pk, exhausted.pk])
+    assert (shown[daily.pk]["scope"], shown[daily.pk]["scope_id"], shown[daily.pk]["window"]) == (
+        "team",
+        "team-search",
+        "day",
+    )
+    assert Decimal(shown[daily.pk]["remaining_usd"]) == Decimal("5") - total
+    assert Decimal(shown[daily.pk]["spent_usd"]) == total
+    assert shown[daily.pk]["window_end"] == window_bounds("day", timezone.now())[1].isoformat()
+    assert Decimal(shown[run.pk]["remaining_usd"]) == Decimal("1") - run_cost
+    assert shown[run.pk]["window_end"] is None and shown[run.pk]["expires_at"] == run.expires_at.isoformat()
+    this_week_end = window_bounds("week", timezone.now())[1].isoformat()
+    assert (Decimal(shown[weekly.pk]["remaining_usd"]), shown[weekly.pk]["window_end"]) == (
+        Decimal("2"),
+        this_week_end,
+    )
+    # A hard budget with nothing left is flagged; a soft one past its limit only warns.
+    assert Decimal(shown[exhausted.pk]["remaining_usd"]) == 0
+    assert (shown[exhausted.pk]["refusing"], shown[exhausted.pk]["level"]) == (True, "critical")
+    assert Decimal(shown[tiny.pk]["remaining_usd"]) == Decimal("0.000001") - total
+    assert (shown[tiny.pk]["mode"], shown[tiny.pk]["refusing"]) == ("soft", False)
+    assert [shown[pk]["refusing"] for pk in (daily.pk, weekly.pk, run.pk)] == [False, False, False]
+
+    # The page's first render carries the same figures.
+    page = admin_client_logged_in.get(f"{reverse('dashboard:resources')}?agent={agent.pk}").content.decode()
+    assert 'data-panel="budgets"' in page and shown[daily.pk]["remaining_usd"] in page

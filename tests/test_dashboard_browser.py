@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,7 +16,7 @@ from django.utils import timezone
 
 from ledger.demo import demo_data_load
 from ledger.models import Agent, Quota
-from ledger.periods import month_bounds
+from ledger.periods import month_bounds, window_bounds
 from ledger.services import reference_data_load
 from optimization.models import Alert, ScalingEvent
 
@@ -176,6 +177,44 @@ def test_resource_monitor_shows_gauges_chart_and_acts(seeded, page_for, live_ser
     assert "manual" in page.inner_text('[data-panel="scaling"] tbody tr:first-child')
     assert Agent.objects.get(pk=seeded.pk).instance_count == 3
 
+    assert page.console_errors == []
+    assert page.outside_requests == []
+
+
+def test_resource_monitor_shows_each_budget_remaining_and_flags_a_refusing_one(seeded, page_for, live_server):
+    from ledger import budgets
+    from ledger.models import Budget
+    from tests.factories import TeamFactory
+
+    TeamFactory(id="team-search")
+    budgets.agent_team_set(agent=seeded, team_id="team-search")
+    team_week = budgets.budget_create(scope="team", scope_id="team-search", window="week", limit_usd="5")
+    Budget.objects.filter(pk=team_week.pk).update(spent_usd=Decimal("1.25"), reserved_usd=Decimal("0.5"))
+    empty = budgets.budget_create(scope="agent", scope_id=seeded.pk, window="day", limit_usd="0")
+    run = budgets.run_create(agent=seeded, run_id="loop-7", limit_usd="0.004")
+
+    page = page_for(1280)
+    page.goto(f"{live_server.url}/dashboard/resources/?agent={seeded.pk}")
+    page.wait_for_selector('[data-panel="budgets"] tr[data-budget]')
+
+    def row(budget: Budget):
+        return page.query_selector(f'[data-panel="budgets"] tr[data-budget="{budget.pk}"]')
+
+    team_row = row(team_week)
+    assert team_row.query_selector(".remaining").inner_text() == "$3.25"
+    assert "team team-search" in team_row.inner_text() and "$5.00" in team_row.inner_text()
+    _, week_end = window_bounds("week", timezone.now())
+    assert f"{week_end:%Y-%m-%d %H:%M} UTC" in team_row.inner_text()
+    assert "refusing" not in (team_row.get_attribute("class") or "")
+    # A run's window is its life: its end is the run's, and amounts below a cent are not rounded away.
+    assert row(run).query_selector(".remaining").inner_text() == "$0.004"
+    assert f"run ends {run.expires_at:%Y-%m-%d %H:%M} UTC" in row(run).inner_text()
+    # A hard budget with nothing left is flagged in words and in colour.
+    assert "refusing" in row(empty).get_attribute("class")
+    assert "Refusing calls" in row(empty).inner_text()
+    # The agent's monthly budget (the demo gives it one) is listed too, as the monthly budget.
+    managed = Budget.objects.get(agent=seeded, managed=True)
+    assert "(monthly budget)" in row(managed).inner_text()
     assert page.console_errors == []
     assert page.outside_requests == []
 

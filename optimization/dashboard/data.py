@@ -14,7 +14,8 @@ from django.db.models.functions import TruncDate
 from django.urls import reverse
 from django.utils import timezone
 
-from ledger.models import Agent, Quota, ResourceType, Tier, UsageLog
+from ledger.budgets import budget_figures, budgets_applying
+from ledger.models import Agent, Budget, Quota, ResourceType, Tier, UsageLog
 from ledger.money import cents, money_round, percent
 from ledger.periods import month_bounds
 from ledger.services import quotas_open_all
@@ -107,7 +108,8 @@ def _alert(alert: Alert) -> dict:
     return {
         "id": alert.pk,
         "agent_id": alert.agent_id,
-        "url": resource_url(alert.agent_id),
+        # A team's or an organization's budget alert has no agent (and no monitor page) of its own.
+        "url": None if alert.agent_id is None else resource_url(alert.agent_id),
         "kind": alert.kind,
         "severity": alert.severity,
         "title": alert.title,
@@ -207,6 +209,52 @@ def cost_chart(*, agent: Agent, now: dt.datetime) -> dict:
     }
 
 
+def _exact(value: Decimal) -> str:
+    """A budget's dollars exactly, with at least cents and no trailing zeros beyond: "1.00", "0.000125"
+    (the form GET /agents/{id}/budgets answers with)."""
+    value = value.normalize()
+    if value.as_tuple().exponent > -2:
+        value = cents(value)
+    return f"{value:f}"
+
+
+def budgets(*, agent: Agent, now: dt.datetime) -> list[dict]:
+    """Every budget that applies to the agent's calls now (its own, its team's, its organization's, its
+    runs that have not ended), with the current window's figures as the next call would find them."""
+    result = []
+    for budget in budgets_applying(agent=agent, now=now):
+        figures = budget_figures(budget, now=now)
+        available = budget.limit_usd + figures.rollover_usd
+        used = percent(figures.spent_usd + figures.reserved_usd, available) if available else None
+        hard = budget.mode == Budget.Mode.HARD
+        # A hard budget with nothing left refuses every call that costs anything; one that refused a call
+        # (refused_at, cleared once it has room again) may still fit smaller calls, and is flagged too.
+        refusing = hard and (figures.remaining_usd <= 0 or budget.refused_at is not None)
+        result.append(
+            {
+                "id": budget.pk,
+                "scope": budget.scope,
+                "scope_id": budget.scope_id,
+                "window": budget.window,
+                "mode": budget.mode,
+                "managed": budget.managed,
+                "window_start": figures.window_start.isoformat(),
+                "window_end": None if figures.window_end is None else figures.window_end.isoformat(),
+                "expires_at": None if budget.expires_at is None else budget.expires_at.isoformat(),
+                "limit_usd": _exact(budget.limit_usd),
+                "spent_usd": _exact(figures.spent_usd),
+                "reserved_usd": _exact(figures.reserved_usd),
+                "rollover_usd": _exact(figures.rollover_usd),
+                "remaining_usd": _exact(figures.remaining_usd),
+                "percent": None if used is None else str(used),
+                "refused_at": None if budget.refused_at is None else budget.refused_at.isoformat(),
+                "refusing": refusing,
+                "level": "critical" if refusing else _level(used),
+            }
+        )
+    return result
+
+
 def performance(*, agent: Agent, now: dt.datetime) -> dict:
     since = now - PERFORMANCE_WINDOW
     stats = selectors.execution_stats(since=since, until=now, agent_ids=[agent.pk]).get(agent.pk, {})
@@ -245,10 +293,12 @@ def agent_monitor(*, agent: Agent, now: dt.datetime | None = None) -> dict:
             "min_instances": agent.min_instances,
             "max_instances": agent.max_instances,
             "monthly_budget_usd": None if agent.monthly_budget_usd is None else str(agent.monthly_budget_usd),
+            "team_id": agent.team_id,
             "autoscaling_enabled": bool(policy and policy.enabled),
         },
         "generated_at": now.isoformat(),
         "gauges": gauges(agent=agent, now=now),
+        "budgets": budgets(agent=agent, now=now),
         "cost": cost_chart(agent=agent, now=now),
         "performance": performance(agent=agent, now=now),
         "alerts": [_alert(alert) for alert in agent.alerts.filter(acknowledged_at__isnull=True)[:50]],

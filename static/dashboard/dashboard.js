@@ -147,6 +147,31 @@
     ]);
   }
 
+  /* Dollars to the cent, or finer below a dollar (a run's $0.004 left is not "$0.00"). */
+  function dollars(s) {
+    if (s === null || s === undefined) return "–";
+    var n = Number(s);
+    return (n < 0 ? "−$" : "$") + Math.abs(n).toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: Math.abs(n) < 1 ? 6 : 2});
+  }
+
+  function budgetTable(budgets) {
+    if (!budgets.length) return empty("No budget applies to this agent.");
+    var headers = ["Budget", "Window", "Remaining", "Limit", "Spent", "Reserved", "Window ends", "Mode", "Status"];
+    var rows = budgets.map(function (b) {
+      var ends = b.window_end ? when(b.window_end) : b.expires_at ? "run ends " + when(b.expires_at) : "–";
+      var state = b.refusing ? badge("critical", "Refusing calls")
+        : badge(b.level, levelLabel(b.level) + (b.percent === null ? "" : " · " + b.percent + "% used"));
+      var cells = [b.scope + " " + b.scope_id + (b.managed ? " (monthly budget)" : ""), b.window,
+        el("strong", {class: "remaining", text: dollars(b.remaining_usd)}),
+        dollars(b.limit_usd) + (Number(b.rollover_usd) ? " + " + dollars(b.rollover_usd) + " rollover" : ""),
+        dollars(b.spent_usd), dollars(b.reserved_usd), ends, b.mode, state];
+      return el("tr", {"data-budget": String(b.id), "data-remaining": b.remaining_usd, class: b.refusing ? "refusing" : ""},
+        cells.map(function (c) { return c instanceof Node ? el("td", {}, [c]) : el("td", {text: c}); }));
+    });
+    var thead = el("thead", {}, [el("tr", {}, headers.map(function (h) { return el("th", {scope: "col", text: h}); }))]);
+    return el("table", {class: "budgets"}, [el("caption", {class: "sr-only", text: "Budgets that apply to this agent"}), thead, el("tbody", {}, rows)]);
+  }
+
   function performance(p) {
     var rows = [["Executions (" + p.window_hours + " h)", fmt(p.executions)], ["p50 duration", p.p50_ms === null ? "–" : p.p50_ms + " ms"],
                 ["p95 duration", p.p95_ms === null ? "–" : p.p95_ms + " ms"], ["Throughput", p.throughput_per_hour === null ? "–" : p.throughput_per_hour + " / hour"],
@@ -159,7 +184,7 @@
     return el("ul", {class: "alerts"}, alerts.map(function (a) {
       var item = el("li", {class: "alert " + a.severity, "data-alert": String(a.id)}, [
         badge(a.severity === "critical" ? "critical" : a.severity === "warning" ? "warning" : "ok", a.severity.toUpperCase()),
-        el("strong", {text: " " + a.title}), withActions ? null : el("span", {text: " · "}), withActions ? null : link(a.url, a.agent_id),
+        el("strong", {text: " " + a.title}), withActions || !a.url ? null : el("span", {text: " · "}), withActions || !a.url ? null : link(a.url, a.agent_id),
         el("div", {class: "muted", text: a.message + " · " + when(a.created_at)})
       ]);
       if (withActions) item.appendChild(actionButton("acknowledge", {alert_id: a.id}, "Acknowledge", "Acknowledge alert: " + a.title));
@@ -218,6 +243,7 @@
     bind("generated", when(data.generated_at));
     var gauges = el("div", {class: "gauge-row"}, data.gauges.map(gauge));
     setPanel(root, "gauges", gauges);
+    setPanel(root, "budgets", budgetTable(data.budgets || []));
     setPanel(root, "cost", costChart(data.cost));
     setPanel(root, "performance", performance(data.performance));
     setPanel(root, "controls", controls(a));
