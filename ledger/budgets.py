@@ -153,7 +153,7 @@ def limit_validate(value: object, *, field: str = "limit_usd") -> Decimal:
         or not amount.is_finite()
         or amount < 0
         or amount > MAX_LIMIT_USD
-        or amount.as_tuple().exponent < -6
+        or amount.normalize().as_tuple().exponent < -6
     ):
         raise LedgerError(
             f"{field} must be from 0 to {MAX_LIMIT_USD:,} dollars, with at most 6 decimal places",
