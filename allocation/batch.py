@@ -1,34 +1,44 @@
 """Batches of committed allocations: up to 1,000 items in one transaction, each with its own result.
 
 Every item gets exactly the result the same items sent one by one as single allocations would get: items
-are decided in order, each against its quota as the items before it left it, and a refused item refuses
-nothing else. A batch costs a fixed number of queries whatever its size:
+are decided in order, each against its quota and its budgets as the items before it left them, and a
+refused item refuses nothing else. A batch costs a fixed number of queries whatever its size:
 
 1. read the agents and the current-period quota rows, and open the missing periods (``ON CONFLICT DO
    NOTHING``), before any row is locked: an insert may wait for another batch opening the same period;
-2. read the quota rows as last committed, without locking them, and the results already stored under the
-   items' idempotency keys;
+2. read the budgets that apply to the items (each agent's, its team's, its organization's, and the runs the
+   items name), the quota rows as last committed, without locking them, and the results already stored
+   under the items' idempotency keys;
 3. decide every item in Python: a key seen before with the same item replays its stored result and
-   charges nothing, with another item it refuses the item (422);
+   charges nothing, with another item it refuses the item (422); an item that a hard budget has no room for
+   is refused with 429 ``budget_exceeded``, as a single allocation would be;
 4. write one INSERT of the allocations and one of the usage rows, their foreign keys checked at once;
-5. lock the quota rows the batch takes from ``FOR NO KEY UPDATE`` in primary-key order, like every writer
+5. lock the budget rows the batch charges ``FOR NO KEY UPDATE`` in id order and confirm that each hard one
+   still has room for what the batch charges it, then one UPDATE of the budgets (an ended window rolls
+   over, as ``allocation.sql.grid_budgets_apply`` rolls it);
+6. lock the quota rows the batch takes from ``FOR NO KEY UPDATE`` in primary-key order, like every writer
    that locks several, and confirm that each still has what the batch takes from it;
-6. one UPDATE of the quotas, and one INSERT of the accepted items' results under their keys, by the one
+7. one UPDATE of the quotas, and one INSERT of the accepted items' results under their keys, by the one
    writer of idempotency records (``grid_mutation_record``). A refused item, like a refused single
    request, leaves its key free for a retry.
 
-The quota rows are held from step 5 to the commit only, so batches over the same agents (an operator's
-``/usage/batch`` usually spans the fleet) overlap everywhere else. When a quota no longer has what the
-batch takes at step 5, or a concurrent batch took one of its keys meanwhile (the INSERT waits for it to
-commit, then skips the key), everything after step 1 is rolled back to a savepoint and decided again;
-the last attempts lock the quota rows at step 2 instead, so a batch always finishes. Waiting for a key
-cannot deadlock: a batch holding a key it has inserted holds all the quota locks it needs already, and
-keys are inserted in sorted order.
+Budget rows before quota rows: the lock order of every writer (``ledger.budgets``), so a batch and a single
+allocation over the same team never wait for each other in a cycle.
+
+The budget and quota rows are held from steps 5 and 6 to the commit only, so batches over the same agents
+(an operator's ``/usage/batch`` usually spans the fleet) overlap everywhere else. When a budget or a quota
+no longer has what the batch takes at step 5 or 6, or a concurrent batch took one of its keys meanwhile
+(the INSERT waits for it to commit, then skips the key), everything after step 1 is rolled back to a
+savepoint and decided again; the last attempts lock the budget and quota rows at step 2 instead, so a
+batch always finishes. Waiting for a key cannot deadlock: a batch holding a key it has inserted holds all
+the budget and quota locks it needs already, and keys are inserted in sorted order.
 
 Rows go to PostgreSQL as one JSON document per statement: a multi-row VALUES list of 10,000 placeholders
 costs psycopg more to build client-side than the server takes to insert the rows.
 
-Holds are not supported: a batch commits allocations only (``POST .../allocations`` takes holds).
+Holds are not supported: a batch commits allocations only (``POST .../allocations`` takes holds). An item
+may name a ``run_id`` of its agent: the run's budget applies too (404 ``run_not_found``, 409 ``run_ended``
+otherwise, as for a single allocation).
 """
 
 from __future__ import annotations
@@ -48,11 +58,12 @@ from allocation.api.shared.idempotency import IDEMPOTENCY_UNIQUE, MAX_KEY_LENGTH
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.representation import allocation_body, iso_datetime
 from allocation.sql import mutation_record_write
+from ledger.budgets import BudgetFigures, budget_figures
 from ledger.bulk import bulk_update_columns, server_bound_cursor
-from ledger.errors import Conflict, LedgerError, NotFound, QuotaExceeded
+from ledger.errors import BudgetExceeded, Conflict, LedgerError, NotFound, QuotaExceeded
 from ledger.ids import uuid7
 from ledger.invariants import agent_refusal, quota_available
-from ledger.models import Agent, Quota, UsageLog
+from ledger.models import Agent, Budget, Quota, Team, UsageLog
 from ledger.money import money_round, usage_cost
 from ledger.periods import month_bounds
 from ledger.reference_cache import price_table
@@ -79,6 +90,7 @@ class BatchItem:
     resource_type_id: str = ""
     amount: int = 0
     task_id: str = ""
+    run_id: str = ""
     metadata: dict = field(default_factory=dict)
     idempotency_key: str = ""
     fingerprint: str = ""  # of the item as sent, to tell a retry from another item under the same key
@@ -121,26 +133,31 @@ def allocations_batch_create(
             for item in items
             if item.error is None
             and item.agent_id in agents
-            and agent_refusal(agent_id=item.agent_id, status=agents[item.agent_id][0], reason="") is None
+            and agent_refusal(agent_id=item.agent_id, status=agents[item.agent_id].status, reason="") is None
             and prices[item.resource_type_id] is not None
         }
-        quotas_open(pairs, tiers={agent_id: tier for agent_id, (_, _, tier) in agents.items()}, at=now)
+        quotas_open(pairs, tiers={agent_id: row.tier_id for agent_id, row in agents.items()}, at=now)
         _constraints_immediate()
         for attempt in range(MAX_ATTEMPTS):
             optimistic = attempt < OPTIMISTIC_ATTEMPTS
             try:
                 with transaction.atomic():
+                    # Budget rows before quota rows: the lock order of every writer (ledger.budgets).
+                    budgets = _budgets_read(items, agents, pairs, now=now, lock=not optimistic)
                     quotas = _quotas_read(pairs, period_start=period_start, lock=not optimistic)
                     stored = _results_read(keys, principal=principal)
-                    decider = _Decider(agents=agents, prices=prices, quotas=quotas, stored=stored, now=now)
+                    decider = _Decider(
+                        agents=agents, prices=prices, quotas=quotas, budgets=budgets, stored=stored, now=now
+                    )
                     results = [decider.decide(index, item) for index, item in enumerate(items)]
                     _rows_write(decider, now=now)
+                    _budgets_charge(decider, now=now)
                     if optimistic:
                         _quotas_confirm(decider)
                     _quotas_update(decider, now=now)
                     _results_store(decider, principal=principal, path=path, now=now)
                 break
-            except (_KeyTaken, _QuotaMoved):
+            except (_KeyTaken, _QuotaMoved, _BudgetMoved):
                 continue
         else:
             raise Conflict(
@@ -166,6 +183,10 @@ class _QuotaMoved(Exception):
     """Since the unlocked read, a quota this batch takes from no longer has what it takes: decide again."""
 
 
+class _BudgetMoved(Exception):
+    """Since the unlocked read, a hard budget this batch charges no longer has room for it: decide again."""
+
+
 def _constraints_immediate() -> None:
     """Check the foreign keys of the rows written from here on as each statement ends, not at commit: the
     checks then run before the quota rows are locked, not while they are held."""
@@ -176,15 +197,36 @@ def _constraints_immediate() -> None:
 # --- Reading and locking ----------------------------------------------------------------------------------
 
 
-def _agents_read(items: Sequence[BatchItem], agent: Agent | None) -> dict[str, tuple[str, str, str]]:
-    """Each item's agent as (status, status reason, tier), in one query (none for an agent's own route)."""
+@dataclass(frozen=True)
+class _AgentRow:
+    status: str
+    reason: str
+    tier_id: str
+    team_id: str | None  # whose budgets apply to the agent's items too
+    organization_id: str | None
+
+
+def _agents_read(items: Sequence[BatchItem], agent: Agent | None) -> dict[str, _AgentRow]:
+    """Each item's agent, with its team and organization, in one query (for an agent's own route, one for
+    its team's organization, if it is in a team)."""
     if agent is not None:
-        return {agent.pk: (agent.status, agent.status_reason, agent.tier_id)}
+        organization_id = (
+            Team.objects.filter(pk=agent.team_id).values_list("organization_id", flat=True).first()
+            if agent.team_id
+            else None
+        )
+        return {
+            agent.pk: _AgentRow(
+                agent.status, agent.status_reason, agent.tier_id, agent.team_id, organization_id
+            )
+        }
     ids = {item.agent_id for item in items if item.error is None}
     if not ids:
         return {}
-    rows = Agent.objects.filter(pk__in=ids).values_list("id", "status", "status_reason", "tier_id")
-    return {agent_id: (status, reason, tier_id) for agent_id, status, reason, tier_id in rows}
+    rows = Agent.objects.filter(pk__in=ids).values_list(
+        "id", "status", "status_reason", "tier_id", "team_id", "team__organization_id"
+    )
+    return {agent_id: _AgentRow(*values) for agent_id, *values in rows}
 
 
 def _pairs_filter(pairs: set[tuple[str, str]], period_start: dt.datetime) -> Q:
@@ -245,6 +287,169 @@ def _quotas_confirm(decider: _Decider) -> None:
     for pk, limit, used, reserved, listed in rows:
         if quota_available(limit=limit, used=used, reserved=reserved, listed=listed) < taken[pk]:
             raise _QuotaMoved
+
+
+# --- Budgets ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _BudgetState:
+    """A budget as the batch read it (its window rolled to ``now`` if that has ended), and what the items
+    decided so far charge it."""
+
+    budget: Budget
+    figures: BudgetFigures
+    charged: Decimal = Decimal(0)
+
+    @property
+    def refuses(self) -> bool:
+        return self.budget.mode == Budget.Mode.HARD
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.figures.remaining_usd - self.charged
+
+    def refusal(self, cost: Decimal) -> BudgetExceeded:
+        """What ``grid_budgets_apply`` reports for this budget, as the items before left it."""
+        figures = self.figures
+        return BudgetExceeded.from_detail(
+            {
+                "budget_id": self.budget.pk,
+                "scope": self.budget.scope,
+                "scope_id": self.budget.scope_id,
+                "window": self.budget.window,
+                "window_start": figures.window_start.isoformat(),
+                "window_end": None if figures.window_end is None else figures.window_end.isoformat(),
+                "limit_usd": self.budget.limit_usd,
+                "rollover_usd": figures.rollover_usd,
+                "spent_usd": figures.spent_usd + self.charged,
+                "reserved_usd": figures.reserved_usd,
+                "requested_usd": cost,
+            }
+        )
+
+
+class _Budgets:
+    """The budgets that apply to the batch's items, and which apply to which item."""
+
+    def __init__(self, rows: Sequence[Budget], agents: dict[str, _AgentRow], *, now: dt.datetime):
+        self.agents = agents
+        self.now = now
+        self.states = {budget.pk: _BudgetState(budget, budget_figures(budget, now=now)) for budget in rows}
+        self.runs: dict[tuple[str, str], Budget] = {}
+        self.by_scope: dict[tuple[str, str], list[int]] = {}
+        for budget in rows:
+            if budget.scope == Budget.Scope.RUN:
+                self.runs[(budget.agent_id, budget.run_id)] = budget
+            else:
+                self.by_scope.setdefault((budget.scope, budget.scope_id), []).append(budget.pk)
+        self._applying: dict[tuple[str, str], list[_BudgetState]] = {}
+
+    def run_refusal(self, agent_id: str, run_id: str) -> LedgerError | None:
+        """A run the item names must exist and not have ended (``grid_agent_budgets`` says the same)."""
+        run = self.runs.get((agent_id, run_id))
+        if run is None:
+            return NotFound(f"run {run_id!r} not found", code="run_not_found")
+        if run.expires_at <= self.now:
+            return Conflict(f"run {run_id!r} has ended: a call may not name it any more", code="run_ended")
+        return None
+
+    def applying(self, agent_id: str, run_id: str) -> list[_BudgetState]:
+        """The budgets an item of the agent naming ``run_id`` is charged to, in id order (the order
+        ``grid_budgets_apply`` checks them in, so the first that refuses is the one a single call names)."""
+        found = self._applying.get((agent_id, run_id))
+        if found is None:
+            agent = self.agents[agent_id]
+            ids = list(self.by_scope.get((Budget.Scope.AGENT, agent_id), ()))
+            if agent.team_id:
+                ids += self.by_scope.get((Budget.Scope.TEAM, agent.team_id), ())
+            if agent.organization_id:
+                ids += self.by_scope.get((Budget.Scope.ORGANIZATION, agent.organization_id), ())
+            if run_id:
+                ids.append(self.runs[(agent_id, run_id)].pk)
+            found = self._applying[(agent_id, run_id)] = [self.states[pk] for pk in sorted(ids)]
+        return found
+
+
+def _budgets_read(
+    items: Sequence[BatchItem],
+    agents: dict[str, _AgentRow],
+    pairs: set[tuple[str, str]],
+    *,
+    now: dt.datetime,
+    lock: bool,
+) -> _Budgets:
+    """Every budget of the agents that may take something, their teams and organizations, and the runs the
+    items name: one query, as last committed (``lock=False``) or locked in id order."""
+    agent_ids = {agent_id for agent_id, _ in pairs}
+    if not agent_ids:
+        return _Budgets([], agents, now=now)
+    condition = Q(scope=Budget.Scope.AGENT, agent_id__in=agent_ids)
+    team_ids = {agents[agent_id].team_id for agent_id in agent_ids} - {None}
+    if team_ids:
+        condition |= Q(scope=Budget.Scope.TEAM, team_id__in=team_ids)
+    organization_ids = {agents[agent_id].organization_id for agent_id in agent_ids} - {None}
+    if organization_ids:
+        condition |= Q(scope=Budget.Scope.ORGANIZATION, organization_id__in=organization_ids)
+    runs = {
+        (item.agent_id, item.run_id)
+        for item in items
+        if item.error is None and item.run_id and item.agent_id in agent_ids
+    }
+    if runs:
+        condition |= Q(
+            scope=Budget.Scope.RUN,
+            agent_id__in={agent_id for agent_id, _ in runs},
+            run_id__in={run_id for _, run_id in runs},
+        )
+    queryset = Budget.objects.filter(condition).order_by("pk")
+    if lock:
+        queryset = queryset.select_for_update(no_key=True)
+    return _Budgets(list(queryset), agents, now=now)
+
+
+def _budgets_charge(decider: _Decider, *, now: dt.datetime) -> None:
+    """Lock the budget rows the batch charges, in id order, confirm that each hard one still has room for
+    what the batch charges it (else raise ``_BudgetMoved``), and charge them; remember the hard budgets that
+    refused an item (``ledger.budgets.budget_mark_refused``, for their "resolved" alert). A fixed number of
+    statements: the lock, one UPDATE of the charges, one of the refusals.
+
+    The rows are written from what was read under the lock: an ended window opens the one containing
+    ``now`` with its rollover (``budget_figures``, the rolled view ``grid_budgets_apply`` also writes). The
+    budgets that refused are locked with the charged ones, in the same statement: a row locked later, out
+    of id order or after the quota rows, could deadlock with a single allocation.
+    """
+    charged = {pk: state.charged for pk, state in decider.budgets.states.items() if state.charged}
+    refusing = decider.budgets_refusing
+    if not charged and not refusing:
+        return
+    locked = (
+        Budget.objects.select_for_update(no_key=True)
+        .filter(pk__in=sorted(charged.keys() | refusing))
+        .order_by("pk")
+    )
+    pks, figures = [], []
+    for budget in locked:
+        if budget.pk not in charged:
+            continue
+        current = budget_figures(budget, now=now)
+        if budget.mode == Budget.Mode.HARD and current.remaining_usd < charged[budget.pk]:
+            raise _BudgetMoved
+        pks.append(budget.pk)
+        figures.append(current)
+    bulk_update_columns(
+        model=Budget,
+        pks=pks,
+        columns={
+            "window_start": [current.window_start for current in figures],
+            "window_end": [current.window_end for current in figures],
+            "rollover_usd": [current.rollover_usd for current in figures],
+            "spent_usd": [current.spent_usd + charged[pk] for pk, current in zip(pks, figures, strict=True)],
+        },
+        touch=now,
+    )
+    if refusing:
+        Budget.objects.filter(pk__in=sorted(refusing), refused_at=None).update(refused_at=now)
 
 
 # --- Idempotency keys -------------------------------------------------------------------------------------
@@ -332,14 +537,15 @@ def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.date
 
 
 class _Decider:
-    """Decides the items in order against the locked quotas and collects what to write."""
+    """Decides the items in order against the quotas and budgets as read and collects what to write."""
 
     def __init__(
         self,
         *,
-        agents: dict[str, tuple[str, str, str]],
+        agents: dict[str, _AgentRow],
         prices: dict[str, Decimal | None],
         quotas: dict[tuple[str, str], _QuotaState],
+        budgets: _Budgets,
         stored: dict[str, _StoredResult],
         now: dt.datetime,
     ):
@@ -347,10 +553,13 @@ class _Decider:
         self.prices = prices
         self.price_texts = {code: f"{money_round(price):f}" for code, price in prices.items() if price}
         self.quotas = quotas
+        self.budgets = budgets
         self.stored = stored
         self.created_at = iso_datetime(now)
         self.owned: dict[str, _StoredResult] = {}  # keys whose result this batch stores
-        self.accepted_items: list[tuple[str, BatchItem, int, Decimal]] = []
+        # allocation id, item, quota id, cost, the ids of the budgets charged
+        self.accepted_items: list[tuple[str, BatchItem, int, Decimal, list[int]]] = []
+        self.budgets_refusing: set[int] = set()  # hard budgets that refused an item
         self.accepted = 0
         self.replayed = 0
 
@@ -391,12 +600,23 @@ class _Decider:
         agent = self.agents.get(item.agent_id)
         if agent is None:
             return NotFound(f"agent {item.agent_id!r} not found")
-        status, reason, _ = agent
-        refusal = agent_refusal(agent_id=item.agent_id, status=status, reason=reason)
+        refusal = agent_refusal(agent_id=item.agent_id, status=agent.status, reason=agent.reason)
         if refusal is not None:
             return refusal
-        if self.prices[item.resource_type_id] is None:
+        price = self.prices[item.resource_type_id]
+        if price is None:
             return LedgerError(f"{item.resource_type_id} has no price in effect", code="no_price", status=409)
+        # The order of a single allocation's checks: the run it names, its budgets, then its quota.
+        if item.run_id:
+            refusal = self.budgets.run_refusal(item.agent_id, item.run_id)
+            if refusal is not None:
+                return refusal
+        cost = usage_cost(item.amount, price)
+        if cost > 0:
+            for budget in self.budgets.applying(item.agent_id, item.run_id):
+                if budget.refuses and budget.remaining < cost:
+                    self.budgets_refusing.add(budget.budget.pk)
+                    return budget.refusal(cost)
         available = self.quotas[(item.agent_id, item.resource_type_id)].available
         if item.amount > available:
             available = max(available, 0)
@@ -416,8 +636,11 @@ class _Decider:
         quota.available -= item.amount
         quota.taken += item.amount
         quota.cost += cost
+        budgets = self.budgets.applying(item.agent_id, item.run_id)
+        for budget in budgets:
+            budget.charged += cost
         allocation_id = str(uuid7())
-        self.accepted_items.append((allocation_id, item, quota.id, cost))
+        self.accepted_items.append((allocation_id, item, quota.id, cost, [b.budget.pk for b in budgets]))
         self.accepted += 1
         body = {
             "allocation": {  # AllocationOut's shape
@@ -429,6 +652,7 @@ class _Decider:
                 "unit_price_usd": self.price_texts[item.resource_type_id],
                 "status": Allocation.Status.COMMITTED.value,
                 "task_id": item.task_id,
+                "run_id": item.run_id,
                 "expires_at": None,
                 "settled_amount": None,
                 "created_at": self.created_at,
@@ -475,7 +699,8 @@ def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
     period_start = connection.ops.adapt_datetimefield_value(month_bounds(now)[0])
     allocations = _Rows(
         Allocation,
-        ("id", "agent", "resource_type", "quota", "amount", "unit_price_usd", "cost_usd", "task_id"),
+        ("id", "agent", "resource_type", "quota", "amount", "unit_price_usd", "cost_usd", "task_id")
+        + ("run_id", "budget_ids"),
         same={"status": Allocation.Status.COMMITTED.value, "created_at": at},
     )
     usage = _Rows(
@@ -484,7 +709,7 @@ def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
         + ("idempotency_key", "metadata"),
         same={"kind": UsageLog.Kind.ALLOCATION.value, "created_at": at, "period_start": period_start},
     )
-    for allocation_id, item, quota_id, cost in sorted(decider.accepted_items, key=_by_quota):
+    for allocation_id, item, quota_id, cost, budget_ids in sorted(decider.accepted_items, key=_by_quota):
         unit_price, cost_text = decider.price_texts[item.resource_type_id], f"{cost:f}"
         allocations.add(
             allocation_id,
@@ -495,6 +720,8 @@ def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
             unit_price,
             cost_text,
             item.task_id,
+            item.run_id,
+            "{" + ",".join(map(str, budget_ids)) + "}",  # a PostgreSQL array literal, cast by _Rows
         )
         usage.add(
             item.agent_id,

@@ -3,8 +3,11 @@
 ``POST /api/v1/agents/{id}/allocations/batch`` takes items of one agent (its key, or an operator's);
 ``POST /api/v1/usage/batch`` is for operators and takes items across agents, each naming its ``agent_id``.
 The answer is 200 with one result per item, in order, and a summary: an invalid or refused item refuses
-nothing else. A malformed body, or fewer than 1 or more than 1,000 items, refuses the whole request.
-Holds are not supported in a batch: items are committed at once.
+nothing else. Each item is charged to its agent's budgets (the agent's, its team's, its organization's, and
+the run it names with ``run_id``): one that a hard budget has no room for is answered 429
+``budget_exceeded`` with the budget's figures, as a single allocation would be. A malformed body, or fewer
+than 1 or more than 1,000 items, refuses the whole request. Holds are not supported in a batch: items are
+committed at once.
 
 Items are validated one by one here with the single endpoint's fields; the rules live in
 ``allocation.batch``.
@@ -20,6 +23,7 @@ from rest_framework import serializers
 from rest_framework.views import APIView
 
 from allocation.api.serializers import (
+    RUN_ID,
     AllocationOut,
     AmountField,
     ResourceTypeField,
@@ -68,6 +72,9 @@ class BatchItemIn(StrictSerializer):
     resource_type = ResourceTypeField()
     amount = AmountField()
     task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    run_id = serializers.CharField(
+        **RUN_ID, help_text="A run of the item's agent (POST .../runs): its budget applies too."
+    )
     idempotency_key = serializers.CharField(
         max_length=MAX_ITEM_KEY_LENGTH, required=False, trim_whitespace=False, validators=[_printable]
     )
@@ -151,6 +158,7 @@ def _item_fast(raw, *, with_agent: bool) -> dict | None:
     resource_type = raw.get("resource_type")
     amount = raw.get("amount")
     task_id = raw.get("task_id", "")
+    run_id = raw.get("run_id", "")
     metadata = raw.get("metadata", {})
     agent_id = raw.get("agent_id") if with_agent else None
     if (
@@ -159,13 +167,20 @@ def _item_fast(raw, *, with_agent: bool) -> dict | None:
         or type(amount) is not int
         or not amount_is_valid(amount)
         or not plain_text(task_id, 200)
+        or not plain_text(run_id, 200)
         or ("idempotency_key" in raw and not _key_plain(raw["idempotency_key"]))
         or (with_agent and not (agent_id and plain_text(agent_id, 64)))
         or type(metadata) is not dict
         or (metadata and not _metadata_ok(metadata))
     ):
         return None
-    data = {"resource_type": resource_type, "amount": amount, "task_id": task_id, "metadata": metadata}
+    data = {
+        "resource_type": resource_type,
+        "amount": amount,
+        "task_id": task_id,
+        "run_id": run_id,
+        "metadata": metadata,
+    }
     if "idempotency_key" in raw:
         data["idempotency_key"] = raw["idempotency_key"]
     if with_agent:
@@ -212,6 +227,7 @@ def _items_read(request, body: dict, item_serializer: BatchItemIn, agent_id: str
                 resource_type_id=data["resource_type"],
                 amount=data["amount"],
                 task_id=data["task_id"],
+                run_id=data["run_id"],
                 metadata=data["metadata"],
                 idempotency_key=key,
                 fingerprint=fingerprint,

@@ -5,7 +5,8 @@
 * ``GET /api/v1/agents/{id}/deals``: the agent's forecast shortfalls and the deals below list price for them.
 * ``POST /api/v1/agents/{id}/deals``: list the agent's unused quota of this period for sale.
 * ``POST /api/v1/marketplace/deals/{deal_id}/purchase`` ``{"agent_id", "amount"}``: buy, all or nothing; an
-  agent's key buys for itself only (another agent id answers 404).
+  agent's key buys for itself only (another agent id answers 404). The price is charged to the buyer's
+  budgets: 429 ``budget_exceeded`` (with the budget's figures and ``Retry-After``) when a hard one lacks room.
 
 Which agent sells a deal is shown to operators only: to an agent's key a seller is ``"agent"`` or
 ``"platform"``, so the marketplace does not reveal which agents exist. Money is rendered as decimal strings.
@@ -25,7 +26,14 @@ from allocation.api.shared.auth import agent_for
 from allocation.api.shared.mutation import run_mutation
 from allocation.api.shared.schema import errors
 from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
-from ledger.errors import AgentSuspended, Conflict, FeatureDisabled, LedgerError, QuotaExceeded
+from ledger.errors import (
+    AgentSuspended,
+    BudgetExceeded,
+    Conflict,
+    FeatureDisabled,
+    LedgerError,
+    QuotaExceeded,
+)
 from ledger.models import Agent
 from optimization.models import Deal, Purchase
 from optimization.services.marketplace import deal_list, deal_purchase, deals_for_agent, deals_open
@@ -180,6 +188,7 @@ class DealPurchaseView(GridAPIView):
     @extend_schema(request=PurchaseIn, responses={201: PurchaseOut}, summary="Buy units of a deal")
     @errors(
         AgentSuspended,
+        BudgetExceeded,
         FeatureDisabled,
         deal_not_open=Conflict,
         deal_insufficient=Conflict,

@@ -13,6 +13,11 @@ records the cost on the buyer's ledger: a ``purchase`` usage row at the deal's p
 which budgets read. The seller is not paid: the grid keeps no revenue accounts. An agent cannot buy its own
 deal (409 ``own_deal``).
 
+The price is charged to the buyer's dollar budgets (its own, its team's and its organization's) in the same
+transaction: a hard budget without room for it refuses the purchase with 429 ``budget_exceeded`` and
+nothing is bought. Lock order, as for every writer of budgets (``ledger.budgets``): the deal's row (the
+claim), then the budget rows by id, then the quota rows.
+
 **Refresh** (``marketplace_refresh``, every 15 minutes):
 
 1. Open deals past their expiry are closed as expired; what an agent deal did not sell goes back to its
@@ -48,8 +53,18 @@ from django.db import transaction
 from django.db.models import Case, DateTimeField, F, Q, QuerySet, Sum, Value, When
 from django.utils import timezone
 
+from allocation import sql
+from ledger.budgets import budget_mark_refused
 from ledger.bulk import bulk_update_column
-from ledger.errors import AgentSuspended, Conflict, FeatureDisabled, LedgerError, NotFound, QuotaExceeded
+from ledger.errors import (
+    AgentSuspended,
+    BudgetExceeded,
+    Conflict,
+    FeatureDisabled,
+    LedgerError,
+    NotFound,
+    QuotaExceeded,
+)
 from ledger.invariants import amount_validate, quota_fits
 from ledger.models import Agent, Grant, Quota, Tier, TierQuota, UsageLog
 from ledger.money import money_round, percent, usage_cost
@@ -250,7 +265,8 @@ def deal_purchase(
     """Buy ``amount`` units of a deal for ``buyer``, all or nothing (see the module docstring).
 
     Refused with 409 ``deal_not_open`` (sold out, expired) or ``deal_insufficient`` (fewer left than asked),
-    and nothing changes then.
+    or 429 ``budget_exceeded`` (a hard budget of the buyer has no room for the price), and nothing changes
+    then.
     """
     marketplace_ensure_enabled()
     amount_validate(amount)
@@ -263,6 +279,15 @@ def deal_purchase(
     if deal.seller_id == buyer.pk:
         raise LedgerError("an agent cannot buy its own deal", code="own_deal", status=409)
     _ensure_buyable(deal, amount=amount, now=now)
+    try:
+        return _purchase_claim(deal=deal, buyer=buyer, amount=amount, actor=actor, now=now)
+    except BudgetExceeded as refusal:
+        # After the purchase's rollback: the budget's refusal is remembered (for its "resolved" alert).
+        budget_mark_refused(budget_id=refusal.details["budget_id"], now=now)
+        raise
+
+
+def _purchase_claim(*, deal: Deal, buyer: Agent, amount: int, actor: str, now: dt.datetime) -> Purchase:
     with transaction.atomic():
         # The claim: one conditional UPDATE, so no unit is ever sold twice and an ask for more than is
         # left takes nothing.
@@ -293,7 +318,12 @@ def _purchase_book(*, deal: Deal, buyer: Agent, amount: int, actor: str, now: dt
     """The ledger side of a claimed purchase: limits, grants, the usage row and the purchase."""
     unit_price = deal.unit_price_usd
     cost = usage_cost(amount, unit_price)
+    # Opened before the budgets are locked: opening may wait for another transaction opening the same
+    # period, and must not while holding budget rows that one may wait for.
     buyer_quota = quota_open(agent=buyer, resource_type_id=deal.resource_type_id, at=now)
+    # The price on every budget of the buyer (its own, its team's, its organization's): locked in id order
+    # and refused (BudgetExceeded) before any quota row is locked, the lock order of every writer.
+    sql.budgets_apply(sql.agent_budget_ids(buyer.pk, now=now), now=now, spend=cost)
     # Lock the buyer's and the seller's quota rows in primary-key order, so that two agents buying each
     # other's deals at once wait for one another instead of deadlocking.
     locked = [buyer_quota.pk] + ([deal.seller_quota_id] if deal.seller_quota_id else [])
