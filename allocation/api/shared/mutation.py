@@ -36,7 +36,8 @@ from allocation.api.shared.idempotency import (
     validate_key,
 )
 from allocation.sql import KeyRevoked, mutation_record_write
-from ledger.errors import LedgerError
+from ledger.budgets import budget_mark_refused
+from ledger.errors import BudgetExceeded, LedgerError
 
 
 def _ensure_object(body) -> dict:
@@ -173,6 +174,10 @@ def _refused(request, exc: Exception, *, action: str, agent_id: str, body, audit
     response = exception_response(exc)
     if response is None:
         raise exc
+    if isinstance(exc, BudgetExceeded):
+        # The refusal rolled back the request's transaction, and with it the service's note that the budget
+        # refused: written again here, for the sweep's budget_resolved alert.
+        budget_mark_refused(budget_id=exc.details["budget_id"])
     if audited:
         audit_record(
             request=request,
