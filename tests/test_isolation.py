@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from allocation import services
 from allocation.api.shared.converters import AgentIdConverter
-from ledger.models import Agent
+from ledger.models import Agent, Budget
 from ledger.services import agent_set_status
 from optimization.models import (
     Alert,
@@ -138,6 +138,7 @@ BODIES = {
     ("api:allocation-settle", "POST"): {"amount": 1_000},
     ("api:allocation-release", "POST"): {},
     ("api:shares", "POST"): {"resource_type": "AI_TOKENS", "amount": 1_000, "target_agent_id": A},
+    ("api:agent-runs", "POST"): {"run_id": "stolen-run", "limit_usd": "1"},
     ("optimization:executions", "POST"): {
         "superpower": "stealing",
         "resources": {"AI_TOKENS": 10},
@@ -276,6 +277,7 @@ def snapshot() -> dict:
     """Everything a call could write, ledger and optimization (not audit records: refusals are audited)."""
     return {
         **ledger_snapshot(),
+        "budgets": sorted(Budget.objects.values_list("id", "agent_id", "run_id", "limit_usd", "spent_usd")),
         "instances": sorted(Agent.objects.values_list("id", "instance_count")),
         "alerts": sorted(Alert.objects.values_list("id", "acknowledged_at", "acknowledged_by")),
         "alert_settings": sorted(AlertSettings.objects.values_list("agent_id", "budget_thresholds", "email")),

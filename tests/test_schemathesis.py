@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from allocation import services
 from allocation.keys import api_key_issue, operator_key_issue
+from ledger.budgets import budget_create, organization_create, team_create
 from ledger.services import agent_create, reference_data_load
 from optimization.models import Alert, Experiment
 from optimization.services.marketplace import deal_list
@@ -59,7 +60,8 @@ OPERATION_RULES = {
 
 @pytest.fixture
 def world(live_server):
-    """Two agents, a key for one and an operator key, and one row of each kind a path names."""
+    """Two agents, a key for one and an operator key, and one row of each kind a path names (a hold, an
+    alert, a deal, an experiment, an organization, a team and its budget)."""
     reference_data_load()
     agent = agent_create(agent_id="st-agent", tier_code="PRO")
     agent_create(agent_id="st-other", tier_code="PRO")
@@ -74,6 +76,9 @@ def world(live_server):
         agent=seller, resource_type_id="AI_TOKENS", amount=5000, unit_price_usd=Decimal("0.00001")
     )
     experiment = Experiment.objects.create(name="st", started_at=timezone.now() - dt.timedelta(days=1))
+    organization = organization_create(id="st-org")
+    team = team_create(id="st-team", organization_id=organization.pk)
+    budget = budget_create(scope="team", scope_id=team.pk, window="day", limit_usd="1000")
     return {
         "url": f"{live_server.url}/api/schema/",
         "keys": {"operator": operator_key, "agent": agent_key},
@@ -83,6 +88,9 @@ def world(live_server):
             "path.alert_id": alert.pk,
             "path.deal_id": str(deal.pk),
             "path.experiment_id": experiment.pk,
+            "path.organization_id": organization.pk,
+            "path.team_id": team.pk,
+            "path.budget_id": budget.pk,
         },
     }
 
@@ -113,7 +121,8 @@ def config_text(*, key: str, parameters: dict) -> str:
         # Every JSON string refuses NUL (400 malformed_json, stated in the schema's description): OpenAPI
         # 3.0 cannot put that on object keys, so schemathesis is told not to send it.
         "allow-x00 = false",
-        # Bounded: one unexpected method per operation (the API has no DELETE) and short stateful runs.
+        # Bounded: one unexpected method per operation (DELETE: only a budget has one) and short stateful
+        # runs.
         "[phases.coverage]",
         'unexpected-methods = ["DELETE"]',
         "[phases.stateful]",

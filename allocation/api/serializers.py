@@ -287,6 +287,7 @@ class UsageQuery(StrictSerializer):
 
 class AgentOut(serializers.ModelSerializer):
     tier = serializers.CharField(source="tier_id")
+    team_id = serializers.CharField(allow_null=True, help_text="The team whose budgets apply to the agent")
     custom_limits = serializers.SerializerMethodField()
 
     class Meta:
@@ -298,6 +299,7 @@ class AgentOut(serializers.ModelSerializer):
             "status",
             "status_reason",
             "monthly_budget_usd",
+            "team_id",
             "instance_count",
             "min_instances",
             "max_instances",
@@ -359,3 +361,9 @@ class AgentPatchIn(StrictSerializer):
     metadata = serializers.DictField(required=False)
     min_instances = serializers.IntegerField(required=False, min_value=0, max_value=10_000)
     max_instances = serializers.IntegerField(required=False, min_value=1, max_value=10_000)
+    team_id = serializers.CharField(
+        max_length=64,
+        required=False,
+        allow_null=True,
+        help_text="The agent's team (its budgets and its organization's apply), or null for none",
+    )

@@ -35,9 +35,11 @@ from allocation.api.shared.views import AgentScopedView, valid
 from allocation.keys import api_key_issue
 from allocation.models import Allocation
 from allocation.representation import USAGE_COLUMNS, allocation_body, usage_body
+from ledger.budgets import agent_team_set
 from ledger.errors import (
     AgentSuspended,
     AgentThrottled,
+    BudgetExceeded,
     Conflict,
     FeatureDisabled,
     LedgerError,
@@ -96,16 +98,18 @@ class AgentDetailView(AgentScopedView):
         return Response(AgentOut(self.agent()).data)
 
     @extend_schema(request=AgentPatchIn, responses=AgentOut)
-    @errors(forbidden=403, invalid_instances=LedgerError)
+    @errors(forbidden=403, invalid_instances=LedgerError, team_not_found=NotFound)
     def patch(self, request, agent_id):
         def update(body):
             agent = self.agent()
             if not request.user.is_operator:
                 raise LedgerError("only an operator can change an agent", code="forbidden", status=403)
             data = valid(AgentPatchIn, body)
-            if "tier" in data:
-                data["tier"] = data["tier"]
+            team_changed = "team_id" in data
+            team_id = data.pop("team_id", None)
             agent = agent_update(agent=agent, actor=request.user.label, **data)
+            if team_changed:
+                agent = agent_team_set(agent=agent, team_id=team_id)
             return 200, AgentOut(agent).data
 
         return run_mutation(request, action="agent.update", agent_id=agent_id, handler=update)
@@ -140,7 +144,16 @@ class AllocationCreateView(AgentScopedView):
     authentication_classes = [CachedApiKeyAuthentication]
 
     @extend_schema(request=AllocationIn, responses={201: AllocationOut})
-    @errors(QuotaExceeded, AgentThrottled, AgentSuspended, no_price=Conflict, invalid_hold_ttl=LedgerError)
+    @errors(
+        QuotaExceeded,
+        BudgetExceeded,
+        AgentThrottled,
+        AgentSuspended,
+        no_price=Conflict,
+        invalid_hold_ttl=LedgerError,
+        run_not_found=NotFound,
+        run_ended=Conflict,
+    )
     def post(self, request, agent_id):
         # The hot path: one statement takes the quota and writes the allocation, its usage row, its audit
         # record and its stored response (one_statement); the agent key is usually known from a few
@@ -179,7 +192,7 @@ class AllocationDetailView(AgentScopedView):
 
 class AllocationSettleView(AgentScopedView):
     @extend_schema(request=SettleIn, responses=AllocationOut)
-    @errors(QuotaExceeded, hold_not_open=Conflict)
+    @errors(QuotaExceeded, BudgetExceeded, hold_not_open=Conflict)
     def post(self, request, agent_id, allocation_id):
         def settle(body):
             data = valid(SettleIn, body)

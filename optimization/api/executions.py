@@ -6,12 +6,20 @@ from django.urls import path
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 
-from allocation.api.serializers import ResourceAmountsField, StrictSerializer
+from allocation.api.serializers import RUN_ID, ResourceAmountsField, StrictSerializer
 from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 from allocation.api.shared.mutation import run_mutation
 from allocation.api.shared.schema import errors
 from allocation.api.shared.views import AgentScopedView, valid
-from ledger.errors import AgentSuspended, AgentThrottled, FeatureDisabled, QuotaExceeded
+from ledger.errors import (
+    AgentSuspended,
+    AgentThrottled,
+    BudgetExceeded,
+    Conflict,
+    FeatureDisabled,
+    NotFound,
+    QuotaExceeded,
+)
 from optimization.models import Execution
 from optimization.services.executions import execution_record
 
@@ -23,6 +31,9 @@ class ExecutionIn(StrictSerializer):
     success = serializers.BooleanField()
     output_units = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
     task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    run_id = serializers.CharField(
+        **RUN_ID, help_text="A run of the agent (POST .../runs): every resource is charged to its budget."
+    )
 
 
 class ExecutionOut(serializers.ModelSerializer):
@@ -46,7 +57,15 @@ class ExecutionOut(serializers.ModelSerializer):
 
 class ExecutionCreateView(AgentScopedView):
     @extend_schema(request=ExecutionIn, responses={201: ExecutionOut}, summary="Track a superpower execution")
-    @errors(QuotaExceeded, AgentThrottled, AgentSuspended, FeatureDisabled)
+    @errors(
+        QuotaExceeded,
+        BudgetExceeded,
+        AgentThrottled,
+        AgentSuspended,
+        FeatureDisabled,
+        run_not_found=NotFound,
+        run_ended=Conflict,
+    )
     def post(self, request, agent_id):
         def record(body):
             data = valid(ExecutionIn, body)
@@ -59,6 +78,7 @@ class ExecutionCreateView(AgentScopedView):
                 output_units=data.get("output_units"),
                 task_id=data["task_id"],
                 idempotency_key=request.headers.get("Idempotency-Key", ""),
+                run_id=data["run_id"],
             )
             return 201, ExecutionOut(execution).data
 

@@ -25,9 +25,11 @@ def execution_record(
     output_units: int | None = None,
     task_id: str = "",
     idempotency_key: str = "",
+    run_id: str = "",
     now: dt.datetime | None = None,
 ) -> Execution:
     """Allocate every listed resource and record the execution; one refused resource refuses them all.
+    Each allocation is charged to the agent's budgets, and to run ``run_id``'s if named.
 
     Resources are taken in resource-type order, so two executions of one agent lock its quota rows in the
     same order and cannot deadlock.
@@ -61,6 +63,7 @@ def execution_record(
                     idempotency_key=idempotency_key,
                     metadata={"execution_id": execution.pk, "superpower": superpower},
                     now=now,
+                    run_id=run_id,
                 )
             except QuotaExceeded as exc:
                 raise QuotaExceeded(
