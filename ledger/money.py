@@ -28,3 +28,12 @@ def money_round(value: Decimal | int) -> Decimal:
 def cents(value: Decimal | int) -> Decimal:
     """``value`` rounded to whole cents (half to even), for what people read: messages and charts."""
     return Decimal(value).quantize(CENT, rounding=ROUND_HALF_EVEN)
+
+
+def money_text(value: Decimal) -> str:
+    """Dollars exactly, as a string with at least cents and no trailing zeros beyond: "1.00", "0.000125"
+    (how budgets are shown)."""
+    value = Decimal(value).normalize()
+    if value.as_tuple().exponent > -2:
+        value = cents(value)
+    return f"{value:f}"

@@ -51,9 +51,9 @@ from ledger.budgets import (
 )
 from ledger.errors import Conflict, LedgerError, NotFound
 from ledger.models import AGENT_ID_PATTERN, Budget, Organization, Team, agent_id_validator
+from ledger.money import money_text
 
 MAX_BIGINT = 2**63 - 1
-CENT = Decimal("0.01")
 
 
 class ScopeIdConverter:
@@ -71,14 +71,6 @@ class ScopeIdConverter:
 
 
 register_converter(ScopeIdConverter, "scope_id")
-
-
-def money_text(value: Decimal) -> str:
-    """Dollars as a decimal string with at least cents and no trailing zeros beyond: "1.00", "0.000125"."""
-    value = value.normalize()
-    if value.as_tuple().exponent > -2:
-        value = value.quantize(CENT)
-    return f"{value:f}"
 
 
 # --- Input ------------------------------------------------------------------------------------------------
@@ -198,7 +190,8 @@ class BudgetOut(serializers.Serializer):
     reserved_usd = serializers.DecimalField(**DECIMAL_STRING, help_text="Quoted cost of open holds")
     rollover_usd = serializers.DecimalField(**DECIMAL_STRING, help_text="Carried from the last window")
     remaining_usd = serializers.DecimalField(
-        **DECIMAL_STRING, help_text="limit + rollover - spent - reserved (negative after a limit cut)"
+        **DECIMAL_STRING,
+        help_text="What is left: the limit and rollover, less spent and reserved (negative after a limit cut)",
     )
     mode = serializers.ChoiceField(choices=Budget.Mode.choices)
     rollover_percent = serializers.IntegerField()

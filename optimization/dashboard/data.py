@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from ledger.budgets import budget_figures, budgets_applying
 from ledger.models import Agent, Budget, Quota, ResourceType, Tier, UsageLog
-from ledger.money import cents, money_round, percent
+from ledger.money import cents, money_round, money_text, percent
 from ledger.periods import month_bounds
 from ledger.services import quotas_open_all
 from optimization import selectors
@@ -209,15 +209,6 @@ def cost_chart(*, agent: Agent, now: dt.datetime) -> dict:
     }
 
 
-def _exact(value: Decimal) -> str:
-    """A budget's dollars exactly, with at least cents and no trailing zeros beyond: "1.00", "0.000125"
-    (the form GET /agents/{id}/budgets answers with)."""
-    value = value.normalize()
-    if value.as_tuple().exponent > -2:
-        value = cents(value)
-    return f"{value:f}"
-
-
 def budgets(*, agent: Agent, now: dt.datetime) -> list[dict]:
     """Every budget that applies to the agent's calls now (its own, its team's, its organization's, its
     runs that have not ended), with the current window's figures as the next call would find them."""
@@ -241,11 +232,11 @@ def budgets(*, agent: Agent, now: dt.datetime) -> list[dict]:
                 "window_start": figures.window_start.isoformat(),
                 "window_end": None if figures.window_end is None else figures.window_end.isoformat(),
                 "expires_at": None if budget.expires_at is None else budget.expires_at.isoformat(),
-                "limit_usd": _exact(budget.limit_usd),
-                "spent_usd": _exact(figures.spent_usd),
-                "reserved_usd": _exact(figures.reserved_usd),
-                "rollover_usd": _exact(figures.rollover_usd),
-                "remaining_usd": _exact(figures.remaining_usd),
+                "limit_usd": money_text(budget.limit_usd),
+                "spent_usd": money_text(figures.spent_usd),
+                "reserved_usd": money_text(figures.reserved_usd),
+                "rollover_usd": money_text(figures.rollover_usd),
+                "remaining_usd": money_text(figures.remaining_usd),
                 "percent": None if used is None else str(used),
                 "refused_at": None if budget.refused_at is None else budget.refused_at.isoformat(),
                 "refusing": refusing,
