@@ -191,7 +191,7 @@ class BudgetOut(serializers.Serializer):
     rollover_usd = serializers.DecimalField(**DECIMAL_STRING, help_text="Carried from the last window")
     remaining_usd = serializers.DecimalField(
         **DECIMAL_STRING,
-        help_text="What is left: the limit and rollover, less spent and reserved (negative after a limit cut)",
+        help_text="What is left: limit and rollover, less spent and reserved (negative after a limit cut)",
     )
     mode = serializers.ChoiceField(choices=Budget.Mode.choices)
     rollover_percent = serializers.IntegerField()
