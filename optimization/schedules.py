@@ -4,7 +4,12 @@ from __future__ import annotations
 
 # (schedule name, task name, every N seconds, description)
 SCHEDULES = [
-    ("Budget alert sweep", "optimization.budget_sweep", 60, "Alert at each budget threshold once a period"),
+    (
+        "Budget alert sweep",
+        "optimization.budget_sweep",
+        60,
+        "Budget thresholds once a window; resolved when a budget that refused has room",
+    ),
     ("Rule evaluation", "optimization.rules_evaluate", 60, "Evaluate optimization rules and act on them"),
     ("Cost spike detection", "optimization.cost_spike_sweep", 300, "Last hour's spend against the baseline"),
     (

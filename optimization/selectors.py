@@ -14,7 +14,7 @@ from django.db import connection
 from django.db.models import Count, DecimalField, ExpressionWrapper, F, Max, Q, Sum, Value
 from django.utils import timezone
 
-from ledger.models import Agent, Quota, UsageLog
+from ledger.models import Agent, Budget, Quota, UsageLog
 from ledger.money import cents, money_round, percent
 from ledger.periods import month_bounds
 from optimization.models import Execution
@@ -115,6 +115,22 @@ def budget_utilization(*, now: dt.datetime | None = None, agent_ids=None) -> dic
         spent = spend.get(agent, Decimal(0))
         result[agent] = {"spent_usd": spent, "budget_usd": budget, "percent": percent(spent, budget)}
     return result
+
+
+# A run's budget is swept for a day after the run ends: what it reached just before is still alerted.
+RUN_SWEEP_GRACE = dt.timedelta(days=1)
+
+
+def budgets_to_sweep(*, now: dt.datetime, after_id: int = 0, limit: int = 2000) -> list[Budget]:
+    """The next ``limit`` budgets by id after ``after_id`` that the budget sweep has work on at ``now``:
+    some spend to compare with its thresholds, a refusal to resolve, or an ended window to roll. Budgets
+    with none of these (idle ones) are not read. One query."""
+    return list(
+        Budget.objects.filter(pk__gt=after_id)
+        .filter(Q(spent_usd__gt=0) | Q(refused_at__isnull=False) | Q(window_end__lte=now))
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now - RUN_SWEEP_GRACE))
+        .order_by("pk")[:limit]
+    )
 
 
 def execution_stats(

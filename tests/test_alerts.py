@@ -20,8 +20,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from allocation.services import allocation_create
-from ledger.models import Agent, Quota
-from ledger.periods import UTC
+from ledger.models import Agent, Budget, Quota
+from ledger.periods import UTC, month_bounds
 from ledger.services import agent_create, quota_open
 from optimization.models import Alert, AlertDelivery, AlertSettings, WebhookEndpoint
 from optimization.services import alert_delivery
@@ -52,17 +52,35 @@ SECRET = "whsec_dGVzdC1zZWNyZXQtb2YtdGhpcnR5LXR3by1ieXRlcyE="  # 32 bytes, as an
 
 
 def budget_agent(agent_id: str, *, budget: str | None = "100.00", spent: str = "0", at=NOW) -> Agent:
-    """An agent whose period spend (``quotas.spent_usd``) is exactly ``spent`` dollars."""
+    """An agent whose period spend (``quotas.spent_usd``, and its monthly budget's ``spent_usd`` in the
+    month of ``at``) is exactly ``spent`` dollars."""
     agent = agent_create(
         agent_id=agent_id, tier_code="PRO", monthly_budget_usd=Decimal(budget) if budget else None
     )
     quota = quota_open(agent=agent, resource_type_id="AI_TOKENS", at=at)
     Quota.objects.filter(pk=quota.pk).update(spent_usd=Decimal(spent))
+    monthly_spend_set(agent, spent, at=at)
     return agent
+
+
+def monthly_spend_set(agent: Agent, spent: str, *, at=NOW) -> None:
+    """The agent's monthly (managed) budget in the month of ``at``, with ``spent`` dollars spent."""
+    start, end = month_bounds(at)
+    Budget.objects.filter(agent=agent, managed=True).update(
+        window_start=start, window_end=end, spent_usd=Decimal(spent), rollover_usd=0
+    )
 
 
 def alert_keys(**filters) -> set[str]:
     return set(Alert.objects.filter(**filters).values_list("dedup_key", flat=True))
+
+
+def budget_alerts(**filters) -> set[tuple[str, str, int]]:
+    """(agent, window start, threshold) of each budget alert."""
+    rows = Alert.objects.filter(kind="budget", **filters).values_list(
+        "agent_id", "data__window_start", "data__threshold"
+    )
+    return {(agent_id, start[:7], threshold) for agent_id, start, threshold in rows}
 
 
 class WebhookReceiver:
@@ -135,37 +153,45 @@ def test_budget_sweep_alerts_at_exactly_each_threshold_reached(reference_data):
 
     assert budget_sweep(now=NOW) == 1 + 2 + 3 + 4 + 1
 
-    assert alert_keys() == {
-        "budget:half:2025-06:50",
-        "budget:eighty:2025-06:50",
-        "budget:eighty:2025-06:80",
-        "budget:ninety-nine:2025-06:50",
-        "budget:ninety-nine:2025-06:80",
-        "budget:ninety-nine:2025-06:90",
-        "budget:over:2025-06:50",
-        "budget:over:2025-06:80",
-        "budget:over:2025-06:90",
-        "budget:over:2025-06:100",
-        "budget:custom:2025-06:25",
+    assert budget_alerts() == {
+        ("half", "2025-06", 50),
+        ("eighty", "2025-06", 50),
+        ("eighty", "2025-06", 80),
+        ("ninety-nine", "2025-06", 50),
+        ("ninety-nine", "2025-06", 80),
+        ("ninety-nine", "2025-06", 90),
+        ("over", "2025-06", 50),
+        ("over", "2025-06", 80),
+        ("over", "2025-06", 90),
+        ("over", "2025-06", 100),
+        ("custom", "2025-06", 25),
     }
-    severities = dict(Alert.objects.filter(agent_id="over").values_list("dedup_key", "severity"))
-    assert severities == {
-        "budget:over:2025-06:50": "info",
-        "budget:over:2025-06:80": "warning",
-        "budget:over:2025-06:90": "warning",
-        "budget:over:2025-06:100": "critical",
-    }
-    alert = Alert.objects.get(dedup_key="budget:ninety-nine:2025-06:90")
+    severities = dict(Alert.objects.filter(agent_id="over").values_list("data__threshold", "severity"))
+    assert severities == {50: "info", 80: "warning", 90: "warning", 100: "critical"}
+    budget = Budget.objects.get(agent_id="ninety-nine", managed=True)
+    alert = Alert.objects.get(agent_id="ninety-nine", data__threshold=90)
+    assert alert.dedup_key == f"budget:{budget.pk}:2025-06-01T00:00:00+00:00:90"
     assert alert.kind == "budget"
-    assert alert.title == "Budget 90% reached"
+    assert alert.title == "Agent ninety-nine's monthly budget 90% reached"
     assert alert.data == {
+        "budget_id": budget.pk,
+        "scope": "agent",
+        "scope_id": "ninety-nine",
+        "window": "month",
+        "window_start": "2025-06-01T00:00:00+00:00",
+        "window_end": "2025-07-01T00:00:00+00:00",
+        "mode": "hard",
+        "limit_usd": "100.000000",
+        "rollover_usd": "0.000000000000",
+        "spent_usd": "99.990000000000",
+        "reserved_usd": "0.000000000000",
         "threshold": 90,
         "percent": "99.99",
-        "spent_usd": "99.990000000000",
-        "budget_usd": "100.00",
-        "period_start": "2025-06-01T00:00:00+00:00",
     }
-    assert "$99.99 of its $100.00 monthly budget (99.99%) in June 2025" in alert.message
+    assert alert.message == (
+        "Agent ninety-nine's monthly budget 90% reached: $99.99 of $100.00 spent (99.99%) in the window "
+        "2025-06-01 00:00 to 2025-07-01 00:00 UTC."
+    )
 
 
 def test_budget_sweep_run_twice_creates_nothing_twice_and_alerts_again_next_period(reference_data):
@@ -175,16 +201,18 @@ def test_budget_sweep_run_twice_creates_nothing_twice_and_alerts_again_next_peri
     assert Alert.objects.count() == 2
 
     # More spend crosses the next threshold only.
-    Quota.objects.filter(agent=agent).update(spent_usd=Decimal("91"))
+    monthly_spend_set(agent, "91")
     assert budget_sweep(now=NOW + dt.timedelta(minutes=2)) == 1
-    assert alert_keys() == {f"budget:twice:2025-06:{t}" for t in (50, 80, 90)}
+    assert budget_alerts() == {("twice", "2025-06", t) for t in (50, 80, 90)}
 
-    # A new month is a new period: its own spend, its own alerts.
+    # A new month is a new window: the sweep rolls the budget, and its spend starts again.
     july = dt.datetime(2025, 7, 1, 0, 5, tzinfo=UTC)
-    quota = quota_open(agent=agent, resource_type_id="AI_TOKENS", at=july)
-    Quota.objects.filter(pk=quota.pk).update(spent_usd=Decimal("50"))
+    assert budget_sweep(now=july) == 0
+    budget = Budget.objects.get(agent=agent, managed=True)
+    assert (budget.window_start, budget.spent_usd) == (dt.datetime(2025, 7, 1, tzinfo=UTC), 0)
+    Budget.objects.filter(pk=budget.pk).update(spent_usd=Decimal("50"))
     assert budget_sweep(now=july) == 1
-    assert "budget:twice:2025-07:50" in alert_keys()
+    assert ("twice", "2025-07", 50) in budget_alerts()
 
 
 def test_budget_sweep_ignores_invalid_threshold_settings_and_allows_opting_out(reference_data):
@@ -193,7 +221,7 @@ def test_budget_sweep_ignores_invalid_threshold_settings_and_allows_opting_out(r
     AlertSettings.objects.create(agent=quiet, budget_thresholds=[])
     AlertSettings.objects.create(agent=odd, budget_thresholds=[0, "50", True, 60, 60, 2000])
     assert budget_sweep(now=NOW) == 1
-    assert alert_keys() == {"budget:odd:2025-06:60"}
+    assert budget_alerts() == {("odd", "2025-06", 60)}
 
 
 def test_budget_sweep_query_count_does_not_grow_with_agents(reference_data):
@@ -203,6 +231,10 @@ def test_budget_sweep_query_count_does_not_grow_with_agents(reference_data):
         Alert.objects.all().delete()
         Agent.objects.exclude(id__startswith=prefix).update(monthly_budget_usd=None)
         fleet_create(prefix, count, at=NOW, spent="95.00", budget="100.00")
+        start, end = month_bounds(NOW)
+        Budget.objects.filter(agent__id__startswith=prefix).update(
+            window_start=start, window_end=end, spent_usd=Decimal("95.00")
+        )
         with CaptureQueriesContext(connection) as ctx:
             assert budget_sweep(now=NOW) == 3 * count
         counts.append(len(ctx.captured_queries))
@@ -346,9 +378,11 @@ def test_webhook_is_signed_retried_with_backoff_and_delivered_once(reference_dat
     assert body == {
         "id": alert.pk,
         "agent_id": "hooked",
+        "scope": "agent",
+        "scope_id": "hooked",
         "kind": "budget",
         "severity": "info",
-        "title": "Budget 50% reached",
+        "title": "Agent hooked's monthly budget 50% reached",
         "message": alert.message,
         "data": alert.data,
         "created_at": alert.created_at.isoformat(),
@@ -427,8 +461,8 @@ def test_alerts_fan_out_to_agent_and_global_webhooks_and_emails(reference_data, 
     assert alerts_deliver(now=NOW).delivered == 4
     assert set(AlertDelivery.objects.values_list("status", flat=True)) == {"delivered"}
     assert sorted(message.to[0] for message in mail.outbox) == ["oncall@example.com", "owner@example.com"]
-    assert mail.outbox[0].subject == "[Axiom info] fanned: Budget 50% reached"
-    assert "$50.00 of its $100.00 monthly budget" in mail.outbox[0].body
+    assert mail.outbox[0].subject == "[Axiom info] fanned: Agent fanned's monthly budget 50% reached"
+    assert "$50.00 of $100.00 spent (50.00%)" in mail.outbox[0].body
     by_path = {request["path"]: request for request in receiver.requests}
     assert set(by_path) == {"/hooks/axiom", "/hooks/axiom/global"}
     assert by_path["/hooks/axiom/global"]["headers"]["X-Axiom-Signature"] == signature_of(

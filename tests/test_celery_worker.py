@@ -6,6 +6,7 @@ Needs Redis (``REDIS_URL``): skipped without it, a failure under ``CI=true``.
 
 from __future__ import annotations
 
+import json
 import time
 from decimal import Decimal
 
@@ -15,8 +16,11 @@ from celery.signals import task_postrun
 from django.db import connections
 from django.utils import timezone
 
+from allocation.services import allocation_create
 from axiom_grid.celery import app as celery_app
-from ledger.models import Quota
+from ledger.budgets import agent_team_set, budget_create, budget_update, team_create
+from ledger.errors import BudgetExceeded
+from ledger.models import Budget, Quota
 from ledger.services import agent_create, quota_open, reference_data_load
 from optimization.models import Alert, AlertDelivery, AlertSettings, WebhookEndpoint
 from optimization.tasks.alerts import alerts_deliver_task, budget_sweep_task, cost_spike_sweep_task
@@ -51,6 +55,8 @@ def over_budget_agent(db):
     agent = agent_create(agent_id="through-broker", tier_code="PRO", monthly_budget_usd=Decimal("100"))
     quota = quota_open(agent=agent, resource_type_id="AI_TOKENS", at=timezone.now())
     Quota.objects.filter(pk=quota.pk).update(spent_usd=Decimal("92.50"))
+    # The sweep reads the budget rows: the agent's monthly budget has spent the same.
+    Budget.objects.filter(agent=agent, managed=True).update(spent_usd=Decimal("92.50"))
     return agent
 
 
@@ -98,3 +104,27 @@ def test_budget_alerts_reach_a_webhook_end_to_end_through_the_worker(worker, ove
             ("email", "delivered"),
         }
         assert AlertDelivery.objects.count() == 6
+
+
+def test_a_team_budget_alert_and_its_resolution_reach_a_global_webhook_through_the_worker(worker, db):
+    reference_data_load()
+    team = team_create(id="research")
+    agent = agent_create(agent_id="team-member", tier_code="PRO")
+    agent_team_set(agent=agent, team_id=team.id)
+    budget = budget_create(scope="team", scope_id=team.id, window="day", limit_usd="0.05")
+    allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=5_000)  # 5 cents: all of it
+    with pytest.raises(BudgetExceeded):
+        allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=1_000)
+    with WebhookReceiver() as receiver:
+        WebhookEndpoint.objects.create(agent=None, url=receiver.url, secret=SECRET)
+        assert budget_sweep_task.delay().get(timeout=RESULT_TIMEOUT) == 4  # 100%: four thresholds
+        budget_update(budget=budget, changes={"limit_usd": "1.00"})
+        assert budget_sweep_task.delay().get(timeout=RESULT_TIMEOUT) == 1  # room again: resolved
+        assert budget_sweep_task.delay().get(timeout=RESULT_TIMEOUT) == 0
+        wait_for(lambda: len(receiver.requests) >= 5)
+        bodies = [json.loads(request["body"]) for request in receiver.requests]
+    assert sorted(body["kind"] for body in bodies) == ["budget"] * 4 + ["budget_resolved"]
+    assert {(body["agent_id"], body["scope"], body["scope_id"]) for body in bodies} == {
+        (None, "team", "research")
+    }
+    assert Budget.objects.get(pk=budget.pk).refused_at is None

@@ -701,6 +701,12 @@ def _fleet_seed() -> None:
     with connection.cursor() as cursor:
         cursor.execute(FLEET_AGENTS_SQL, params)
         cursor.execute(FLEET_QUOTAS_SQL, params)
+        # The agents' monthly budgets (made by the trigger with the agents, before their quotas) have spent
+        # what the quotas say: the budget sweep reads the budget rows.
+        cursor.execute(
+            "UPDATE ledger_budget AS b SET spent_usd = q.spent_usd FROM quotas AS q "
+            "WHERE b.managed AND q.agent_id = b.agent_id AND q.period_start = b.window_start"
+        )
         cursor.execute("ANALYZE ledger_agent")
         cursor.execute("ANALYZE quotas")
     ScalingPolicy.objects.create(
@@ -888,10 +894,10 @@ def _assert_alerted_exactly_once() -> None:
     expected = {(f"fleet-{g:05d}", threshold): 1 for g in range(0, FLEET, 2) for threshold in (50, 80, 90)}
     assert alerts == expected
     # Alerts and deliveries agree: an alert queued for delivery has its one delivery, one not yet queued
-    # (beyond the first fan-out's batch: the periodic delivery task fans the rest out) has none.
+    # (beyond each chunk's fan-out batch: the periodic delivery task fans the rest out) has none.
     queued = set(Alert.objects.exclude(delivery_queued_at=None).values_list("pk", flat=True))
     delivered = Counter(AlertDelivery.objects.values_list("alert_id", flat=True))
-    assert len(queued) == FAN_OUT_BATCH_SIZE
+    assert FAN_OUT_BATCH_SIZE <= len(queued) < len(expected)
     assert delivered == dict.fromkeys(queued, 1)
 
 

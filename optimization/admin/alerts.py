@@ -13,6 +13,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from optimization.models import Alert, AlertDelivery, AlertSettings, RuleState, WebhookEndpoint
+from optimization.services.alert_delivery import alert_subject
 from optimization.services.alerts import alerts_acknowledge
 
 
@@ -55,7 +56,7 @@ class AlertDeliveryInline(admin.TabularInline):
 class AlertAdmin(admin.ModelAdmin):
     """Every field is read-only; the change permission is what the "Acknowledge" action asks for."""
 
-    list_display = ("created_at", "agent", "kind", "severity", "title", "is_open", "acknowledged_by")
+    list_display = ("created_at", "subject", "kind", "severity", "title", "is_open", "acknowledged_by")
     list_filter = ("kind", "severity", OpenFilter)
     search_fields = ("agent__id", "title", "message", "dedup_key")
     date_hierarchy = "created_at"
@@ -83,6 +84,16 @@ class AlertAdmin(admin.ModelAdmin):
     @admin.display(boolean=True, description="open")
     def is_open(self, alert: Alert) -> bool:
         return alert.is_open
+
+    @admin.display(description="about", ordering="agent")
+    def subject(self, alert: Alert) -> str:
+        """The agent, or the team or organization of a budget alert that belongs to no agent."""
+        scope, scope_id = alert_subject(alert)
+        if scope is None:
+            return "-"
+        if scope == "run":
+            return f"{alert.agent_id} run {scope_id}"
+        return alert.agent_id if scope == "agent" else f"{scope} {scope_id}"
 
     @admin.action(description="Acknowledge selected alerts", permissions=["change"])
     def acknowledge(self, request: HttpRequest, queryset: QuerySet[Alert]):

@@ -1,9 +1,12 @@
-"""Alerts of an agent: list them, acknowledge one, and read or change where they go.
+"""Alerts of an agent: list them, acknowledge one, and read or change where they go; and every alert, for
+operators (a team's or an organization's budget alerts belong to no agent).
 
 GET  /api/v1/agents/{id}/alerts?status=open|acknowledged|all      newest first, cursor-paginated
 POST /api/v1/agents/{id}/alerts/{alert_id}/acknowledge             idempotent: acknowledging twice is 200
 GET  /api/v1/agents/{id}/alert-settings
 PUT  /api/v1/agents/{id}/alert-settings                            {"budget_thresholds": [...], "email": ...}
+GET  /api/v1/alerts?status=&agent_id=&kind=&scope=&scope_id=       operator: every alert, newest first
+POST /api/v1/alerts/{alert_id}/acknowledge                         operator: any alert, idempotent
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from rest_framework.response import Response
 
 from allocation.api.serializers import StrictSerializer
 from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
+from allocation.api.shared.auth import IsOperator
 from allocation.api.shared.mutation import run_mutation
-from allocation.api.shared.views import AgentScopedView, valid
+from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
 from ledger.errors import NotFound
+from ledger.models import Budget
 from optimization.models import Alert, AlertSettings
+from optimization.services.alert_delivery import alert_subject
 from optimization.services.alerts import (
     THRESHOLD_MAX,
     THRESHOLD_MIN,
@@ -35,8 +41,18 @@ class AlertQuery(StrictSerializer):
     page_size = serializers.IntegerField(required=False, min_value=1, max_value=500)
 
 
+class AllAlertsQuery(AlertQuery):
+    agent_id = serializers.CharField(required=False, max_length=64)
+    kind = serializers.ChoiceField(choices=Alert.Kind.values, required=False)
+    scope = serializers.ChoiceField(choices=Budget.Scope.values, required=False)
+    scope_id = serializers.CharField(required=False, max_length=200)
+
+
 class AlertOut(serializers.ModelSerializer):
-    agent_id = serializers.CharField()
+    # Empty for a team's or an organization's budget alert: ``scope`` and ``scope_id`` say whose it is.
+    agent_id = serializers.CharField(allow_null=True)
+    scope = serializers.SerializerMethodField()
+    scope_id = serializers.SerializerMethodField()
     rule_id = serializers.IntegerField(allow_null=True)
     status = serializers.SerializerMethodField()
 
@@ -45,6 +61,8 @@ class AlertOut(serializers.ModelSerializer):
         fields = [
             "id",
             "agent_id",
+            "scope",
+            "scope_id",
             "kind",
             "severity",
             "title",
@@ -59,6 +77,22 @@ class AlertOut(serializers.ModelSerializer):
 
     def get_status(self, alert: Alert) -> str:
         return "open" if alert.is_open else "acknowledged"
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_scope(self, alert: Alert) -> str | None:
+        return alert_subject(alert)[0]
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_scope_id(self, alert: Alert) -> str | None:
+        return alert_subject(alert)[1]
+
+
+def _status_filter(alerts, status: str):
+    if status == "open":
+        return alerts.filter(acknowledged_at__isnull=True)
+    if status == "acknowledged":
+        return alerts.filter(acknowledged_at__isnull=False)
+    return alerts
 
 
 class AcknowledgeIn(StrictSerializer):
@@ -111,11 +145,7 @@ class AlertListView(AgentScopedView):
     def get(self, request, agent_id):
         agent = self.agent()
         query = valid(AlertQuery, request.query_params.dict())
-        alerts = Alert.objects.filter(agent=agent)
-        if query["status"] == "open":
-            alerts = alerts.filter(acknowledged_at__isnull=True)
-        elif query["status"] == "acknowledged":
-            alerts = alerts.filter(acknowledged_at__isnull=False)
+        alerts = _status_filter(Alert.objects.filter(agent=agent), query["status"])
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(alerts, request, view=self)
         return paginator.get_paginated_response(AlertOut(page, many=True).data)
@@ -152,7 +182,57 @@ class AlertSettingsView(AgentScopedView):
         return run_mutation(request, action="alert_settings.update", agent_id=agent_id, handler=update)
 
 
+class AllAlertsView(GridAPIView):
+    permission_classes = [IsOperator]
+    pagination_class = AlertPagination
+
+    @extend_schema(
+        parameters=[AllAlertsQuery],
+        responses=AlertOut(many=True),
+        summary="Every alert, newest first, with team and organization budget alerts (operator)",
+    )
+    def get(self, request):
+        query = valid(AllAlertsQuery, request.query_params.dict())
+        alerts = _status_filter(Alert.objects.all(), query["status"])
+        if "agent_id" in query:
+            alerts = alerts.filter(agent_id=query["agent_id"])
+        if "kind" in query:
+            alerts = alerts.filter(kind=query["kind"])
+        if "scope" in query:
+            alerts = alerts.filter(data__scope=query["scope"])
+        if "scope_id" in query:
+            alerts = alerts.filter(data__scope_id=query["scope_id"])
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(alerts, request, view=self)
+        return paginator.get_paginated_response(AlertOut(page, many=True).data)
+
+
+class OperatorAlertAcknowledgeView(GridAPIView):
+    permission_classes = [IsOperator]
+
+    @extend_schema(
+        request=AcknowledgeIn, responses=AlertOut, summary="Acknowledge any alert (operator, idempotent)"
+    )
+    def post(self, request, alert_id):
+        alert = Alert.objects.filter(pk=alert_id).first()
+
+        def acknowledge(body):
+            valid(AcknowledgeIn, body)
+            if alert is None:
+                raise NotFound(f"alert {alert_id} not found")
+            return 200, AlertOut(alert_acknowledge(alert=alert, actor=request.user.label)).data
+
+        agent_id = (alert.agent_id or "") if alert is not None else ""
+        return run_mutation(request, action="alert.acknowledge", agent_id=agent_id, handler=acknowledge)
+
+
 urlpatterns = [
+    path("v1/alerts", AllAlertsView.as_view(), name="all-alerts"),
+    path(
+        "v1/alerts/<int:alert_id>/acknowledge",
+        OperatorAlertAcknowledgeView.as_view(),
+        name="operator-alert-acknowledge",
+    ),
     path("v1/agents/<agent_id:agent_id>/alerts", AlertListView.as_view(), name="alerts"),
     path(
         "v1/agents/<agent_id:agent_id>/alerts/<int:alert_id>/acknowledge",

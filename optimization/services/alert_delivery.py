@@ -119,10 +119,22 @@ def batch_message_id(delivery_ids: Iterable[int]) -> str:
     return "alert-batch-" + hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
+def alert_subject(alert: Alert) -> tuple[str | None, str | None]:
+    """(scope, scope_id) the alert is about: a budget alert's budget scope (a team's or an organization's
+    has no agent), else the agent's."""
+    data = alert.data if isinstance(alert.data, dict) else {}
+    if data.get("scope"):
+        return data["scope"], data.get("scope_id")
+    return ("agent", alert.agent_id) if alert.agent_id else (None, None)
+
+
 def alert_payload(alert: Alert) -> dict:
+    scope, scope_id = alert_subject(alert)
     return {
         "id": alert.pk,
         "agent_id": alert.agent_id,
+        "scope": scope,
+        "scope_id": scope_id,
         "kind": alert.kind,
         "severity": alert.severity,
         "title": alert.title,
@@ -155,11 +167,18 @@ def _limits(delivery: AlertDelivery) -> tuple[int, int]:
 # --- Sending (in the pool's threads: no database) --------------------------------------------------------
 
 
+def _subject_name(alert: Alert) -> str:
+    if alert.agent_id:
+        return alert.agent_id
+    scope, scope_id = alert_subject(alert)
+    return f"{scope} {scope_id}" if scope else "grid"
+
+
 def _email_send(delivery: AlertDelivery) -> WebhookResult:
     alert = delivery.alert
     try:
         send_mail(
-            subject=f"[Axiom {alert.severity}] {alert.agent_id}: {alert.title}"[:200],
+            subject=f"[Axiom {alert.severity}] {_subject_name(alert)}: {alert.title}"[:200],
             message=f"{alert.message}\n\nAlert {alert.pk} ({alert.kind}), {alert.created_at.isoformat()}",
             from_email=None,
             recipient_list=[delivery.target],

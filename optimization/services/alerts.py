@@ -1,5 +1,5 @@
-"""Budgets and alerts: the budget sweep, cost spike detection, fanning alerts out to their deliveries, and
-acknowledgement.
+"""Budgets and alerts: the budget sweep (thresholds and "resolved"), cost spike detection, fanning alerts
+out to their deliveries, and acknowledgement.
 
 Every alert has a ``dedup_key`` that is unique in the database, so a sweep that runs twice (or twice at the
 same time) alerts once. Each new alert fans out to one ``AlertDelivery`` row per channel and target, in the
@@ -15,15 +15,17 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from allocation.sql import budgets_apply
+from ledger.budgets import THRESHOLD_MAX, THRESHOLD_MIN, BudgetFigures, budget_figures
 from ledger.bulk import bulk_insert
 from ledger.errors import LedgerError
-from ledger.models import Agent, OptimizationRule
-from ledger.money import cents, money_round
-from ledger.periods import UTC, month_bounds
+from ledger.models import Agent, Budget, OptimizationRule
+from ledger.money import cents, money_round, percent
+from ledger.periods import UTC
 from optimization.models import (
     DEFAULT_BUDGET_THRESHOLDS,
     Alert,
@@ -31,14 +33,13 @@ from optimization.models import (
     AlertSettings,
     WebhookEndpoint,
 )
-from optimization.selectors import SPIKE_BASELINE_HOURS, budget_utilization, cost_spike_ratio
+from optimization.selectors import SPIKE_BASELINE_HOURS, budgets_to_sweep, cost_spike_ratio
 
 logger = logging.getLogger(__name__)
 
 Severity = OptimizationRule.Severity
 
 FAN_OUT_BATCH_SIZE = 2000
-THRESHOLD_MIN, THRESHOLD_MAX = 1, 1000
 DEFAULT_SPIKE_RATIO = Decimal("3")
 SUB_CENT = Decimal("0.0001")
 
@@ -182,6 +183,9 @@ def alerts_fan_out(
 
 # --- Budgets --------------------------------------------------------------------------------------------
 
+BUDGET_SWEEP_CHUNK = 2000
+WINDOW_ADJECTIVES = {"day": "daily", "week": "weekly", "month": "monthly"}
+
 
 def budget_severity(threshold: int) -> str:
     if threshold >= 100:
@@ -205,54 +209,224 @@ def budget_thresholds_clean(value) -> list[int]:
     )
 
 
-def budget_sweep(*, now: dt.datetime | None = None) -> int:
-    """Alert once per agent, threshold and period when this period's spend reaches a budget threshold.
+def budget_label(budget: Budget) -> str:
+    """How an alert names the budget: "team t1's daily budget", "agent a1's run r1 budget"."""
+    if budget.scope == Budget.Scope.RUN:
+        return f"agent {budget.agent_id}'s run {budget.run_id} budget"
+    window = WINDOW_ADJECTIVES.get(budget.window, budget.window)
+    return f"{budget.scope} {budget.scope_id}'s {window} budget"
 
-    Set-based: the spend of every agent with a budget (``quotas.spent_usd``), every agent's thresholds and
-    the existing alerts are one query each, whatever the number of agents. Returns the alerts created.
+
+def _budget_alert_agent(budget: Budget) -> str | None:
+    # An agent's and a run's alerts are the agent's (its webhooks, its email, its API); a team's and an
+    # organization's belong to no agent and go to the global webhooks and ALERT_EMAILS only.
+    return budget.agent_id if budget.scope in (Budget.Scope.AGENT, Budget.Scope.RUN) else None
+
+
+def _budget_data(budget: Budget, figures: BudgetFigures) -> dict:
+    return {
+        "budget_id": budget.pk,
+        "scope": budget.scope,
+        "scope_id": budget.scope_id,
+        "window": budget.window,
+        "window_start": figures.window_start.isoformat(),
+        "window_end": None if figures.window_end is None else figures.window_end.isoformat(),
+        "mode": budget.mode,
+        "limit_usd": _usd(budget.limit_usd),
+        "rollover_usd": _usd(figures.rollover_usd),
+        "spent_usd": _usd(figures.spent_usd),
+        "reserved_usd": _usd(figures.reserved_usd),
+    }
+
+
+def _usd(value: Decimal) -> str:
+    # Fixed-point: a zero at the column's scale reads 0.000000000000, not 0E-12.
+    return format(value, "f")
+
+
+def _window_text(figures: BudgetFigures) -> str:
+    if figures.window_end is None:
+        return f"since {figures.window_start:%Y-%m-%d %H:%M} UTC"
+    return f"in the window {figures.window_start:%Y-%m-%d %H:%M} to {figures.window_end:%Y-%m-%d %H:%M} UTC"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def budget_threshold_alerts(
+    *, budget: Budget, figures: BudgetFigures, thresholds: Sequence[int]
+) -> list[Alert]:
+    """The alerts of every threshold (ascending) the budget's current window has reached. A soft budget
+    alerts exactly as a hard one: alerting is all it does."""
+    spent = figures.spent_usd
+    allowed = budget.limit_usd + figures.rollover_usd
+    if spent <= 0:
+        return []
+    label = budget_label(budget)
+    used_percent = percent(spent, allowed)
+    alerts = []
+    for threshold in thresholds:
+        # Compared exactly, not on the rounded percent: 49.996% has not reached 50%. The thresholds are
+        # in ascending order, so the first one not reached ends the budget's.
+        if spent * 100 < allowed * threshold:
+            break
+        of_what = f"${cents(allowed)}"
+        if figures.rollover_usd:
+            of_what += f" (${cents(budget.limit_usd)} + ${cents(figures.rollover_usd)} rolled over)"
+        alerts.append(
+            Alert(
+                agent_id=_budget_alert_agent(budget),
+                kind=Alert.Kind.BUDGET,
+                severity=budget_severity(threshold),
+                title=_sentence(f"{label} {threshold}% reached")[:200],
+                message=(
+                    f"{_sentence(label)} {threshold}% reached: ${cents(spent)} of {of_what} spent"
+                    f"{'' if used_percent is None else f' ({used_percent}%)'} {_window_text(figures)}."
+                ),
+                data={
+                    **_budget_data(budget, figures),
+                    "threshold": threshold,
+                    "percent": None if used_percent is None else str(used_percent),
+                },
+                dedup_key=f"budget:{budget.pk}:{figures.window_start.isoformat()}:{threshold}",
+            )
+        )
+    return alerts
+
+
+def _managed_thresholds(budgets: Sequence[Budget]) -> dict[str, list[int]]:
+    """agent -> the thresholds its alert settings give its monthly (managed) budget. One query."""
+    agent_ids = {budget.agent_id for budget in budgets if budget.managed}
+    if not agent_ids:
+        return {}
+    rows = AlertSettings.objects.filter(agent_id__in=agent_ids).values_list("agent_id", "budget_thresholds")
+    return {agent_id: budget_thresholds_clean(stored) for agent_id, stored in rows}
+
+
+def budget_sweep(*, now: dt.datetime | None = None, chunk_size: int = BUDGET_SWEEP_CHUNK) -> int:
+    """Alert once per budget, window and threshold reached, and once when a budget that refused calls
+    has room again (``budgets_resolve``). Returns the alerts created.
+
+    Reads the budget rows, not the usage log: set-based, ``chunk_size`` budgets by id at a time, a fixed
+    number of queries per chunk. Windows that have ended are rolled first (the allocation's own rule,
+    ``grid_budgets_apply``, with nothing charged), so the rows say what the API and the admin show.
+
+    Run it outside a transaction (as its task does): each step commits on its own, so the sweep never
+    holds one chunk's budget locks while it takes another's, and the lock order stays by id.
     """
     now = now or timezone.now()
-    period_start, _ = month_bounds(now)
-    utilization = budget_utilization(now=now)
-    if not utilization:
-        return 0
-    # The agents of ``utilization`` are those with a budget: joined in SQL, not sent as a list of ids.
-    settings_rows = AlertSettings.objects.filter(agent__monthly_budget_usd__gt=0)
-    thresholds = {
-        agent_id: budget_thresholds_clean(stored)
-        for agent_id, stored in settings_rows.values_list("agent_id", "budget_thresholds")
-    }
-    defaults = budget_thresholds_clean(DEFAULT_BUDGET_THRESHOLDS)  # most agents keep them: cleaned once
-    alerts = []
-    for agent_id, row in utilization.items():
-        spent, budget = row["spent_usd"], row["budget_usd"]
-        spent_percents = spent * 100
-        for threshold in thresholds.get(agent_id, defaults):
-            # Compared exactly, not on the rounded percent: 49.996% has not reached 50%. The thresholds are
-            # in ascending order, so the first one not reached ends the agent's.
-            if spent_percents < budget * threshold:
-                break
-            alerts.append(
-                Alert(
-                    agent_id=agent_id,
-                    kind=Alert.Kind.BUDGET,
-                    severity=budget_severity(threshold),
-                    title=f"Budget {threshold}% reached",
-                    message=(
-                        f"Agent {agent_id} has spent ${cents(spent)} of its ${budget} monthly budget "
-                        f"({row['percent']}%) in {period_start:%B %Y}."
-                    ),
-                    data={
-                        "threshold": threshold,
-                        "percent": str(row["percent"]),
-                        "spent_usd": str(money_round(spent)),
-                        "budget_usd": str(budget),
-                        "period_start": period_start.isoformat(),
-                    },
-                    dedup_key=f"budget:{agent_id}:{period_start:%Y-%m}:{threshold}",
-                )
+    created = 0
+    after_id = 0
+    while True:
+        budgets = budgets_to_sweep(now=now, after_id=after_id, limit=chunk_size)
+        if not budgets:
+            break
+        after_id = budgets[-1].pk
+        ended = [b.pk for b in budgets if b.window_end is not None and b.window_end <= now]
+        if ended:
+            budgets_apply(ended, now=now)
+        managed = _managed_thresholds(budgets)
+        alerts: list[Alert] = []
+        for budget in budgets:
+            thresholds = (
+                managed[budget.agent_id]
+                if budget.managed and budget.agent_id in managed
+                else budget_thresholds_clean(budget.thresholds)
             )
-    return alerts_create(alerts=alerts, now=now)
+            if thresholds:
+                alerts += budget_threshold_alerts(
+                    budget=budget, figures=budget_figures(budget, now=now), thresholds=thresholds
+                )
+        created += alerts_create(alerts=alerts, now=now)
+        refused = [b.pk for b in budgets if b.refused_at is not None]
+        if refused:
+            created += budgets_resolve(now=now, budget_ids=refused)
+        if len(budgets) < chunk_size:
+            break
+    return created
+
+
+def budget_resolved_alert(*, budget: Budget, figures: BudgetFigures) -> Alert:
+    label = budget_label(budget)
+    refused_at = budget.refused_at.isoformat()
+    if budget.mode == Budget.Mode.SOFT:
+        why = "it is soft now and refuses nothing"
+    else:
+        why = f"${cents(figures.remaining_usd)} is left {_window_text(figures)}"
+    return Alert(
+        agent_id=_budget_alert_agent(budget),
+        kind=Alert.Kind.BUDGET_RESOLVED,
+        severity=Severity.INFO,
+        title=_sentence(f"{label} has room again")[:200],
+        message=(
+            f"{_sentence(label)} refused calls from {budget.refused_at:%Y-%m-%d %H:%M:%S} UTC; "
+            f"it has room again: {why}."
+        ),
+        data={
+            **_budget_data(budget, figures),
+            "remaining_usd": _usd(figures.remaining_usd),
+            "refused_at": refused_at,
+        },
+        dedup_key=f"budget_resolved:{budget.pk}:{refused_at}",
+    )
+
+
+def budgets_resolve(*, now: dt.datetime | None = None, budget_ids: Iterable[int] | None = None) -> int:
+    """Close the loop on budgets that refused calls and have room again (a new window, a raised limit, a
+    released hold, or a switch to soft): one ``budget_resolved`` alert per refusal episode, and the
+    budget's ``refused_at`` cleared so that its next refusal starts a new one. Returns the alerts created.
+
+    ``budget_ids`` limits it to those budgets (a PATCH that raised a limit, the sweep's chunk); None looks
+    at every budget that refused. Idempotent: the alert's key names the episode (``refused_at``), and the
+    flag is cleared only if it still holds the value read.
+    """
+    now = now or timezone.now()
+    candidates = Budget.objects.filter(refused_at__isnull=False).exclude(
+        scope=Budget.Scope.RUN,
+        expires_at__lte=now,  # a run that has ended takes no more calls
+    )
+    if budget_ids is not None:
+        candidates = candidates.filter(pk__in=list(budget_ids))
+    ids = [
+        budget.pk
+        for budget in candidates.order_by("pk")
+        if budget.mode == Budget.Mode.SOFT or budget_figures(budget, now=now).remaining_usd > 0
+    ]
+    if not ids:
+        return 0
+    with transaction.atomic():
+        # Locked in id order, like every writer of budgets, and read again under the lock: a call that
+        # fills the budget meanwhile either commits before (and the room is gone) or waits for this.
+        locked = list(
+            Budget.objects.select_for_update(no_key=True)
+            .filter(pk__in=ids, refused_at__isnull=False)
+            .order_by("pk")
+        )
+        resolved = [
+            (budget, figures)
+            for budget in locked
+            for figures in [budget_figures(budget, now=now)]
+            if budget.mode == Budget.Mode.SOFT or figures.remaining_usd > 0
+        ]
+        if not resolved:
+            return 0
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f'UPDATE "{Budget._meta.db_table}" AS b SET refused_at = NULL '
+                "FROM unnest(%s::bigint[], %s::timestamptz[]) AS d(id, refused_at) "
+                "WHERE b.id = d.id AND b.refused_at = d.refused_at RETURNING b.id",
+                [[b.pk for b, _ in resolved], [b.refused_at for b, _ in resolved]],
+            )
+            cleared = {row[0] for row in cursor.fetchall()}
+        return alerts_create(
+            alerts=[
+                budget_resolved_alert(budget=budget, figures=figures)
+                for budget, figures in resolved
+                if budget.pk in cleared
+            ],
+            now=now,
+        )
 
 
 # --- Cost spikes ----------------------------------------------------------------------------------------

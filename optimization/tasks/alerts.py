@@ -12,7 +12,7 @@ from celery import shared_task
 
 from ledger.periodic import periodic_task
 from optimization.services.alert_delivery import alert_delivery_attempt, alerts_deliver
-from optimization.services.alerts import budget_sweep, cost_spike_sweep
+from optimization.services.alerts import budget_sweep, budgets_resolve, cost_spike_sweep
 from optimization.services.rules import rules_evaluate
 from optimization.tasks.common import TASK_OPTIONS
 
@@ -24,6 +24,7 @@ __all__ = [
     "alert_delivery_task",
     "alerts_deliver_task",
     "budget_sweep_task",
+    "budgets_resolve_task",
     "cost_spike_sweep_task",
     "rules_evaluate_task",
 ]
@@ -32,6 +33,14 @@ __all__ = [
 @periodic_task(name="optimization.budget_sweep", **TASK_OPTIONS)
 def budget_sweep_task() -> int:
     return budget_sweep()
+
+
+@shared_task(name="optimization.budgets_resolve", **TASK_OPTIONS)
+def budgets_resolve_task(budget_ids: list[int]) -> int:
+    """Say at once that these budgets have room again, rather than at the next sweep: for what gives a
+    budget room outside the sweep (a raised limit, a released hold). Enqueued by name
+    (``send_task("optimization.budgets_resolve", args=[[id]])``) from apps that may not import this one."""
+    return budgets_resolve(budget_ids=budget_ids)
 
 
 @periodic_task(name="optimization.rules_evaluate", **TASK_OPTIONS)
