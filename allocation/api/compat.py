@@ -26,6 +26,7 @@ from allocation.api.views import cost_payload
 from ledger.errors import (
     AgentSuspended,
     AgentThrottled,
+    BudgetExceeded,
     Conflict,
     FeatureDisabled,
     LedgerError,
@@ -163,6 +164,7 @@ class ResourcesView(GridAPIView):
     )
     @errors(
         QuotaExceeded,
+        BudgetExceeded,
         AgentThrottled,
         AgentSuspended,
         FeatureDisabled,
