@@ -17,6 +17,7 @@ the agent (API, admin, a script).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -38,6 +39,9 @@ from ledger.models import (
 )
 from ledger.periods import window_bounds
 
+logger = logging.getLogger(__name__)
+
+RESOLVE_TASK = "optimization.budgets_resolve"
 THRESHOLD_MIN, THRESHOLD_MAX = 1, 1000
 MAX_LIMIT_USD = Decimal("100000000000000")  # 10^14: more than any budget, within the column
 MAX_RUN_ID_LENGTH = 200
@@ -316,7 +320,23 @@ def budget_update(*, budget: Budget, changes: dict, now: dt.datetime | None = No
     if values:
         Budget.objects.filter(pk=budget.pk).update(updated_at=now or timezone.now(), **values)
         budget.refresh_from_db()
+        if budget.refused_at is not None:
+            # A budget that refused calls may have room now: say so without waiting for the next sweep.
+            pk = budget.pk
+            transaction.on_commit(lambda: _resolve_enqueue(pk))
     return budget
+
+
+def _resolve_enqueue(budget_id: int) -> None:
+    """Ask a worker to send the budget's ``budget_resolved`` alert if it has room again (the task lives in
+    the optimization app, so it is named, not imported). A broker that is down loses nothing: the budget
+    sweep does the same every minute."""
+    from celery import current_app
+
+    try:
+        current_app.send_task(RESOLVE_TASK, args=[[budget_id]])
+    except Exception:  # any broker error; the sweep is the safety net
+        logger.warning("could not enqueue %s; the budget sweep will do it", RESOLVE_TASK, exc_info=True)
 
 
 def budget_delete(*, budget: Budget) -> None:

@@ -129,9 +129,10 @@ class Alert(models.Model):
     rule = models.ForeignKey(
         OptimizationRule, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
-    # At most one alert per dedup key: e.g. budget:<agent>:<period>:<threshold>. This is what keeps a sweep
-    # that runs twice from alerting twice. Unique by a constraint (alert_unique_dedup_key), not by
-    # ``unique=True``, which would add a second, pattern-matching index on PostgreSQL that nothing uses.
+    # At most one alert per dedup key: e.g. budget:<budget id>:<window start>:<threshold>. This is what
+    # keeps a sweep that runs twice from alerting twice. Unique by a constraint (alert_unique_dedup_key),
+    # not by ``unique=True``, which would add a second, pattern-matching index on PostgreSQL that nothing
+    # uses.
     dedup_key = models.CharField(max_length=300)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     delivery_queued_at = models.DateTimeField(null=True, blank=True)
@@ -149,7 +150,7 @@ class Alert(models.Model):
         constraints = [models.UniqueConstraint(fields=["dedup_key"], name="alert_unique_dedup_key")]
 
     def __str__(self) -> str:
-        return f"[{self.severity}] {self.agent_id}: {self.title}"
+        return f"[{self.severity}] {self.agent_id or self.data.get('scope_id', 'global')}: {self.title}"
 
     @property
     def is_open(self) -> bool:
