@@ -479,9 +479,12 @@ def quota_share(
             for agent in sorted((source, target), key=lambda a: a.pk)
         }
         source_quota, target_quota = opened[source.pk], opened[target.pk]
+        # FOR NO KEY UPDATE, not FOR UPDATE: an allocation holds a key-share lock on its quota row (its
+        # INSERTs' foreign keys) while it waits for the budgets; FOR UPDATE would wait for it, and it for
+        # whoever holds the budgets and waits for this share (test_budget_concurrency's opposing orders).
         locked = {
             quota.pk: quota
-            for quota in Quota.objects.select_for_update()
+            for quota in Quota.objects.select_for_update(no_key=True)
             .filter(pk__in=[source_quota.pk, target_quota.pk])
             .order_by("agent_id")
         }
