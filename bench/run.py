@@ -11,13 +11,16 @@ Scenarios (docs/benchmarks.md says what each measures and why):
 4. Sweeps (budget, rules, scaling) over N agents in a fresh process: seconds, queries, peak RSS.
 5. Reading at scale: p95 of the metrics, cost and usage endpoints of one agent over a large usage log.
 6. The allocation service alone, in one process.
+7. Budgets: scenario 1's allocation by agents each under a hard agent, team and organization budget, against
+   the bare baseline; spread (each agent its own team and organization) judged as a ratio, one hot team (every
+   agent in one team) reported beside it; every budget must equal its usage log afterwards.
 
 The full run (``make bench``) writes its table and the machine into docs/benchmarks.md. ``--quick``
 (``make bench-quick``, and tests/test_bench_quick.py) runs a small version of each in well under two
 minutes: it checks that the harness works, not the timings.
 
 Exit status: 0 when every scenario ran (whether or not it met its target), 1 when an invariant was broken
-(the hot agent's counters disagree with its usage log), 2 when a scenario could not run at all.
+(the hot agent's counters or a budget disagree with the usage log), 2 when a scenario could not run at all.
 """
 
 from __future__ import annotations
@@ -57,14 +60,16 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         "--loadgen",
         choices=["auto", "wrk", "python"],
         default="auto",
-        help="load generator of scenarios 1 and 3: wrk if installed (auto), or the built-in Python client",
+        help="load generator of scenarios 1, 3 and 7: wrk if installed (auto), or the built-in Python client",
     )
     parser.add_argument(
         "--workers", type=int, default=3, help="gunicorn workers (default 3, as the Dockerfile)"
     )
     parser.add_argument("--worker-class", default="sync", help="gunicorn worker class (default sync)")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread)")
-    parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="a subset to run, e.g. 1,3 (default: all)")
+    parser.add_argument(
+        "--scenarios", default="1,2,3,4,5,6,7", help="a subset to run, e.g. 1,3 (default: all)"
+    )
     parser.add_argument(
         "--docs",
         choices=["auto", "yes", "no"],
@@ -151,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             ("1", "1 many agents", scenarios.allocation, (profile, fixtures, *servers, use_wrk)),
             ("2", "2 batch", scenarios.batch, (profile, fixtures, server)),
             ("3", "3 hot agent", scenarios.hot_agent, (profile, fixtures, *servers, database_url, use_wrk)),
+            ("7", "7 budgets", scenarios.budgets, (profile, *servers, use_wrk)),
             ("6", "6 allocate in-process", scenarios.in_process, (profile, fixtures)),
             ("5", "5 reads", scenarios.reads, (profile, fixtures, server)),
         ]
-        if {"1", "2", "3", "5"} & chosen:
-            baseline = baseline_server if {"1", "3"} & chosen else contextlib.nullcontext()
+        if {"1", "2", "3", "5", "7"} & chosen:
+            baseline = baseline_server if {"1", "3", "7"} & chosen else contextlib.nullcontext()
             with server, baseline:
                 for key, label, function, extra in with_server:
                     if key in chosen:
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if redis_ok:
         db.redis_forget(redis_url, redis_prefix)
     report.rows.sort(key=lambda row: row.scenario[0])  # stable: scenario order, rows as measured
-    loadgen = "wrk (scenarios 1, 3) + asyncio client" if use_wrk else "asyncio client"
+    loadgen = "wrk (scenarios 1, 3, 7) + asyncio client" if use_wrk else "asyncio client"
     print()
     description = f"{server.description} per server"
     print(f"Axiom Grid bench ({profile.name}): {description}, loopback, load generator {loadgen}")
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in report.notes:
         print(f"note: {note}")
     elapsed = time.perf_counter() - started
-    if args.docs == "yes" or (args.docs == "auto" and not args.quick and chosen == set("123456")):
+    if args.docs == "yes" or (args.docs == "auto" and not args.quick and chosen == set("1234567")):
         docs_write(report, facts, profile.name, ", ".join(sorted(chosen)), description, loadgen)
         print(f"results written to {DOCS_PATH.relative_to(ROOT)}")
     if report.harness_errors:

@@ -1,5 +1,5 @@
 """The benchmark harness runs: ``python -m bench.run --quick`` ends by itself, exits 0 and prints the table
-with a row for every scenario, and scenarios 1 and 3 compare the grid with the bare baseline. The timings
+with a row for every scenario, and scenarios 1, 3 and 7 compare the grid with the bare baseline. The timings
 are not asserted here (nor whether a target was met); only that the harness has not rotted.
 
 It runs in a database of its own named after the test database (``<test database>_bench_quick`` on the same
@@ -22,7 +22,7 @@ from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_SECONDS = 115
-SCENARIOS = ("1", "2", "3", "4", "5", "6")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7")
 
 
 @pytest.fixture
@@ -57,11 +57,15 @@ def test_bench_quick_runs_every_scenario_and_prints_the_table(bench_database_url
         assert re.search(rf"^\| {scenario} \S", output, re.M), f"no row for scenario {scenario}\n{output}"
     assert "| ERROR" not in output, output
     ratio = r"RATIO to the bare baseline \(no middleware\): {}, median of rounds"
-    for scenario in ("1 many agents", "3 hot agent"):
+    for scenario in ("1 many agents", "3 hot agent", "7 budgets spread", "7 budgets hot team"):
         for measure in ("throughput", "p99"):
             row = rf"^\| {scenario} +\| {ratio.format(measure)} +\| \d"
             assert re.search(row, output, re.M), f"no {measure} ratio for {scenario}\n{output}"
     assert re.search(r"^\| 1 bare baseline +\| errors \(non-201, socket\) +\| 0 of \d", output, re.M), output
     assert re.search(r"^\| 3 bare hot row +\| errors \(non-201, socket\) +\| 0 of \d", output, re.M), output
     assert re.search(r"^\| 3 hot agent +\| exact final counts .*\| pass +\|$", output, re.M), output
+    assert re.search(r"^\| 7 bare baseline +\| errors \(non-201, socket\) +\| 0 of \d", output, re.M), output
+    for side in ("spread", "hot team"):
+        row = rf"^\| 7 budgets {side} +\| budgets = usage log .*\| pass +\|$"
+        assert re.search(row, output, re.M), f"budgets of 7 {side} disagree with the usage log\n{output}"
     assert "bench: harness ok" in output
