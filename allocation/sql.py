@@ -118,21 +118,17 @@ BEGIN
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION grid_agent_budgets(p_agent_id text, p_run_id text, p_now timestamptz)
-RETURNS bigint[]
+CREATE OR REPLACE FUNCTION grid_scope_budgets(
+    p_agent_id text, p_team text, p_organization text, p_run_id text, p_now timestamptz
+) RETURNS bigint[]
 LANGUAGE plpgsql STABLE AS $fn$
 DECLARE
-    v_team text;
-    v_organization text;
     v_ids bigint[];
     v_run_found boolean;
     v_run_ended boolean;
 BEGIN
-    -- Every budget a call by the agent (naming run p_run_id, or '' for none) must fit in, in lock order:
-    -- one index lookup per scope.
-    SELECT a.team_id, t.organization_id INTO v_team, v_organization
-    FROM ledger_agent a LEFT JOIN ledger_team t ON t.id = a.team_id
-    WHERE a.id = p_agent_id;
+    -- Every budget a call by the agent (of team p_team in p_organization, naming run p_run_id or '' for
+    -- none) must fit in, in lock order: one index lookup per scope.
     SELECT array_agg(b.id ORDER BY b.id) FILTER (WHERE b.scope <> 'run' OR b.expires_at > p_now),
            coalesce(bool_or(b.scope = 'run'), false),
            coalesce(bool_or(b.scope = 'run' AND b.expires_at <= p_now), false)
@@ -143,10 +139,10 @@ BEGIN
         SELECT id, scope, expires_at FROM ledger_budget
         WHERE scope = 'run' AND agent_id = p_agent_id AND run_id = p_run_id AND p_run_id <> ''
         UNION ALL
-        SELECT id, scope, expires_at FROM ledger_budget WHERE scope = 'team' AND team_id = v_team
+        SELECT id, scope, expires_at FROM ledger_budget WHERE scope = 'team' AND team_id = p_team
         UNION ALL
         SELECT id, scope, expires_at FROM ledger_budget
-        WHERE scope = 'organization' AND organization_id = v_organization
+        WHERE scope = 'organization' AND organization_id = p_organization
     ) AS b;
     IF p_run_id <> '' AND NOT v_run_found THEN
         RAISE EXCEPTION USING ERRCODE = '{RUN_NOT_FOUND}', MESSAGE = 'run not found', DETAIL = p_run_id;
@@ -155,6 +151,21 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '{RUN_ENDED}', MESSAGE = 'run ended', DETAIL = p_run_id;
     END IF;
     RETURN v_ids;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION grid_agent_budgets(p_agent_id text, p_run_id text, p_now timestamptz)
+RETURNS bigint[]
+LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+    v_team text;
+    v_organization text;
+BEGIN
+    -- grid_scope_budgets for a caller that has not read the agent's team (grid_allocate has).
+    SELECT a.team_id, t.organization_id INTO v_team, v_organization
+    FROM ledger_agent a LEFT JOIN ledger_team t ON t.id = a.team_id
+    WHERE a.id = p_agent_id;
+    RETURN grid_scope_budgets(p_agent_id, v_team, v_organization, p_run_id, p_now);
 END
 $fn$;
 """
@@ -219,8 +230,12 @@ DECLARE
     v_quota bigint;
     v_available bigint;
     v_budgets bigint[];
+    v_team text;
+    v_organization text;
 BEGIN
-    SELECT status, status_reason, {AGENT_MAY_ALLOCATE_SQL} INTO v_status, v_reason, v_may_allocate
+    SELECT status, status_reason, {AGENT_MAY_ALLOCATE_SQL}, team_id,
+           (SELECT t.organization_id FROM ledger_team t WHERE t.id = ledger_agent.team_id)
+    INTO v_status, v_reason, v_may_allocate, v_team, v_organization
     FROM ledger_agent WHERE id = p_agent_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = '{AGENT_NOT_FOUND}', MESSAGE = 'agent not found';
@@ -237,7 +252,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = '{PERIOD_NOT_OPEN}', MESSAGE = 'quota period not open';
     END IF;
-    v_budgets := grid_agent_budgets(p_agent_id, p_run_id, p_now);
+    v_budgets := grid_scope_budgets(p_agent_id, v_team, v_organization, p_run_id, p_now);
 
     -- Check the new rows' quota keys as each INSERT ends, not at COMMIT: not while the quota row is locked.
     SET CONSTRAINTS allocation_allocation_quota_identity_fk, usage_logs_quota_identity_period_fk IMMEDIATE;
@@ -289,6 +304,7 @@ FUNCTION_SIGNATURES = {
     "grid_budget_window": "text, timestamptz",
     "grid_mutation_record": "jsonb",
     "grid_budgets_apply": "bigint[], timestamptz, numeric, numeric, numeric",
+    "grid_scope_budgets": "text, text, text, text, timestamptz",
     "grid_agent_budgets": "text, text, timestamptz",
     "grid_allocate": "text, text, timestamptz, bigint, boolean, timestamptz, uuid, numeric, numeric, text, "
     "timestamptz, timestamptz, text, text, jsonb, bigint, jsonb, text, numeric",
