@@ -538,6 +538,11 @@ class _ServiceForm(forms.ModelForm):
     # Where each service error code is shown; others are shown above the form.
     ERROR_FIELDS: dict[str, str] = {}
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # An add form's row has no primary key yet (the organizations' and teams' ids are typed in it).
+        self.adding = not self.instance.pk
+
     def service_call(self):
         raise NotImplementedError
 
@@ -562,7 +567,7 @@ class OrganizationAdminForm(_ServiceForm):
         fields = ("id", "name")
 
     def service_call(self) -> Organization:
-        if self.instance._state.adding:
+        if self.adding:
             return budget_services.organization_create(
                 id=self.cleaned_data["id"], name=self.cleaned_data["name"]
             )
@@ -585,7 +590,7 @@ class TeamAdminForm(_ServiceForm):
 
     def service_call(self) -> Team:
         organization = self.cleaned_data.get("organization")
-        if self.instance._state.adding:
+        if self.adding:
             return budget_services.team_create(
                 id=self.cleaned_data["id"],
                 name=self.cleaned_data["name"],
@@ -749,14 +754,14 @@ class BudgetAdminForm(_ServiceForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not self.instance._state.adding:
+        if not self.adding:
             # What a budget is (its scope and window) is fixed once it exists: shown, not asked.
             for name in ("scope", "scope_id", "window"):
                 self.fields.pop(name, None)
 
     def service_call(self) -> Budget:
         data = self.cleaned_data
-        if self.instance._state.adding:
+        if self.adding:
             return budget_services.budget_create(
                 scope=data["scope"],
                 scope_id=data["scope_id"],
