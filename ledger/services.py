@@ -262,7 +262,9 @@ def _quotas_rebase(*, agent: Agent, actor: str, why: str, reason: str) -> None:
     """
     new_limits = base_limits(agent=agent)
     start, _ = month_bounds(timezone.now())
-    for quota in Quota.objects.select_for_update().filter(agent=agent, period_start=start).order_by("pk"):
+    for quota in (
+        Quota.objects.select_for_update(no_key=True).filter(agent=agent, period_start=start).order_by("pk")
+    ):
         granted = quota.limit - quota.base_limit
         new_base = new_limits.get(quota.resource_type_id, 0)
         floor = quota.committed
