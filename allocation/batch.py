@@ -58,9 +58,17 @@ from allocation.api.shared.idempotency import IDEMPOTENCY_UNIQUE, MAX_KEY_LENGTH
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.representation import allocation_body, iso_datetime
 from allocation.sql import mutation_record_write
-from ledger.budgets import BudgetFigures, budget_figures
+from ledger.budgets import BudgetFigures, budget_exceeded, budget_figures
 from ledger.bulk import bulk_update_columns, server_bound_cursor
-from ledger.errors import BudgetExceeded, Conflict, LedgerError, NotFound, QuotaExceeded
+from ledger.errors import (
+    BudgetExceeded,
+    Conflict,
+    LedgerError,
+    NotFound,
+    QuotaExceeded,
+    RunEnded,
+    RunNotFound,
+)
 from ledger.ids import uuid7
 from ledger.invariants import agent_refusal, quota_available
 from ledger.models import Agent, Budget, Quota, Team, UsageLog
@@ -311,22 +319,7 @@ class _BudgetState:
 
     def refusal(self, cost: Decimal) -> BudgetExceeded:
         """What ``grid_budgets_apply`` reports for this budget, as the items before left it."""
-        figures = self.figures
-        return BudgetExceeded.from_detail(
-            {
-                "budget_id": self.budget.pk,
-                "scope": self.budget.scope,
-                "scope_id": self.budget.scope_id,
-                "window": self.budget.window,
-                "window_start": figures.window_start.isoformat(),
-                "window_end": None if figures.window_end is None else figures.window_end.isoformat(),
-                "limit_usd": self.budget.limit_usd,
-                "rollover_usd": figures.rollover_usd,
-                "spent_usd": figures.spent_usd + self.charged,
-                "reserved_usd": figures.reserved_usd,
-                "requested_usd": cost,
-            }
-        )
+        return budget_exceeded(self.budget, self.figures, requested=cost, also_spent=self.charged)
 
 
 class _Budgets:
@@ -349,9 +342,9 @@ class _Budgets:
         """A run the item names must exist and not have ended (``grid_agent_budgets`` says the same)."""
         run = self.runs.get((agent_id, run_id))
         if run is None:
-            return NotFound(f"run {run_id!r} not found", code="run_not_found")
+            return RunNotFound(run_id)
         if run.expires_at <= self.now:
-            return Conflict(f"run {run_id!r} has ended: a call may not name it any more", code="run_ended")
+            return RunEnded(run_id)
         return None
 
     def applying(self, agent_id: str, run_id: str) -> list[_BudgetState]:

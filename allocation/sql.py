@@ -31,7 +31,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError, connection, transaction
 
 from ledger.bulk import server_bound_cursor
-from ledger.errors import BudgetExceeded, Conflict, LedgerError, NotFound
+from ledger.errors import BudgetExceeded, LedgerError, NotFound, RunEnded, RunNotFound
 from ledger.invariants import (
     AGENT_MAY_ALLOCATE_SQL,
     BUDGET_CARRY_SQL,
@@ -490,11 +490,9 @@ def _budget_refusal(exc: DatabaseError) -> LedgerError | None:
     if state == BUDGET_EXCEEDED:
         return BudgetExceeded.from_detail(json.loads(diag.message_detail))
     if state == RUN_NOT_FOUND:
-        return NotFound(f"run {diag.message_detail!r} not found", code="run_not_found")
+        return RunNotFound(diag.message_detail)
     if state == RUN_ENDED:
-        return Conflict(
-            f"run {diag.message_detail!r} has ended: a call may not name it any more", code="run_ended"
-        )
+        return RunEnded(diag.message_detail)
     return None
 
 

@@ -25,7 +25,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from ledger.errors import BudgetExceeded, Conflict, LedgerError, NotFound
+from ledger.errors import BudgetExceeded, Conflict, LedgerError, NotFound, RunEnded, RunNotFound
 from ledger.invariants import budget_carry, budget_room
 from ledger.models import (
     DEFAULT_BUDGET_THRESHOLDS,
@@ -422,27 +422,35 @@ def budget_refusal(
     if run_id:
         run = Budget.objects.filter(scope=Budget.Scope.RUN, agent=agent, run_id=run_id).first()
         if run is None:
-            return NotFound(f"run {run_id!r} not found", code="run_not_found")
+            return RunNotFound(run_id)
         if run.expires_at <= now:
-            return Conflict(f"run {run_id!r} has ended: a call may not name it any more", code="run_ended")
+            return RunEnded(run_id)
     for budget in budgets:
         if budget.scope == Budget.Scope.RUN and budget.run_id != run_id:
             continue
         figures = budget_figures(budget, now=now)
         if budget.mode == Budget.Mode.HARD and cost > 0 and figures.remaining_usd < cost:
-            return BudgetExceeded.from_detail(
-                {
-                    "budget_id": budget.pk,
-                    "scope": budget.scope,
-                    "scope_id": budget.scope_id,
-                    "window": budget.window,
-                    "window_start": figures.window_start.isoformat(),
-                    "window_end": None if figures.window_end is None else figures.window_end.isoformat(),
-                    "limit_usd": budget.limit_usd,
-                    "rollover_usd": figures.rollover_usd,
-                    "spent_usd": figures.spent_usd,
-                    "reserved_usd": figures.reserved_usd,
-                    "requested_usd": cost,
-                }
-            )
+            return budget_exceeded(budget, figures, requested=cost)
     return None
+
+
+def budget_exceeded(
+    budget: Budget, figures: BudgetFigures, *, requested: Decimal, also_spent: Decimal = Decimal(0)
+) -> BudgetExceeded:
+    """The refusal ``grid_budgets_apply`` would report for ``budget`` read as ``figures`` (plus
+    ``also_spent`` charged since), for a request of ``requested`` dollars."""
+    return BudgetExceeded.from_detail(
+        {
+            "budget_id": budget.pk,
+            "scope": budget.scope,
+            "scope_id": budget.scope_id,
+            "window": budget.window,
+            "window_start": figures.window_start.isoformat(),
+            "window_end": None if figures.window_end is None else figures.window_end.isoformat(),
+            "limit_usd": budget.limit_usd,
+            "rollover_usd": figures.rollover_usd,
+            "spent_usd": figures.spent_usd + also_spent,
+            "reserved_usd": figures.reserved_usd,
+            "requested_usd": requested,
+        }
+    )

@@ -111,6 +111,22 @@ class Conflict(LedgerError):
     status = 409
 
 
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+    def __init__(self, run_id: str):
+        super().__init__(f"run {run_id!r} not found")
+
+
+class RunEnded(Conflict):
+    """A run's time is up: calls may not name it any more."""
+
+    code = "run_ended"
+
+    def __init__(self, run_id: str):
+        super().__init__(f"run {run_id!r} has ended: a call may not name it any more")
+
+
 class FeatureDisabled(LedgerError):
     code = "feature_disabled"
     status = 403
