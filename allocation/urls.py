@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from allocation.api import batch, budgets, compat, views
+from allocation.api import batch, budgets, compat, exports, views
 from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
 
 app_name = "api"
@@ -38,5 +38,6 @@ urlpatterns = [
     path("v1/agents/<agent_id:agent_id>/cost", views.CostView.as_view(), name="cost"),
     path("v1/agents/<agent_id:agent_id>/shares", views.ShareCreateView.as_view(), name="shares"),
     *budgets.urlpatterns,
+    *exports.urlpatterns,
     path("resources", compat.ResourcesView.as_view(), name="resources"),
 ]

@@ -1,0 +1,5 @@
+"""Usage exports as CSV, streamed."""
+
+from __future__ import annotations
+
+urlpatterns: list = []
