@@ -16,6 +16,7 @@ from django.conf import settings
 
 from axiom_grid.embedded_postgres import EmbeddedPostgres, EmbeddedPostgresError
 from tests.factories import AgentFactory  # noqa: F401  (import registers the factories)
+from tests.live_grid import agent_with_key, grid_server, operator_key  # noqa: F401  (the live grid's fixtures)
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 _embedded: EmbeddedPostgres | None = None

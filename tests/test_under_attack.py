@@ -22,7 +22,6 @@ Isolation (another agent's key on every route) is ``tests/test_isolation.py``.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -57,10 +56,10 @@ from optimization.services.alerts import FAN_OUT_BATCH_SIZE
 from optimization.services.marketplace import deal_list
 from tests.concurrency import race
 from tests.factories import AgentFactory
+from tests.live_grid import HOST, SECRET_KEY, live_server, suite_database_url
+from tests.live_grid import redis_prefix as _redis_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-SECRET_KEY = "tests-only-" + "k" * 50  # DEBUG is off: the server and the worker refuse the public key
 REQUEST_TIMEOUT = 30.0
 
 # The README's reconciliation: every quota period whose counters disagree with the usage log. Also the limit:
@@ -82,48 +81,6 @@ WHERE q.used <> coalesce(u.consumed, 0)
 
 
 # --- The server and its clients ---------------------------------------------------------------------------
-
-
-def _test_database_url() -> str:
-    db = connection.settings_dict
-    credentials = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{credentials}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-def _redis_prefix(name: str) -> str:
-    """Every Redis key a process of this test writes starts with this: nothing is shared with anyone."""
-    return f"axiom-attack:{os.getpid()}:{name}:"
-
-
-@contextlib.contextmanager
-def live_server(
-    log_dir: Path, *, database_url: str, redis_url: str | None = None, workers: int = 2, threads: int = 8
-) -> Iterator[GunicornServer]:
-    """gunicorn serving the grid on a free loopback port, against ``database_url``; stopped afterwards."""
-    environment = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url if redis_url is not None else os.environ.get("REDIS_URL", ""),
-        "REDIS_KEY_PREFIX": _redis_prefix("web"),
-        "SECRET_KEY": SECRET_KEY,
-        "DEBUG": "false",
-        "LOG_LEVEL": "WARNING",
-    }
-    server = GunicornServer(
-        application="axiom_grid.wsgi:application",
-        workers=workers,
-        worker_class="gthread",
-        threads=threads,
-        log_path=log_dir / "gunicorn.log",
-    )
-    # GunicornServer hands its process a copy of this process's environment.
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in environment.items():
-            patch.setenv(name, value)
-        server.__enter__()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @dataclass
@@ -198,7 +155,7 @@ def test_150_racers_on_the_last_100_units_win_exactly_100(reference_data, tmp_pa
     allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=900, task_id="earlier-work")
     assert _current_quota("racer").available == 100
 
-    with live_server(tmp_path, database_url=_test_database_url()) as server:
+    with live_server(tmp_path, database_url=suite_database_url()) as server:
         answers = race(
             150,
             lambda i: call(
@@ -240,7 +197,7 @@ def test_20_duplicates_of_one_idempotency_key_charge_once(reference_data, tmp_pa
     _, key = api_key_issue(agent=agent)
     body = {"resource_type": "AI_TOKENS", "amount": 7, "task_id": "the-one-task"}
 
-    with live_server(tmp_path, database_url=_test_database_url()) as server:
+    with live_server(tmp_path, database_url=suite_database_url()) as server:
         answers = race(
             20,
             lambda i: call(
@@ -278,7 +235,7 @@ def test_100_buyers_racing_for_a_deal_of_50_buy_exactly_50(reference_data, tmp_p
     seller_quota_before = _current_quota("seller")
     assert seller_quota_before.listed == 50
 
-    with live_server(tmp_path, database_url=_test_database_url()) as server:
+    with live_server(tmp_path, database_url=suite_database_url()) as server:
         answers = race(
             100,
             lambda i: call(
@@ -632,7 +589,7 @@ def test_redis_killed_under_load_loses_nothing(reference_data, tmp_path):
     redis_server.start()
     try:
         with (
-            live_server(tmp_path, database_url=_test_database_url(), redis_url=redis_server.url) as server,
+            live_server(tmp_path, database_url=suite_database_url(), redis_url=redis_server.url) as server,
             AllocationLoad(server.port, agents, clients=6, name="redis") as load,
         ):
             load.wait_for_acknowledged(since=0, count=30, timeout=30, what="before Redis went away")
@@ -749,7 +706,7 @@ class SweepWorkers:
         log = self.directory / f"worker-{self.started}.log"
         env = {
             **os.environ,
-            "DATABASE_URL": _test_database_url(),
+            "DATABASE_URL": suite_database_url(),
             "REDIS_KEY_PREFIX": self.prefix,
             "SECRET_KEY": SECRET_KEY,
             "DEBUG": "false",
@@ -813,7 +770,7 @@ def _redis_forget(url: str, prefix: str) -> None:
 
 
 def _own_connection(autocommit: bool) -> psycopg.Connection:
-    return psycopg.connect(_test_database_url(), autocommit=autocommit, connect_timeout=10)
+    return psycopg.connect(suite_database_url(), autocommit=autocommit, connect_timeout=10)
 
 
 def _kill_while_waiting_on(workers: SweepWorkers, table: str, *, task: str) -> None:
