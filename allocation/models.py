@@ -50,6 +50,12 @@ class Allocation(models.Model):
     run_id = models.CharField(
         max_length=200, blank=True, default="", db_default="", help_text="The run the call named, if any."
     )
+    lease = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="A lease: a hold whose client counts use locally. At expiry it is charged in full, not "
+        "released, since the grid cannot know what was used.",
+    )
     budget_ids = ArrayField(
         models.BigIntegerField(),
         default=list,

@@ -50,6 +50,7 @@ def allocation_body(allocation: Allocation) -> dict:
         "settled_amount": settled,
         "created_at": iso_datetime(allocation.created_at),
         "finished_at": iso_datetime(allocation.finished_at),
+        "lease": allocation.lease,
     }
 
 

@@ -23,7 +23,7 @@ from django.utils import timezone
 from allocation import sql
 from allocation.models import Allocation
 from ledger.budgets import budget_mark_refused, budget_refusal
-from ledger.bulk import bulk_update_column
+from ledger.bulk import bulk_update_columns
 from ledger.errors import (
     AgentSuspended,
     BudgetExceeded,
@@ -237,6 +237,42 @@ def allocation_create(
     return allocation_write(draft)
 
 
+def lease_open(
+    *,
+    agent: Agent,
+    resource_type_id: str,
+    amount: int,
+    ttl_seconds: int | None = None,
+    task_id: str = "",
+    idempotency_key: str = "",
+    run_id: str = "",
+    now: dt.datetime | None = None,
+) -> Allocation:
+    """Hold ``amount`` as a lease: a hold whose client counts its use locally and settles the total.
+
+    It takes quota and budgets exactly as a hold does and is settled or released the same way. It differs
+    only when its client never comes back: a plain hold that expires is released, as nothing was used, but
+    the units of a lease may all have been used without the grid hearing of it, so an expired lease is
+    charged in full (``holds_expire``). Quota is never exceeded, since the whole amount was reserved, and no
+    unit a client used goes unbilled. Call inside a transaction: the hold and its mark are one change.
+    """
+    allocation = allocation_create(
+        agent=agent,
+        resource_type_id=resource_type_id,
+        amount=amount,
+        task_id=task_id,
+        hold=True,
+        hold_ttl_seconds=ttl_seconds,
+        idempotency_key=idempotency_key,
+        metadata={"lease": True},
+        now=now,
+        run_id=run_id,
+    )
+    Allocation.objects.filter(pk=allocation.pk).update(lease=True)
+    allocation.lease = True
+    return allocation
+
+
 def _quota_exceeded(
     resource_type_id: str, *, requested: int, available: int, at: dt.datetime, **details
 ) -> QuotaExceeded:
@@ -396,46 +432,117 @@ def hold_release(*, agent: Agent, allocation_id, now: dt.datetime | None = None)
 
 
 def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> int:
-    """Release every hold past its expiry. Set-based: a few queries per batch of holds, however many agents.
+    """End every hold past its expiry: a plain hold is released, a lease charged in full (``lease_open``
+    says why). Set-based: a fixed number of queries per batch of holds, plus one per distinct set of
+    budgets that the batch's leases are charged to, however many agents.
 
     Rows are locked with SKIP LOCKED, so a settle in flight keeps its hold and a second sweep running at the
-    same time takes other rows; running it twice releases nothing twice.
+    same time takes other rows; running it twice ends nothing twice.
     """
     now = now or timezone.now()
     expired_total = 0
     while True:
         with transaction.atomic():
             holds = list(
-                Allocation.objects.select_for_update(skip_locked=True)
+                # Only the allocation rows are locked here (not the joined quota): budgets come first.
+                Allocation.objects.select_for_update(skip_locked=True, of=("self",))
                 .filter(status=Allocation.Status.HELD, expires_at__lte=now)
                 .order_by("quota_id", "pk")
-                .values_list("pk", "quota_id", "amount", "unit_price_usd", "budget_ids")[:batch_size]
+                .values(*_EXPIRING)[:batch_size]
             )
             if not holds:
                 return expired_total
-            Allocation.objects.filter(pk__in=[hold[0] for hold in holds]).update(
-                status=Allocation.Status.EXPIRED, finished_at=now
-            )
-            per_quota: dict[int, int] = {}
-            per_budget: dict[int, Decimal] = {}
-            for _, quota_id, amount, unit_price, budget_ids in holds:
-                per_quota[quota_id] = per_quota.get(quota_id, 0) + amount
-                for budget_id in budget_ids:
-                    per_budget[budget_id] = per_budget.get(budget_id, Decimal(0)) + usage_cost(
-                        amount, unit_price
-                    )
-            # Budgets before quotas, in id order: the lock order of every writer (ledger.budgets).
-            sql.budgets_release(per_budget, now=now)
-            bulk_update_column(
-                model=Quota,
-                field="reserved",
-                values={pk: -total for pk, total in per_quota.items()},
-                add=True,
-                touch=now,
-            )
+            _holds_end(holds, now=now)
             expired_total += len(holds)
         if len(holds) < batch_size:
             return expired_total
+
+
+_EXPIRING = (
+    "pk",
+    "agent_id",
+    "resource_type_id",
+    "quota_id",
+    "amount",
+    "unit_price_usd",
+    "task_id",
+    "budget_ids",
+    "lease",
+    "quota__period_start",
+)
+
+
+def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
+    """Mark ``holds`` expired and move their quota and money: released, or used in full for a lease."""
+    leases = [hold for hold in holds if hold["lease"]]
+    for hold in holds:
+        hold["cost"] = usage_cost(hold["amount"], hold["unit_price_usd"])
+    Allocation.objects.filter(pk__in=[hold["pk"] for hold in holds if not hold["lease"]]).update(
+        status=Allocation.Status.EXPIRED, finished_at=now
+    )
+    bulk_update_columns(
+        model=Allocation,
+        pks=[hold["pk"] for hold in leases],
+        columns={
+            "status": [Allocation.Status.EXPIRED] * len(leases),
+            "settled_amount": [hold["amount"] for hold in leases],
+            "cost_usd": [hold["cost"] for hold in leases],
+            "finished_at": [now] * len(leases),
+        },
+    )
+    reserved: dict[int, int] = {}
+    used: dict[int, int] = {}
+    spent: dict[int, Decimal] = {}
+    budget_release: dict[int, Decimal] = {}
+    lease_charges: dict[tuple[int, ...], Decimal] = {}
+    for hold in holds:
+        quota_id, cost = hold["quota_id"], hold["cost"]
+        reserved[quota_id] = reserved.get(quota_id, 0) - hold["amount"]
+        if hold["lease"]:
+            used[quota_id] = used.get(quota_id, 0) + hold["amount"]
+            spent[quota_id] = spent.get(quota_id, Decimal(0)) + cost
+            if hold["budget_ids"]:
+                key = tuple(sorted(hold["budget_ids"]))
+                lease_charges[key] = lease_charges.get(key, Decimal(0)) + cost
+        else:
+            for budget_id in hold["budget_ids"]:
+                budget_release[budget_id] = budget_release.get(budget_id, Decimal(0)) + cost
+    # Budgets before quotas, all of them locked at once in id order: the lock order of every writer
+    # (ledger.budgets). A lease's reserved money becomes spent, in the window open now.
+    sql.budgets_release(
+        budget_release, now=now, also_lock={budget_id for key in lease_charges for budget_id in key}
+    )
+    for budget_ids, cost in lease_charges.items():
+        sql.budgets_apply(list(budget_ids), now=now, spend=cost, release=cost)
+    quota_ids = list(reserved)
+    bulk_update_columns(
+        model=Quota,
+        pks=quota_ids,
+        columns={
+            "reserved": [reserved[pk] for pk in quota_ids],
+            "used": [used.get(pk, 0) for pk in quota_ids],
+            "spent_usd": [spent.get(pk, Decimal(0)) for pk in quota_ids],
+        },
+        add=True,
+        touch=now,
+    )
+    # A lease's charge belongs to its hold's period, as any settlement does.
+    UsageLog.objects.bulk_create(
+        UsageLog(
+            agent_id=hold["agent_id"],
+            resource_type_id=hold["resource_type_id"],
+            quota_id=hold["quota_id"],
+            amount=hold["amount"],
+            unit_price_usd=hold["unit_price_usd"],
+            cost_usd=hold["cost"],
+            task_id=hold["task_id"],
+            kind=UsageLog.Kind.SETTLEMENT,
+            metadata={"allocation_id": str(hold["pk"]), "lease_expired": True},
+            created_at=now,
+            period_start=hold["quota__period_start"],
+        )
+        for hold in leases
+    )
 
 
 def quota_share(
@@ -579,6 +686,7 @@ __all__ = [
     "hold_release",
     "hold_settle",
     "holds_expire",
+    "lease_open",
     "quota_check",
     "quota_share",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -441,14 +442,20 @@ def budgets_apply(
         raise refusal from exc
 
 
-def budgets_release(amounts: dict[int, Decimal], *, now: dt.datetime) -> None:
+def budgets_release(amounts: dict[int, Decimal], *, now: dt.datetime, also_lock: Iterable[int] = ()) -> None:
     """Give back what holds reserved (budget id -> dollars), many budgets at once: the expiry sweep's
-    form of ``budgets_apply``. Locks the rows in id order first, like every writer of budgets."""
-    if not amounts:
+    form of ``budgets_apply``. Locks the rows in id order first, like every writer of budgets, together
+    with the rows ``also_lock`` names, which the caller charges next."""
+    locked = sorted(set(amounts).union(also_lock))
+    if not locked:
         return
     ids = sorted(amounts)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT id FROM ledger_budget WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE", [ids])
+        cursor.execute(
+            "SELECT id FROM ledger_budget WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE", [locked]
+        )
+        if not ids:
+            return
         cursor.execute(
             "UPDATE ledger_budget AS b SET reserved_usd = b.reserved_usd - d.amount, updated_at = %s "
             "FROM unnest(%s::bigint[], %s::numeric[]) AS d(id, amount) WHERE b.id = d.id",

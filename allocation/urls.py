@@ -34,6 +34,7 @@ urlpatterns = [
         views.AllocationReleaseView.as_view(),
         name="allocation-release",
     ),
+    path("v1/agents/<agent_id:agent_id>/leases", views.LeaseCreateView.as_view(), name="leases"),
     path("v1/agents/<agent_id:agent_id>/usage", views.UsageListView.as_view(), name="usage"),
     path("v1/agents/<agent_id:agent_id>/cost", views.CostView.as_view(), name="cost"),
     path("v1/agents/<agent_id:agent_id>/shares", views.ShareCreateView.as_view(), name="shares"),

@@ -180,6 +180,7 @@ class AllocationOut(serializers.ModelSerializer):
             "settled_amount",
             "created_at",
             "finished_at",
+            "lease",
         ]
 
     def get_allocated_amount(self, obj: Allocation) -> int:
@@ -210,6 +211,22 @@ class _Reused:
 
 
 allocation_in = _Reused(AllocationIn, fast=allocation_in_fast)
+
+
+class LeaseIn(StrictSerializer):
+    resource_type = ResourceTypeField()
+    amount = AmountField()
+    ttl_seconds = serializers.IntegerField(
+        required=False,
+        min_value=MIN_HOLD_TTL_SECONDS,
+        max_value=MAX_HOLD_TTL_SECONDS,
+        help_text="How long the lease lives unless settled or released first (default 15 minutes). At "
+        "expiry a lease is charged in full.",
+    )
+    task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    run_id = serializers.CharField(
+        **RUN_ID, help_text="A run of the agent (POST .../runs): its budget applies."
+    )
 
 
 class SettleIn(StrictSerializer):

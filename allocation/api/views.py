@@ -17,6 +17,7 @@ from allocation.api.serializers import (
     AllocationIn,
     AllocationOut,
     CostOut,
+    LeaseIn,
     QuotaCheckIn,
     QuotaCheckOut,
     QuotaOut,
@@ -179,6 +180,37 @@ class AllocationCreateView(AgentScopedView):
         return run_mutation(
             request, action="allocation.create", agent_id=agent_id, handler=allocate, one_statement=True
         )
+
+
+class LeaseCreateView(AgentScopedView):
+    """A lease: a hold that the client counts down locally (the SDK's ``Grid.lease``) and settles with the
+    total it used. Settled and released like any hold; at expiry it is charged in full."""
+
+    @extend_schema(request=LeaseIn, responses={201: AllocationOut})
+    @errors(
+        QuotaExceeded,
+        BudgetExceeded,
+        AgentThrottled,
+        AgentSuspended,
+        no_price=Conflict,
+        run_not_found=NotFound,
+        run_ended=Conflict,
+    )
+    def post(self, request, agent_id):
+        def lease(body):
+            data = valid(LeaseIn, body)
+            allocation = services.lease_open(
+                agent=self.agent(),
+                resource_type_id=data["resource_type"],
+                amount=data["amount"],
+                ttl_seconds=data.get("ttl_seconds"),
+                task_id=data["task_id"],
+                run_id=data["run_id"],
+                idempotency_key=request.headers.get("Idempotency-Key", ""),
+            )
+            return 201, allocation_body(allocation)
+
+        return run_mutation(request, action="lease.create", agent_id=agent_id, handler=lease)
 
 
 class AllocationDetailView(AgentScopedView):
