@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from decimal import Decimal
 
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.utils import timezone
 
-from ledger.models import Agent, AgentLimitOverride, Quota, ResourcePrice
+from ledger.models import Agent, AgentLimitOverride, Quota, ResourcePrice, UsageLog
 from ledger.periods import month_bounds
 from ledger.reference_cache import tier_limits
 
@@ -59,6 +60,46 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
     spent = rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
     granted = quota.grants.aggregate(total=Sum("amount"))["total"] or 0
     return {"used": used, "limit": quota.base_limit + granted, "spent_usd": spent}
+
+
+def usage_log_chunks(
+    *,
+    since: dt.datetime,
+    until: dt.datetime,
+    columns: tuple[str, ...],
+    chunk_size: int,
+    agent_id: str | None = None,
+    resource_type_id: str | None = None,
+) -> Iterator[list[dict]]:
+    """The usage rows created in [``since``, ``until``), oldest first (by ``created_at``, then ``id``), as
+    ``values(*columns)`` dicts in lists of at most ``chunk_size``; ``agent_id`` and ``resource_type_id``
+    narrow them.
+
+    Keyset pagination: each chunk is one short query that starts after the last row of the chunk before,
+    on the (agent, time), (agent, type, time) or (time) index, so a month of a busy fleet is never in
+    memory at once. Between chunks nothing stays open on the server: a server-side cursor would keep a
+    transaction (and its snapshot, which holds back vacuum) open for as long as a slow reader takes, and
+    does not survive a pooler in transaction mode. The log is append-only and each row carries the time it
+    was written, so a range that ended before the writes in flight began reads the same rows whichever way
+    it is cut into chunks.
+    """
+    if "created_at" not in columns or "id" not in columns:
+        raise ValueError("the chunks' keys, created_at and id, must be among the columns")
+    rows = UsageLog.objects.filter(created_at__gte=since, created_at__lt=until)
+    if agent_id is not None:
+        rows = rows.filter(agent_id=agent_id)
+    if resource_type_id is not None:
+        rows = rows.filter(resource_type_id=resource_type_id)
+    rows = rows.order_by("created_at", "id").values(*columns)
+    chunk = list(rows[:chunk_size])
+    while chunk:
+        yield chunk
+        if len(chunk) < chunk_size:
+            return
+        last_time, last_id = chunk[-1]["created_at"], chunk[-1]["id"]
+        # (created_at, id) > (last_time, last_id), written so that the index bounds the scan by time.
+        later = rows.filter(created_at__gte=last_time).filter(Q(created_at__gt=last_time) | Q(id__gt=last_id))
+        chunk = list(later[:chunk_size])
 
 
 # Every quota period whose counters disagree with the usage log: it should return no rows. The README shows
