@@ -740,10 +740,10 @@ SWEEP_APPLICATION_NAME = "axiom-bench-sweep"
 
 def _sweep_env(timeout: float) -> dict[str, str]:
     """The sweep worker's environment. JIT is off for its session (``BENCH_SWEEP_PGOPTIONS`` overrides):
-    PostgreSQL's JIT compiled a statement with one CASE arm per agent (scaling_evaluate's bulk UPDATE, before
-    ledger/bulk.py) for more than ten minutes, and cannot be interrupted while it does: neither a timeout nor
-    a cancel nor pg_terminate_backend ends it, and it holds up every DROP DATABASE on the server meanwhile.
-    The statement timeout ends whatever else runs away, on the server's side."""
+    PostgreSQL cannot interrupt a JIT compilation (neither a timeout nor a cancel nor pg_terminate_backend
+    ends it), and a statement whose size grows with the fleet can take minutes to compile, holding up every
+    DROP DATABASE on the server meanwhile. The statement timeout ends whatever else runs away, on the
+    server's side."""
     options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
     return {
         **os.environ,
@@ -800,7 +800,7 @@ def sweeps(report: Report, profile: Profile) -> None:
     options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
     report.notes.append(
         f"scenario 4: each sweep runs in a fresh process with PGOPTIONS '{options}' "
-        "(PostgreSQL's JIT cannot be interrupted while it compiles a statement with a CASE arm per agent)"
+        "(PostgreSQL cannot interrupt a JIT compilation, not even at the statement timeout)"
     )
     measured: dict[int, dict[str, dict]] = {}
     seeded = 0
@@ -970,8 +970,8 @@ def _in_process_run(report: Report, profile: Profile, agents: list[str]) -> None
     metric = f"allocations/s, {label} ({data['allocations']:,} in {data['seconds']:.1f} s)"
     if threads == 1:
         # Reported, not judged: one thread waits for each durable commit in turn, so it is bounded by one
-        # connection's commit latency, which the floor row below measures (findings, 6). The target is the
-        # process's, judged on the threaded run.
+        # connection's commit latency, which the floor row below measures. The target is the process's,
+        # judged on the threaded run.
         report.add(scenario, metric, per_second(data["per_second"]), f"(>= {target:,})")
     else:
         report.check(
