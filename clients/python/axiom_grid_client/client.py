@@ -242,7 +242,9 @@ class Grid:
     ) -> Iterator[UsageRecord]:
         """The usage log, newest first, page after page as the iteration goes (``since`` inclusive,
         ``until`` exclusive; ``page_size`` rows a request, at most 1,000)."""
-        call = _core.usage(agent_id, resource_type=resource_type, since=since, until=until, page_size=page_size)
+        call = _core.usage(
+            agent_id, resource_type=resource_type, since=since, until=until, page_size=page_size
+        )
         return self._pages(call)
 
     def usage_csv(
