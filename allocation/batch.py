@@ -46,6 +46,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -58,6 +59,7 @@ from allocation.api.shared.idempotency import IDEMPOTENCY_UNIQUE, MAX_KEY_LENGTH
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.representation import allocation_body, iso_datetime
 from allocation.sql import mutation_record_write
+from axiom_grid.observability.metrics import allocation_count, refusal_count
 from ledger.budgets import BudgetFigures, budget_exceeded, budget_figures
 from ledger.bulk import bulk_update_columns, server_bound_cursor
 from ledger.errors import (
@@ -172,6 +174,7 @@ def allocations_batch_create(
                 "other requests kept storing this batch's idempotency keys; try again",
                 code="idempotency_in_progress",
             )
+    _outcomes_count(items, results)
     return BatchOutcome(
         results=results,
         summary={
@@ -181,6 +184,26 @@ def allocations_batch_create(
         },
         agent_ids=sorted({item.agent_id for item in items if item.agent_id}),
     )
+
+
+def _outcomes_count(items: Sequence[BatchItem], results: list[dict]) -> None:
+    """Count the items decided against the ledger, as single allocations are counted: accepted ones and
+    refused ones by reason (not replays, nor items refused as invalid before any decision)."""
+    accepted: Counter[str] = Counter()
+    units: Counter[str] = Counter()
+    refused: Counter[tuple[str, str]] = Counter()
+    for item, result in zip(items, results, strict=True):
+        if item.error is not None or result.get("replayed"):
+            continue
+        if result["status"] == 201:
+            accepted[item.resource_type_id] += 1
+            units[item.resource_type_id] += item.amount
+        else:
+            refused[(item.resource_type_id, result["error"]["code"])] += 1
+    for resource_type, count in accepted.items():
+        allocation_count(resource_type=resource_type, held=False, amount=units[resource_type], count=count)
+    for (resource_type, reason), count in refused.items():
+        refusal_count(resource_type=resource_type, reason=reason, count=count)
 
 
 class _KeyTaken(Exception):

@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from allocation import sql
 from allocation.models import Allocation
+from axiom_grid.observability.metrics import allocation_count, refusal_count
 from ledger.budgets import budget_mark_refused, budget_refusal
 from ledger.bulk import bulk_update_columns
 from ledger.errors import (
@@ -192,12 +193,17 @@ def allocation_write(
                 quota_open(agent=allocation.agent, resource_type_id=allocation.resource_type_id, at=draft.now)
                 allocation.quota_id = sql.allocate(row)
     except sql.QuotaShort as short:
+        refusal_count(resource_type=allocation.resource_type_id, reason="quota_exceeded")
         raise _quota_exceeded(
             allocation.resource_type_id, requested=allocation.amount, available=short.available, at=draft.now
         ) from None
-    except BudgetExceeded as refusal:
-        budget_mark_refused(budget_id=refusal.details["budget_id"], now=draft.now)
+    except LedgerError as refusal:
+        refusal_count(resource_type=allocation.resource_type_id, reason=refusal.code)
+        if isinstance(refusal, BudgetExceeded):
+            budget_mark_refused(budget_id=refusal.details["budget_id"], now=draft.now)
         raise
+    # Every single allocation (the API's, the compat route's, an execution's) is decided here: counted here.
+    allocation_count(resource_type=allocation.resource_type_id, held=row.hold, amount=allocation.amount)
     return allocation
 
 

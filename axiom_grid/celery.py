@@ -3,6 +3,10 @@
 A beat process stamps each periodic task it sends with the time it sent it, so that a worker can tell the
 sends of one tick from those of the next (``ledger.periodic``): with two beats running, each tick arrives
 twice and must be worked once.
+
+Every task's metrics and log context come from Celery's signals (``axiom_grid.observability.task_signals``).
+With ``LOG_FORMAT=json`` the worker and beat keep the settings' logging (JSON lines, with each task's id)
+instead of Celery's own text format.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ import datetime as dt
 import os
 
 from celery import Celery
-from celery.signals import beat_embedded_init, beat_init, before_task_publish, worker_init
+from celery.signals import beat_embedded_init, beat_init, before_task_publish, setup_logging, worker_init
+
+from axiom_grid.observability import task_signals  # noqa: F401  (connects the tasks' metrics and log context)
+from axiom_grid.observability.logs import log_format
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "axiom_grid.settings")
 
@@ -50,3 +57,17 @@ def _refuse_the_public_secret_key(**kwargs) -> None:
         ensure_secret_key()
     except ImproperlyConfigured as error:
         raise SystemExit(str(error)) from None
+
+
+def _settings_logging(**kwargs) -> None:
+    import logging.config
+
+    from django.conf import settings
+
+    logging.config.dictConfig(settings.LOGGING)
+
+
+if log_format() == "json":
+    # Any receiver of this signal stops Celery from setting up its own logging, so it is connected only for
+    # JSON: plain text keeps Celery's format, which names the task of each line.
+    setup_logging.connect(_settings_logging, weak=False)

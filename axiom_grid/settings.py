@@ -62,7 +62,9 @@ INSTALLED_APPS = [
 ]
 
 # Django's order. Sessions, CSRF, auth and messages skip API calls under /api/ (axiom_grid/middleware.py).
+# The request id and the HTTP metrics come first, so they cover every answer, the other middleware's too.
 MIDDLEWARE = [
+    "axiom_grid.observability.middleware.RequestObservabilityMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "axiom_grid.middleware.SessionMiddleware",
@@ -245,11 +247,26 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "persistAuthorization": True},
 }
 
+# Plain text (the message alone), or JSON lines with LOG_FORMAT=json: each with its time, level, logger, and
+# the request id or task id of the request or task it belongs to (axiom_grid/observability/logs.py).
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "text").strip().lower() or "text"
+if LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"no_503_lines": {"()": "axiom_grid.log_filters.ServiceUnavailableNotLogged"}},
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {
+        "no_503_lines": {"()": "axiom_grid.log_filters.ServiceUnavailableNotLogged"},
+        "context": {"()": "axiom_grid.observability.logs.ContextFilter"},
+    },
+    "formatters": {"json": {"()": "axiom_grid.observability.logs.JsonFormatter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["context"],
+            **({"formatter": "json"} if LOG_FORMAT == "json" else {}),
+        }
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "INFO"},

@@ -1,4 +1,4 @@
-"""Root URLs: the admin, the health check, the API and its documentation."""
+"""Root URLs: the admin, the health check, the metrics, the API and its documentation."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from django.db import connection
 from django.http import JsonResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from axiom_grid.observability.exposition import MetricsView
 
 
 def healthz(request):
@@ -27,6 +29,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("healthz", healthz, name="healthz"),
+    path("metrics", MetricsView.as_view(), name="metrics"),
     path("admin/", admin.site.urls),
     path("dashboard/", include("optimization.dashboard.urls")),
 ]

@@ -41,6 +41,7 @@ from django.db.models import Case, DateTimeField, F, Q, Value, When, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
+from axiom_grid.observability.metrics import alert_delivery_count
 from optimization.models import Alert, AlertDelivery
 from optimization.services.alerts import alerts_fan_out
 from optimization.webhooks import WebhookClient, WebhookResult, webhook_body, webhook_secret_key
@@ -79,6 +80,8 @@ RECORD_INTERVAL_SECONDS = 0.25
 DELIVERY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"alert-delivery").digest()[:8], "big", signed=True)
 
 Group = tuple[str, int | None]  # (channel, webhook endpoint id): whose limits a delivery falls under
+# An attempt's outcome as the metrics name it (axiom_grid_alert_deliveries_total).
+_OUTCOMES = {Status.DELIVERED: "delivered", Status.PENDING: "retry", Status.FAILED: "failed"}
 
 
 @dataclass
@@ -477,6 +480,12 @@ class _Run:
                     status = Status.PENDING
                 statuses[delivery.pk] = status
                 outcomes[(status, attempt, result.status_code, result.error)].append(delivery.pk)
+                alert_delivery_count(
+                    channel=delivery.channel,
+                    outcome=_OUTCOMES[status],
+                    lag_seconds=time.time() - delivery.alert.created_at.timestamp(),
+                    status_code=result.status_code,
+                )
         for (status, attempt, status_code, error), ids in outcomes.items():
             this_attempt = AlertDelivery.objects.filter(pk__in=ids, attempts=attempt)
             if status == Status.DELIVERED:
