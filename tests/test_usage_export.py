@@ -380,5 +380,6 @@ def test_the_schema_documents_both_exports_as_csv(reference_data):
         assert ok["headers"]["Content-Disposition"]["required"] is True
         assert {p["name"] for p in operation["parameters"] if p["in"] == "query"} == query
         assert operation["responses"]["400"]["content"]["application/json"]
+        assert "." not in operation["operationId"]
     assert "403" in schema["paths"]["/api/v1/usage.csv"]["get"]["responses"]
     assert "404" in schema["paths"]["/api/v1/agents/{agent_id}/usage.csv"]["get"]["responses"]

@@ -112,6 +112,7 @@ class UsageExportView:
 
 class AgentUsageExportView(UsageExportView, AgentScopedView):
     @extend_schema(
+        operation_id="api_v1_agents_usage_csv_retrieve",  # the generated one would carry the path's '.'
         summary="Export an agent's usage as CSV",
         description="The agent's usage rows in [since, until), streamed as a CSV attachment.",
         parameters=[UsageExportQuery, CONTENT_DISPOSITION],
@@ -127,6 +128,7 @@ class FleetUsageExportView(UsageExportView, GridAPIView):
     query_class = FleetUsageExportQuery
 
     @extend_schema(
+        operation_id="api_v1_usage_csv_retrieve",
         summary="Export the fleet's usage as CSV (operator)",
         description="Every agent's usage rows in [since, until), or one agent's with `agent_id`, streamed "
         "as a CSV attachment.",
