@@ -34,7 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import db, scenarios
+from bench import db, lease, scenarios
 from bench.loadgen import wrk_available
 from bench.report import DOCS_PATH, Report, docs_write, log, machine_facts, machine_line
 from bench.server import ROOT, GunicornServer
@@ -68,7 +68,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-class", default="sync", help="gunicorn worker class (default sync)")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread)")
     parser.add_argument(
-        "--scenarios", default="1,2,3,4,5,6,7", help="a subset to run, e.g. 1,3 (default: all)"
+        "--scenarios", default="1,2,3,4,5,6,7,8", help="a subset to run, e.g. 1,3 (default: all)"
     )
     parser.add_argument(
         "--docs",
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             ("7", "7 budgets", scenarios.budgets, (profile, *servers, use_wrk)),
             ("6", "6 allocate in-process", scenarios.in_process, (profile, fixtures)),
             ("5", "5 reads", scenarios.reads, (profile, fixtures, server)),
+            ("8", "8 SDK lease", lease.lease, (profile, fixtures, server)),
         ]
-        if {"1", "2", "3", "5", "7"} & chosen:
+        if {"1", "2", "3", "5", "7", "8"} & chosen:
             baseline = baseline_server if {"1", "3", "7"} & chosen else contextlib.nullcontext()
             with server, baseline:
                 for key, label, function, extra in with_server:
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in report.notes:
         print(f"note: {note}")
     elapsed = time.perf_counter() - started
-    if args.docs == "yes" or (args.docs == "auto" and not args.quick and chosen == set("1234567")):
+    if args.docs == "yes" or (args.docs == "auto" and not args.quick and chosen == set("12345678")):
         docs_write(report, facts, profile.name, ", ".join(sorted(chosen)), description, loadgen)
         print(f"results written to {DOCS_PATH.relative_to(ROOT)}")
     if report.harness_errors:

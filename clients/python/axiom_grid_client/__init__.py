@@ -28,6 +28,7 @@ from .errors import (  # noqa: E402
     ServiceUnavailable,
     ValidationError,
 )
+from .lease import AsyncLease, Lease, LeaseExpired  # noqa: E402
 from .models import (  # noqa: E402
     Agent,
     AgentCreated,
@@ -58,6 +59,7 @@ __all__ = [
     "Allocation",
     "AsyncGrid",
     "AsyncHold",
+    "AsyncLease",
     "AuthenticationError",
     "BatchError",
     "BatchResult",
@@ -74,6 +76,8 @@ __all__ = [
     "Hold",
     "HoldNotOpen",
     "IdempotencyKeyReused",
+    "Lease",
+    "LeaseExpired",
     "NotFound",
     "PermissionDenied",
     "Purchase",
