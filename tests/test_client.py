@@ -262,6 +262,16 @@ def test_usage_csv_streams_the_export(grid, agent):
         list(grid.usage_csv("someone-else"))
 
 
+def test_fleet_csv_export_for_an_operator(operator, agent_with_key):
+    first, second = agent_with_key("PRO"), agent_with_key("PRO")
+    operator.allocate(first.id, "AI_TOKENS", 3)
+    operator.allocate(second.id, "COMPUTE_MS", 4)
+    rows = list(csv.DictReader(io.StringIO(b"".join(operator.usage_csv(None, fleet=True)).decode())))
+    assert {(row["agent_id"], row["amount"]) for row in rows} == {(first.id, "3"), (second.id, "4")}
+    only = b"".join(operator.usage_csv(second.id, fleet=True, resource_type="COMPUTE_MS")).decode()
+    assert [row["agent_id"] for row in csv.DictReader(io.StringIO(only))] == [second.id]
+
+
 def test_alerts_list_and_acknowledge(grid, agent):
     from optimization.models import Alert
 
@@ -422,6 +432,38 @@ def test_async_grid_does_the_same_calls(grid_server, agent_with_key):
     asyncio.run(scenario())
     assert _ledger(agent.id, "COMPUTE_MS") == (100 + MAX_BATCH_ITEMS + 1, 0)
     assert UsageLog.objects.filter(agent_id=agent.id, kind="execution").count() == 1
+
+
+def test_async_grid_operator_and_marketplace_calls(grid_server, operator_key, agent_with_key):
+    from optimization.models import Alert
+
+    seller = agent_with_key("PRO")
+    alert = Alert.objects.create(
+        agent_id=seller.id, kind="rule", severity="info", title="T", message="m", dedup_key="async-1"
+    )
+
+    async def scenario():
+        async with AsyncGrid(grid_server, operator_key) as operator:
+            created = await operator.create_agent("async-made", "PRO")
+            assert created.api_key and (await operator.agent("async-made")).tier == "PRO"
+            [listed] = await operator.alerts(seller.id)
+            assert (await operator.acknowledge_alert(seller.id, listed.id)).status == "acknowledged"
+            results = await operator.usage_batch(
+                [{"agent_id": seller.id, "resource_type": "AI_TOKENS", "amount": 9}]
+            )
+            assert results[0].ok and results[0].allocation.allocated_amount == 9
+            async with AsyncGrid(grid_server, created.api_key) as buyer:
+                shared = await operator.share(seller.id, "AI_TOKENS", 100, "async-made")
+                assert shared.target_agent_id == "async-made"
+                deal = await operator.sell(seller.id, "AI_TOKENS", 50, Decimal("0.0000004"))
+                assert deal.id in [d.id for d in await buyer.deals()]
+                bought = await buyer.purchase(deal.id, "async-made", 50)
+                assert (bought.deal_status, bought.deal_amount_left) == ("sold_out", 0)
+                assert isinstance(await buyer.deals("async-made"), list)
+
+    asyncio.run(scenario())
+    assert Alert.objects.get(pk=alert.pk).acknowledged_at is not None
+    assert _ledger(seller.id) == (9, 0)
 
 
 # --- Retries, at the edge of the world ---------------------------------------------------------------------

@@ -324,7 +324,7 @@ class AsyncGrid:
         call = _core.deals(agent_id, resource_type=resource_type)
         if agent_id is not None:
             return await self._call(call)
-        return list(self._pages(call))
+        return [deal async for deal in self._pages(call)]
 
     async def sell(
         self,
