@@ -466,6 +466,22 @@ def test_async_grid_operator_and_marketplace_calls(grid_server, operator_key, ag
     assert _ledger(seller.id) == (9, 0)
 
 
+@pytest.mark.django_db(transaction=False)
+def test_async_grid_has_every_method_of_grid_with_the_same_parameters():
+    import inspect
+
+    not_coroutines = {"hold", "usage", "usage_csv"}  # a context manager and two async iterators
+    public = [name for name, _ in inspect.getmembers(Grid, inspect.isfunction) if not name.startswith("_")]
+    for name in public:
+        sync, other = getattr(Grid, name), getattr(AsyncGrid, name)
+        assert list(inspect.signature(sync).parameters) == list(inspect.signature(other).parameters), name
+        if name in not_coroutines:
+            assert not inspect.iscoroutinefunction(other), name
+        else:
+            assert inspect.iscoroutinefunction(other), name
+    assert inspect.isasyncgenfunction(AsyncGrid.usage_csv) and inspect.isasyncgenfunction(AsyncGrid._pages)
+
+
 # --- Retries, at the edge of the world ---------------------------------------------------------------------
 
 ALLOCATION = {
