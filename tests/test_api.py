@@ -1020,6 +1020,8 @@ def test_cost_renders_zero_spend_as_plain_decimal_strings(agent_a):
     assert v1["total_usd"] == "0.000000000000"
     assert set(v1["by_resource_type"].values()) == {"0.000000000000"}
     assert compat["totalUSD"] == "0.000000000000"
+    # Times in UTC, written as every other time of the API writes them.
+    assert v1["period_start"].endswith("T00:00:00Z") and v1["period_end"].endswith("T00:00:00Z")
 
 
 def test_cost_without_a_budget_has_no_utilization(agent_a):

@@ -35,7 +35,7 @@ from allocation.api.shared.schema import errors
 from allocation.api.shared.views import AgentScopedView, valid
 from allocation.keys import api_key_issue
 from allocation.models import Allocation
-from allocation.representation import USAGE_COLUMNS, allocation_body, usage_body
+from allocation.representation import USAGE_COLUMNS, allocation_body, iso_datetime, usage_body
 from ledger.budgets import agent_team_set
 from ledger.errors import (
     AgentSuspended,
@@ -307,8 +307,8 @@ class CostView(AgentScopedView):
 def cost_payload(cost: dict) -> dict:
     return {
         "agent_id": cost["agent_id"],
-        "period_start": cost["period_start"].isoformat(),
-        "period_end": cost["period_end"].isoformat(),
+        "period_start": iso_datetime(cost["period_start"]),
+        "period_end": iso_datetime(cost["period_end"]),
         "by_resource_type": {code: f"{value:f}" for code, value in cost["by_resource_type"].items()},
         "total_usd": f"{cost['total_usd']:f}",
         "monthly_budget_usd": None if cost["monthly_budget_usd"] is None else str(cost["monthly_budget_usd"]),
