@@ -20,4 +20,10 @@ SCHEDULES = [
     ),
     ("Auto-scaling evaluation", "optimization.scaling_evaluate", 300, "Scale agents on their policies"),
     ("Marketplace refresh", "optimization.marketplace_refresh", 900, "Expire, reprice and restock deals"),
+    (
+        "Fleet utilization metrics",
+        "optimization.fleet_utilization",
+        300,
+        "Quota and budget utilization distributions for /metrics",
+    ),
 ]
