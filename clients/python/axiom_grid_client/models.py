@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import types
 import typing
 from decimal import Decimal
@@ -23,6 +24,7 @@ from typing import Any, ClassVar, TypeVar, Union
 M = TypeVar("M", bound="Model")
 
 _UTC = dt.timezone.utc
+_FRACTION = re.compile(r"\.(\d+)")
 
 
 def parse_datetime(value: Any) -> dt.datetime | None:
@@ -32,7 +34,12 @@ def parse_datetime(value: Any) -> dt.datetime | None:
     text = str(value)
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    parsed = dt.datetime.fromisoformat(text)
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        # Python 3.10 reads only 3 or 6 digits of a fraction of a second: pad or cut to 6.
+        text = _FRACTION.sub(lambda match: "." + match.group(1)[:6].ljust(6, "0"), text, count=1)
+        parsed = dt.datetime.fromisoformat(text)
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=_UTC)
 
 
