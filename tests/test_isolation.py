@@ -132,6 +132,7 @@ def victim(keys) -> Victim:
 # Bodies that are valid for the agent itself, so that the only reason to refuse A is isolation.
 BODIES = {
     ("api:allocations", "POST"): {"resource_type": "AI_TOKENS", "amount": 1},
+    ("api:leases", "POST"): {"resource_type": "AI_TOKENS", "amount": 1},
     ("api:quota-checks", "POST"): {"resource_type": "AI_TOKENS", "amount": 1},
     ("api:allocations-batch", "POST"): {"items": [{"resource_type": "AI_TOKENS", "amount": 1}]},
     ("api:agent", "PATCH"): {"name": "stolen"},
