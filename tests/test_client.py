@@ -130,6 +130,7 @@ def test_refusals_are_typed_and_carry_their_details(grid_server, agent_with_key)
         assert (error.available, error.requested) == (100, 500)
         assert error.details["resource_type"] == "AI_TOKENS" and "resets_at" in error.details
         assert error.retry_after > 0  # to the end of the period
+        assert error.request_id  # the server's X-Request-ID, to find the request in its logs
         assert "available" in error.message
 
         checked = grid.check(small.id, "AI_TOKENS", 500)
