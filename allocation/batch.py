@@ -673,6 +673,7 @@ class _Decider:
                 "settled_amount": None,
                 "created_at": self.created_at,
                 "finished_at": None,
+                "lease": False,
             }
         }
         if item.idempotency_key:
