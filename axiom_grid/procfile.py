@@ -8,6 +8,9 @@ and Celery stop their own workers (a Celery warm shutdown lets running tasks fin
 and only what is still running after ``STOP_GRACE_SECONDS`` is killed, with its process group. If one
 program exits by itself, the others are stopped the same way and its exit code is returned.
 
+The programs share one directory for their Prometheus metrics (``metrics_dir_prepare``), so that
+``/metrics`` in any web process reports the Celery worker's and beat's as well.
+
 Why not honcho: it signals each process group as a whole, so Celery's pool processes die under their
 master (which logs each as an error), and it kills whatever has not exited five seconds later, before a
 Celery warm shutdown ends.
@@ -24,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_SECONDS = 30
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -35,6 +39,20 @@ def procfile_read(path: Path) -> dict[str, str]:
             name, _, command = line.partition(":")
             entries[name.strip()] = command.strip()
     return entries
+
+
+def metrics_dir_prepare() -> Path:
+    """Where every program's processes keep their metrics (prometheus_client's multiprocess mode,
+    ``axiom_grid/observability/metrics.py``): ``PROMETHEUS_MULTIPROC_DIR``, else ``var/prometheus`` (the same
+    var/ as ``settings.VAR_DIR``), set for the programs. Emptied of the metric files of a previous run, whose
+    processes are gone: they would be counted again."""
+    var = Path(os.environ.get("AXIOM_VAR_DIR", ROOT / "var"))
+    path = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or var / "prometheus")
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
 
 
 class Runner:
@@ -115,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the Procfile names no process", file=sys.stderr)
         return 2
     runner = Runner(entries)
+    runner.say("system", f"metrics of every program in {metrics_dir_prepare()}")
     for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: runner.stop_requested.set())
     runner.start()

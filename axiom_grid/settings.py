@@ -269,6 +269,9 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
+        # Configured here to drop the console handler Django's defaults give it under DEBUG: its lines reach
+        # the root's handler once, in the chosen format.
+        "django": {"level": "INFO"},
         "django.db.backends": {"level": "INFO"},
         "django.request": {"filters": ["no_503_lines"]},
     },
