@@ -24,7 +24,8 @@ from .models import Allocation
 if TYPE_CHECKING:
     import datetime as dt
 
-    from .client import AsyncGrid, Grid
+    from .async_client import AsyncGrid
+    from .client import Grid
 
 
 class LeaseExpired(HoldNotOpen):
