@@ -138,6 +138,10 @@ class MetricsView(APIView):
             )
         },
     )
+    def perform_content_negotiation(self, request, force=False):
+        # The metrics pick their own format (choose_encoder); a refusal is JSON, whatever a scraper accepts.
+        return super().perform_content_negotiation(request, force=True)
+
     def get(self, request):
         encoder, content_type = choose_encoder(request.headers.get("Accept"))
         return HttpResponse(encoder(scrape_registry()), content_type=content_type)
