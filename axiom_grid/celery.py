@@ -4,7 +4,8 @@ A beat process stamps each periodic task it sends with the time it sent it, so t
 sends of one tick from those of the next (``ledger.periodic``): with two beats running, each tick arrives
 twice and must be worked once.
 
-Every task's metrics and log context come from Celery's signals (``axiom_grid.observability.task_signals``).
+Every task's metrics and log context come from Celery's signals (``axiom_grid.observability.task_signals``);
+with ``METRICS_BIND`` the worker serves the metrics of its host there (``_serve_metrics``).
 With ``LOG_FORMAT=json`` the worker and beat keep the settings' logging (JSON lines, with each task's id)
 instead of Celery's own text format.
 """
@@ -15,7 +16,14 @@ import datetime as dt
 import os
 
 from celery import Celery
-from celery.signals import beat_embedded_init, beat_init, before_task_publish, setup_logging, worker_init
+from celery.signals import (
+    beat_embedded_init,
+    beat_init,
+    before_task_publish,
+    setup_logging,
+    worker_init,
+    worker_ready,
+)
 
 from axiom_grid.observability import task_signals  # noqa: F401  (connects the tasks' metrics and log context)
 from axiom_grid.observability.logs import log_format
@@ -57,6 +65,25 @@ def _refuse_the_public_secret_key(**kwargs) -> None:
         ensure_secret_key()
     except ImproperlyConfigured as error:
         raise SystemExit(str(error)) from None
+
+
+@worker_ready.connect
+def _serve_metrics(**kwargs) -> None:
+    # In the worker's main process, once: its pool processes' metrics add up in PROMETHEUS_MULTIPROC_DIR.
+    import logging
+
+    from django.conf import settings
+
+    if not settings.METRICS_BIND:
+        return
+    from axiom_grid.observability.exposition import metrics_serve
+
+    try:
+        metrics_serve(settings.METRICS_BIND)
+    except (OSError, ValueError) as error:
+        logging.getLogger(__name__).error(
+            "cannot serve metrics on METRICS_BIND=%s: %s", settings.METRICS_BIND, error
+        )
 
 
 def _settings_logging(**kwargs) -> None:

@@ -247,6 +247,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "persistAuthorization": True},
 }
 
+# /metrics answers operators' keys. A Celery worker running apart from the web processes (a container of its
+# own) also serves them, without a key, on this host:port (axiom_grid/observability/exposition.py).
+METRICS_BIND = os.environ.get("METRICS_BIND", "")
+
 # Plain text (the message alone), or JSON lines with LOG_FORMAT=json: each with its time, level, logger, and
 # the request id or task id of the request or task it belongs to (axiom_grid/observability/logs.py).
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "text").strip().lower() or "text"

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from decimal import Decimal
 from pathlib import Path
@@ -33,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from allocation.keys import api_key_issue
 from allocation.models import Allocation
 from axiom_grid.celery import app as celery_app
+from bench.server import free_port
 from ledger.budgets import budget_create
 from ledger.models import Agent, Budget, Quota
 from ledger.periodic import LOCK_NAMESPACE, SKIPPED_RUNNING, periodic_lock_key
@@ -41,7 +43,7 @@ from optimization.fleet import fleet_utilization
 from optimization.services.alert_delivery import alerts_deliver
 from optimization.tasks.fleet import fleet_utilization_task
 from tests.api_fixtures import client_with_key
-from tests.live_grid import live_server, suite_database_url
+from tests.live_grid import SECRET_KEY, live_server, suite_database_url
 
 # The agent_a and operator_client fixtures.
 pytest_plugins = ["tests.api_fixtures"]
@@ -510,3 +512,62 @@ def test_metrics_add_up_every_gunicorn_worker_and_the_task_processes(tmp_path, o
         value(samples, "axiom_grid_task_runs_total", task="allocation.holds_expire", outcome="success") == 1
     )
     assert value(samples, "axiom_grid_task_duration_seconds_count", task="allocation.holds_expire") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_with_metrics_bind_serves_its_hosts_metrics_without_a_key(tmp_path):
+    port = free_port()
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "axiom_grid.settings",
+        "DATABASE_URL": suite_database_url(),
+        "REDIS_URL": "",  # the filesystem broker under AXIOM_VAR_DIR: nothing shared with other runs
+        "AXIOM_VAR_DIR": str(tmp_path / "var"),
+        "SECRET_KEY": SECRET_KEY,
+        "DEBUG": "false",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
+        "METRICS_BIND": f"127.0.0.1:{port}",
+    }
+    # Another process of the host ran a task; the worker serves the host's metrics, its own and that one's.
+    task = subprocess.run(
+        [sys.executable, "-c", RUN_A_TASK],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert task.returncode == 0, task.stderr
+    log = (tmp_path / "worker.log").open("w")
+    worker_process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "axiom_grid", "worker", "--pool", "solo", "-l", "WARNING"],
+        cwd=ROOT,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        text = _wait_for_metrics(f"http://127.0.0.1:{port}/metrics", worker_process)
+    finally:
+        worker_process.terminate()
+        worker_process.wait(timeout=60)
+        log.close()
+    samples = parse(text)
+    assert (
+        value(samples, "axiom_grid_task_runs_total", task="allocation.holds_expire", outcome="success") == 1
+    )
+
+
+def _wait_for_metrics(url: str, process: subprocess.Popen) -> str:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the worker exited"
+        try:
+            status, text = _get(url)  # no key
+        except OSError:
+            time.sleep(0.3)
+            continue
+        assert status == 200
+        return text
+    raise AssertionError(f"nothing served on {url} in 90 s")

@@ -5,6 +5,9 @@ Each scrape builds its registry: in multiprocess mode (``PROMETHEUS_MULTIPROC_DI
 and beat), whichever web process answers; otherwise this process's own registry. OpenMetrics is answered to
 a scraper that asks for it (``Accept``), the classic text format otherwise.
 
+A Celery worker that runs apart from the web processes (a container of its own) serves the same on
+``METRICS_BIND`` without a key, for Prometheus to scrape on a private network (``metrics_serve``).
+
 The fleet's utilization is not counted by any process: a periodic task (``optimization.fleet``) computes it
 with one aggregate query per table and stores a snapshot in the cache, and each scrape turns that snapshot
 into histograms and threshold counts. A scrape therefore costs one cache read whatever the fleet's size, and
@@ -22,7 +25,7 @@ from django.core.cache import cache
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -124,6 +127,14 @@ def scrape_registry() -> CollectorRegistry:
         registry.register(_ThisProcess())
     registry.register(FleetUtilizationCollector())
     return registry
+
+
+def metrics_serve(bind: str):
+    """Serve what ``/metrics`` reports, without a key, on ``bind`` (``host:port``) from a thread of this
+    process (``METRICS_BIND``: the Celery worker's main process serves it, ``axiom_grid.celery``). Returns
+    the server and its thread."""
+    host, _, port = bind.rpartition(":")
+    return start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=scrape_registry())
 
 
 class MetricsView(APIView):
