@@ -315,6 +315,18 @@ def test_web_serves_the_wsgi_app_on_port_8000_and_checks_healthz(services):
     assert resolve("/healthz").url_name == "healthz"
 
 
+def test_worker_keeps_its_metrics_in_a_fresh_directory_and_serves_them_unpublished(services):
+    """The pool processes' metrics add up only in a shared directory, emptied at each start (tmpfs); the
+    worker serves them without a key, so on the compose network only."""
+    worker = services["worker"]
+    env = environment(worker)
+    assert env["PROMETHEUS_MULTIPROC_DIR"] in worker.get("tmpfs", [])
+    host, _, port = env["METRICS_BIND"].rpartition(":")
+    assert host == "0.0.0.0" and port.isdigit()
+    assert not worker.get("ports"), "the metrics need no key: they must not be published"
+    assert environment(worker).items() >= environment(services["web"]).items()  # the same app otherwise
+
+
 def test_worker_and_beat_run_celery_with_the_database_scheduler(services):
     (worker,) = split_commands(services["worker"]["command"])
     assert program(worker) == "celery" and "worker" in worker
