@@ -66,11 +66,14 @@ def captured() -> Iterator[Captured]:
         handler.addFilter(import_string(config["filters"][name]["()"])())
     handler.setFormatter(import_string(config["formatters"]["json"]["()"])())
     root = logging.getLogger()
+    level = root.level
     root.addHandler(handler)
+    root.setLevel(logging.INFO)  # as the settings set it: an in-process Celery worker may have raised it
     try:
         yield Captured(stream)
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
 
 
 # --- The formatter --------------------------------------------------------------------------------------
