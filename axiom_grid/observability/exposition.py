@@ -23,8 +23,7 @@ from collections.abc import Iterator
 
 from django.core.cache import cache
 from django.http import HttpResponse
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -137,18 +136,11 @@ def metrics_serve(bind: str):
     return start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=scrape_registry())
 
 
+@extend_schema(exclude=True)  # for Prometheus, not an API client: documented in the README
 class MetricsView(APIView):
     authentication_classes = [ApiKeyAuthentication]
     permission_classes = [IsOperator]
 
-    @extend_schema(
-        summary="Prometheus metrics of the host (operator)",
-        responses={
-            (200, "text/plain"): OpenApiResponse(
-                OpenApiTypes.STR, description="The Prometheus text format (OpenMetrics if asked for)."
-            )
-        },
-    )
     def perform_content_negotiation(self, request, force=False):
         # The metrics pick their own format (choose_encoder); a refusal is JSON, whatever a scraper accepts.
         return super().perform_content_negotiation(request, force=True)
