@@ -570,6 +570,9 @@ def test_a_retry_after_503_sends_the_same_idempotency_key():
     first, second = server.keys()
     assert first and first == second
     uuid.UUID(first)
+    # One request id for the call and its retry, so the grid's log lines of both are found together.
+    request_ids = [request["headers"].get("X-Request-ID") for request in server.requests]
+    assert request_ids[0] and request_ids[0] == request_ids[1]
     sent = [json.loads(request["body"]) for request in server.requests]
     assert sent == [{"resource_type": "AI_TOKENS", "amount": 5}] * 2
     assert server.requests[0]["headers"]["Authorization"] == "Bearer axg_test"
@@ -584,6 +587,7 @@ def test_each_call_gets_its_own_key_and_a_given_key_is_sent_as_is():
         grid.allocate("a1", "AI_TOKENS", 5, idempotency_key="mine-1")
     first, second, third = server.keys()
     assert first != second and third == "mine-1"
+    assert len({request["headers"]["X-Request-ID"] for request in server.requests}) == 3
 
 
 @pytest.mark.django_db(transaction=False)

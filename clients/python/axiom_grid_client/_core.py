@@ -75,6 +75,9 @@ class Call:
     idempotency_key: str | None = None
     parse: Callable[[Any], Any] = lambda body: body
     accept: str = "application/json"
+    # Sent as X-Request-ID on every attempt of the call, so the grid's log lines of a call and of its
+    # retries are found together.
+    request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
         self.method = self.method.upper()
@@ -85,7 +88,7 @@ class Call:
 
     @property
     def headers(self) -> dict[str, str]:
-        headers = {"Accept": self.accept}
+        headers = {"Accept": self.accept, REQUEST_ID_HEADER: self.request_id}
         if self.method in ("POST", "PUT", "PATCH"):
             headers["Content-Type"] = "application/json"
         if self.idempotency_key is not None:
