@@ -379,36 +379,36 @@ class AsyncHold:
 
     def __init__(self, grid: AsyncGrid, state: _core.HoldState):
         self._grid = grid
-        self._state = state
+        self._progress = state
 
     @property
     def allocation(self) -> Allocation | None:
-        return self._state.allocation
+        return self._progress.allocation
 
     @property
     def id(self) -> str | None:
-        return self._state.allocation.id if self._state.allocation is not None else None
+        return self._progress.allocation.id if self._progress.allocation is not None else None
 
     @property
     def used(self) -> int:
-        return self._state.used
+        return self._progress.used
 
     def report(self, amount: int) -> None:
         """Count ``amount`` more units as used by the block (no network call)."""
-        self._state.report(amount)
+        self._progress.report(amount)
 
     async def settle(self, amount: int | None = None) -> Allocation:
-        return self._state.finish(await self._grid._call(self._state.settle_call(amount)))
+        return self._progress.finish(await self._grid._call(self._progress.settle_call(amount)))
 
     async def release(self) -> Allocation:
-        return self._state.finish(await self._grid._call(self._state.release_call()))
+        return self._progress.finish(await self._grid._call(self._progress.release_call()))
 
     async def __aenter__(self) -> AsyncHold:
-        self._state.allocation = await self._grid._call(self._state.open_call())
+        self._progress.allocation = await self._grid._call(self._progress.open_call())
         return self
 
     async def __aexit__(self, exc_type, exc, traceback) -> None:
-        if self._state.finished:
+        if self._progress.finished:
             return
         if exc_type is None:
             await self.settle()

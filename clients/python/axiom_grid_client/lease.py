@@ -120,7 +120,7 @@ class _LeaseBase:
         self._counter = _Counter(allocation.allocated_amount)
         self._settled = 0  # taken from holds already settled by renew()
         self._closed: Allocation | None = None
-        self._state = threading.Lock()  # renew and close, one at a time
+        self._turn = threading.Lock()  # renew and close, one at a time
         # Bound once: ``lease.take`` is then a plain function call, the cheapest Python offers.
         self.take = self._counter.take
 
@@ -179,7 +179,7 @@ class Lease(_LeaseBase):
     def renew(self, amount: int | None = None, *, ttl: int | None = None) -> Lease:
         """Top the lease up: hold ``amount`` (by default the lease's amount) afresh, then settle the old hold
         with what was taken from it. Takes go on meanwhile; a refused new hold leaves the lease as it was."""
-        with self._state:
+        with self._turn:
             if self.closed:
                 raise RuntimeError("the lease is closed")
             amount = self.amount if amount is None else amount
@@ -198,7 +198,7 @@ class Lease(_LeaseBase):
     def close(self) -> Allocation:
         """Settle what was taken and give the rest back. Later takes answer ``False``; closing again
         answers the same allocation."""
-        with self._state:
+        with self._turn:
             if self._closed is None:
                 taken = self._counter.swap(0)
                 self._settled += taken
