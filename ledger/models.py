@@ -232,6 +232,11 @@ class Quota(models.Model):
     class Meta:
         db_table = "quotas"
         ordering = ["agent_id", "-period_start", "resource_type__display_order"]
+        indexes = [
+            # The sweeps read the current period's rows of the whole fleet (in agent order): without an
+            # index that leads with the period, each of them would scan every month ever kept.
+            models.Index(fields=["period_start", "agent"], name="quota_period_agent_idx"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["agent", "resource_type", "period_start"], name="quota_unique_period"
