@@ -56,6 +56,8 @@ def test_commands_for_a_checkout_run_the_projects_python():
     bare = [
         line
         for line in README.splitlines()
-        if re.search(r"(?<![/\w])python manage\.py", line) and "docker compose" not in line and "image" not in line
+        if re.search(r"(?<![/\w])python manage\.py", line)
+        and "docker compose" not in line
+        and "image" not in line
     ]
     assert bare == [], bare
