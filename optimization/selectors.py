@@ -8,6 +8,7 @@ Percentages are Decimal with two places; a metric with nothing to measure is abs
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from decimal import Decimal
 
 from django.db import connection
@@ -22,8 +23,23 @@ from optimization.models import Execution
 SPIKE_BASELINE_HOURS = 24
 
 
+@dataclass(frozen=True)
+class AgentRange:
+    """The agents whose id lies from ``first`` to ``last`` (both included): a sweep's chunk of the fleet.
+
+    Passed as ``agent_ids``, it filters by range rather than by a list, so the chunk's rows are read with
+    an index range scan (``quota_period_agent_idx`` for this period's quotas)."""
+
+    first: str
+    last: str
+
+
 def _agents_filter(queryset, agent_ids, field: str = "agent_id"):
-    return queryset if agent_ids is None else queryset.filter(**{f"{field}__in": list(agent_ids)})
+    if agent_ids is None:
+        return queryset
+    if isinstance(agent_ids, AgentRange):
+        return queryset.filter(**{f"{field}__gte": agent_ids.first, f"{field}__lte": agent_ids.last})
+    return queryset.filter(**{f"{field}__in": list(agent_ids)})
 
 
 def resource_utilization(
@@ -84,7 +100,9 @@ def max_resource_utilization(
     start, _ = month_bounds(now or timezone.now())
     params: list = [start]
     agents = ""
-    if agent_ids is not None:
+    if isinstance(agent_ids, AgentRange):
+        agents, params = "AND q.agent_id BETWEEN %s AND %s", [start, agent_ids.first, agent_ids.last]
+    elif agent_ids is not None:
         agents, params = "AND q.agent_id = ANY(%s)", [start, list(agent_ids)]
     with connection.cursor() as cursor:
         cursor.execute(_MOST_USED_SQL.format(agents=agents), params)
