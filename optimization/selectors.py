@@ -25,20 +25,40 @@ SPIKE_BASELINE_HOURS = 24
 
 @dataclass(frozen=True)
 class AgentRange:
-    """The agents whose id lies from ``first`` to ``last`` (both included): a sweep's chunk of the fleet.
+    """The agents whose id sorts after ``after`` and up to ``through`` (None: no bound on that side), in the
+    database's order: a sweep's chunk of the fleet. Consecutive chunks' ranges leave no gap between them.
 
     Passed as ``agent_ids``, it filters by range rather than by a list, so the chunk's rows are read with
     an index range scan (``quota_period_agent_idx`` for this period's quotas)."""
 
-    first: str
-    last: str
+    after: str | None
+    through: str | None
+
+    def sql(self, column: str) -> tuple[str, list[str]]:
+        """A condition on ``column`` (``TRUE`` for the whole fleet) and its parameters."""
+        parts, params = [], []
+        if self.after is not None:
+            parts.append(f"{column} > %s")
+            params.append(self.after)
+        if self.through is not None:
+            parts.append(f"{column} <= %s")
+            params.append(self.through)
+        return " AND ".join(parts) or "TRUE", params
+
+    def lookups(self, field: str) -> dict[str, str]:
+        found = {}
+        if self.after is not None:
+            found[f"{field}__gt"] = self.after
+        if self.through is not None:
+            found[f"{field}__lte"] = self.through
+        return found
 
 
 def _agents_filter(queryset, agent_ids, field: str = "agent_id"):
     if agent_ids is None:
         return queryset
     if isinstance(agent_ids, AgentRange):
-        return queryset.filter(**{f"{field}__gte": agent_ids.first, f"{field}__lte": agent_ids.last})
+        return queryset.filter(**agent_ids.lookups(field))
     return queryset.filter(**{f"{field}__in": list(agent_ids)})
 
 
@@ -101,7 +121,8 @@ def max_resource_utilization(
     params: list = [start]
     agents = ""
     if isinstance(agent_ids, AgentRange):
-        agents, params = "AND q.agent_id BETWEEN %s AND %s", [start, agent_ids.first, agent_ids.last]
+        condition, bounds = agent_ids.sql("q.agent_id")
+        agents, params = f"AND {condition}", [start, *bounds]
     elif agent_ids is not None:
         agents, params = "AND q.agent_id = ANY(%s)", [start, list(agent_ids)]
     with connection.cursor() as cursor:
