@@ -109,9 +109,11 @@ def test_a_rule_with_a_duration_fires_only_after_the_condition_held_that_long(se
         "warning",
         seed_rules["HighResourceUtilization"].pk,
     )
+    # One alert per episode: the key names since when the condition holds, not when the rule fired.
     assert alert.dedup_key == (
-        f"rule:{seed_rules['HighResourceUtilization'].pk}:busy:AI_TOKENS:{(T0 + 5 * MINUTE).isoformat()}"
+        f"rule:{seed_rules['HighResourceUtilization'].pk}:busy:AI_TOKENS:2025-06-15T12:00:00.000000"
     )
+    assert (alert.notifications, alert.notified_at) == (1, None)
     assert alert.title == "HighResourceUtilization: resource_utilization_percent on AI_TOKENS is 85.00 (> 80)"
     assert alert.data["value"] == "85.00"
     assert alert.data["subject"] == "AI_TOKENS"
@@ -128,7 +130,9 @@ def test_cooldown_keeps_a_rule_quiet_and_a_false_condition_resets_the_duration(s
     assert rules_evaluate(now=T0 + 30 * MINUTE)["fired"] == 0
     assert rules_evaluate(now=T0 + 65 * MINUTE)["fired"] == 1
     assert rules_evaluate(now=T0 + 65 * MINUTE)["fired"] == 0
-    assert len(rule_alerts()) == 2
+    # Fired again in the same episode: the episode's one alert is sent out again, not repeated.
+    (alert,) = rule_alerts()
+    assert alert.notifications == 2
 
     use_tokens("busy", 500_000)  # false: the state is gone
     rules_evaluate(now=T0 + 70 * MINUTE)
@@ -138,7 +142,7 @@ def test_cooldown_keeps_a_rule_quiet_and_a_false_condition_resets_the_duration(s
     assert RuleState.objects.get().true_since == T0 + 71 * MINUTE
     assert rules_evaluate(now=T0 + 75 * MINUTE)["fired"] == 0
     assert rules_evaluate(now=T0 + 76 * MINUTE)["fired"] == 1
-    assert len(rule_alerts()) == 3
+    assert [alert.notifications for alert in rule_alerts()] == [2, 1]  # a new episode, a new alert
 
 
 # A condition starting at 12:00:02, first seen by the evaluation at 12:00:04; evaluations every minute, each
@@ -489,7 +493,7 @@ def test_alerts_written_in_sql_say_what_the_python_path_says(only_rule, action, 
     assert rules_evaluate(now=fired_at)["alerts"] == 1
     (alert,) = rule_alerts()
     subject = "AI_TOKENS" if metric == "resource_utilization_percent" else ""
-    expected = _fire_alert(rule, "worded", subject, Decimal(alert.data["value"]), fired_at)
+    expected = _fire_alert(rule, "worded", subject, Decimal(alert.data["value"]), T0)
     assert alert.data["value"] == ("95.00" if subject else "95.50")
     got = (alert.title, alert.message, alert.data, alert.dedup_key, alert.severity, alert.kind, alert.rule_id)
     assert got == (

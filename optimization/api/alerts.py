@@ -71,6 +71,8 @@ class AlertOut(serializers.ModelSerializer):
             "rule_id",
             "status",
             "created_at",
+            "notifications",
+            "notified_at",
             "acknowledged_at",
             "acknowledged_by",
         ]

@@ -1,13 +1,15 @@
-"""Optimization rules: evaluate every enabled rule against fleet-wide metrics and act on what fires.
+"""Optimization rules: evaluate every enabled rule against fleet metrics and act on what fires.
 
 A rule's condition is checked per subject: an agent, or an agent's resource type for per-resource metrics.
 ``RuleState`` remembers since when a condition has held, so ``duration: 5m`` fires at the first evaluation
 five minutes after the one that saw it hold, whatever the evaluations' jitter (``rule_held_since``), and
-``last_fired_at`` keeps a rule quiet for its cooldown. The metrics come from
-``optimization.selectors``, one query per metric and window for the whole fleet, so an evaluation costs the
-same number of queries for ten agents or ten thousand. The states are kept set-based too: two statements
-per rule, whatever the number of subjects, and no state is loaded into Python. Only the
-actions that call a per-agent service (throttle, lift, scale) cost queries per agent acted on.
+``last_fired_at`` keeps a rule quiet for its cooldown. Since when the condition holds names its episode:
+a rule's alert is one per episode, sent out again each cooldown while the episode lasts.
+
+The fleet is evaluated in chunks of agents by id, each in its own short transaction. The metrics come
+from ``optimization.selectors`` for the chunk's id range, one query per metric and window; the states are
+kept set-based, two statements per rule, and no state is loaded into Python; throttles and lifts are one
+statement each per chunk. Only scaling calls a per-agent service, for the agents a rule scales.
 """
 
 from __future__ import annotations
@@ -16,20 +18,21 @@ import datetime as dt
 import json
 import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from ledger.bulk import server_bound_cursor
 from ledger.errors import LedgerError
 from ledger.invariants import RULE_THROTTLE_PREFIX
 from ledger.models import Agent, OptimizationRule
-from ledger.services import agent_set_status
-from optimization.models import Alert, RuleState
+from optimization.models import Alert, AlertDelivery, RuleState
 from optimization.selectors import (
+    AgentRange,
     budget_utilization,
     cost_spike_ratio,
     duration_percentiles,
@@ -107,10 +110,11 @@ def rule_held_since(rule: OptimizationRule, now: dt.datetime) -> dt.datetime:
 
 
 class _Metrics:
-    """The selectors' results for one evaluation, each computed at most once per window."""
+    """The selectors' results for one chunk of the fleet, each computed at most once per window."""
 
-    def __init__(self, now: dt.datetime):
+    def __init__(self, now: dt.datetime, agents: AgentRange):
         self.now = now
+        self.agents = agents
         self._cache: dict[tuple, object] = {}
 
     def _once(self, key: tuple, compute: Callable[[], object]):
@@ -119,7 +123,7 @@ class _Metrics:
         return self._cache[key]
 
     def values(self, rule: OptimizationRule) -> Values:
-        now, metric = self.now, rule.metric
+        now, metric, agents = self.now, rule.metric, self.agents
         since = now - rule_window(rule)
         if metric == Metric.RESOURCE_UTILIZATION_PERCENT:
             # One row per agent and resource type: only the rows that can meet the threshold leave the
@@ -131,21 +135,24 @@ class _Metrics:
                 at_most = rule.threshold + ROUNDING_MARGIN
             return self._once(
                 ("resources", at_least, at_most),
-                lambda: resource_utilization(now=now, at_least=at_least, at_most=at_most),
+                lambda: resource_utilization(now=now, agent_ids=agents, at_least=at_least, at_most=at_most),
             )
         if metric == Metric.BUDGET_UTILIZATION_PERCENT:
-            rows = self._once(("budget",), lambda: budget_utilization(now=now))
+            rows = self._once(("budget",), lambda: budget_utilization(now=now, agent_ids=agents))
             return {(agent, ""): row["percent"] for agent, row in rows.items() if row["percent"] is not None}
         if metric == Metric.COST_SPIKE_RATIO:
-            rows = self._once(("spike",), lambda: cost_spike_ratio(now=now))
+            rows = self._once(("spike",), lambda: cost_spike_ratio(now=now, agent_ids=agents))
             return {(agent, ""): row["ratio"] for agent, row in rows.items()}
         if metric == Metric.P95_DURATION_MS:
             rows = self._once(
-                ("p95", since), lambda: duration_percentiles(since=since, until=now, percentiles=(95,))
+                ("p95", since),
+                lambda: duration_percentiles(since=since, until=now, agent_ids=agents, percentiles=(95,)),
             )
             return {(agent, ""): row[95] for agent, row in rows.items()}
         if metric in (Metric.ERROR_RATE_PERCENT, Metric.THROUGHPUT_PER_HOUR):
-            rows = self._once(("executions", since), lambda: execution_stats(since=since, until=now))
+            rows = self._once(
+                ("executions", since), lambda: execution_stats(since=since, until=now, agent_ids=agents)
+            )
             column = "error_rate_percent" if metric == Metric.ERROR_RATE_PERCENT else "throughput_per_hour"
             return {(agent, ""): row[column] for agent, row in rows.items() if row[column] is not None}
         logger.warning("rule %s has an unknown metric %r", rule.name, metric)
@@ -155,57 +162,82 @@ class _Metrics:
 @dataclass
 class RulesReport:
     rules: int = 0
+    chunks: int = 0
     conditions_true: int = 0
     fired: int = 0
     alerts: int = 0
+    renotified: int = 0
     throttled: int = 0
     lifted: int = 0
     scaled: int = 0
+    skipped: bool = False
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {
             "rules": self.rules,
+            "chunks": self.chunks,
             "conditions_true": self.conditions_true,
             "fired": self.fired,
             "alerts": self.alerts,
+            "renotified": self.renotified,
             "throttled": self.throttled,
             "lifted": self.lifted,
             "scaled": self.scaled,
+            "skipped": self.skipped,
             "errors": self.errors,
         }
 
 
-class _Scopes:
-    """Which agents each rule covers. The fleet's agents are read (one query) only for a rule that needs
-    them listed: a tier's rule, or a throughput rule (an agent that ran nothing has a throughput of 0).
-    A fleet-wide rule covers whoever has a value, and an agent's rule its agent."""
+@dataclass(frozen=True)
+class _Chunk:
+    """A chunk of the fleet, by agent id: the agents read (with what the evaluation needs of them) and the
+    id range the metrics are read for."""
 
-    def __init__(self) -> None:
-        self._tiers: dict[str, str] | None = None
+    agents: dict[str, tuple[str, str, str]]  # id -> (tier, status, status reason)
+    range: AgentRange
 
-    def _agent_tiers(self) -> dict[str, str]:
-        if self._tiers is None:
-            self._tiers = dict(Agent.objects.values_list("id", "tier_id"))
-        return self._tiers
-
-    def of(self, rule: OptimizationRule) -> set[str] | None:
-        """The agents ``rule`` covers; None for every agent with a value."""
-        if rule.scope == OptimizationRule.Scope.AGENT:
-            return {rule.agent_id}
-        if rule.scope == OptimizationRule.Scope.TIER:
-            return {agent_id for agent_id, tier_id in self._agent_tiers().items() if tier_id == rule.tier_id}
-        if rule.metric == Metric.THROUGHPUT_PER_HOUR:
-            return set(self._agent_tiers())
-        return None
+    def in_tier(self, tier_id: str) -> set[str]:
+        return {agent_id for agent_id, (tier, _, _) in self.agents.items() if tier == tier_id}
 
 
-def _true_subjects(rule: OptimizationRule, metrics: _Metrics, scopes: _Scopes) -> Values:
-    """(agent, subject) -> value for the in-scope subjects whose condition holds now."""
-    scope = scopes.of(rule)
-    values = metrics.values(rule)
-    if scope is not None:
-        values = {key: value for key, value in values.items() if key[0] in scope}
+def _chunks(size: int) -> Iterator[_Chunk]:
+    """The fleet in chunks of ``size`` agents by id (keyset: one indexed query per chunk, whatever the
+    fleet), in the database's order, which the metrics' range filters use too. The chunks' ranges cover
+    every id, so the states of agents that are gone are pruned by the chunk whose range holds them."""
+    after: str | None = None
+    while True:
+        agents = Agent.objects.order_by("pk")
+        if after is not None:
+            agents = agents.filter(pk__gt=after)
+        rows = list(agents.values_list("pk", "tier_id", "status", "status_reason")[:size])
+        last = len(rows) < size
+        yield _Chunk(
+            agents={pk: (tier, status, reason) for pk, tier, status, reason in rows},
+            range=AgentRange(after, None if last else rows[-1][0]),
+        )
+        if last:
+            return
+        after = rows[-1][0]
+
+
+def _scope(rule: OptimizationRule, chunk: _Chunk) -> set[str] | None:
+    """The chunk's agents ``rule`` covers; None for every agent of the chunk with a value."""
+    if rule.scope == OptimizationRule.Scope.AGENT:
+        return {rule.agent_id} & chunk.agents.keys()
+    if rule.scope == OptimizationRule.Scope.TIER:
+        return chunk.in_tier(rule.tier_id)
+    if rule.metric == Metric.THROUGHPUT_PER_HOUR:
+        return set(chunk.agents)
+    return None
+
+
+def _true_subjects(rule: OptimizationRule, metrics: _Metrics, chunk: _Chunk) -> Values:
+    """(agent, subject) -> value for the chunk's in-scope subjects whose condition holds now."""
+    scope = _scope(rule, chunk)
+    # An agent created in the chunk's id range after the chunk was read waits for the next evaluation.
+    known = chunk.agents.keys() if scope is None else scope
+    values = {key: value for key, value in metrics.values(rule).items() if key[0] in known}
     compare = OPERATORS[rule.operator]
     if rule.metric == Metric.THROUGHPUT_PER_HOUR:
         # An agent that ran nothing in the window has a throughput of zero, not an unknown one.
@@ -257,10 +289,11 @@ def _fire_alert(
     agent_id: str,
     subject: str,
     value: Decimal,
-    now: dt.datetime,
+    since: dt.datetime,
     *,
     outcome: str = "",
 ) -> Alert:
+    """The alert of ``rule`` firing for a subject whose condition has held since ``since``."""
     parts = _alert_parts(rule)
     on = f" on {subject}" if subject else ""
     data = {**parts.data, "value": str(value), "subject": subject}
@@ -278,74 +311,138 @@ def _fire_alert(
         title=f"{parts.title_head}{on} is {value}{parts.title_tail}"[:200],
         message=message,
         data=data,
-        dedup_key=_dedup_key(rule, agent_id, subject, now),
+        dedup_key=_dedup_key(rule, agent_id, subject, since),
     )
 
 
-def _dedup_key(rule: OptimizationRule, agent_id: str, subject: str, now: dt.datetime) -> str:
-    return f"rule:{rule.pk}:{agent_id}:{subject}:{now.isoformat()}"
+def _dedup_key(rule: OptimizationRule, agent_id: str, subject: str, since: dt.datetime) -> str:
+    """One key per episode of a condition: the rule, the subject, and since when the condition holds (in
+    UTC to the microsecond, as ``_EPISODE_SQL`` writes it)."""
+    episode = since.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return f"rule:{rule.pk}:{agent_id}:{subject}:{episode}"
 
 
-@transaction.atomic
-def rules_evaluate(*, now: dt.datetime | None = None) -> dict:
+_EPISODE_SQL = """to_char(k.true_since AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US')"""
+
+RULES_CHUNK = 5000
+# pg_try_advisory_lock's key for the evaluation: one at a time across every worker and node.
+_EVALUATION_LOCK = 0x52554C4553  # "RULES"
+
+
+@contextmanager
+def _evaluation_lock() -> Iterator[bool]:
+    """Whether this evaluation is the only one running; a session lock, held across the chunks' own
+    transactions without locking any row."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [_EVALUATION_LOCK])
+        acquired = cursor.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [_EVALUATION_LOCK])
+
+
+def rules_evaluate(*, now: dt.datetime | None = None, chunk_size: int = RULES_CHUNK) -> dict:
     """Evaluate every enabled rule for every subject in its scope, keep the rule states, and run the actions
     of the rules that fire. Returns counts of what happened.
 
-    The enabled rules are locked for the evaluation, so two evaluations running at once take turns instead
-    of both firing the same condition.
+    The fleet is worked through in chunks of ``chunk_size`` agents by id, each in its own short
+    transaction with a fixed number of statements (the metrics for the chunk's id range, two per rule, one
+    per kind of action), so memory is bounded by the chunk, no lock outlives its chunk, and a crash loses
+    the chunk in flight only: the states of the chunks done are kept, and the next evaluation goes on from
+    them (a subject that fired keeps its cooldown). One evaluation runs at a time (an advisory lock); one
+    that finds another running returns at once with ``skipped``.
     """
     now = now or timezone.now()
     report = RulesReport()
-    rules = list(OptimizationRule.objects.select_for_update().filter(enabled=True).order_by("pk"))
-    report.rules = len(rules)
-    scopes = _Scopes()
-    metrics = _Metrics(now)
-    # A state of a rule that is no longer enabled means nothing any more.
-    RuleState.objects.exclude(rule_id__in=[rule.pk for rule in rules]).delete()
-
-    fired: list[tuple[OptimizationRule, str, str, Decimal]] = []
-    holding: dict[int, set[str]] = {}  # throttle rule -> agents for which its condition holds now
-    alerted_in_sql = 0
-    for rule in rules:
-        true_now = _true_subjects(rule, metrics, scopes)
-        report.conditions_true += len(true_now)
-        if rule.action == Action.THROTTLE:
-            holding[rule.pk] = {agent_id for agent_id, _ in true_now}
-        advanced = _states_advance(rule, true_now, now)
-        fired += [
-            (rule, agent_id, subject, true_now[agent_id, subject]) for agent_id, subject in advanced.fired
-        ]
-        report.fired += advanced.fired_in_sql
-        alerted_in_sql += advanced.alerts_in_sql
-
-    alerts = _actions_run(fired, now, report)
-    alerts += _throttles_lift(rules, holding, now, report)
-    report.fired += len(fired)
-    report.alerts = alerts_create(alerts=alerts, now=now) + alerted_in_sql
-    if alerted_in_sql:
+    with _evaluation_lock() as alone:
+        if not alone:
+            report.skipped = True
+            logger.info("rules evaluation skipped: another one is running")
+            return report.as_dict()
+        rules = list(OptimizationRule.objects.filter(enabled=True).order_by("pk"))
+        report.rules = len(rules)
+        dispatch = False
+        for chunk in _chunks(chunk_size):
+            with transaction.atomic():
+                dispatch |= _chunk_evaluate(rules, chunk, now, report)
+            report.chunks += 1
+    if dispatch:
         alerts_dispatch(now=now)
     return report.as_dict()
 
 
+def _chunk_evaluate(
+    rules: list[OptimizationRule], chunk: _Chunk, now: dt.datetime, report: RulesReport
+) -> bool:
+    """Evaluate ``rules`` for one chunk; whether alerts were written in SQL (and want dispatching)."""
+    metrics = _Metrics(now, chunk.range)
+    in_chunk, bounds = chunk.range.sql("agent_id")
+    with connection.cursor() as cursor:
+        # A state of a rule that is no longer enabled means nothing any more.
+        cursor.execute(
+            f"DELETE FROM {RuleState._meta.db_table} WHERE {in_chunk} AND NOT (rule_id = ANY(%s))",
+            [*bounds, [rule.pk for rule in rules]],
+        )
+    fired: list[_Fired] = []
+    holding: dict[int, set[str]] = {}  # throttle rule -> agents for which its condition holds now
+    alerted_in_sql = False
+    for rule in rules:
+        true_now = _true_subjects(rule, metrics, chunk)
+        report.conditions_true += len(true_now)
+        if rule.action == Action.THROTTLE:
+            holding[rule.pk] = {agent_id for agent_id, _ in true_now}
+        advanced = _states_advance(rule, true_now, chunk.range, now)
+        fired += [
+            _Fired(rule, agent_id, subject, true_now[agent_id, subject], since)
+            for agent_id, subject, since in advanced.fired
+        ]
+        report.fired += advanced.fired_in_sql
+        report.alerts += advanced.alerts_in_sql
+        report.renotified += advanced.renotified_in_sql
+        alerted_in_sql |= bool(advanced.alerts_in_sql or advanced.renotified_in_sql)
+
+    alerts = _actions_run(fired, chunk, now, report)
+    alerts += _throttles_lift(rules, holding, chunk, now, report)
+    report.fired += len(fired)
+    report.alerts += alerts_create(alerts=alerts, now=now)
+    return alerted_in_sql
+
+
+@dataclass(frozen=True)
+class _Fired:
+    rule: OptimizationRule
+    agent_id: str
+    subject: str
+    value: Decimal
+    since: dt.datetime  # the episode: since when the condition holds
+
+
 @dataclass
 class _Advanced:
-    fired: list[tuple[str, str]]  # (agent, subject) that fired, for the caller to act on
+    fired: list[tuple[str, str, dt.datetime]]  # (agent, subject, since) that fired, for the caller to act on
     fired_in_sql: int = 0  # fired and alerted on in the database, by an alert-only rule
-    alerts_in_sql: int = 0
+    alerts_in_sql: int = 0  # alerts inserted: episodes that fired for the first time
+    renotified_in_sql: int = 0  # open alerts of episodes that fired again, sent out again
 
 
-def _states_advance(rule: OptimizationRule, true_now: Values, now: dt.datetime) -> _Advanced:
-    """Bring ``rule``'s states up to date with the subjects whose condition holds now, and fire those held
-    for the rule's duration and out of its cooldown (their ``last_fired_at`` set to ``now``).
+def _states_advance(
+    rule: OptimizationRule, true_now: Values, agents: AgentRange, now: dt.datetime
+) -> _Advanced:
+    """Bring ``rule``'s states in the chunk up to date with the subjects whose condition holds now, and fire
+    those held for the rule's duration and out of its cooldown (their ``last_fired_at`` set to ``now``).
 
     A subject whose condition no longer holds loses its state (the next time it holds, its duration counts
-    from then); a new one starts its state at ``now``. Two statements per rule whatever the number of
-    subjects: an alert-only rule (notify, recommend) also writes its alerts in the second, so what fired
-    never comes back to Python. For rules whose action runs a service, the subjects that fired are returned.
+    from then: a new episode); a new one starts its state at ``now``. Two statements per rule whatever the
+    number of subjects: an alert-only rule (notify, recommend) also writes its alerts in the second, so
+    what fired never comes back to Python. For rules whose action runs a service, the subjects that fired
+    are returned.
     """
     keys = sorted(true_now)
     stored = [max(min(true_now[key], LAST_VALUE_MAX), -LAST_VALUE_MAX) for key in keys]
-    return _states_advance_sql(rule, keys, stored, [str(true_now[key]) for key in keys], now)
+    return _states_advance_sql(rule, keys, stored, [str(true_now[key]) for key in keys], agents, now)
 
 
 # Keep the states of a rule's true subjects and fire those held long enough and out of cooldown, in one
@@ -363,38 +460,52 @@ ON CONFLICT (rule_id, agent_id, subject) DO UPDATE SET
     last_fired_at = CASE WHEN {fires} THEN %(now)s ELSE s.last_fired_at END
 WHERE s.last_fired_at IS DISTINCT FROM %(now)s
   AND (s.last_value IS DISTINCT FROM EXCLUDED.last_value OR {fires})
-RETURNING s.agent_id, s.subject, s.last_fired_at = %(now)s AS fired
+RETURNING s.agent_id, s.subject, s.true_since, s.last_fired_at = %(now)s AS fired
 """
 _FIRES = (
     "(s.true_since <= %(held_since)s AND (s.last_fired_at IS NULL OR s.last_fired_at <= %(cooled_since)s))"
 )
 
 # For an alert-only rule the upsert's fired rows feed the INSERT of their alerts, worded as ``_fire_alert``
-# words them; ``values`` are the values' texts, by subject.
+# words them; ``values`` are the values' texts, by subject. The alert's key is the episode's, so a subject
+# firing again in the same episode (after the cooldown) updates its alert instead of adding one: the
+# latest value, one more notification, and its deliveries sent again. An acknowledged alert stays quiet
+# until its episode ends.
 _FIRE_AND_ALERT_SQL = """
 WITH kept AS ({upsert}), shown AS (
-    SELECT k.agent_id, k.subject, v.value,
+    SELECT k.agent_id, k.subject, v.value, {episode} AS episode,
            CASE WHEN k.subject <> '' THEN ' on ' || k.subject ELSE '' END AS on_subject,
            replace(%(recommendation)s, '{{subject}}', COALESCE(NULLIF(k.subject, ''), k.agent_id)) AS advice
     FROM kept k
     JOIN unnest(%(agents)b::text[], %(subjects)b::text[], %(values)b::text[]) AS v(agent_id, subject, value)
       ON v.agent_id = k.agent_id AND v.subject = k.subject
     WHERE k.fired
-), inserted AS (
-    INSERT INTO {alerts} (agent_id, kind, severity, rule_id, title, message, data, dedup_key, created_at,
-                          acknowledged_by)
+), written AS (
+    INSERT INTO {alerts} AS a (agent_id, kind, severity, rule_id, title, message, data, dedup_key, created_at,
+                               acknowledged_by)
     SELECT s.agent_id, %(kind)s, %(severity)s, %(rule)s,
            left(%(title_head)s || s.on_subject || ' is ' || s.value || %(title_tail)s, 200),
            %(message_head)s || s.agent_id || s.on_subject || %(held)s || ': the value is ' || s.value || '.'
                || COALESCE(' Recommendation: ' || s.advice, ''),
            %(data)s::jsonb || jsonb_build_object('value', s.value, 'subject', s.subject) || {advice_data},
-           'rule:' || %(rule)s || ':' || s.agent_id || ':' || s.subject || ':' || %(now_iso)s,
+           'rule:' || %(rule)s || ':' || s.agent_id || ':' || s.subject || ':' || s.episode,
            %(created_at)s, ''
     FROM shown s
-    ON CONFLICT (dedup_key) DO NOTHING
+    ON CONFLICT (dedup_key) DO UPDATE SET
+        severity = EXCLUDED.severity, title = EXCLUDED.title, message = EXCLUDED.message,
+        data = EXCLUDED.data, notifications = a.notifications + 1, notified_at = EXCLUDED.created_at
+    WHERE a.acknowledged_at IS NULL
+    RETURNING a.id, a.notifications = 1 AS new
+), resent AS (
+    UPDATE {deliveries} AS d
+    SET status = %(pending)s, attempts = 0, next_attempt_at = %(created_at)s, last_error = '',
+        last_status_code = NULL
+    FROM written w
+    WHERE d.alert_id = w.id AND NOT w.new AND d.status <> %(pending)s
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM shown), (SELECT count(*) FROM inserted)
+SELECT (SELECT count(*) FROM shown), (SELECT count(*) FILTER (WHERE new) FROM written),
+       (SELECT count(*) FILTER (WHERE NOT new) FROM written), (SELECT count(*) FROM resent)
 """
 
 
@@ -403,19 +514,21 @@ def _states_advance_sql(
     keys: list[tuple[str, str]],
     stored: list[Decimal],
     values: list[str],
+    agents_range: AgentRange,
     now: dt.datetime,
 ) -> _Advanced:
-    """Two statements: drop the states of subjects no longer true, then the upsert (with the alerts of an
-    alert-only rule)."""
+    """Two statements: drop the chunk's states of subjects no longer true, then the upsert (with the alerts
+    of an alert-only rule)."""
     states = RuleState._meta.db_table
     agents = [agent_id for agent_id, _ in keys]
     subjects = [subject for _, subject in keys]
+    in_chunk, bounds = agents_range.sql("s.agent_id")
     with server_bound_cursor() as cursor:  # the arrays (``%b``) in binary
         cursor.execute(
-            f"DELETE FROM {states} AS s WHERE s.rule_id = %s AND NOT EXISTS ("
+            f"DELETE FROM {states} AS s WHERE s.rule_id = %s AND {in_chunk} AND NOT EXISTS ("
             "SELECT 1 FROM unnest(%b::text[], %b::text[]) AS t(agent_id, subject) "
             "WHERE t.agent_id = s.agent_id AND t.subject = s.subject)",
-            [rule.pk, agents, subjects],
+            [rule.pk, *bounds, agents, subjects],
         )
         if not keys:
             return _Advanced([])
@@ -430,12 +543,16 @@ def _states_advance_sql(
         }
         upsert = _STATES_UPSERT_SQL.format(states=states, fires=_FIRES)
         if rule.action not in ALERT_ONLY_ACTIONS:
-            cursor.execute(f"WITH kept AS ({upsert}) SELECT agent_id, subject FROM kept WHERE fired", params)
+            cursor.execute(
+                f"WITH kept AS ({upsert}) SELECT agent_id, subject, true_since FROM kept WHERE fired", params
+            )
             return _Advanced(sorted(cursor.fetchall()))
         parts = _alert_parts(rule)
         sql = _FIRE_AND_ALERT_SQL.format(
             upsert=upsert,
+            episode=_EPISODE_SQL,
             alerts=Alert._meta.db_table,
+            deliveries=AlertDelivery._meta.db_table,
             # jsonb_build_object('recommendation', NULL) is not NULL: only recommend rules add the key.
             advice_data="jsonb_build_object('recommendation', s.advice)"
             if parts.recommendation is not None
@@ -451,81 +568,123 @@ def _states_advance_sql(
             "message_head": parts.message_head,
             "held": parts.held,
             "data": json.dumps(parts.data),
-            "now_iso": now.isoformat(),
             "created_at": timezone.now(),
+            "pending": AlertDelivery.Status.PENDING.value,
         }
         cursor.execute(sql, params)
-        fired, alerts = cursor.fetchone()
-    return _Advanced([], fired_in_sql=fired, alerts_in_sql=alerts)
+        fired, alerts, renotified, _ = cursor.fetchone()
+    return _Advanced([], fired_in_sql=fired, alerts_in_sql=alerts, renotified_in_sql=renotified)
 
 
-def _actions_run(
-    fired: list[tuple[OptimizationRule, str, str, Decimal]],
-    now: dt.datetime,
-    report: RulesReport,
-) -> list[Alert]:
+_THROTTLE_SQL = """
+UPDATE {agents} AS a SET status = %(throttled)s, status_reason = d.reason, updated_at = %(at)s
+FROM unnest(%(ids)b::text[], %(reasons)b::text[]) AS d(id, reason)
+WHERE a.id = d.id AND a.status = %(active)s
+RETURNING a.id
+"""
+
+# Back to active only if still throttled for the reason read: a change by hand meanwhile is kept.
+_LIFT_SQL = """
+UPDATE {agents} AS a SET status = %(active)s, status_reason = '', updated_at = %(at)s
+FROM unnest(%(ids)b::text[], %(reasons)b::text[]) AS d(id, reason)
+WHERE a.id = d.id AND a.status = %(throttled)s AND a.status_reason = d.reason
+RETURNING a.id, d.reason
+"""
+
+
+def _agents_update(sql: str, ids: list[str], reasons: list[str]) -> list[tuple]:
+    """One statement for a chunk's throttles or lifts."""
+    if not ids:
+        return []
+    with server_bound_cursor() as cursor:
+        cursor.execute(
+            sql.format(agents=Agent._meta.db_table),
+            {
+                "ids": ids,
+                "reasons": reasons,
+                "at": timezone.now(),
+                "active": Agent.Status.ACTIVE.value,
+                "throttled": Agent.Status.THROTTLED.value,
+            },
+        )
+        return cursor.fetchall()
+
+
+def _actions_run(fired: list[_Fired], chunk: _Chunk, now: dt.datetime, report: RulesReport) -> list[Alert]:
+    """Run the actions of the chunk's firings: alerts, one statement for its throttles, scaling."""
     alerts: list[Alert] = []
     acted: set[tuple[int, str]] = set()  # agent-wide actions run once per rule and agent
-    agent_objects = Agent.objects.in_bulk(
-        {agent_id for rule, agent_id, _, _ in fired if rule.action not in (Action.NOTIFY, Action.RECOMMEND)}
-    )
-    for rule, agent_id, subject, value in fired:
-        if rule.action in (Action.NOTIFY, Action.RECOMMEND):
-            alerts.append(_fire_alert(rule, agent_id, subject, value, now))
+    to_throttle: dict[str, _Fired] = {}
+    to_scale: list[_Fired] = []
+    for event in fired:
+        if event.rule.action in ALERT_ONLY_ACTIONS:
+            alerts.append(_fire_alert(event.rule, event.agent_id, event.subject, event.value, event.since))
             continue
-        if (rule.pk, agent_id) in acted:
+        if (event.rule.pk, event.agent_id) in acted:
             continue
-        acted.add((rule.pk, agent_id))
-        if rule.action == Action.THROTTLE:
+        acted.add((event.rule.pk, event.agent_id))
+        if event.rule.action == Action.THROTTLE:
             # Only an active agent is throttled: a suspension is stronger and must not be softened, and an
-            # agent already throttled (by this rule or by hand) keeps its reason.
-            if agent_objects[agent_id].status != Agent.Status.ACTIVE:
-                continue
-            agent_objects[agent_id] = agent_set_status(
-                agent=agent_objects[agent_id], status=Agent.Status.THROTTLED, reason=throttle_reason(rule)
-            )
-            report.throttled += 1
-            outcome = "The agent is throttled until the rule no longer holds."
-            alerts.append(_fire_alert(rule, agent_id, subject, value, now, outcome=outcome))
-        elif rule.action in (Action.SCALE_UP, Action.SCALE_DOWN):
-            direction = "up" if rule.action == Action.SCALE_UP else "down"
-            on = f" on {subject}" if subject else ""
+            # agent already throttled (by this rule or by hand) keeps its reason. The first rule wins.
+            if chunk.agents[event.agent_id][1] == Agent.Status.ACTIVE:
+                to_throttle.setdefault(event.agent_id, event)
+        elif event.rule.action in (Action.SCALE_UP, Action.SCALE_DOWN):
+            to_scale.append(event)
+
+    throttled = _agents_update(
+        _THROTTLE_SQL, list(to_throttle), [throttle_reason(event.rule) for event in to_throttle.values()]
+    )
+    outcome = "The agent is throttled until the rule no longer holds."
+    for (agent_id,) in throttled:
+        event = to_throttle[agent_id]
+        alerts.append(
+            _fire_alert(event.rule, agent_id, event.subject, event.value, event.since, outcome=outcome)
+        )
+    report.throttled += len(throttled)
+
+    if to_scale:
+        agent_objects = Agent.objects.in_bulk([event.agent_id for event in to_scale])
+        for event in to_scale:
+            direction = "up" if event.rule.action == Action.SCALE_UP else "down"
+            on = f" on {event.subject}" if event.subject else ""
+            rule = event.rule
             try:
-                event = scaling_apply(
-                    agent=agent_objects[agent_id],
+                scaled = scaling_apply(
+                    agent=agent_objects[event.agent_id],
                     direction=direction,
                     trigger="rule",
-                    reason=f"rule {rule.name}: {rule.metric}{on} = {value} ({rule.condition})",
+                    reason=f"rule {rule.name}: {rule.metric}{on} = {event.value} ({rule.condition})",
                 )
             except LedgerError as exc:
-                report.errors.append(f"{rule.name} {agent_id}: {exc.message}")
+                report.errors.append(f"{rule.name} {event.agent_id}: {exc.message}")
                 continue
-            report.scaled += event is not None
+            report.scaled += scaled is not None
     return alerts
 
 
 def _throttles_lift(
     rules: list[OptimizationRule],
     holding: dict[int, set[str]],
+    chunk: _Chunk,
     now: dt.datetime,
     report: RulesReport,
 ) -> list[Alert]:
-    """Set back to active the agents a rule throttled once that rule no longer holds for them (or is no
-    longer an enabled throttle rule). Agents throttled by hand, or suspended, are left alone."""
+    """Set back to active the chunk's agents a rule throttled once that rule no longer holds for them (or is
+    no longer an enabled throttle rule), in one statement. Agents throttled by hand, or suspended, are left
+    alone."""
     throttle_rules = {throttle_reason(rule): rule for rule in rules if rule.action == Action.THROTTLE}
-    throttled = Agent.objects.filter(
-        status=Agent.Status.THROTTLED, status_reason__startswith=THROTTLE_REASON_PREFIX
-    ).order_by("pk")
-    to_lift = []
-    for agent in throttled:
-        rule = throttle_rules.get(agent.status_reason)
-        if rule is None or agent.pk not in holding.get(rule.pk, set()):
-            to_lift.append((agent, rule))
+    to_lift: dict[str, str] = {}
+    for agent_id, (_, status, reason) in chunk.agents.items():
+        if status != Agent.Status.THROTTLED or not reason.startswith(THROTTLE_REASON_PREFIX):
+            continue
+        rule = throttle_rules.get(reason)
+        if rule is None or agent_id not in holding.get(rule.pk, set()):
+            to_lift[agent_id] = reason
+    lifted = _agents_update(_LIFT_SQL, list(to_lift), list(to_lift.values()))
+    report.lifted += len(lifted)
     alerts = []
-    for agent, rule in to_lift:
-        agent_id, reason = agent.pk, agent.status_reason
-        agent_set_status(agent=agent, status=Agent.Status.ACTIVE, reason="")
-        report.lifted += 1
+    for agent_id, reason in lifted:
+        rule = throttle_rules.get(reason)
         why = (
             "its condition no longer holds"
             if rule is not None

@@ -248,6 +248,8 @@ class Alert(Model):
     rule_id: int | None = None
     status: str = ""
     created_at: dt.datetime | None = None
+    notifications: int = 1
+    notified_at: dt.datetime | None = None
     acknowledged_at: dt.datetime | None = None
     acknowledged_by: str = ""
 
