@@ -8,6 +8,7 @@ Percentages are Decimal with two places; a metric with nothing to measure is abs
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -52,6 +53,29 @@ class AgentRange:
         if self.through is not None:
             found[f"{field}__lte"] = self.through
         return found
+
+
+def agent_chunks(*, size: int, fields: Sequence[str] = ("pk",)) -> Iterator[tuple[AgentRange, list[tuple]]]:
+    """The fleet in chunks of ``size`` agents by id, for sweeps: each chunk's range and rows of ``fields``.
+
+    Keyset pagination, one indexed query per chunk whatever the fleet, in the database's order (which the
+    range filters use too). The ranges cover every id without a gap, the first open below and the last
+    open above, so rows of agents that are gone fall in some chunk's range; an empty fleet is one chunk
+    covering everything.
+    """
+    if fields[0] != "pk":
+        raise ValueError("the first field of an agent chunk is its pk")
+    after: str | None = None
+    while True:
+        agents = Agent.objects.order_by("pk")
+        if after is not None:
+            agents = agents.filter(pk__gt=after)
+        rows = list(agents.values_list(*fields)[:size])
+        last = len(rows) < size
+        yield AgentRange(after, None if last else rows[-1][0]), rows
+        if last:
+            return
+        after = rows[-1][0]
 
 
 def _agents_filter(queryset, agent_ids, field: str = "agent_id"):

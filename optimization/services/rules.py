@@ -33,6 +33,7 @@ from ledger.models import Agent, OptimizationRule
 from optimization.models import Alert, AlertDelivery, RuleState
 from optimization.selectors import (
     AgentRange,
+    agent_chunks,
     budget_utilization,
     cost_spike_ratio,
     duration_percentiles,
@@ -202,23 +203,10 @@ class _Chunk:
 
 
 def _chunks(size: int) -> Iterator[_Chunk]:
-    """The fleet in chunks of ``size`` agents by id (keyset: one indexed query per chunk, whatever the
-    fleet), in the database's order, which the metrics' range filters use too. The chunks' ranges cover
-    every id, so the states of agents that are gone are pruned by the chunk whose range holds them."""
-    after: str | None = None
-    while True:
-        agents = Agent.objects.order_by("pk")
-        if after is not None:
-            agents = agents.filter(pk__gt=after)
-        rows = list(agents.values_list("pk", "tier_id", "status", "status_reason")[:size])
-        last = len(rows) < size
+    for agents_range, rows in agent_chunks(size=size, fields=("pk", "tier_id", "status", "status_reason")):
         yield _Chunk(
-            agents={pk: (tier, status, reason) for pk, tier, status, reason in rows},
-            range=AgentRange(after, None if last else rows[-1][0]),
+            agents={pk: (tier, status, reason) for pk, tier, status, reason in rows}, range=agents_range
         )
-        if last:
-            return
-        after = rows[-1][0]
 
 
 def _scope(rule: OptimizationRule, chunk: _Chunk) -> set[str] | None:
