@@ -334,6 +334,15 @@ def test_cost_spike_alerts_at_three_times_the_baseline_once_per_hour(reference_d
     assert "cost_spike:busy:2025-06-15T12" in alert_keys()
 
 
+def test_cost_spike_sweep_in_chunks_of_one_agent_alerts_as_in_one_chunk(reference_data):
+    for agent_id in ("spike-a", "spike-b", "spike-c"):
+        _spend_history(agent_id, last_hour_requests=3_000)
+    _spend_history("calm", last_hour_requests=1_000)
+    assert cost_spike_sweep(now=SPIKE_NOW, chunk_size=1) == 3
+    assert alert_keys() == {f"cost_spike:spike-{x}:2025-06-15T12" for x in "abc"}
+    assert cost_spike_sweep(now=SPIKE_NOW, chunk_size=2) == 0
+
+
 # --- Delivery -------------------------------------------------------------------------------------------
 
 

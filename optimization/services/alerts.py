@@ -33,7 +33,7 @@ from optimization.models import (
     AlertSettings,
     WebhookEndpoint,
 )
-from optimization.selectors import SPIKE_BASELINE_HOURS, budgets_to_sweep, cost_spike_ratio
+from optimization.selectors import SPIKE_BASELINE_HOURS, agent_chunks, budgets_to_sweep, cost_spike_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -432,39 +432,55 @@ def budgets_resolve(*, now: dt.datetime | None = None, budget_ids: Iterable[int]
 # --- Cost spikes ----------------------------------------------------------------------------------------
 
 
+COST_SPIKE_CHUNK = 5000
+
+
 def cost_spike_sweep(
-    *, now: dt.datetime | None = None, ratio_threshold: Decimal = DEFAULT_SPIKE_RATIO
+    *,
+    now: dt.datetime | None = None,
+    ratio_threshold: Decimal = DEFAULT_SPIKE_RATIO,
+    chunk_size: int = COST_SPIKE_CHUNK,
 ) -> int:
     """Alert when an agent's last hour cost ``ratio_threshold`` times (or more) its average hour over the
-    24 hours before. At most one alert per agent per clock hour. Returns the alerts created."""
+    24 hours before. At most one alert per agent per clock hour. Returns the alerts created.
+
+    Works through the fleet in chunks of ``chunk_size`` agents by id, one query for the chunk's ratios and
+    its alerts written before the next chunk is read: memory is bounded by the chunk, and a sweep that
+    stops part way is completed by the next (the alert's key is the agent's and the hour's).
+    """
     now = now or timezone.now()
     hour = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    alerts = []
-    for agent_id, row in cost_spike_ratio(now=now).items():
-        if row["ratio"] < ratio_threshold:
-            continue
-        alerts.append(
-            Alert(
-                agent_id=agent_id,
-                kind=Alert.Kind.COST_SPIKE,
-                severity=Severity.WARNING,
-                title=f"Cost spike: {row['ratio']}x the usual hourly spend",
-                message=(
-                    f"Agent {agent_id} spent ${cents(row['last_hour_usd'])} in the last hour, "
-                    f"{row['ratio']} times its average of ${row['baseline_hourly_usd'].quantize(SUB_CENT)} "
-                    f"an hour over the {SPIKE_BASELINE_HOURS} hours before."
-                ),
-                data={
-                    "ratio": str(row["ratio"]),
-                    "ratio_threshold": str(ratio_threshold),
-                    "last_hour_usd": str(money_round(row["last_hour_usd"])),
-                    "baseline_hourly_usd": str(money_round(row["baseline_hourly_usd"])),
-                    "hour": hour.isoformat(),
-                },
-                dedup_key=f"cost_spike:{agent_id}:{hour:%Y-%m-%dT%H}",
-            )
-        )
-    return alerts_create(alerts=alerts, now=now)
+    created = 0
+    for agents, _ in agent_chunks(size=chunk_size):
+        alerts = [
+            _cost_spike_alert(agent_id, row, hour=hour, ratio_threshold=ratio_threshold)
+            for agent_id, row in cost_spike_ratio(now=now, agent_ids=agents).items()
+            if row["ratio"] >= ratio_threshold
+        ]
+        created += alerts_create(alerts=alerts, now=now)
+    return created
+
+
+def _cost_spike_alert(agent_id: str, row: dict, *, hour: dt.datetime, ratio_threshold: Decimal) -> Alert:
+    return Alert(
+        agent_id=agent_id,
+        kind=Alert.Kind.COST_SPIKE,
+        severity=Severity.WARNING,
+        title=f"Cost spike: {row['ratio']}x the usual hourly spend",
+        message=(
+            f"Agent {agent_id} spent ${cents(row['last_hour_usd'])} in the last hour, "
+            f"{row['ratio']} times its average of ${row['baseline_hourly_usd'].quantize(SUB_CENT)} "
+            f"an hour over the {SPIKE_BASELINE_HOURS} hours before."
+        ),
+        data={
+            "ratio": str(row["ratio"]),
+            "ratio_threshold": str(ratio_threshold),
+            "last_hour_usd": str(money_round(row["last_hour_usd"])),
+            "baseline_hourly_usd": str(money_round(row["baseline_hourly_usd"])),
+            "hour": hour.isoformat(),
+        },
+        dedup_key=f"cost_spike:{agent_id}:{hour:%Y-%m-%dT%H}",
+    )
 
 
 # --- Acknowledgement and settings -----------------------------------------------------------------------
