@@ -22,14 +22,21 @@ Auto-scaling (``scaling_evaluate``, every five minutes) follows these rules:
   Nothing is ever taken away vertically.
 
 Only changes are recorded: a decision that changes nothing (at a bound, in cooldown) writes no event, so it
-does not restart the cooldown either. The evaluation is set-based: a fixed number of queries for any number
-of agents, in one transaction that first locks the agents it may scale, so two evaluations running at once
-take turns and the second sees the first one's events (and is then in cooldown).
+does not restart the cooldown either. An event at the evaluation's own time or later also counts as a
+cooldown, so an evaluation run again at the same time changes nothing, whatever the cooldown.
+
+The evaluation streams through the fleet: chunks of agents by id, each in its own short transaction with a
+fixed number of set-based statements (one for the chunk's instance counts, one for its quota limits, one
+for its grants, one for its events), reading the metrics for the chunk's id range only. Each chunk first
+locks the agents it may scale, so two evaluations running at once take turns chunk by chunk and the second
+sees the first one's events (and is then in cooldown). No lock outlives its chunk, and a crash loses only
+the chunk in flight: the next evaluation finds the agents of the chunks done in their cooldown.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -48,6 +55,7 @@ from ledger.models import Agent, Grant, Quota
 from ledger.periods import month_bounds
 from optimization import selectors
 from optimization.models import ScalingEvent, ScalingPolicy
+from optimization.selectors import AgentRange, agent_chunks
 
 AUTO_ACTOR = "auto-scaler"
 RESOURCE_METRIC = "resource_utilization_percent"
@@ -189,7 +197,11 @@ def scaling_apply(
     )
 
 
-# --- The fleet, set-based -------------------------------------------------------------------------------
+# --- The fleet, in chunks -------------------------------------------------------------------------------
+
+# Agents per chunk of the evaluation: each chunk is one short transaction, and what it reads (agents, their
+# metrics, their recent events) is bounded by it, not by the fleet.
+SCALING_CHUNK = 5000
 
 
 @dataclass
@@ -209,10 +221,11 @@ def _threshold(value: Decimal) -> str:
     return f"{value.normalize():f}"
 
 
-def _last_by_direction(*, since: dt.datetime) -> dict[tuple[str, str], dt.datetime]:
-    """(agent, direction) -> its last scaling event since ``since``. One query."""
+def _last_by_direction(*, since: dt.datetime, agents: AgentRange) -> dict[tuple[str, str], dt.datetime]:
+    """(agent, direction) -> the agent's last scaling event in that direction since ``since``, for the
+    chunk's agents. One query (``scaling_agent_time_idx``)."""
     rows = (
-        ScalingEvent.objects.filter(created_at__gte=since)
+        ScalingEvent.objects.filter(created_at__gte=since, **agents.lookups("agent_id"))
         .values("agent_id", "direction")
         .annotate(last=Max("created_at"))
         .order_by()
@@ -220,13 +233,8 @@ def _last_by_direction(*, since: dt.datetime) -> dict[tuple[str, str], dt.dateti
     return {(row["agent_id"], row["direction"]): row["last"] for row in rows}
 
 
-def scaling_evaluate(*, now: dt.datetime | None = None) -> dict:
-    """Evaluate every agent's scaling policy and apply the decisions (see the module docstring).
-
-    A fixed number of queries whatever the number of agents. Returns counts of what happened.
-    """
-    now = now or timezone.now()
-    summary = {
+def _summary() -> dict:
+    return {
         "evaluated": 0,
         "scaled_up": 0,
         "scaled_down": 0,
@@ -235,122 +243,168 @@ def scaling_evaluate(*, now: dt.datetime | None = None) -> dict:
         "held_against_flapping": 0,
         "at_bound": 0,
         "no_metric": 0,
+        "chunks": 0,
     }
-    with transaction.atomic():
-        policies = list(ScalingPolicy.objects.all())
-        if not policies:
-            return summary
-        by_agent = {policy.agent_id: policy for policy in policies if policy.agent_id}
-        by_tier = {policy.tier_id: policy for policy in policies if policy.tier_id}
-        # Lock first, read the rest after: a second evaluation waits here and then sees our events.
-        agents = list(
-            Agent.objects.select_for_update(no_key=True, of=("self",))
-            .filter(
-                Exists(ScalingPolicy.objects.filter(agent_id=OuterRef("pk")))
-                | Exists(ScalingPolicy.objects.filter(tier_id=OuterRef("tier_id")))
-            )
-            .order_by("pk")
-            .values_list("pk", "tier_id", "instance_count", "min_instances", "max_instances")
-        )
-        governed = []
-        for agent_id, tier_id, count, agent_min, agent_max in agents:
-            policy = by_agent.get(agent_id) or by_tier.get(tier_id)
-            if policy is not None and policy.enabled:
-                governed.append((agent_id, count, agent_min, agent_max, policy))
-        if not governed:
-            return summary
-        summary["evaluated"] = len(governed)
-        active = [entry[4] for entry in governed]
-        needs_resources = any(p.metric == RESOURCE_METRIC or p.quota_step_percent for p in active)
-        resource = selectors.max_resource_utilization(now=now) if needs_resources else {}
-        budget = (
-            selectors.budget_utilization(now=now) if any(p.metric == BUDGET_METRIC for p in active) else {}
-        )
-        last_any = selectors.last_scaling_at()
-        longest = max(p.cooldown_seconds for p in active)
-        last_directed = _last_by_direction(since=now - dt.timedelta(seconds=2 * longest))
 
-        decisions: list[_Decision] = []
-        for agent_id, count, agent_min, agent_max, policy in governed:
-            most_used = resource.get(agent_id)  # (resource type, percent) or None
-            if policy.metric == RESOURCE_METRIC:
-                value = most_used[1] if most_used else None
-                subject = f" ({most_used[0]})" if most_used else ""
-            else:
-                value = budget.get(agent_id, {}).get("percent")
-                subject = ""
-            if value is None:
-                summary["no_metric"] += 1
-                continue
-            cooldown = dt.timedelta(seconds=policy.cooldown_seconds)
-            last_at = last_any.get(agent_id)
-            if last_at is not None and now - last_at < cooldown:
-                summary["in_cooldown"] += 1
-                continue
-            if value > policy.scale_up_threshold:
-                direction, opposite = UP, DOWN
-                reason = f"{policy.metric} {value} > {_threshold(policy.scale_up_threshold)}{subject}"
-            elif value < policy.scale_down_threshold:
-                direction, opposite = DOWN, UP
-                reason = f"{policy.metric} {value} < {_threshold(policy.scale_down_threshold)}{subject}"
-            else:
-                continue
-            opposite_at = last_directed.get((agent_id, opposite))
-            if opposite_at is not None and now - opposite_at < 2 * cooldown:
-                summary["held_against_flapping"] += 1
-                continue
-            low, high = scaling_bounds(agent_min=agent_min, agent_max=agent_max, policy=policy)
-            after = _step_target(before=count, direction=direction, step=policy.step, low=low, high=high)
-            if after != count:
-                decisions.append(
-                    _Decision(agent_id, direction, ScalingEvent.Kind.HORIZONTAL, count, after, reason)
-                )
-            elif direction == UP and policy.quota_step_percent and most_used:
-                decisions.append(
-                    _Decision(
-                        agent_id,
-                        UP,
-                        ScalingEvent.Kind.VERTICAL,
-                        0,
-                        0,
-                        f"{reason}; at max instances ({high}): +{policy.quota_step_percent}% of the base "
-                        f"limit of {most_used[0]}",
-                        resource_type_id=most_used[0],
-                        quota_step_percent=policy.quota_step_percent,
-                    )
-                )
-            else:
-                summary["at_bound"] += 1
 
-        horizontal = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL]
-        vertical = [d for d in decisions if d.kind == ScalingEvent.Kind.VERTICAL]
-        if horizontal:
-            bulk_update_column(
-                model=Agent,
-                field="instance_count",
-                values={d.agent_id: d.after for d in horizontal},
-                touch=now,
-            )
-        grants = _vertical_apply(decisions=vertical, now=now)
-        decisions = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL or d.quota_id]
-        bulk_insert(
-            model=ScalingEvent,
-            columns={
-                "agent_id": [d.agent_id for d in decisions],
-                "direction": [d.direction for d in decisions],
-                "kind": [d.kind for d in decisions],
-                "resource_type_id": [d.resource_type_id for d in decisions],
-                "before": [d.before for d in decisions],
-                "after": [d.after for d in decisions],
-                "reason": [d.reason[:300] for d in decisions],
-            },
-            constants={"trigger": ScalingEvent.Trigger.AUTO, "actor": AUTO_ACTOR, "created_at": now},
-        )
-        summary["scaled_up"] = sum(1 for d in horizontal if d.direction == UP)
-        summary["scaled_down"] = sum(1 for d in horizontal if d.direction == DOWN)
-        summary["vertical"] = grants
-        summary["at_bound"] += len(vertical) - grants  # a base limit of 0 has no step to grant
+def _chunks(size: int) -> Iterator[AgentRange]:
+    """The fleet's chunks by agent id (``agent_chunks``). A generator, so the next chunk is read between
+    two chunks' transactions, when the evaluation holds no lock."""
+    for agents, _ in agent_chunks(size=size):
+        yield agents
+
+
+def scaling_evaluate(*, now: dt.datetime | None = None, chunk_size: int = SCALING_CHUNK) -> dict:
+    """Evaluate every agent's scaling policy and apply the decisions (see the module docstring).
+
+    The fleet is worked through in chunks of ``chunk_size`` agents by id, each in its own short transaction
+    with a fixed number of statements (``_chunk_evaluate``): memory is bounded by the chunk, no lock
+    outlives its chunk (a vertical grant's quota rows are free again as soon as its chunk commits), and a
+    crash loses only the chunk in flight. The next evaluation goes on from there: every agent scaled in a
+    chunk that committed has its event, so it is in cooldown. Returns counts of what happened.
+    """
+    now = now or timezone.now()
+    summary = _summary()
+    by_tier = {policy.tier_id: policy for policy in ScalingPolicy.objects.filter(tier_id__isnull=False)}
+    if not by_tier and not ScalingPolicy.objects.filter(agent_id__isnull=False).exists():
+        return summary
+    for agents in _chunks(chunk_size):
+        with transaction.atomic():
+            _chunk_evaluate(agents=agents, by_tier=by_tier, now=now, summary=summary)
+        summary["chunks"] += 1
     return summary
+
+
+def _chunk_evaluate(
+    *, agents: AgentRange, by_tier: dict[str, ScalingPolicy], now: dt.datetime, summary: dict
+) -> None:
+    """Evaluate and scale the agents in ``agents``' id range, adding to ``summary``. Call it in a
+    transaction: at most ten statements whatever the number of agents (lock, policies, two metrics of
+    three queries, events, then one statement each for instance counts, quota locks, limits, grants and
+    events)."""
+    # Lock first, read the rest after: an evaluation running at the same time waits here for this chunk and
+    # then sees its events (and is in cooldown). NO KEY UPDATE: allocations, whose rows only reference the
+    # agent, are not blocked by it.
+    governed_filter = Exists(ScalingPolicy.objects.filter(agent_id=OuterRef("pk")))
+    if by_tier:
+        governed_filter |= Q(tier_id__in=list(by_tier))
+    rows = list(
+        Agent.objects.select_for_update(no_key=True, of=("self",))
+        .filter(governed_filter, **agents.lookups("pk"))
+        .order_by("pk")
+        .values_list("pk", "tier_id", "instance_count", "min_instances", "max_instances")
+    )
+    if not rows:
+        return
+    by_agent = {
+        policy.agent_id: policy for policy in ScalingPolicy.objects.filter(**agents.lookups("agent_id"))
+    }
+    governed = []
+    for agent_id, tier_id, count, agent_min, agent_max in rows:
+        policy = by_agent.get(agent_id) or by_tier.get(tier_id)
+        if policy is not None and policy.enabled:
+            governed.append((agent_id, count, agent_min, agent_max, policy))
+    if not governed:
+        return
+    summary["evaluated"] += len(governed)
+    active = [entry[4] for entry in governed]
+    needs_resources = any(p.metric == RESOURCE_METRIC or p.quota_step_percent for p in active)
+    resource = selectors.max_resource_utilization(now=now, agent_ids=agents) if needs_resources else {}
+    budget = (
+        selectors.budget_utilization(now=now, agent_ids=agents)
+        if any(p.metric == BUDGET_METRIC for p in active)
+        else {}
+    )
+    # Twice the longest cooldown covers both guards: the cooldown (an event of any direction) and the
+    # flapping guard (one in the opposite direction). Older events decide nothing.
+    longest = max(p.cooldown_seconds for p in active)
+    last_directed = _last_by_direction(since=now - dt.timedelta(seconds=2 * longest), agents=agents)
+    last_any: dict[str, dt.datetime] = {}
+    for (agent_id, _), last in last_directed.items():
+        last_any[agent_id] = max(last, last_any.get(agent_id, last))
+
+    decisions: list[_Decision] = []
+    for agent_id, count, agent_min, agent_max, policy in governed:
+        most_used = resource.get(agent_id)  # (resource type, percent) or None
+        if policy.metric == RESOURCE_METRIC:
+            value = most_used[1] if most_used else None
+            subject = f" ({most_used[0]})" if most_used else ""
+        else:
+            value = budget.get(agent_id, {}).get("percent")
+            subject = ""
+        if value is None:
+            summary["no_metric"] += 1
+            continue
+        cooldown = dt.timedelta(seconds=policy.cooldown_seconds)
+        last_at = last_any.get(agent_id)
+        # An event at ``now`` or later is this very evaluation's (one that ran again at the same time after
+        # a crash) or newer: acting again would scale twice, even with no cooldown.
+        if last_at is not None and (now - last_at < cooldown or last_at >= now):
+            summary["in_cooldown"] += 1
+            continue
+        if value > policy.scale_up_threshold:
+            direction, opposite = UP, DOWN
+            reason = f"{policy.metric} {value} > {_threshold(policy.scale_up_threshold)}{subject}"
+        elif value < policy.scale_down_threshold:
+            direction, opposite = DOWN, UP
+            reason = f"{policy.metric} {value} < {_threshold(policy.scale_down_threshold)}{subject}"
+        else:
+            continue
+        opposite_at = last_directed.get((agent_id, opposite))
+        if opposite_at is not None and now - opposite_at < 2 * cooldown:
+            summary["held_against_flapping"] += 1
+            continue
+        low, high = scaling_bounds(agent_min=agent_min, agent_max=agent_max, policy=policy)
+        after = _step_target(before=count, direction=direction, step=policy.step, low=low, high=high)
+        if after != count:
+            decisions.append(
+                _Decision(agent_id, direction, ScalingEvent.Kind.HORIZONTAL, count, after, reason)
+            )
+        elif direction == UP and policy.quota_step_percent and most_used:
+            decisions.append(
+                _Decision(
+                    agent_id,
+                    UP,
+                    ScalingEvent.Kind.VERTICAL,
+                    0,
+                    0,
+                    f"{reason}; at max instances ({high}): +{policy.quota_step_percent}% of the base "
+                    f"limit of {most_used[0]}",
+                    resource_type_id=most_used[0],
+                    quota_step_percent=policy.quota_step_percent,
+                )
+            )
+        else:
+            summary["at_bound"] += 1
+
+    horizontal = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL]
+    vertical = [d for d in decisions if d.kind == ScalingEvent.Kind.VERTICAL]
+    if horizontal:
+        bulk_update_column(
+            model=Agent,
+            field="instance_count",
+            values={d.agent_id: d.after for d in horizontal},
+            touch=now,
+        )
+    grants = _vertical_apply(decisions=vertical, now=now)
+    decisions = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL or d.quota_id]
+    bulk_insert(
+        model=ScalingEvent,
+        columns={
+            "agent_id": [d.agent_id for d in decisions],
+            "direction": [d.direction for d in decisions],
+            "kind": [d.kind for d in decisions],
+            "resource_type_id": [d.resource_type_id for d in decisions],
+            "before": [d.before for d in decisions],
+            "after": [d.after for d in decisions],
+            "reason": [d.reason[:300] for d in decisions],
+        },
+        constants={"trigger": ScalingEvent.Trigger.AUTO, "actor": AUTO_ACTOR, "created_at": now},
+    )
+    summary["scaled_up"] += sum(1 for d in horizontal if d.direction == UP)
+    summary["scaled_down"] += sum(1 for d in horizontal if d.direction == DOWN)
+    summary["vertical"] += grants
+    summary["at_bound"] += len(vertical) - grants  # a base limit of 0 has no step to grant
 
 
 def _vertical_apply(*, decisions: list[_Decision], now: dt.datetime) -> int:
@@ -399,6 +453,7 @@ def _vertical_apply(*, decisions: list[_Decision], now: dt.datetime) -> int:
 
 __all__ = [
     "POLICY_FIELDS",
+    "SCALING_CHUNK",
     "scaling_apply",
     "scaling_bounds",
     "scaling_evaluate",
