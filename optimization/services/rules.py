@@ -513,9 +513,10 @@ def _states_advance_sql(
     in_chunk, bounds = agents_range.sql("s.agent_id")
     with server_bound_cursor() as cursor:  # the arrays (``%b``) in binary
         cursor.execute(
-            f"DELETE FROM {states} AS s WHERE s.rule_id = %s AND {in_chunk} AND NOT EXISTS ("
-            "SELECT 1 FROM unnest(%b::text[], %b::text[]) AS t(agent_id, subject) "
-            "WHERE t.agent_id = s.agent_id AND t.subject = s.subject)",
+            # NOT IN, a hashed subplan whatever the planner's estimates: an anti-join that misjudges the
+            # chunk's states as few loops over the arrays once per state.
+            f"DELETE FROM {states} AS s WHERE s.rule_id = %s AND {in_chunk} AND (s.agent_id, s.subject) "
+            "NOT IN (SELECT t.a, t.s FROM unnest(%b::text[], %b::text[]) AS t(a, s))",
             [rule.pk, *bounds, agents, subjects],
         )
         if not keys:
