@@ -56,7 +56,16 @@ class AlertDeliveryInline(admin.TabularInline):
 class AlertAdmin(admin.ModelAdmin):
     """Every field is read-only; the change permission is what the "Acknowledge" action asks for."""
 
-    list_display = ("created_at", "subject", "kind", "severity", "title", "is_open", "acknowledged_by")
+    list_display = (
+        "created_at",
+        "subject",
+        "kind",
+        "severity",
+        "title",
+        "notifications",
+        "is_open",
+        "acknowledged_by",
+    )
     list_filter = ("kind", "severity", OpenFilter)
     search_fields = ("agent__id", "title", "message", "dedup_key")
     date_hierarchy = "created_at"
@@ -71,6 +80,8 @@ class AlertAdmin(admin.ModelAdmin):
         "rule",
         "dedup_key",
         "created_at",
+        "notifications",
+        "notified_at",
         "delivery_queued_at",
         "acknowledged_at",
         "acknowledged_by",
