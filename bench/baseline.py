@@ -6,6 +6,12 @@ own gunicorn (``bench.baseline_wsgi``) with no middleware at all (``bench.baseli
 database settings and worker configuration as the grid's server. The distance between the two is what the
 grid costs beyond the floor: its middleware, key check, idempotency, audit and bookkeeping. The tables are
 created by the bench setup (``BASELINE_SCHEMA_SQL``), never by a migration.
+
+``BaselineBatchView`` is the floor of batch ingestion (scenario 2, ``bench.ingest``): it parses the same JSON
+body as ``POST /api/v1/usage/batch`` (with the project's JSON parser, as any DRF view here), and takes every
+item in one set-based statement: the items as arrays (``unnest``), the rows they name locked in id order, one
+UPDATE of their counters (each row's items together, only if they all fit) and one INSERT of a usage row per
+item taken. No key, no idempotency, no audit, no per-item result.
 """
 
 from __future__ import annotations
@@ -27,6 +33,45 @@ CREATE TABLE IF NOT EXISTS bench_usage (
     amount bigint NOT NULL CHECK (amount > 0),
     created_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS bench_batch_quota (
+    id bigserial PRIMARY KEY,
+    agent_id text NOT NULL,
+    resource_type text NOT NULL,
+    used bigint NOT NULL DEFAULT 0,
+    lim bigint NOT NULL,
+    UNIQUE (agent_id, resource_type),
+    CHECK (used <= lim)
+);
+CREATE TABLE IF NOT EXISTS bench_batch_usage (
+    id bigserial PRIMARY KEY,
+    quota_id bigint NOT NULL REFERENCES bench_batch_quota (id),
+    amount bigint NOT NULL CHECK (amount > 0),
+    idempotency_key text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+_BATCH_SQL = """
+WITH items AS (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[])
+        AS i (agent_id, resource_type, amount, idempotency_key)
+), wanted AS MATERIALIZED (
+    -- Rows locked in id order, as every writer of several rows must: batches over the same rows queue.
+    SELECT q.id, q.agent_id, q.resource_type, w.amount
+    FROM bench_batch_quota AS q
+    JOIN (SELECT agent_id, resource_type, sum(amount) AS amount FROM items GROUP BY 1, 2) AS w
+        USING (agent_id, resource_type)
+    ORDER BY q.id
+    FOR NO KEY UPDATE OF q
+), taken AS (
+    UPDATE bench_batch_quota AS q SET used = q.used + wanted.amount
+    FROM wanted
+    WHERE q.id = wanted.id AND q.used + wanted.amount <= q.lim
+    RETURNING q.id, q.agent_id, q.resource_type
+)
+INSERT INTO bench_batch_usage (quota_id, amount, idempotency_key)
+SELECT taken.id, items.amount, items.idempotency_key
+FROM items JOIN taken USING (agent_id, resource_type)
 """
 
 _TAKE_SQL = "UPDATE bench_quota SET used = used + %s WHERE id = %s AND used + %s <= lim RETURNING used"
@@ -48,3 +93,27 @@ class BaselineAllocateView(APIView):
                 return Response({"error": "quota exceeded"}, status=409)
             cursor.execute(_USAGE_SQL, [quota_id, amount])
         return Response({"quota_id": quota_id, "amount": amount, "used": row[0]}, status=201)
+
+
+class BaselineBatchView(APIView):
+    authentication_classes: list = []
+    permission_classes: list = []
+
+    def post(self, request):
+        items = request.data.get("items") if isinstance(request.data, dict) else None
+        if not isinstance(items, list) or not 1 <= len(items) <= 1000:
+            return Response({"error": "items must be a list of 1-1000 items"}, status=400)
+        try:
+            columns = (
+                [item["agent_id"] for item in items],
+                [item["resource_type"] for item in items],
+                [item["amount"] for item in items],
+                [item.get("idempotency_key", "") for item in items],
+            )
+        except (KeyError, TypeError, AttributeError):
+            return Response({"error": "every item needs agent_id, resource_type and amount"}, status=400)
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_BATCH_SQL, columns)
+            accepted = cursor.rowcount
+        summary = {"accepted": accepted, "refused": len(items) - accepted, "replayed": 0}
+        return Response({"summary": summary}, status=200)

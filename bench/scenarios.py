@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench import db
+from bench import db, ingest
 from bench.loadgen import LoadResult, python_load, wrk_load
 from bench.report import Report, log, ms, per_second, statements_seen
 from bench.server import ROOT, CpuMeter, GunicornServer
@@ -537,6 +537,18 @@ def batch(report: Report, profile: Profile, fixtures: Fixtures, server: Gunicorn
             f"{rows_written:,} = {accepted:,}",
             "equal",
             rows_written == accepted,
+        )
+    if usage_path is not None:  # the usage batch against its floor, side by side
+        ingest.floor_ratio(
+            report,
+            scenario="2 batch usage",
+            server=server,
+            grid_path=usage_path,
+            operator_key=fixtures.operator_key,
+            agent_ids=[agent_id for agent_id, _ in agents],
+            limit=HUGE_LIMIT,
+            rounds=ingest.Rounds(profile.http_rounds, profile.batch_seconds / 4, profile.batch_connections),
+            run=run_id(),
         )
 
 
