@@ -393,6 +393,107 @@ def test_app_service_environment_is_production_like(services, name):
         assert env.get(flag) == f"${{{flag}:-true}}", flag
 
 
+# --- docker-compose.yml: the `scale` profile, more than one node -----------------------------------------
+
+SCALE_PROFILE = "scale"
+
+
+def running(services: dict[str, dict], *profiles: str) -> dict[str, dict]:
+    """The services ``docker compose --profile P ... up`` starts: those without profiles, and those in one of
+    ``profiles``."""
+    return {
+        name: service
+        for name, service in services.items()
+        if not service.get("profiles") or set(service["profiles"]) & set(profiles)
+    }
+
+
+def role(service: dict) -> str | None:
+    """web (gunicorn), worker or beat (celery), from what the service runs; None for anything else."""
+    commands = split_commands(service["command"]) if "command" in service else []
+    if len(commands) != 1:
+        return None
+    (argv,) = commands
+    if program(argv) == "gunicorn":
+        return "web"
+    if program(argv) == "celery":
+        return next((word for word in program_args(argv) if word in {"worker", "beat"}), None)
+    return None
+
+
+def roles(services: dict[str, dict]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name, service in services.items():
+        if (kind := role(service)) is not None:
+            found.setdefault(kind, []).append(name)
+    return found
+
+
+def published_host_ports(service: dict) -> set[str]:
+    ports = set()
+    for port in service.get("ports", []):
+        host, _, container = str(port).rpartition(":")
+        ports.add(host.rpartition(":")[2] or container)
+    return ports
+
+
+def test_without_a_profile_compose_runs_one_web_one_worker_and_one_beat(services):
+    assert roles(running(services)) == {"web": ["web"], "worker": ["worker"], "beat": ["beat"]}
+
+
+def test_the_scale_profile_runs_two_web_nodes_two_workers_and_still_one_beat(services):
+    started = running(services, SCALE_PROFILE)
+    found = roles(started)
+    assert len(found["web"]) == 2, found
+    assert len(found["worker"]) == 2, found
+    # A second beat would send every schedule twice.
+    assert found["beat"] == ["beat"], found
+    assert not services["beat"].get("profiles"), "beat must run in every profile, and only once"
+    for name in ("postgres", "redis", "migrate"):
+        assert name in started and not services[name].get("profiles"), f"{name} is shared by every node"
+    assert [name for name in started if services[name].get("profiles")] == [
+        name for kind in ("web", "worker") for name in found[kind] if name not in {"web", "worker"}
+    ], "the profile adds nodes only"
+
+
+@pytest.mark.parametrize("kind", ["web", "worker"])
+def test_a_scaled_node_is_the_same_service_as_the_first(services, kind):
+    """The second node runs the same image, command, environment, health check and dependencies: only its
+    profile and its published port differ."""
+    (first,) = roles(running(services))[kind]
+    (second,) = [name for name in roles(running(services, SCALE_PROFILE))[kind] if name != first]
+    assert services[second]["profiles"] == [SCALE_PROFILE]
+    differing = {"profiles", "ports"}
+    same = {key: value for key, value in services[first].items() if key not in differing}
+    other = {key: value for key, value in services[second].items() if key not in differing}
+    assert other == same
+
+
+def test_the_web_nodes_publish_different_host_ports_for_the_same_container_port(services):
+    web_nodes = roles(running(services, SCALE_PROFILE))["web"]
+    host_ports = [published_host_ports(services[name]) for name in web_nodes]
+    assert all(len(ports) == 1 for ports in host_ports), host_ports
+    assert len(set.union(*host_ports)) == len(web_nodes), f"two nodes cannot publish one port: {host_ports}"
+    for name in web_nodes:
+        (port,) = services[name]["ports"]
+        assert str(port).endswith(":8000"), "gunicorn binds 8000 inside every container"
+
+
+def test_every_node_of_the_scale_profile_shares_one_database_and_one_redis(services):
+    started = running(services, SCALE_PROFILE)
+    nodes = [name for names in roles(started).values() for name in names]
+    assert len(nodes) == 5
+    urls = {
+        (environment(services[name])["DATABASE_URL"], environment(services[name])["REDIS_URL"])
+        for name in nodes
+    }
+    assert len(urls) == 1, urls
+    for name in nodes:
+        deps = depends_on(services[name])
+        assert deps.get("postgres") == "service_healthy" and deps.get("redis") == "service_healthy", name
+        assert deps.get("migrate") == "service_completed_successfully", name
+
+
 # --- Dockerfile and .dockerignore -----------------------------------------------------------------------
 
 
