@@ -1,4 +1,6 @@
-"""Auto-scaling task: thin, it runs the set-based, idempotent evaluation (a second run is in cooldown)."""
+"""Auto-scaling task: thin, it runs the evaluation, which streams through the fleet in chunks of agents, each
+its own short transaction. Idempotent: a run after a crash finds the agents of the chunks done in their
+cooldown, and goes on with the rest."""
 
 from __future__ import annotations
 
