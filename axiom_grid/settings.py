@@ -119,11 +119,27 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         "(postgres://USER:PASSWORD@HOST:PORT/NAME), or be unset for the embedded one; PostgreSQL is the only "
         "database."
     )
-# Lets psycopg keep server-side prepared statements (Django turns them off by default). Only the hot path's
-# own cursor asks for them (allocation.services.prepared_cursor): Django's cursors bind parameters
-# client-side and are never prepared. Prepared statements live in one connection, so a pooler in
-# transaction mode in front of PostgreSQL would need to support them (PgBouncer >= 1.21).
-DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5
+# What sits between the grid and PostgreSQL (docs/scaling.md). Unset: a direct connection, or a pooler in
+# session mode. psycopg then prepares a statement on the server after 5 runs in a connection (Django turns
+# that off by default); only the cursors of ledger.bulk.server_bound_cursor (the allocation's call, the
+# batches' arrays) can be prepared, Django's own cursors bind on the client and never are.
+# A pooler in transaction mode hands each transaction to any server connection, so nothing may outlive a
+# transaction in the session: Django's server-side cursors (WITH HOLD outside a transaction) are turned off,
+# and so are prepared statements with "transaction" (PgBouncer < 1.21, or max_prepared_statements = 0:
+# parameters are still bound on the server, in unnamed statements), kept with "transaction-prepared"
+# (PgBouncer >= 1.21 with max_prepared_statements > 0, which follows psycopg's protocol-level statements).
+DATABASE_POOLER = os.environ.get("DATABASE_POOLER", "").strip().lower()
+DATABASE_POOLERS = ("", "session", "transaction", "transaction-prepared")
+if DATABASE_POOLER not in DATABASE_POOLERS:
+    raise ImproperlyConfigured(
+        f"DATABASE_POOLER must be one of {', '.join(repr(name) for name in DATABASE_POOLERS[1:])} or unset, "
+        f"not {DATABASE_POOLER!r}"
+    )
+DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
+    None if DATABASE_POOLER == "transaction" else 5
+)
+if DATABASE_POOLER.startswith("transaction"):
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: broker and cache ----------------------------------------------------------------------------
