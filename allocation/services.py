@@ -41,7 +41,7 @@ from ledger.invariants import (
     hold_expires_at,
     quota_fits,
 )
-from ledger.models import Agent, Grant, Quota, ResourceType, UsageLog
+from ledger.models import Agent, Budget, Grant, Quota, ResourceType, UsageLog
 from ledger.money import money_round, percent, usage_cost
 from ledger.periods import month_bounds
 from ledger.reference_cache import price_table, resource_type_codes
@@ -439,21 +439,32 @@ def hold_release(*, agent: Agent, allocation_id, now: dt.datetime | None = None)
 
 def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> int:
     """End every hold past its expiry: a plain hold is released, a lease charged in full (``lease_open``
-    says why). Set-based: a fixed number of queries per batch of holds, plus one per distinct set of
-    budgets that the batch's leases are charged to, however many agents.
+    says why). Returns how many holds were ended.
 
-    Rows are locked with SKIP LOCKED, so a settle in flight keeps its hold and a second sweep running at the
-    same time takes other rows; running it twice ends nothing twice.
+    The expired holds are worked through in batches of ``batch_size`` in the order of their open-hold index
+    (expiry, then id), a keyset that goes on after the last hold of the batch before, so each batch reads
+    only its own rows and memory is bounded by the batch. Each batch is its own short transaction with a
+    fixed number of statements whatever the number of holds, agents and budgets (``_holds_end``): a crash
+    loses only the batch in flight, whose holds are still open for the next run.
+
+    Rows are locked with SKIP LOCKED, so a settle in flight keeps its hold (a hold skipped so is ended by
+    the next run if it is still open) and a second sweep running at the same time takes other rows; the
+    holds are claimed by their status, so running it twice ends nothing twice.
     """
     now = now or timezone.now()
     expired_total = 0
+    after: tuple[dt.datetime, object] | None = None
     while True:
         with transaction.atomic():
+            holds = Allocation.objects.filter(status=Allocation.Status.HELD, expires_at__lte=now)
+            if after is not None:
+                # After the last hold of the batch before, in (expiry, id) order: a range scan of
+                # allocation_open_hold_idx from that expiry on, not a read of every expired hold again.
+                holds = holds.filter(expires_at__gte=after[0]).exclude(expires_at=after[0], pk__lte=after[1])
             holds = list(
                 # Only the allocation rows are locked here (not the joined quota): budgets come first.
-                Allocation.objects.select_for_update(skip_locked=True, of=("self",))
-                .filter(status=Allocation.Status.HELD, expires_at__lte=now)
-                .order_by("quota_id", "pk")
+                holds.select_for_update(skip_locked=True, of=("self",))
+                .order_by("expires_at", "pk")
                 .values(*_EXPIRING)[:batch_size]
             )
             if not holds:
@@ -462,6 +473,7 @@ def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> i
             expired_total += len(holds)
         if len(holds) < batch_size:
             return expired_total
+        after = (holds[-1]["expires_at"], holds[-1]["pk"])
 
 
 _EXPIRING = (
@@ -474,12 +486,16 @@ _EXPIRING = (
     "task_id",
     "budget_ids",
     "lease",
+    "expires_at",
     "quota__period_start",
 )
 
 
 def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
-    """Mark ``holds`` expired and move their quota and money: released, or used in full for a lease."""
+    """Mark ``holds`` expired and move their quota and money: released, or used in full for a lease.
+
+    A fixed number of statements for any batch: the holds (two), the budgets (lock, roll the leases'
+    ended windows, charge the leases), the quotas (lock, update) and the leases' usage rows."""
     leases = [hold for hold in holds if hold["lease"]]
     for hold in holds:
         hold["cost"] = usage_cost(hold["amount"], hold["unit_price_usd"])
@@ -500,27 +516,42 @@ def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
     used: dict[int, int] = {}
     spent: dict[int, Decimal] = {}
     budget_release: dict[int, Decimal] = {}
-    lease_charges: dict[tuple[int, ...], Decimal] = {}
+    lease_charges: dict[int, Decimal] = {}
     for hold in holds:
         quota_id, cost = hold["quota_id"], hold["cost"]
         reserved[quota_id] = reserved.get(quota_id, 0) - hold["amount"]
         if hold["lease"]:
             used[quota_id] = used.get(quota_id, 0) + hold["amount"]
             spent[quota_id] = spent.get(quota_id, Decimal(0)) + cost
-            if hold["budget_ids"]:
-                key = tuple(sorted(hold["budget_ids"]))
-                lease_charges[key] = lease_charges.get(key, Decimal(0)) + cost
+            for budget_id in set(hold["budget_ids"]):
+                lease_charges[budget_id] = lease_charges.get(budget_id, Decimal(0)) + cost
         else:
             for budget_id in hold["budget_ids"]:
                 budget_release[budget_id] = budget_release.get(budget_id, Decimal(0)) + cost
     # Budgets before quotas, all of them locked at once in id order: the lock order of every writer
-    # (ledger.budgets). A lease's reserved money becomes spent, in the window open now.
-    sql.budgets_release(
-        budget_release, now=now, also_lock={budget_id for key in lease_charges for budget_id in key}
+    # (ledger.budgets). A lease's reserved money becomes spent, in the window open now: the leases' budgets
+    # whose window has ended are rolled first (nothing added, so nothing to refuse), then each is charged
+    # the sum of its leases.
+    sql.budgets_release(budget_release, now=now, also_lock=lease_charges)
+    if lease_charges:
+        budget_ids = sorted(lease_charges)
+        sql.budgets_apply(budget_ids, now=now)
+        bulk_update_columns(
+            model=Budget,
+            pks=budget_ids,
+            columns={
+                "spent_usd": [lease_charges[pk] for pk in budget_ids],
+                "reserved_usd": [-lease_charges[pk] for pk in budget_ids],
+            },
+            add=True,
+            touch=now,
+        )
+    # The quota rows in id order too, like every writer that locks several of them: a second sweep (or a
+    # share) taking some of the same rows then waits instead of deadlocking.
+    quota_ids = sorted(reserved)
+    list(
+        Quota.objects.select_for_update(no_key=True).filter(pk__in=quota_ids).order_by("pk").values_list("pk")
     )
-    for budget_ids, cost in lease_charges.items():
-        sql.budgets_apply(list(budget_ids), now=now, spend=cost, release=cost)
-    quota_ids = list(reserved)
     bulk_update_columns(
         model=Quota,
         pks=quota_ids,
