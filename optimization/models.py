@@ -440,3 +440,70 @@ class ExperimentAssignment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.agent_id} -> {self.arm}"
+
+
+# Up to 10^20 dollars at the usage log's 12 decimal places: a sum of many ``usage_logs.cost_usd`` values.
+ROLLUP_COST = {"max_digits": 32, "decimal_places": 12}
+
+
+class UsageRollup(models.Model):
+    """The usage log summed per hour or per day, agent, resource type and the quota period the rows are
+    charged to (``optimization.services.rollups`` keeps it up to date; ``optimization.rollups`` reads it).
+
+    ``units`` counts what was consumed (allocations, settlements, executions), as the quotas' ``used`` does;
+    ``cost_usd`` and ``calls`` count every row, purchases included. A bucket is recomputed whole from the
+    rows behind it, so its figures are a cache of the usage log that a recomputation can always restore."""
+
+    class Granularity(models.TextChoices):
+        HOUR = "hour", "Hour"
+        DAY = "day", "Day"
+
+    granularity = models.CharField(max_length=4, choices=Granularity.choices)
+    bucket_start = models.DateTimeField()
+    agent = models.ForeignKey(
+        Agent, on_delete=models.DO_NOTHING, related_name="+", db_constraint=False, db_index=False
+    )
+    resource_type = models.ForeignKey(
+        ResourceType, on_delete=models.DO_NOTHING, related_name="+", db_constraint=False, db_index=False
+    )
+    period_start = models.DateTimeField()
+    units = models.BigIntegerField()
+    cost_usd = models.DecimalField(**ROLLUP_COST)
+    calls = models.BigIntegerField()
+    # When the figures last changed: a recomputation that finds the same figures leaves the row alone.
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "usage_rollups"
+        ordering = ["granularity", "bucket_start", "agent_id", "resource_type_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["granularity", "bucket_start", "agent", "resource_type", "period_start"],
+                name="usage_rollup_bucket_key",
+            ),
+        ]
+        # The key serves the fleet-wide reads of a time range; this one an agent's own.
+        indexes = [
+            models.Index(fields=["agent", "granularity", "bucket_start"], name="usage_rollup_agent_idx")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket_start:%Y-%m-%dT%H} {self.agent_id} {self.resource_type_id}"
+
+
+class UsageRollupState(models.Model):
+    """How far the rollups can be trusted: every hour in [``covered_from``, ``sealed_through``) is complete,
+    its late rows included, and so is every day in it. Readers take rollups for that range and raw rows for
+    the rest. ``last_usage_id`` is the highest usage row id seen, to find rows written with an old time."""
+
+    name = models.CharField(max_length=32, primary_key=True)
+    covered_from = models.DateTimeField()
+    sealed_through = models.DateTimeField()
+    last_usage_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "usage_rollup_state"
+
+    def __str__(self) -> str:
+        return f"{self.name}: [{self.covered_from:%Y-%m-%dT%H}, {self.sealed_through:%Y-%m-%dT%H})"

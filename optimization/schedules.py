@@ -26,4 +26,10 @@ SCHEDULES = [
         300,
         "Quota and budget utilization distributions for /metrics",
     ),
+    (
+        "Usage rollups",
+        "optimization.usage_rollups_update",
+        300,
+        "Hourly and daily usage and spend per agent and resource type, from the usage log",
+    ),
 ]

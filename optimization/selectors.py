@@ -16,10 +16,11 @@ from django.db import connection
 from django.db.models import Count, DecimalField, ExpressionWrapper, F, Max, Q, Sum, Value
 from django.utils import timezone
 
-from ledger.models import Agent, Budget, Quota, UsageLog
+from ledger.models import Agent, Budget, Quota
 from ledger.money import cents, money_round, percent
 from ledger.periods import month_bounds
 from optimization.models import Execution
+from optimization.rollups import UsageWindow, agents_sql, usage_totals
 
 SPIKE_BASELINE_HOURS = 24
 
@@ -265,30 +266,31 @@ def duration_percentiles(
 
 
 def cost_spike_ratio(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, dict]:
-    """agent -> the last hour's spend against its average hourly spend over the 24 hours before. One query.
+    """agent -> the last hour's spend against its average hourly spend over the 24 hours before. One query,
+    over the usage rollups and the raw rows of the window's edges (``optimization.rollups``).
 
     Agents with no baseline spend are left out: a first hour of use is not a spike.
     """
     now = now or timezone.now()
     hour_ago = now - dt.timedelta(hours=1)
     baseline_start = hour_ago - dt.timedelta(hours=SPIKE_BASELINE_HOURS)
-    rows = (
-        _agents_filter(UsageLog.objects.filter(created_at__gte=baseline_start, created_at__lt=now), agent_ids)
-        .values("agent_id")
-        .annotate(
-            last_hour=Sum("cost_usd", filter=Q(created_at__gte=hour_ago)),
-            baseline=Sum("cost_usd", filter=Q(created_at__lt=hour_ago)),
-        )
-        .order_by()
+    where, params = agents_sql(agent_ids)
+    totals = usage_totals(
+        windows={"baseline": UsageWindow(baseline_start, hour_ago), "last_hour": UsageWindow(hour_ago, now)},
+        where=where,
+        params=params,
     )
+    spend: dict[str, dict[str, Decimal]] = {}
+    for (window, agent_id), figures in totals.items():
+        spend.setdefault(agent_id, {})[window] = figures.cost_usd
     result = {}
-    for row in rows:
-        baseline = row["baseline"] or Decimal(0)
+    for agent_id, windows in spend.items():
+        baseline = windows.get("baseline") or Decimal(0)
         if baseline <= 0:
             continue
         hourly = baseline / SPIKE_BASELINE_HOURS
-        last_hour = row["last_hour"] or Decimal(0)
-        result[row["agent_id"]] = {
+        last_hour = windows.get("last_hour") or Decimal(0)
+        result[agent_id] = {
             "last_hour_usd": last_hour,
             "baseline_hourly_usd": money_round(hourly),
             "ratio": cents(last_hour / hourly),

@@ -9,18 +9,18 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
-from django.db.models import Count, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Count
 from django.urls import reverse
 from django.utils import timezone
 
 from ledger.budgets import budget_figures, budgets_applying
-from ledger.models import Agent, Budget, Quota, ResourceType, Tier, UsageLog
+from ledger.models import Agent, Budget, Quota, ResourceType, Tier
 from ledger.money import cents, money_round, money_text, percent
 from ledger.periods import month_bounds
 from ledger.services import quotas_open_all
 from optimization import selectors
 from optimization.models import Alert, ScalingEvent
+from optimization.rollups import UsageWindow, usage_totals
 from optimization.services.analytics import efficiency_score
 from optimization.services.recommendations import recommendations_for
 from optimization.services.scaling import scaling_policy_resolve
@@ -136,12 +136,17 @@ def _scaling_event(event: ScalingEvent) -> dict:
 def _exhaustion(quota: Quota, now: dt.datetime) -> str | None:
     """When the quota runs out at the last 24 hours' burn rate, if that is before the period ends."""
     since = now - dt.timedelta(hours=24)
-    burned = (
-        UsageLog.objects.filter(
-            quota=quota, kind__in=UsageLog.CONSUMPTION_KINDS, created_at__gte=since, created_at__lt=now
-        ).aggregate(total=Sum("amount"))["total"]
-        or 0
+    totals = usage_totals(
+        windows={"burn": UsageWindow(since, now)},
+        group_by=(),
+        where="agent_id = %(agent)s AND resource_type_id = %(resource_type)s AND period_start = %(period)s",
+        params={
+            "agent": quota.agent_id,
+            "resource_type": quota.resource_type_id,
+            "period": quota.period_start,
+        },
     )
+    burned = totals["burn",].units if ("burn",) in totals else 0
     if burned <= 0 or quota.available <= 0:
         return now.isoformat() if quota.available <= 0 and quota.limit > 0 else None
     at = now + dt.timedelta(hours=24 * quota.available / burned)
@@ -175,17 +180,18 @@ def cost_chart(*, agent: Agent, now: dt.datetime) -> dict:
     days = [(start + dt.timedelta(days=i)).date() for i in range((end - start).days)]
     today = now.date()
     # The period's rows, by the period they are charged to: a settlement made just after the period ended
-    # belongs to it (and counts on its last day), as in /cost and the budgets.
+    # belongs to it (and counts on its last day), as in /cost and the budgets. Read from the daily and hourly
+    # rollups, with raw rows only where they are not complete yet (``optimization.rollups``).
     daily: dict[tuple[dt.date, str], Decimal] = {}
-    for row in (
-        UsageLog.objects.filter(agent=agent, period_start=start, created_at__gte=start)
-        .annotate(day=TruncDate("created_at", tzinfo=dt.UTC))
-        .values("day", "resource_type_id")
-        .annotate(total=Sum("cost_usd"))
-        .order_by()
-    ):
-        key = (min(row["day"], days[-1]), row["resource_type_id"])
-        daily[key] = daily.get(key, Decimal(0)) + row["total"]
+    totals = usage_totals(
+        windows={"period": UsageWindow(start)},
+        group_by=("day", "resource_type_id"),
+        where="agent_id = %(agent)s AND period_start = %(period)s",
+        params={"agent": agent.pk, "period": start},
+    )
+    for (_, day, code), figures in totals.items():
+        key = (min(day, days[-1]), code)
+        daily[key] = daily.get(key, Decimal(0)) + figures.cost_usd
     series = []
     for code in codes:
         running = Decimal(0)

@@ -2,9 +2,10 @@
 
 Everything is read in a fixed number of aggregate queries, whatever the size of the usage log: the
 period's counters and spend come from the ``quotas`` rows (a cache of ``usage_logs``), execution figures from
-the set-based selectors of ``optimization.selectors`` with ``agent_ids=[agent.id]``, and the only reads of
-``usage_logs`` are bounded by time on the (agent, created_at) index. Every service takes ``now=`` so that a
-report can be computed for any moment (and tested at a fixed one).
+the set-based selectors of ``optimization.selectors`` with ``agent_ids=[agent.id]``, and usage over a window
+(the forecast's spend, the burn rate) from the hourly and daily usage rollups, with raw ``usage_logs`` rows
+only at the window's edges, bounded by time on the (agent, created_at) index (``optimization.rollups``).
+Every service takes ``now=`` so that a report can be computed for any moment (and tested at a fixed one).
 
 Rules
 -----
@@ -39,11 +40,12 @@ from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from ledger.errors import FeatureDisabled, LedgerError
-from ledger.models import Agent, Quota, ResourceType, UsageLog
+from ledger.models import Agent, Quota, ResourceType
 from ledger.money import CENT, COST_QUANTUM, cents, money_round, percent
 from ledger.periods import month_bounds
 from ledger.selectors import base_limits
 from optimization.models import Execution
+from optimization.rollups import UsageWindow, usage_totals, window_sql
 from optimization.selectors import execution_figures, percentile_value
 
 DEFAULT_WINDOW_HOURS = 24
@@ -158,20 +160,15 @@ def resource_snapshots(*, agent: Agent, clock: PeriodClock) -> list[ResourceSnap
 
 
 def burn_last_24h(*, agent: Agent, now: dt.datetime) -> dict[str, int]:
-    """resource type -> units consumed in the 24 hours up to ``now``. One GROUP BY query."""
-    rows = (
-        UsageLog.objects.filter(
-            agent=agent,
-            created_at__gte=now - BURN_WINDOW,
-            created_at__lte=now,
-            kind__in=UsageLog.CONSUMPTION_KINDS,
-        )
-        .values("resource_type_id")
-        .annotate(units=Sum("amount"))
-        .values_list("resource_type_id", "units")
-        .order_by()
+    """resource type -> units consumed in the 24 hours up to ``now``. One GROUP BY query, over the usage
+    rollups and the raw rows of the window's edges."""
+    totals = usage_totals(
+        windows={"burn": UsageWindow(now - BURN_WINDOW, now, include_end=True)},
+        group_by=("resource_type_id",),
+        where="agent_id = %(agent)s",
+        params={"agent": agent.id},
     )
-    return dict(rows)
+    return {code: figures.units for (_, code), figures in totals.items() if figures.units > 0}
 
 
 def exhaustion_at(*, available: int, units_24h: int, now: dt.datetime) -> dt.datetime | None:
@@ -247,10 +244,19 @@ class AgentActivity:
 
 # ``agent_activity`` in one statement: one pass over the agent's executions of the window and of the period
 # (the agent's time index), with the percentiles as ordered-set aggregates, and the forecast window's spend
-# as a subquery. The same figures as ``execution_stats``, ``duration_percentiles`` and ``period_executions``
-# give, which a test checks; it saves the ORM building four queries and three round trips on every
-# ``/metrics`` (about half the endpoint's time on a slow machine, docs/benchmarks.md).
+# as a subquery over the usage rollups and the raw rows of the window's edges (``optimization.rollups``).
+# The same figures as ``execution_stats``, ``duration_percentiles`` and ``period_executions`` give, which a
+# test checks; it saves the ORM building four queries and three round trips on every ``/metrics`` (about
+# half the endpoint's time on a slow machine, docs/benchmarks.md).
+_SPEND_CTES, _SPEND_PARTS, _ = window_sql(
+    UsageWindow(
+        dt.datetime.min.replace(tzinfo=dt.UTC), dt.datetime.max.replace(tzinfo=dt.UTC), include_end=True
+    ),
+    name="spend",
+    where="agent_id = %(agent)s",
+)
 _ACTIVITY_SQL = f"""
+WITH {_SPEND_CTES}
 SELECT count(*) FILTER (WHERE e.in_window),
        count(*) FILTER (WHERE e.in_window AND NOT e.success),
        sum(e.output_units) FILTER (WHERE e.in_window AND e.success),
@@ -258,8 +264,7 @@ SELECT count(*) FILTER (WHERE e.in_window),
        percentile_cont(0.5) WITHIN GROUP (ORDER BY e.duration_ms) FILTER (WHERE e.in_window),
        percentile_cont(0.95) WITHIN GROUP (ORDER BY e.duration_ms) FILTER (WHERE e.in_window),
        count(*) FILTER (WHERE e.in_period AND e.success),
-       (SELECT sum(u.cost_usd) FROM "{UsageLog._meta.db_table}" u
-        WHERE u.agent_id = %(agent)s AND u.created_at >= %(spend_since)s AND u.created_at <= %(now)s)
+       (SELECT sum(spend_parts.cost_usd) FROM ({_SPEND_PARTS}) spend_parts)
 FROM (
     SELECT x.success, x.duration_ms, x.output_units, x.cost_usd,
            x.created_at >= %(since)s AND x.created_at < %(now)s AS in_window,
@@ -278,11 +283,11 @@ def agent_activity(*, agent: Agent, since: dt.datetime, clock: PeriodClock) -> A
         "agent": agent.id,
         "now": clock.now,
         "since": since,
-        "spend_since": spend_since,
         "period_start": clock.start,
         "period_end": clock.end,
         "read_from": min(since, clock.start),
         "read_to": max(clock.now, clock.end),
+        **window_sql(UsageWindow(spend_since, clock.now, include_end=True), name="spend")[2],
     }
     with connection.cursor() as cursor:
         cursor.execute(_ACTIVITY_SQL, params)
