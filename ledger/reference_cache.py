@@ -10,6 +10,10 @@ snapshot of the three tables and reads it without a query. The rule that bounds 
   again when the transaction commits (signals, connected in ``ledger.apps``), so it never reads its own
   change late, nor keeps a snapshot another of its threads read just before the commit.
 
+With several web nodes this is the whole rule: nothing is sent between processes, so a node added or
+restarted needs nothing but the database. docs/scaling.md says what the bound means to an operator (a price
+that must change at one moment everywhere is created with an ``effective_from`` at least the bound ahead).
+
 Checking the age is a clock read, not a query: the hot path pays nothing per allocation, and each process
 pays one reload (three small queries) every few seconds while it is busy. Rows written without signals
 (``QuerySet.update``, raw SQL) and rows a rolled-back transaction had shown to a reload are corrected
