@@ -63,13 +63,14 @@ clean:
 
 # Benchmarks (docs/benchmarks.md): PostgreSQL and Redis on loopback, gunicorn, one table at the end, in the
 # bench's own databases. `bench` installs wrk from Debian's packages when it can (root with apt-get), else
-# the built-in Python load generator is used; `bench-quick` needs nothing beyond PostgreSQL (< 2 minutes).
+# the built-in Python load generator is used; `bench-quick` needs nothing beyond PostgreSQL (a few minutes).
+# The sweeps' fleet size: `make bench AGENTS=300000` (or BENCH_ARGS="--agents 300000"; default a million).
 .PHONY: bench bench-quick
 bench: setup
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || \
 		echo "wrk is not available: the built-in Python load generator is used"
-	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.run $(if $(AGENTS),--agents $(AGENTS)) $(BENCH_ARGS)
 
 bench-quick: setup
 	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)

@@ -43,8 +43,11 @@ def database_name(url: str) -> str:
 
 
 def bench_redis_url() -> str:
-    """The environment's Redis (or the local one): the bench writes only keys under ``redis_key_prefix``."""
-    return os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    """The Redis database the bench's processes use: ``BENCH_REDIS_URL`` (pick a database of its own there,
+    ``redis://host:6379/11``), else the environment's ``REDIS_URL``, else the local one's database 0.
+    Whichever it is, the bench writes and deletes only keys under ``redis_key_prefix``: it never empties a
+    database."""
+    return os.environ.get("BENCH_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
 def redis_key_prefix(database_url: str) -> str:
@@ -130,49 +133,121 @@ def deadlocks(cursor) -> int:
 # --- Sweep agents ---------------------------------------------------------------------------------------
 
 SWEEP_PREFIX = "sw-"
+SWEEP_HOLD_TASK = "bench-expiring-hold"
 
-# Agents sw-000001 .. sw-N: FREE/PRO/ENTERPRISE in turn, a $100 budget, one instance.
-SWEEP_AGENTS_SQL = """
+# Agent number g is agent 'sw-' || g, zero-padded to the number of digits of the fleet's size (%(width)s),
+# so that the ids sort as the numbers do at any fleet size. Every statement below takes the numbers
+# %(first)s .. %(last)s, so a fleet is grown in steps (the reference size first, then the rest) and each
+# step is a handful of set-based statements, whatever its size: nothing is built in Python.
+SWEEP_ID = "'sw-' || lpad(g::text, %(width)s, '0')"
+
+# Which agents are which, by their number: FREE/PRO/ENTERPRISE in turn; one in ten (g % 10 = 5) has spent
+# 95 % of its $100 monthly budget (the rest 0-59 %); one in 3,000 (g % 3000 = 2, all ENTERPRISE) runs at its
+# maximum instance count, where scaling up means a vertical quota grant; one in twenty (g % 20 = 7) has an
+# expiring hold.
+SWEEP_TIER = "(ARRAY['FREE', 'PRO', 'ENTERPRISE'])[1 + g %% 3]"
+SWEEP_AT_BOUND = "g %% 3000 = 2"
+SWEEP_OVER_BUDGET = "g %% 10 = 5"
+SWEEP_HOLDS = "g %% 20 = 7"
+# What one quota row of agent g has spent: five rows make the agent's month.
+SWEEP_QUOTA_SPENT = f"(CASE WHEN {SWEEP_OVER_BUDGET} THEN 19.00 ELSE (g %% 100) * 0.12 END)::numeric(28, 12)"
+SWEEP_AT_BOUND_INSTANCES = 10
+
+# The agents, without their per-row trigger (session_replication_role = replica): their managed monthly
+# budgets are written by SWEEP_BUDGETS_SQL in one statement instead, as the trigger would write them.
+SWEEP_AGENTS_SQL = f"""
 INSERT INTO ledger_agent (id, name, tier_id, status, status_reason, monthly_budget_usd, instance_count,
                           min_instances, max_instances, metadata, created_at, updated_at)
-SELECT 'sw-' || lpad(g::text, 6, '0'), '', (ARRAY['FREE', 'PRO', 'ENTERPRISE'])[1 + g %% 3], 'active', '',
-       100.00, 1, 1, 10, '{}'::jsonb, now(), now()
+SELECT {SWEEP_ID}, '', {SWEEP_TIER}, 'active', '', 100.00,
+       CASE WHEN {SWEEP_AT_BOUND} THEN {SWEEP_AT_BOUND_INSTANCES} ELSE 1 END, 1, {SWEEP_AT_BOUND_INSTANCES},
+       '{{}}'::jsonb, now(), now()
 FROM generate_series(%(first)s, %(last)s) AS g
 """
 
 # Every resource type's quota for the current period. Utilization is spread evenly over 0-99 % by a hash
-# of (agent, resource type), so about a fifth of the rows are above 80 %; the period's spend is spread over
-# 0-59 % of the budget, so about a sixth of the agents have crossed the 50 % alert threshold.
-SWEEP_QUOTAS_SQL = """
+# of (agent, resource type), so about a fifth of the rows are above 80 %.
+SWEEP_QUOTAS_SQL = f"""
 INSERT INTO quotas (agent_id, resource_type_id, period_start, period_end, base_limit, limit_amount, used,
                     reserved, listed, spent_usd, updated_at)
-SELECT a.id, tq.resource_type_id, %(start)s, %(end)s, tq.limit, tq.limit,
-       tq.limit * (abs(hashtext(a.id || tq.resource_type_id)) %% 100) / 100, 0, 0,
-       ((substr(a.id, 4)::int %% 100) * 0.12)::numeric(28, 12), now()
-FROM ledger_agent a
-JOIN ledger_tierquota tq ON tq.tier_id = a.tier_id
-WHERE a.id LIKE 'sw-%%' AND substr(a.id, 4)::int BETWEEN %(first)s AND %(last)s
+SELECT {SWEEP_ID}, tq.resource_type_id, %(start)s, %(end)s, tq.limit, tq.limit,
+       tq.limit * (abs(hashtext({SWEEP_ID} || tq.resource_type_id)) %% 100) / 100, 0, 0,
+       {SWEEP_QUOTA_SPENT}, now()
+FROM generate_series(%(first)s, %(last)s) AS g
+JOIN ledger_tierquota tq ON tq.tier_id = {SWEEP_TIER}
+"""
+
+# The agents' managed monthly budgets, as the agent trigger (ledger/budgets.py) writes them, with what
+# their quota rows of this month have spent.
+SWEEP_BUDGETS_SQL = f"""
+INSERT INTO ledger_budget (scope, agent_id, run_id, budget_window, limit_usd, mode, rollover_percent,
+                           thresholds, managed, window_start, window_end, spent_usd, reserved_usd,
+                           rollover_usd, created_at, updated_at)
+SELECT 'agent', {SWEEP_ID}, '', 'month', 100.00, 'hard', 0, '[50, 80, 90, 100]'::jsonb, true,
+       w.window_start, w.window_end, {SWEEP_QUOTA_SPENT} * (SELECT count(*) FROM ledger_tierquota tq
+                                                            WHERE tq.tier_id = {SWEEP_TIER}),
+       0, 0, now(), now()
+FROM generate_series(%(first)s, %(last)s) AS g
+CROSS JOIN grid_budget_window('month', now()) AS w
 """
 
 # Three usage rows per agent in the last day (what the cost-spike metric of the rules reads), on the
 # agent's AI_TOKENS quota of this period (not before its start: on the first day of a month the day before
 # is another period, which has no quota rows here).
-SWEEP_USAGE_SQL = """
+SWEEP_USAGE_SQL = f"""
 INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, kind,
                         idempotency_key, metadata, created_at, period_start)
-SELECT q.agent_id, 'AI_TOKENS', q.id, 1000, 0.000001, 0.001, '', 'allocation', '', '{}'::jsonb,
+SELECT q.agent_id, 'AI_TOKENS', q.id, 1000, 0.000001, 0.001, '', 'allocation', '', '{{}}'::jsonb,
        GREATEST(now() - make_interval(mins => (g * 7 + k * 480) %% 1440), %(start)s), q.period_start
 FROM generate_series(%(first)s, %(last)s) AS g
-JOIN quotas q ON q.agent_id = 'sw-' || lpad(g::text, 6, '0') AND q.resource_type_id = 'AI_TOKENS'
-             AND q.period_start = %(start)s
+JOIN quotas q ON q.agent_id = {SWEEP_ID} AND q.resource_type_id = 'AI_TOKENS' AND q.period_start = %(start)s
 CROSS JOIN generate_series(0, 2) AS k
 """
 
-SWEEP_RESET_SQL = """
-TRUNCATE optimization_alertdelivery, optimization_alert, optimization_rulestate, optimization_scalingevent;
-UPDATE ledger_agent SET instance_count = 1, status = 'active', status_reason = ''
-WHERE id LIKE 'sw-%' AND (instance_count <> 1 OR status <> 'active');
+# One hold of one AI token on one agent in twenty, written as already expired: SWEEP_HOLDS_ARM_SQL opens
+# them (and reserves their quota) before each run of the expiry sweep, so every run has all of them to end.
+SWEEP_HOLDS_SQL = f"""
+INSERT INTO allocation_allocation (id, agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd,
+                                   status, task_id, expires_at, created_at, finished_at, run_id, lease,
+                                   budget_ids)
+SELECT gen_random_uuid(), q.agent_id, q.resource_type_id, q.id, 1, 0.000001, 0, 'expired',
+       '{SWEEP_HOLD_TASK}', now() - interval '1 minute', now() - interval '1 hour', now(), '', false,
+       '{{}}'::bigint[]
+FROM generate_series(%(first)s, %(last)s) AS g
+JOIN quotas q ON q.agent_id = {SWEEP_ID} AND q.resource_type_id = 'AI_TOKENS' AND q.period_start = %(start)s
+WHERE {SWEEP_HOLDS}
 """
+
+SWEEP_HOLDS_ARM_SQL = f"""
+WITH armed AS (
+    UPDATE allocation_allocation
+    SET status = 'held', finished_at = NULL, expires_at = now() - interval '1 minute'
+    WHERE task_id = '{SWEEP_HOLD_TASK}' AND status <> 'held'
+    RETURNING quota_id, amount
+)
+UPDATE quotas q SET reserved = q.reserved + armed.amount FROM armed WHERE q.id = armed.quota_id
+"""
+
+# Between two sweeps: no alerts, rule states or scaling events, every agent back to its instance count.
+SWEEP_RESET_SQL = f"""
+TRUNCATE optimization_alertdelivery, optimization_alert, optimization_rulestate, optimization_scalingevent;
+UPDATE ledger_agent a SET instance_count = s.instances, status = 'active', status_reason = ''
+FROM (SELECT id, CASE WHEN substr(id, 4)::bigint % 3000 = 2 THEN {SWEEP_AT_BOUND_INSTANCES} ELSE 1 END
+             AS instances
+      FROM ledger_agent WHERE id LIKE 'sw-%') AS s
+WHERE a.id = s.id AND (a.instance_count <> s.instances OR a.status <> 'active')
+"""
+
+
+def sweep_fleet_grow(cursor, *, first: int, last: int, width: int, start, end) -> None:
+    """Agents ``first`` .. ``last`` of the sweep fleet with everything the sweeps read: agent rows, five
+    quota rows each, a managed monthly budget, three usage rows and (one in twenty) a hold. One statement
+    per table, in one transaction; the usage rows as a bulk load (``usage_bulk_insert``). The bench
+    process's memory does not grow with the fleet: the rows are made in the database."""
+    params = {"first": first, "last": last, "width": width, "start": start, "end": end}
+    cursor.execute("SET LOCAL session_replication_role = replica")  # no per-row triggers: see above
+    for statement in (SWEEP_AGENTS_SQL, SWEEP_QUOTAS_SQL, SWEEP_BUDGETS_SQL, SWEEP_HOLDS_SQL):
+        cursor.execute(statement, params)
+    cursor.execute(SWEEP_USAGE_SQL, params)
 
 
 # --- Reading at scale -----------------------------------------------------------------------------------

@@ -121,6 +121,8 @@ async def _client_run(
     seconds: float,
     keep_bodies: int,
     on_response: ResponseHook | None,
+    rate: float | None,
+    until: Callable[[], bool] | None,
 ) -> LoadResult:
     result = LoadResult(tool="python", connections=connections, requests=0, elapsed=0.0)
     next_index = 0
@@ -129,7 +131,7 @@ async def _client_run(
 
     def claim() -> int | None:
         nonlocal next_index
-        if next_index >= max_requests or time.perf_counter() >= deadline:
+        if next_index >= max_requests or time.perf_counter() >= deadline or (until and until()):
             return None
         next_index += 1
         return next_index - 1
@@ -137,6 +139,10 @@ async def _client_run(
     async def worker() -> None:
         reader = writer = None
         while (index := claim()) is not None:
+            if rate:
+                # Request ``index`` is due at ``index / rate`` seconds: a steady arrival rate, whatever the
+                # server's latency, as long as the connections keep up.
+                await asyncio.sleep(max(0.0, started + index / rate - time.perf_counter()))
             method, path, headers, body = make_request(index)
             lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", f"Content-Length: {len(body)}"]
             lines += [f"{name}: {value}" for name, value in headers.items()]
@@ -186,8 +192,12 @@ def python_load(
     seconds: float,
     keep_bodies: int = 0,
     on_response: ResponseHook | None = None,
+    rate: float | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> LoadResult:
-    """Run ``connections`` concurrent keep-alive clients until ``max_requests`` or ``seconds``."""
+    """Run ``connections`` concurrent keep-alive clients until ``max_requests`` or ``seconds``, or until
+    ``until()`` is true. With ``rate``, requests start at that many per second at most (else as fast as
+    the connections go)."""
     coroutine = _client_run(
         port=port,
         make_request=make_request,
@@ -196,6 +206,8 @@ def python_load(
         seconds=seconds,
         keep_bodies=keep_bodies,
         on_response=on_response,
+        rate=rate,
+        until=until,
     )
     # A hard cap above the soft one: requests in flight get REQUEST_TIMEOUT_SECONDS to finish.
     return asyncio.run(asyncio.wait_for(coroutine, seconds + 2 * REQUEST_TIMEOUT_SECONDS))

@@ -20,6 +20,9 @@ from bench.server import ROOT
 DOCS_PATH = ROOT / "docs" / "benchmarks.md"
 RESULTS_BEGIN = "<!-- bench:results:begin -->"
 RESULTS_END = "<!-- bench:results:end -->"
+# A run of the sweep scenarios alone (4, 9) has its own block, so that it does not replace a full run's table.
+SWEEPS_BEGIN = "<!-- bench:sweeps:begin -->"
+SWEEPS_END = "<!-- bench:sweeps:end -->"
 
 
 # --- The table ------------------------------------------------------------------------------------------
@@ -171,11 +174,19 @@ def machine_line(facts: dict) -> str:
 
 
 def docs_write(
-    report: Report, facts: dict, profile_name: str, scenarios: str, server_description: str, loadgen: str
+    report: Report,
+    facts: dict,
+    profile_name: str,
+    scenarios: str,
+    server_description: str,
+    loadgen: str,
+    *,
+    sweeps_only: bool = False,
 ) -> None:
+    begin, end = (SWEEPS_BEGIN, SWEEPS_END) if sweeps_only else (RESULTS_BEGIN, RESULTS_END)
     block = "\n".join(
         [
-            RESULTS_BEGIN,
+            begin,
             f"`make bench` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC ({profile_name} run, scenarios "
             f"{scenarios}; {server_description}; load generator {loadgen}).",
             f"Machine: {machine_line(facts)}.",
@@ -183,15 +194,16 @@ def docs_write(
             report.table(),
             "",
             *(f"- Note: {note}" for note in report.notes),
-            RESULTS_END,
+            end,
         ]
     )
     text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        head, _, rest = text.partition(RESULTS_BEGIN)
-        _, _, tail = rest.partition(RESULTS_END)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + block + tail
     else:
-        text = text.rstrip("\n") + "\n\n## Latest results\n\n" + block + "\n"
+        title = "Latest results of the sweeps at scale" if sweeps_only else "Latest results"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + block + "\n"
     DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)
     DOCS_PATH.write_text(text)

@@ -8,12 +8,16 @@ Scenarios (docs/benchmarks.md says what each measures and why):
 2. Batch ingestion: 1000-item batches, items per second (skipped when the batch routes do not exist).
 3. Hot agent: the same, all 32 connections on one agent and one resource, against the bare baseline on one
    row; ratios judged; exact final counts; pgbench's hot-row figure beside it as context.
-4. Sweeps (budget, rules, scaling) over N agents in a fresh process: seconds, queries, peak RSS.
+4. Sweeps (budget, rules and their firing evaluation, scaling, hold expiry) at 100,000 agents and at the fleet
+   size (``--agents``, a million by default), each in a fresh process: seconds, statements, peak RSS, ratio.
 5. Reading at scale: p95 of the metrics, cost and usage endpoints of one agent over a large usage log.
 6. The allocation service alone, in one process.
 7. Budgets: scenario 1's allocation by agents each under a hard agent, team and organization budget, against
    the bare baseline; spread (each agent its own team and organization) judged as a ratio, one hot team (every
    agent in one team) reported beside it; every budget must equal its usage log afterwards.
+8. The client's lease (bench/lease.py).
+9. Each sweep again at the fleet size while the grid serves a steady allocation load: allocation p99 and max
+   with the sweep running and without.
 
 The full run (``make bench``) writes its table and the machine into docs/benchmarks.md. ``--quick``
 (``make bench-quick``, and tests/test_bench_quick.py) runs a small version of each in well under two
@@ -34,7 +38,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import db, lease, scenarios
+from bench import db, lease, scenarios, sweeps
 from bench.loadgen import wrk_available
 from bench.report import DOCS_PATH, Report, docs_write, log, machine_facts, machine_line
 from bench.server import ROOT, GunicornServer
@@ -53,6 +57,16 @@ def _guarded(report: Report, scenario: str, function, *args) -> None:
     log(f"{scenario} took {time.perf_counter() - started:.0f} s")
 
 
+ALL_SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+
+
+def _positive(text: str) -> int:
+    value = int(text.replace("_", "").replace(",", ""))
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small version of each scenario (< 2 minutes)")
@@ -68,7 +82,19 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-class", default="sync", help="gunicorn worker class (default sync)")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread)")
     parser.add_argument(
-        "--scenarios", default="1,2,3,4,5,6,7,8", help="a subset to run, e.g. 1,3 (default: all)"
+        "--scenarios", default=",".join(ALL_SCENARIOS), help="a subset to run, e.g. 1,3 (default: all)"
+    )
+    parser.add_argument(
+        "--agents",
+        type=_positive,
+        help=f"fleet size of the sweeps, scenarios 4 and 9 (default {sweeps.FULL.agents:,}; "
+        f"--quick {sweeps.QUICK.agents:,})",
+    )
+    parser.add_argument(
+        "--reference-agents",
+        type=_positive,
+        help=f"the fleet size the sweeps are compared with (default {sweeps.FULL.reference:,}; "
+        f"--quick {sweeps.QUICK.reference:,}; a tenth of --agents when that is smaller)",
     )
     parser.add_argument(
         "--docs",
@@ -104,6 +130,9 @@ def _environment(database_url: str, redis_url: str, redis_ok: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     profile = scenarios.QUICK if args.quick else scenarios.FULL
+    sweep_profile = sweeps.sweep_profile(
+        quick=args.quick, agents=args.agents, reference=args.reference_agents
+    )
     chosen = {part.strip() for part in args.scenarios.split(",") if part.strip()}
     use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and wrk_available())
     started = time.perf_counter()
@@ -117,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     redis_text = redis_url if redis_ok else "not reachable"
     log(f"{profile.name} run: database {db.database_name(database_url)}, Redis {redis_text}")
+    if {"4", "9"} & chosen:
+        log(f"sweep fleet: {sweep_profile.agents:,} agents, compared with {sweep_profile.reference:,}")
     if not redis_ok:
         report.notes.append(
             f"Redis not reachable at {redis_url}: ran with the filesystem broker and file cache"
@@ -170,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         elif "6" in chosen:
             _guarded(report, "6 allocate in-process", scenarios.in_process, profile, fixtures)
         if "4" in chosen:
-            _guarded(report, "4 sweeps", scenarios.sweeps, profile)
+            _guarded(report, "4 sweeps", sweeps.sweeps, sweep_profile)
+        if "9" in chosen:
+            with server:
+                load_agents = fixtures.alloc_agents
+                _guarded(report, "9 sweep under load", sweeps.under_load, sweep_profile, load_agents, server)
         connections.close_all()
 
     if redis_ok:
@@ -185,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     for note in report.notes:
         print(f"note: {note}")
     elapsed = time.perf_counter() - started
-    if args.docs == "yes" or (args.docs == "auto" and not args.quick and chosen == set("12345678")):
-        docs_write(report, facts, profile.name, ", ".join(sorted(chosen)), description, loadgen)
+    if args.docs == "yes" or (args.docs == "auto" and not args.quick and chosen == set(ALL_SCENARIOS)):
+        sweeps_only = chosen <= {"4", "9"}  # their own block: a full run's table stays
+        ran = ", ".join(sorted(chosen))
+        docs_write(report, facts, profile.name, ran, description, loadgen, sweeps_only=sweeps_only)
         print(f"results written to {DOCS_PATH.relative_to(ROOT)}")
     if report.harness_errors:
         print(f"bench: harness errors in {len(report.harness_errors)} scenario(s) ({elapsed:.0f} s)")

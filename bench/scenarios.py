@@ -1,4 +1,5 @@
-"""The seven scenarios of the bench, each bounded in requests and in seconds (see bench/run.py)."""
+"""The scenarios of the bench, each bounded in requests and in seconds (see bench/run.py); the sweeps' (4 and
+9) are in bench/sweeps.py."""
 
 from __future__ import annotations
 
@@ -42,8 +43,6 @@ class Profile:
     batch_seconds: float
     batch_connections: int
     pgbench_seconds: int
-    sweep_sizes: tuple[int, int]
-    sweep_timeout: float
     read_rows: int
     read_requests: int
     read_warmup: int
@@ -61,8 +60,6 @@ FULL = Profile(
     batch_seconds=20,
     batch_connections=4,
     pgbench_seconds=10,
-    sweep_sizes=(1_000, 100_000),
-    sweep_timeout=120,
     read_rows=10_000_000,
     read_requests=200,
     read_warmup=20,
@@ -79,8 +76,6 @@ QUICK = Profile(
     batch_seconds=4,
     batch_connections=2,
     pgbench_seconds=2,
-    sweep_sizes=(200, 1_000),
-    sweep_timeout=60,
     read_rows=100_000,
     read_requests=40,
     read_warmup=5,
@@ -90,8 +85,6 @@ QUICK = Profile(
 
 TARGETS = {
     "batch_items_per_second": 20_000,
-    "sweep_seconds": 5.0,
-    "sweep_rss_mb": 300.0,
     "read_p95_ms": 30.0,
     "inproc_per_second": 2_500,
     # Scenarios 1 and 3 are judged against the bare baseline measured in the same run, never in absolute
@@ -705,161 +698,7 @@ def hot_agent(
     )
 
 
-# --- Scenario 4: sweeps ---------------------------------------------------------------------------------
-
-# rules_evaluate_firing runs right after rules_evaluate, on the states it created, without a reset.
-SWEEPS = ("budget_sweep", "rules_evaluate", "rules_evaluate_firing", "scaling_evaluate")
-
-
-def _sweep_seed(first: int, last: int) -> None:
-    from ledger.periods import month_bounds
-
-    start, end = month_bounds(dt.datetime.now(dt.UTC))
-    params = {"first": first, "last": last, "start": start, "end": end}
-    sql(db.SWEEP_AGENTS_SQL, params)
-    sql(db.SWEEP_QUOTAS_SQL, params)
-    sql(db.SWEEP_USAGE_SQL, params)
-    sql("ANALYZE")
-
-
-def _sweep_reset() -> None:
-    for statement in db.SWEEP_RESET_SQL.split(";"):
-        if statement.strip():
-            sql(statement)
-
-
-def _policies_create() -> None:
-    from optimization.models import ScalingPolicy
-
-    for tier, metric in (("FREE", "budget_utilization_percent"), ("PRO", None), ("ENTERPRISE", None)):
-        ScalingPolicy.objects.update_or_create(
-            tier_id=tier,
-            defaults={
-                "metric": metric or "resource_utilization_percent",
-                "scale_up_threshold": 80,
-                "scale_down_threshold": 30,
-                "step": 1,
-                "min_instances": 1,
-                "max_instances": 10,
-                "cooldown_seconds": 600,
-                "enabled": True,
-            },
-        )
-
-
-SWEEP_APPLICATION_NAME = "axiom-bench-sweep"
-
-
-def _sweep_env(timeout: float) -> dict[str, str]:
-    """The sweep worker's environment. JIT is off for its session (``BENCH_SWEEP_PGOPTIONS`` overrides):
-    PostgreSQL cannot interrupt a JIT compilation (neither a timeout nor a cancel nor pg_terminate_backend
-    ends it), and a statement whose size grows with the fleet can take minutes to compile, holding up every
-    DROP DATABASE on the server meanwhile. The statement timeout ends whatever else runs away, on the
-    server's side."""
-    options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
-    return {
-        **os.environ,
-        "PGAPPNAME": SWEEP_APPLICATION_NAME,
-        "PGOPTIONS": f"{options} -c statement_timeout={int(timeout * 1000)}",
-    }
-
-
-def _sweep_backends_end() -> None:
-    """End the server sessions a killed sweep worker left behind (they would go on holding row locks)."""
-    sql(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND application_name = %s AND pid <> pg_backend_pid()",
-        [SWEEP_APPLICATION_NAME],
-    )
-
-
-def _sweep_run(name: str, timeout: float) -> dict:
-    command = [sys.executable, "-m", "bench.worker", "sweep", name]
-    try:
-        completed = subprocess.run(
-            command,
-            cwd=ROOT,
-            env=_sweep_env(timeout),
-            capture_output=True,
-            text=True,
-            timeout=timeout + 30,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        _sweep_backends_end()
-        return {"timeout": True}
-    line = next((ln for ln in completed.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if line is None and "statement timeout" in completed.stderr:
-        return {"timeout": True}
-    if completed.returncode != 0 or line is None:
-        raise RuntimeError(f"{name} failed: {completed.stderr.strip()[-600:]}")
-    return json.loads(line.removeprefix("BENCH_JSON "))
-
-
-def _outcome_text(outcome) -> str:
-    if isinstance(outcome, dict):
-        keys = ("alerts", "fired", "conditions_true", "scaled_up", "scaled_down", "evaluated")
-        shown = {k: outcome[k] for k in keys if k in outcome}
-        return ", ".join(f"{k} {v}" for k, v in shown.items())
-    return f"{outcome} alerts"
-
-
-def sweeps(report: Report, profile: Profile) -> None:
-    """Scenario 4: each sweep in a fresh process at a small and a large number of agents: seconds and
-    peak RSS at the large one, and the query count at both (it must not depend on the number)."""
-    small, large = profile.sweep_sizes
-    _policies_create()
-    options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
-    report.notes.append(
-        f"scenario 4: each sweep runs in a fresh process with PGOPTIONS '{options}' "
-        "(PostgreSQL cannot interrupt a JIT compilation, not even at the statement timeout)"
-    )
-    measured: dict[int, dict[str, dict]] = {}
-    seeded = 0
-    for size in (small, large):
-        log(f"scenario 4: seeding {size:,} agents")
-        _sweep_seed(seeded + 1, size)
-        seeded = size
-        measured[size] = {}
-        for name in SWEEPS:
-            if name != "rules_evaluate_firing":
-                _sweep_reset()
-            log(f"scenario 4: {name} over {size:,} agents")
-            measured[size][name] = _sweep_run(name, profile.sweep_timeout)
-    for name in SWEEPS:
-        scenario = f"4 {name}"
-        big, little = measured[large][name], measured[small][name]
-        if big.get("timeout"):
-            report.add(
-                scenario,
-                f"seconds @ {large:,} agents",
-                f"timed out after {profile.sweep_timeout:.0f} s",
-                f"<= {TARGETS['sweep_seconds']:.0f} s",
-                "FAIL",
-            )
-            continue
-        report.check(
-            scenario,
-            f"seconds @ {large:,} agents",
-            f"{big['seconds']:.2f} s ({_outcome_text(big['outcome'])})",
-            f"<= {TARGETS['sweep_seconds']:.0f} s",
-            big["seconds"] <= TARGETS["sweep_seconds"],
-        )
-        small_queries = "timed out" if little.get("timeout") else str(little["queries"])
-        report.check(
-            scenario,
-            f"queries @ {large:,} (@ {small:,})",
-            f"{big['queries']} ({small_queries})",
-            "independent of N",
-            not little.get("timeout") and big["queries"] == little["queries"],
-        )
-        report.check(
-            scenario,
-            "peak RSS",
-            f"{big['peak_rss_mb']:.0f} MB (process at start {big['rss_before_mb']:.0f} MB)",
-            f"< {TARGETS['sweep_rss_mb']:.0f} MB",
-            big["peak_rss_mb"] < TARGETS["sweep_rss_mb"],
-        )
+# --- Scenario 4: sweeps (bench/sweeps.py) ---------------------------------------------------------------
 
 
 # --- Scenario 5: reading at scale -----------------------------------------------------------------------

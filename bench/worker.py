@@ -1,8 +1,8 @@
 """One measurement in a fresh process, like a Celery worker or a web worker would run it.
 
-``python -m bench.worker sweep budget_sweep|rules_evaluate|rules_evaluate_firing|scaling_evaluate`` times one
-sweep (``rules_evaluate_firing``: the evaluation, after the states exist, in which every rule fires), counts
-its queries (CaptureQueriesContext) and reads the process's peak RSS (VmHWM).
+``python -m bench.worker sweep NAME`` (one of ``SWEEPS``) times one sweep through its public service function
+(``rules_evaluate_firing``: the evaluation, after the states exist, in which every rule fires), counts its
+statements and reads the process's peak RSS (VmHWM): the memory of the process that ran the sweep.
 ``python -m bench.worker allocate AGENT[,AGENT...] --count N --seconds S`` calls ``allocation_create`` in a
 loop, one thread per agent, then runs the same statement from bare psycopg for comparison.
 Each prints one line ``BENCH_JSON {...}``.
@@ -44,10 +44,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
+SWEEPS = ("budget_sweep", "rules_evaluate", "rules_evaluate_firing", "scaling_evaluate", "holds_expire")
+
+
 def _sweep(name: str) -> dict:
     from django.db import connection
-    from django.test.utils import CaptureQueriesContext
 
+    from allocation.services import holds_expire
     from optimization.services.alerts import budget_sweep
     from optimization.services.rules import rules_evaluate
     from optimization.services.scaling import scaling_evaluate
@@ -57,16 +60,26 @@ def _sweep(name: str) -> dict:
         "rules_evaluate": rules_evaluate,
         "rules_evaluate_firing": _rules_evaluate_firing,
         "scaling_evaluate": scaling_evaluate,
+        "holds_expire": holds_expire,
     }[name]
+    statements = 0
+
+    # Counted, not captured: CaptureQueriesContext keeps the text of every statement, and a sweep over a
+    # million agents sends enough of it to make the memory this process measures its own.
+    def count(execute, sql, params, many, context):
+        nonlocal statements
+        statements += 1
+        return execute(sql, params, many, context)
+
     rss_before = _peak_rss_mb()
-    with CaptureQueriesContext(connection) as queries:
+    with connection.execute_wrapper(count):
         started = time.perf_counter()
         outcome = sweep()
         seconds = time.perf_counter() - started
     return {
         "sweep": name,
         "seconds": seconds,
-        "queries": len(queries.captured_queries),
+        "queries": statements,
         "rss_before_mb": rss_before,
         "peak_rss_mb": _peak_rss_mb(),
         "outcome": outcome,
@@ -222,9 +235,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("sweep")
-    sweep.add_argument(
-        "name", choices=["budget_sweep", "rules_evaluate", "rules_evaluate_firing", "scaling_evaluate"]
-    )
+    sweep.add_argument("name", choices=SWEEPS)
     allocate = commands.add_parser("allocate")
     allocate.add_argument("agents", help="agent ids, comma-separated: one thread each")
     allocate.add_argument("--count", type=int, required=True)
@@ -233,6 +244,7 @@ def main() -> None:
     args = parser.parse_args()
     _setup()
     if args.command == "sweep":
+        print("BENCH_READY", flush=True)  # set up and connected: the sweep starts now
         result = _sweep(args.name)
     else:
         result = _allocate(args.agents.split(","), args.count, args.seconds, args.warmup)

@@ -1,6 +1,7 @@
 """The benchmark harness runs: ``python -m bench.run --quick`` ends by itself, exits 0 and prints the table
-with a row for every scenario, and scenarios 1, 3 and 7 compare the grid with the bare baseline. The timings
-are not asserted here (nor whether a target was met); only that the harness has not rotted.
+with a row for every scenario, scenarios 1, 3 and 7 compare the grid with the bare baseline, and the sweeps
+(scenarios 4 and 9) report every sweep at both fleet sizes and under load. The timings are not asserted here
+(nor whether a target was met); only that the harness has not rotted.
 
 It runs in a database of its own named after the test database (``<test database>_bench_quick`` on the same
 server), which it drops afterwards, and writes only Redis keys under its own prefix: a test run touches
@@ -21,8 +22,9 @@ from django.db import connection
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_SECONDS = 115
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7")
+TIMEOUT_SECONDS = 300  # a few minutes on a shared 2-core machine
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+SWEEPS = ("budget_sweep", "rules_evaluate", "rules_evaluate_firing", "scaling_evaluate", "holds_expire")
 
 
 @pytest.fixture
@@ -68,4 +70,21 @@ def test_bench_quick_runs_every_scenario_and_prints_the_table(bench_database_url
     for side in ("spread", "hot team"):
         row = rf"^\| 7 budgets {side} +\| budgets = usage log .*\| pass +\|$"
         assert re.search(row, output, re.M), f"budgets of 7 {side} disagree with the usage log\n{output}"
+    for sweep in SWEEPS:
+        for metric in (
+            r"seconds @ 200 agents",
+            r"seconds @ 1,000 agents",
+            r"time ratio 1,000 / 200 \(5x the agents\)",
+            r"queries @ 200 / @ 1,000",
+            r"peak RSS of the sweep's process @ 200 / @ 1,000",
+        ):
+            row = rf"^\| 4 {sweep} +\| {metric} +\| \d"
+            assert re.search(row, output, re.M), f"no row {metric!r} for 4 {sweep}\n{output}"
+        for metric in ("allocations without a sweep", "allocations during the sweep"):
+            row = rf"^\| 9 {sweep} +\| {metric} +\| p99 \d"
+            assert re.search(row, output, re.M), f"no row {metric!r} for 9 {sweep}\n{output}"
+    # The holds the fleet has (one agent in twenty) are all ended, at both sizes.
+    for size, holds in (("200", 10), ("1,000", 50)):
+        row = rf"^\| 4 holds_expire +\| seconds @ {size} agents +\| [\d.]+ s \({holds} holds ended\)"
+        assert re.search(row, output, re.M), f"not every hold ended at {size} agents\n{output}"
     assert "bench: harness ok" in output

@@ -1,0 +1,447 @@
+"""Scenarios 4 and 9: the fleet-wide sweeps at scale, alone and under allocation load.
+
+Scenario 4 grows the sweep fleet to the reference size (100,000 agents), runs every sweep, grows it to the
+size asked for (``--agents``, 1,000,000 by default) and runs every sweep again, each in a fresh process
+(``bench.worker sweep``): seconds, statements sent and the peak RSS of that process, at both sizes, and
+the ratio of the times. Scenario 9 runs each sweep again at the full size while the grid's gunicorn serves a
+steady allocation load, and compares the allocation latency (p99, max) with the sweep running and without.
+
+The sweeps are called only through their public service functions; what they do inside (chunks,
+transactions) is theirs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+from bench import db
+from bench.loadgen import LoadResult, python_load
+from bench.report import Report, log, ms
+from bench.server import ROOT, GunicornServer
+from bench.worker import SWEEPS
+
+SWEEP_APPLICATION_NAME = "axiom-bench-sweep"
+LOAD_AMOUNT = 1
+LOAD_FLEET_AGENTS = 32  # agents of the sweep fleet in the load (besides scenario 1's)
+LOAD_OTHER_AGENTS = 32  # scenario 1's agents, which no sweep acts on
+
+TARGETS = {
+    "reference_seconds": 5.0,  # each sweep at the reference size (100,000 agents)
+    "time_ratio_per_size_ratio": 1.2,  # 1M / 100k: at most 12x for 10x the agents
+    "peak_rss_mb": 300.0,
+    "load_max_ms": 1000.0,  # the slowest allocation while a sweep runs
+}
+
+
+@dataclass(frozen=True)
+class SweepProfile:
+    agents: int  # the fleet size of the run (--agents)
+    reference: int  # the size it is compared with (--reference-agents)
+    timeout_base: float  # seconds a sweep may take: this, plus timeout_per_agent per agent
+    timeout_per_agent: float
+    load_rate: float  # allocations per second of scenario 9's load
+    load_connections: int
+    load_quiet_seconds: float  # the load without a sweep, before each sweep
+
+    @property
+    def timeout(self) -> float:
+        return self.timeout_base + self.timeout_per_agent * self.agents
+
+    @property
+    def id_width(self) -> int:
+        return len(str(self.agents))
+
+
+FULL = SweepProfile(
+    agents=1_000_000,
+    reference=100_000,
+    timeout_base=120,
+    timeout_per_agent=0.0005,  # 620 s at a million
+    load_rate=100,
+    load_connections=8,
+    load_quiet_seconds=10,
+)
+QUICK = SweepProfile(
+    agents=1_000,
+    reference=200,
+    timeout_base=60,
+    timeout_per_agent=0.0,
+    load_rate=40,
+    load_connections=4,
+    load_quiet_seconds=1,
+)
+
+
+def sweep_profile(*, quick: bool, agents: int | None, reference: int | None) -> SweepProfile:
+    """The profile with the sizes asked for. A reference at or above the fleet size becomes a tenth of it."""
+    profile = QUICK if quick else FULL
+    agents = agents or profile.agents
+    reference = reference or profile.reference
+    if reference >= agents:
+        reference = max(1, agents // 10)
+    return replace(profile, agents=agents, reference=reference)
+
+
+# --- The fleet ------------------------------------------------------------------------------------------
+
+_fleet = {"agents": 0}
+
+
+def _sql(statement: str, params=None) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+
+
+def _scalar(statement: str, params=None):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchone()[0]
+
+
+def fleet_grow(report: Report, profile: SweepProfile, agents: int) -> None:
+    """The sweep fleet, grown to ``agents`` (nothing to do when it is that large already)."""
+    from django.db import connection, transaction
+
+    from ledger.periods import month_bounds
+
+    first = _fleet["agents"] + 1
+    if agents < first:
+        return
+    start, end = month_bounds(dt.datetime.now(dt.UTC))
+    log(f"sweeps: growing the fleet to {agents:,} agents")
+    started = time.perf_counter()
+    with transaction.atomic(), connection.cursor() as cursor:
+        db.sweep_fleet_grow(cursor, first=first, last=agents, width=profile.id_width, start=start, end=end)
+    _sql("ANALYZE")
+    _fleet["agents"] = agents
+    quotas = _scalar("SELECT count(*) FROM quotas WHERE agent_id LIKE 'sw-%%'")
+    report.add(
+        "4 sweeps",
+        f"fleet of {agents:,} agents (SQL generate + ANALYZE)",
+        f"{quotas:,} quota rows; agents {first:,}-{agents:,} in {time.perf_counter() - started:.0f} s",
+    )
+
+
+def _policies_create() -> None:
+    """A scaling policy per tier. ENTERPRISE scales vertically at its bound (+10 % of the base limit of the
+    most used resource): the fleet's agents at their maximum instance count get quota grants, which lock
+    quota rows that allocations take."""
+    from optimization.models import ScalingPolicy
+
+    metrics = {"FREE": "budget_utilization_percent"}
+    for tier in ("FREE", "PRO", "ENTERPRISE"):
+        ScalingPolicy.objects.update_or_create(
+            tier_id=tier,
+            defaults={
+                "metric": metrics.get(tier, "resource_utilization_percent"),
+                "scale_up_threshold": 80,
+                "scale_down_threshold": 30,
+                "step": 1,
+                "min_instances": 1,
+                "max_instances": db.SWEEP_AT_BOUND_INSTANCES,
+                "cooldown_seconds": 600,
+                "enabled": True,
+                "quota_step_percent": 10 if tier == "ENTERPRISE" else 0,
+            },
+        )
+
+
+def _before(name: str) -> None:
+    """What each sweep starts from: no alerts, states or scaling events, every agent as generated
+    (the firing evaluation instead starts from the states the evaluation before it left), and every
+    expiring hold open again for the expiry sweep."""
+    if name != "rules_evaluate_firing":
+        for statement in db.SWEEP_RESET_SQL.split(";"):
+            if statement.strip():
+                _sql(statement)
+    if name == "holds_expire":
+        _sql(db.SWEEP_HOLDS_ARM_SQL)
+
+
+# --- One sweep in its own process -----------------------------------------------------------------------
+
+
+def _sweep_env(timeout: float) -> dict[str, str]:
+    """The sweep worker's environment. JIT is off for its session (``BENCH_SWEEP_PGOPTIONS`` overrides):
+    PostgreSQL cannot interrupt a JIT compilation (neither a timeout nor a cancel nor pg_terminate_backend
+    ends it), and a statement whose size grows with the fleet can take minutes to compile, holding up every
+    DROP DATABASE on the server meanwhile. The statement timeout ends whatever else runs away, on the
+    server's side."""
+    options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
+    return {
+        **os.environ,
+        "PGAPPNAME": SWEEP_APPLICATION_NAME,
+        "PGOPTIONS": f"{options} -c statement_timeout={int(timeout * 1000)}",
+    }
+
+
+def _sweep_backends_end() -> None:
+    """End the server sessions a killed sweep worker left behind (they would go on holding row locks)."""
+    _sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = %s AND pid <> pg_backend_pid()",
+        [SWEEP_APPLICATION_NAME],
+    )
+
+
+class SweepProcess:
+    """``python -m bench.worker sweep NAME`` started in the background, its output in temporary files."""
+
+    def __init__(self, name: str, timeout: float):
+        self.name = name
+        self.timeout = timeout
+        # Files, not pipes: nothing reads the worker's output until it ends, and a full pipe would stop it.
+        self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in result()
+        self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in result()
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.worker", "sweep", name],
+            cwd=ROOT,
+            env=_sweep_env(timeout),
+            stdin=subprocess.DEVNULL,
+            stdout=self.output,
+            stderr=self.errors,
+        )
+
+    def wait_ready(self) -> None:
+        """Until the worker has set Django up and connected (it says BENCH_READY), or has ended."""
+        deadline = time.monotonic() + 120
+        while self.process.poll() is None and time.monotonic() < deadline:
+            self.output.seek(0)
+            if "BENCH_READY" in self.output.read():
+                return
+            time.sleep(0.05)
+
+    def done(self) -> bool:
+        return self.process.poll() is not None or time.monotonic() - self.started > self.timeout + 30
+
+    def result(self) -> dict:
+        """The worker's BENCH_JSON, or ``{"timeout": True}``; an error when it failed otherwise."""
+        try:
+            remaining = self.timeout + 30 - (time.monotonic() - self.started)
+            self.process.wait(timeout=max(0.0, remaining))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            _sweep_backends_end()
+            return {"timeout": True}
+        finally:
+            self.output.seek(0)
+            self.errors.seek(0)
+            stdout, stderr = self.output.read(), self.errors.read()
+            self.output.close()
+            self.errors.close()
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+        if line is None and "statement timeout" in stderr:
+            return {"timeout": True}
+        if self.process.returncode != 0 or line is None:
+            raise RuntimeError(f"{self.name} failed: {stderr.strip()[-600:]}")
+        return json.loads(line.removeprefix("BENCH_JSON "))
+
+
+def _outcome_text(name: str, outcome) -> str:
+    if isinstance(outcome, dict):
+        keys = ("alerts", "fired", "conditions_true", "scaled_up", "scaled_down", "vertical", "evaluated")
+        shown = {k: outcome[k] for k in keys if k in outcome}
+        return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in shown.items())
+    if isinstance(outcome, int):
+        return f"{outcome:,} {'holds ended' if name == 'holds_expire' else 'alerts'}"
+    return str(outcome)[:80]
+
+
+# --- Scenario 4 -----------------------------------------------------------------------------------------
+
+
+def sweeps(report: Report, profile: SweepProfile) -> None:
+    """Scenario 4: every sweep at the reference size and at the fleet size, each in a fresh process."""
+    small, large = profile.reference, profile.agents
+    _policies_create()
+    options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
+    report.notes.append(
+        f"scenarios 4 and 9: each sweep runs in a fresh process with PGOPTIONS '{options}' "
+        "(PostgreSQL cannot interrupt a JIT compilation, not even at the statement timeout)"
+    )
+    measured: dict[int, dict[str, dict]] = {}
+    for size in (small, large):
+        fleet_grow(report, profile, size)
+        measured[size] = {}
+        for name in SWEEPS:
+            _before(name)
+            log(f"scenario 4: {name} over {size:,} agents")
+            measured[size][name] = SweepProcess(name, profile.timeout).result()
+    for name in SWEEPS:
+        _sweep_rows(report, f"4 {name}", measured[small][name], measured[large][name], small, large, profile)
+
+
+def _seconds_text(result: dict, timeout: float) -> str:
+    if result.get("timeout"):
+        return f"timed out after {timeout:.0f} s"
+    return f"{result['seconds']:.2f} s ({_outcome_text(result['sweep'], result['outcome'])})"
+
+
+def _sweep_rows(
+    report: Report,
+    scenario: str,
+    little: dict,
+    big: dict,
+    small: int,
+    large: int,
+    profile: SweepProfile,
+) -> None:
+    both = not little.get("timeout") and not big.get("timeout")
+    target = TARGETS["reference_seconds"]
+    report.check(
+        scenario,
+        f"seconds @ {small:,} agents",
+        _seconds_text(little, profile.timeout),
+        f"<= {target:.0f} s",
+        not little.get("timeout") and little["seconds"] <= target,
+    )
+    report.add(scenario, f"seconds @ {large:,} agents", _seconds_text(big, profile.timeout))
+    size_ratio = large / small
+    allowed = TARGETS["time_ratio_per_size_ratio"] * size_ratio
+    if both:
+        ratio = big["seconds"] / little["seconds"] if little["seconds"] > 0 else float("inf")
+        report.check(
+            scenario,
+            f"time ratio {large:,} / {small:,} ({size_ratio:.0f}x the agents)",
+            f"{ratio:.1f}x",
+            f"<= {allowed:.0f}x",
+            ratio <= allowed,
+        )
+        report.check(
+            scenario,
+            f"queries @ {small:,} / @ {large:,}",
+            f"{little['queries']:,} / {big['queries']:,}",
+            f"<= {size_ratio:.0f}x (a fixed number per chunk)",
+            big["queries"] <= little["queries"] * size_ratio,
+        )
+    else:
+        report.add(scenario, f"time ratio {large:,} / {small:,}", "no ratio: a run timed out", "-", "FAIL")
+    measured = [r for r in (little, big) if not r.get("timeout")]
+    if measured:
+        peak = max(r["peak_rss_mb"] for r in measured)
+        text = " / ".join(
+            "timed out" if r.get("timeout") else f"{r['peak_rss_mb']:.0f} MB" for r in (little, big)
+        )
+        report.check(
+            scenario,
+            f"peak RSS of the sweep's process @ {small:,} / @ {large:,}",
+            f"{text} (at start {measured[0]['rss_before_mb']:.0f} MB)",
+            f"<= {TARGETS['peak_rss_mb']:.0f} MB",
+            both and peak <= TARGETS["peak_rss_mb"],
+        )
+
+
+# --- Scenario 9: allocations while a sweep runs ---------------------------------------------------------
+
+_load_keys: list[tuple[str, str]] = []
+
+
+def _fleet_load_agents(profile: SweepProfile) -> list[tuple[str, str]]:
+    """Up to LOAD_FLEET_AGENTS agents of the fleet at their scaling bound (ENTERPRISE, at maximum instances,
+    where scaling up grants quota), spread over the whole fleet, each with an API key."""
+    from allocation.keys import api_key_issue
+    from ledger.models import Agent
+
+    if _load_keys:
+        return _load_keys
+    numbers = list(range(2, profile.agents + 1, 3000))  # SWEEP_AT_BOUND: g % 3000 = 2
+    step = max(1, len(numbers) // LOAD_FLEET_AGENTS)
+    chosen = numbers[::step][:LOAD_FLEET_AGENTS]
+    ids = [f"{db.SWEEP_PREFIX}{number:0{profile.id_width}d}" for number in chosen]
+    for agent in Agent.objects.filter(pk__in=ids).order_by("pk"):
+        _load_keys.append((agent.pk, api_key_issue(agent=agent, name="bench-load")[1]))
+    return _load_keys
+
+
+def _load(
+    server: GunicornServer,
+    targets: list[tuple[str, str]],
+    profile: SweepProfile,
+    *,
+    seconds: float,
+    until=None,
+) -> LoadResult:
+    body = json.dumps({"resource_type": "AI_TOKENS", "amount": LOAD_AMOUNT}).encode()
+    run = f"s{time.time_ns():x}"
+
+    def make(index: int):
+        path, key = targets[index % len(targets)]
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {key}",
+            "Idempotency-Key": f"{run}-{index}",
+        }
+        return "POST", path, headers, body
+
+    return python_load(
+        port=server.port,
+        make_request=make,
+        connections=profile.load_connections,
+        max_requests=int(profile.load_rate * (seconds + 60)),
+        seconds=seconds,
+        rate=profile.load_rate,
+        until=until,
+    )
+
+
+def _load_text(result: LoadResult) -> str:
+    slowest = max(result.latencies_ms) if result.latencies_ms else None
+    return f"p99 {ms(result.p99_ms)}, max {ms(slowest)} ({result.requests:,} requests)"
+
+
+def _server_errors(result: LoadResult) -> int:
+    return result.socket_errors + sum(n for status, n in result.statuses.items() if status >= 500)
+
+
+def under_load(report: Report, profile: SweepProfile, other_agents: list[tuple[str, str]], server) -> None:
+    """Scenario 9: before each sweep, the allocation load alone for a few seconds; then the same load for as
+    long as the sweep runs (at the fleet size). The slowest allocation during the sweep is judged."""
+    from django.urls import reverse
+
+    _policies_create()
+    fleet_grow(report, profile, profile.agents)
+    agents = _fleet_load_agents(profile) + other_agents[:LOAD_OTHER_AGENTS]
+    targets = [(reverse("api:allocations", kwargs={"agent_id": a}), key) for a, key in agents]
+    report.add(
+        "9 sweep under load",
+        "load: POST allocations, fresh Idempotency-Key each",
+        f"{profile.load_rate:.0f}/s over {profile.load_connections} connections to {server.description}; "
+        f"{len(agents)} agents ({len(agents) - len(other_agents[:LOAD_OTHER_AGENTS])} of the fleet at their "
+        f"scaling bound, the rest outside it); fleet {profile.agents:,} agents",
+    )
+    _load(server, targets, profile, seconds=profile.load_quiet_seconds)  # warm the workers (caches)
+    target = TARGETS["load_max_ms"]
+    for name in SWEEPS:
+        scenario = f"9 {name}"
+        _before(name)
+        log(f"scenario 9: allocation load alone ({profile.load_quiet_seconds:.0f} s), then during {name}")
+        quiet = _load(server, targets, profile, seconds=profile.load_quiet_seconds)
+        sweep = SweepProcess(name, profile.timeout)
+        sweep.wait_ready()
+        during = _load(server, targets, profile, seconds=profile.timeout + 30, until=sweep.done)
+        result = sweep.result()
+        errors = _server_errors(quiet) + _server_errors(during)
+        report.add(scenario, "allocations without a sweep", _load_text(quiet))
+        slowest = max(during.latencies_ms) if during.latencies_ms else float("inf")
+        report.check(
+            scenario,
+            "allocations during the sweep",
+            _load_text(during)
+            + (f"; {errors} socket errors or 5xx" if errors else "")
+            + f"; the sweep {_seconds_text(result, profile.timeout)}",
+            f"max <= {target:.0f} ms, no errors",
+            slowest <= target and errors == 0 and not result.get("timeout"),
+        )
