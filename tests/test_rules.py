@@ -470,13 +470,10 @@ def test_a_ratio_too_large_to_store_still_fires(only_rule):
     assert alert.data["value"] == "24000000000000000.00"
 
 
-@pytest.mark.parametrize("action", ["notify", "recommend"])
+@pytest.mark.parametrize("action", ["notify", "recommend", "throttle"])
 @pytest.mark.parametrize("metric", ["resource_utilization_percent", "budget_utilization_percent"])
-def test_alerts_written_in_sql_say_what_the_python_path_says(only_rule, action, metric):
-    """An alert-only rule writes its alerts in the statement that fires it; they must read exactly as
-    ``_fire_alert`` (the path of the other actions) words them."""
-    from optimization.services.rules import _fire_alert
-
+def test_a_rules_alert_says_what_held_with_what_value_and_what_was_done(only_rule, action, metric):
+    """Alerts are written in SQL, by the statement that fires the rule: every text, quoted or not."""
     spend("worded", "95.5")  # of a budget of 100
     use_tokens("worded", 950_000)
     rule = only_rule(
@@ -493,15 +490,33 @@ def test_alerts_written_in_sql_say_what_the_python_path_says(only_rule, action, 
     assert rules_evaluate(now=fired_at)["alerts"] == 1
     (alert,) = rule_alerts()
     subject = "AI_TOKENS" if metric == "resource_utilization_percent" else ""
-    expected = _fire_alert(rule, "worded", subject, Decimal(alert.data["value"]), T0)
-    assert alert.data["value"] == ("95.00" if subject else "95.50")
-    got = (alert.title, alert.message, alert.data, alert.dedup_key, alert.severity, alert.kind, alert.rule_id)
-    assert got == (
-        expected.title,
-        expected.message,
-        expected.data,
-        expected.dedup_key,
-        expected.severity,
-        expected.kind,
-        expected.rule_id,
+    value = "95.00" if subject else "95.50"
+    on = f" on {subject}" if subject else ""
+    message = f"Rule 100% 'odd' {{name}} ({metric} > 90.5) holds for agent worded{on} for 60 s or more: "
+    message += f"the value is {value}."
+    data = {
+        "rule": "100% 'odd' {name}",
+        "metric": metric,
+        "operator": ">",
+        "threshold": "90.5",
+        "duration_seconds": 60,
+        "action": action,
+        "value": value,
+        "subject": subject,
+    }
+    if action == "recommend":
+        data["recommendation"] = f"Buy {subject or 'worded'} now, 100% sure."
+        message += f" Recommendation: {data['recommendation']}"
+    if action == "throttle":
+        message += " The agent is throttled until the rule no longer holds."
+    assert (alert.title, alert.message, alert.data) == (
+        f"100% 'odd' {{name}}: {metric}{on} is {value} (> 90.5)",
+        message,
+        data,
+    )
+    assert (alert.dedup_key, alert.severity, alert.kind, alert.rule_id) == (
+        f"rule:{rule.pk}:worded:{subject}:2025-06-15T12:00:00.000000",
+        "critical",
+        "rule",
+        rule.pk,
     )

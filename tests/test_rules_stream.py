@@ -266,6 +266,7 @@ def test_an_evaluation_that_finds_another_running_skips(reference_data):
         result = rules_evaluate(now=T0)
         assert (result["skipped"], result["chunks"]) == (True, 0)
         assert not Alert.objects.exists()
+        other.execute("SELECT pg_advisory_unlock(%s)", [rules._EVALUATION_LOCK])
     assert rules_evaluate(now=T0)["alerts"] == 4
 
 
@@ -274,5 +275,5 @@ def test_the_episode_key_is_written_alike_in_python_and_sql(db):
     since = dt.datetime(2025, 6, 15, 12, 0, 4, 250, tzinfo=UTC)
     assert rules._dedup_key(rule, "a", "AI_TOKENS", since) == "rule:7:a:AI_TOKENS:2025-06-15T12:00:04.000250"
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {rules._EPISODE_SQL} FROM (SELECT %s::timestamptz AS true_since) k", [since])
+        cursor.execute(f"SELECT {rules._EPISODE_SQL} FROM (SELECT %s::timestamptz AS true_since) f", [since])
         assert cursor.fetchone()[0] == "2025-06-15T12:00:04.000250"

@@ -40,7 +40,7 @@ from optimization.selectors import (
     execution_stats,
     resource_utilization,
 )
-from optimization.services.alerts import alerts_create, alerts_dispatch
+from optimization.services.alerts import alerts_dispatch
 from optimization.services.scaling import scaling_apply
 
 logger = logging.getLogger(__name__)
@@ -236,9 +236,8 @@ def _true_subjects(rule: OptimizationRule, metrics: _Metrics, chunk: _Chunk) -> 
 
 @dataclass(frozen=True)
 class _AlertParts:
-    """What a rule's alerts say that does not depend on the subject: the Python path (``_fire_alert``) and
-    the set-based one (``_FIRE_AND_ALERT_SQL``) both build their texts from these, and a test holds their
-    outputs together."""
+    """What a rule's alerts say that does not depend on the subject; ``_FIRE_AND_ALERT_SQL`` adds the
+    subject, the value and the action's outcome."""
 
     title_head: str  # then "{on} is {value}", then title_tail
     title_tail: str
@@ -272,37 +271,6 @@ def _alert_parts(rule: OptimizationRule) -> _AlertParts:
     )
 
 
-def _fire_alert(
-    rule: OptimizationRule,
-    agent_id: str,
-    subject: str,
-    value: Decimal,
-    since: dt.datetime,
-    *,
-    outcome: str = "",
-) -> Alert:
-    """The alert of ``rule`` firing for a subject whose condition has held since ``since``."""
-    parts = _alert_parts(rule)
-    on = f" on {subject}" if subject else ""
-    data = {**parts.data, "value": str(value), "subject": subject}
-    message = f"{parts.message_head}{agent_id}{on}{parts.held}: the value is {value}."
-    if parts.recommendation is not None:
-        data["recommendation"] = parts.recommendation.replace("{subject}", subject or agent_id)
-        message += f" Recommendation: {data['recommendation']}"
-    if outcome:
-        message += f" {outcome}"
-    return Alert(
-        agent_id=agent_id,
-        kind=Alert.Kind.RULE,
-        severity=rule.severity,
-        rule=rule,
-        title=f"{parts.title_head}{on} is {value}{parts.title_tail}"[:200],
-        message=message,
-        data=data,
-        dedup_key=_dedup_key(rule, agent_id, subject, since),
-    )
-
-
 def _dedup_key(rule: OptimizationRule, agent_id: str, subject: str, since: dt.datetime) -> str:
     """One key per episode of a condition: the rule, the subject, and since when the condition holds (in
     UTC to the microsecond, as ``_EPISODE_SQL`` writes it)."""
@@ -310,7 +278,7 @@ def _dedup_key(rule: OptimizationRule, agent_id: str, subject: str, since: dt.da
     return f"rule:{rule.pk}:{agent_id}:{subject}:{episode}"
 
 
-_EPISODE_SQL = """to_char(k.true_since AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US')"""
+_EPISODE_SQL = """to_char(f.true_since AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US')"""
 
 RULES_CHUNK = 5000
 # pg_try_advisory_lock's key for the evaluation: one at a time across every worker and node.
@@ -374,29 +342,29 @@ def _chunk_evaluate(
             f"DELETE FROM {RuleState._meta.db_table} WHERE {in_chunk} AND NOT (rule_id = ANY(%s))",
             [*bounds, [rule.pk for rule in rules]],
         )
-    fired: list[_Fired] = []
+    to_scale: list[_Fired] = []
     holding: dict[int, set[str]] = {}  # throttle rule -> agents for which its condition holds now
-    alerted_in_sql = False
+    alerted = False
     for rule in rules:
         true_now = _true_subjects(rule, metrics, chunk)
         report.conditions_true += len(true_now)
         if rule.action == Action.THROTTLE:
             holding[rule.pk] = {agent_id for agent_id, _ in true_now}
         advanced = _states_advance(rule, true_now, chunk.range, now)
-        fired += [
-            _Fired(rule, agent_id, subject, true_now[agent_id, subject], since)
-            for agent_id, subject, since in advanced.fired
+        to_scale += [
+            _Fired(rule, agent_id, subject, true_now[agent_id, subject])
+            for agent_id, subject in advanced.to_scale
         ]
-        report.fired += advanced.fired_in_sql
-        report.alerts += advanced.alerts_in_sql
-        report.renotified += advanced.renotified_in_sql
-        alerted_in_sql |= bool(advanced.alerts_in_sql or advanced.renotified_in_sql)
+        report.fired += advanced.fired
+        report.throttled += advanced.throttled
+        report.alerts += advanced.alerts
+        report.renotified += advanced.renotified
+        alerted |= bool(advanced.alerts or advanced.renotified)
 
-    alerts = _actions_run(fired, chunk, now, report)
-    alerts += _throttles_lift(rules, holding, chunk, now, report)
-    report.fired += len(fired)
-    report.alerts += alerts_create(alerts=alerts, now=now)
-    return alerted_in_sql
+    _scaling_run(to_scale, report)
+    lifted = _throttles_lift(rules, holding, chunk, now)
+    report.lifted += lifted
+    return alerted or bool(lifted)
 
 
 @dataclass(frozen=True)
@@ -405,15 +373,15 @@ class _Fired:
     agent_id: str
     subject: str
     value: Decimal
-    since: dt.datetime  # the episode: since when the condition holds
 
 
 @dataclass
 class _Advanced:
-    fired: list[tuple[str, str, dt.datetime]]  # (agent, subject, since) that fired, for the caller to act on
-    fired_in_sql: int = 0  # fired and alerted on in the database, by an alert-only rule
-    alerts_in_sql: int = 0  # alerts inserted: episodes that fired for the first time
-    renotified_in_sql: int = 0  # open alerts of episodes that fired again, sent out again
+    to_scale: list[tuple[str, str]] = field(default_factory=list)  # (agent, subject) a scale rule fired for
+    fired: int = 0
+    throttled: int = 0
+    alerts: int = 0  # alerts inserted: episodes that fired for the first time
+    renotified: int = 0  # open alerts of episodes that fired again, sent out again
 
 
 def _states_advance(
@@ -454,27 +422,35 @@ _FIRES = (
     "(s.true_since <= %(held_since)s AND (s.last_fired_at IS NULL OR s.last_fired_at <= %(cooled_since)s))"
 )
 
-# For an alert-only rule the upsert's fired rows feed the INSERT of their alerts, worded as ``_fire_alert``
-# words them; ``values`` are the values' texts, by subject. The alert's key is the episode's, so a subject
-# firing again in the same episode (after the cooldown) updates its alert instead of adding one: the
-# latest value, one more notification, and its deliveries sent again. An acknowledged alert stays quiet
-# until its episode ends.
+# A rule's firings and their alerts in one statement. ``fired`` is one row per subject that fired (for a
+# throttle rule, one per agent: its first subject). ``acted`` is who the action reached: every agent fired
+# for an alert-only rule; for a throttle rule, the agents it throttled (only an active agent is: a
+# suspension is stronger and must not be softened, and an agent already throttled, by a rule or by hand,
+# keeps its reason). Their alerts are worded from ``_AlertParts``; ``values`` are the values' texts.
+#
+# The alert's key is the episode's, so a subject firing again in the same episode (after the cooldown)
+# updates its alert instead of adding one: the latest value, one more notification, and its deliveries sent
+# again. An acknowledged alert stays quiet until its episode ends.
 _FIRE_AND_ALERT_SQL = """
-WITH kept AS ({upsert}), shown AS (
-    SELECT k.agent_id, k.subject, v.value, {episode} AS episode,
-           CASE WHEN k.subject <> '' THEN ' on ' || k.subject ELSE '' END AS on_subject,
-           replace(%(recommendation)s, '{{subject}}', COALESCE(NULLIF(k.subject, ''), k.agent_id)) AS advice
-    FROM kept k
+WITH kept AS ({upsert}), fired AS (
+    SELECT DISTINCT ON (k.agent_id{per_subject}) k.agent_id, k.subject, k.true_since
+    FROM kept k WHERE k.fired
+    ORDER BY k.agent_id{per_subject}, k.subject
+), acted AS ({act}), shown AS (
+    SELECT f.agent_id, f.subject, v.value, {episode} AS episode,
+           CASE WHEN f.subject <> '' THEN ' on ' || f.subject ELSE '' END AS on_subject,
+           replace(%(recommendation)s, '{{subject}}', COALESCE(NULLIF(f.subject, ''), f.agent_id)) AS advice
+    FROM fired f
+    JOIN acted USING (agent_id)
     JOIN unnest(%(agents)b::text[], %(subjects)b::text[], %(values)b::text[]) AS v(agent_id, subject, value)
-      ON v.agent_id = k.agent_id AND v.subject = k.subject
-    WHERE k.fired
+      ON v.agent_id = f.agent_id AND v.subject = f.subject
 ), written AS (
     INSERT INTO {alerts} AS a (agent_id, kind, severity, rule_id, title, message, data, dedup_key, created_at,
                                acknowledged_by)
     SELECT s.agent_id, %(kind)s, %(severity)s, %(rule)s,
            left(%(title_head)s || s.on_subject || ' is ' || s.value || %(title_tail)s, 200),
            %(message_head)s || s.agent_id || s.on_subject || %(held)s || ': the value is ' || s.value || '.'
-               || COALESCE(' Recommendation: ' || s.advice, ''),
+               || COALESCE(' Recommendation: ' || s.advice, '') || %(outcome)s,
            %(data)s::jsonb || jsonb_build_object('value', s.value, 'subject', s.subject) || {advice_data},
            'rule:' || %(rule)s || ':' || s.agent_id || ':' || s.subject || ':' || s.episode,
            %(created_at)s, ''
@@ -492,9 +468,17 @@ WITH kept AS ({upsert}), shown AS (
     WHERE d.alert_id = w.id AND NOT w.new AND d.status <> %(pending)s
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM shown), (SELECT count(*) FILTER (WHERE new) FROM written),
+SELECT (SELECT count(*) FROM kept WHERE fired), (SELECT count(*) FROM acted),
+       (SELECT count(*) FILTER (WHERE new) FROM written),
        (SELECT count(*) FILTER (WHERE NOT new) FROM written), (SELECT count(*) FROM resent)
 """
+_ACTED_ALL = "SELECT DISTINCT agent_id FROM fired"
+_ACTED_THROTTLED = """
+    UPDATE {agents} AS g SET status = %(throttled)s, status_reason = %(reason)s, updated_at = %(created_at)s
+    FROM fired f WHERE g.id = f.agent_id AND g.status = %(active)s
+    RETURNING g.id AS agent_id
+"""
+THROTTLE_OUTCOME = "The agent is throttled until the rule no longer holds."
 
 
 def _states_advance_sql(
@@ -505,8 +489,8 @@ def _states_advance_sql(
     agents_range: AgentRange,
     now: dt.datetime,
 ) -> _Advanced:
-    """Two statements: drop the chunk's states of subjects no longer true, then the upsert (with the alerts
-    of an alert-only rule)."""
+    """Two statements: drop the chunk's states of subjects no longer true, then the upsert (with the action
+    and the alerts, but for a scale rule)."""
     states = RuleState._meta.db_table
     agents = [agent_id for agent_id, _ in keys]
     subjects = [subject for _, subject in keys]
@@ -520,7 +504,7 @@ def _states_advance_sql(
             [rule.pk, *bounds, agents, subjects],
         )
         if not keys:
-            return _Advanced([])
+            return _Advanced()
         params = {
             "rule": rule.pk,
             "now": now,
@@ -531,14 +515,16 @@ def _states_advance_sql(
             "stored": stored,
         }
         upsert = _STATES_UPSERT_SQL.format(states=states, fires=_FIRES)
-        if rule.action not in ALERT_ONLY_ACTIONS:
-            cursor.execute(
-                f"WITH kept AS ({upsert}) SELECT agent_id, subject, true_since FROM kept WHERE fired", params
-            )
-            return _Advanced(sorted(cursor.fetchall()))
+        if rule.action not in (*ALERT_ONLY_ACTIONS, Action.THROTTLE):
+            cursor.execute(f"WITH kept AS ({upsert}) SELECT agent_id, subject FROM kept WHERE fired", params)
+            fired = sorted(cursor.fetchall())
+            return _Advanced(to_scale=fired, fired=len(fired))
         parts = _alert_parts(rule)
+        throttle = rule.action == Action.THROTTLE
         sql = _FIRE_AND_ALERT_SQL.format(
             upsert=upsert,
+            per_subject="" if throttle else ", k.subject",
+            act=_ACTED_THROTTLED.format(agents=Agent._meta.db_table) if throttle else _ACTED_ALL,
             episode=_EPISODE_SQL,
             alerts=Alert._meta.db_table,
             deliveries=AlertDelivery._meta.db_table,
@@ -556,139 +542,107 @@ def _states_advance_sql(
             "title_tail": parts.title_tail,
             "message_head": parts.message_head,
             "held": parts.held,
+            "outcome": f" {THROTTLE_OUTCOME}" if throttle else "",
             "data": json.dumps(parts.data),
             "created_at": timezone.now(),
             "pending": AlertDelivery.Status.PENDING.value,
+            "reason": throttle_reason(rule),
+            "active": Agent.Status.ACTIVE.value,
+            "throttled": Agent.Status.THROTTLED.value,
         }
         cursor.execute(sql, params)
-        fired, alerts, renotified, _ = cursor.fetchone()
-    return _Advanced([], fired_in_sql=fired, alerts_in_sql=alerts, renotified_in_sql=renotified)
+        fired, acted, alerts, renotified, _ = cursor.fetchone()
+    return _Advanced(fired=fired, throttled=acted if throttle else 0, alerts=alerts, renotified=renotified)
 
 
-_THROTTLE_SQL = """
-UPDATE {agents} AS a SET status = %(throttled)s, status_reason = d.reason, updated_at = %(at)s
-FROM unnest(%(ids)b::text[], %(reasons)b::text[]) AS d(id, reason)
-WHERE a.id = d.id AND a.status = %(active)s
-RETURNING a.id
-"""
-
-# Back to active only if still throttled for the reason read: a change by hand meanwhile is kept.
-_LIFT_SQL = """
-UPDATE {agents} AS a SET status = %(active)s, status_reason = '', updated_at = %(at)s
-FROM unnest(%(ids)b::text[], %(reasons)b::text[]) AS d(id, reason)
-WHERE a.id = d.id AND a.status = %(throttled)s AND a.status_reason = d.reason
-RETURNING a.id, d.reason
-"""
-
-
-def _agents_update(sql: str, ids: list[str], reasons: list[str]) -> list[tuple]:
-    """One statement for a chunk's throttles or lifts."""
-    if not ids:
-        return []
-    with server_bound_cursor() as cursor:
-        cursor.execute(
-            sql.format(agents=Agent._meta.db_table),
-            {
-                "ids": ids,
-                "reasons": reasons,
-                "at": timezone.now(),
-                "active": Agent.Status.ACTIVE.value,
-                "throttled": Agent.Status.THROTTLED.value,
-            },
-        )
-        return cursor.fetchall()
-
-
-def _actions_run(fired: list[_Fired], chunk: _Chunk, now: dt.datetime, report: RulesReport) -> list[Alert]:
-    """Run the actions of the chunk's firings: alerts, one statement for its throttles, scaling."""
-    alerts: list[Alert] = []
-    acted: set[tuple[int, str]] = set()  # agent-wide actions run once per rule and agent
-    to_throttle: dict[str, _Fired] = {}
-    to_scale: list[_Fired] = []
+def _scaling_run(fired: list[_Fired], report: RulesReport) -> None:
+    """Scale the agents a scale rule fired for, once per rule and agent."""
+    if not fired:
+        return
+    acted: set[tuple[int, str]] = set()
+    agent_objects = Agent.objects.in_bulk({event.agent_id for event in fired})
     for event in fired:
-        if event.rule.action in ALERT_ONLY_ACTIONS:
-            alerts.append(_fire_alert(event.rule, event.agent_id, event.subject, event.value, event.since))
+        rule = event.rule
+        if (rule.pk, event.agent_id) in acted or event.agent_id not in agent_objects:
             continue
-        if (event.rule.pk, event.agent_id) in acted:
+        acted.add((rule.pk, event.agent_id))
+        direction = "up" if rule.action == Action.SCALE_UP else "down"
+        on = f" on {event.subject}" if event.subject else ""
+        try:
+            scaled = scaling_apply(
+                agent=agent_objects[event.agent_id],
+                direction=direction,
+                trigger="rule",
+                reason=f"rule {rule.name}: {rule.metric}{on} = {event.value} ({rule.condition})",
+            )
+        except LedgerError as exc:
+            report.errors.append(f"{rule.name} {event.agent_id}: {exc.message}")
             continue
-        acted.add((event.rule.pk, event.agent_id))
-        if event.rule.action == Action.THROTTLE:
-            # Only an active agent is throttled: a suspension is stronger and must not be softened, and an
-            # agent already throttled (by this rule or by hand) keeps its reason. The first rule wins.
-            if chunk.agents[event.agent_id][1] == Agent.Status.ACTIVE:
-                to_throttle.setdefault(event.agent_id, event)
-        elif event.rule.action in (Action.SCALE_UP, Action.SCALE_DOWN):
-            to_scale.append(event)
+        report.scaled += scaled is not None
 
-    throttled = _agents_update(
-        _THROTTLE_SQL, list(to_throttle), [throttle_reason(event.rule) for event in to_throttle.values()]
-    )
-    outcome = "The agent is throttled until the rule no longer holds."
-    for (agent_id,) in throttled:
-        event = to_throttle[agent_id]
-        alerts.append(
-            _fire_alert(event.rule, agent_id, event.subject, event.value, event.since, outcome=outcome)
-        )
-    report.throttled += len(throttled)
 
-    if to_scale:
-        agent_objects = Agent.objects.in_bulk([event.agent_id for event in to_scale])
-        for event in to_scale:
-            direction = "up" if event.rule.action == Action.SCALE_UP else "down"
-            on = f" on {event.subject}" if event.subject else ""
-            rule = event.rule
-            try:
-                scaled = scaling_apply(
-                    agent=agent_objects[event.agent_id],
-                    direction=direction,
-                    trigger="rule",
-                    reason=f"rule {rule.name}: {rule.metric}{on} = {event.value} ({rule.condition})",
-                )
-            except LedgerError as exc:
-                report.errors.append(f"{rule.name} {event.agent_id}: {exc.message}")
-                continue
-            report.scaled += scaled is not None
-    return alerts
+# The chunk's lifts and their alerts in one statement. Back to active only if still throttled for the
+# reason read: a change by hand meanwhile is kept.
+_LIFT_SQL = """
+WITH lifted AS (
+    UPDATE {agents} AS g SET status = %(active)s, status_reason = '', updated_at = %(at)s
+    FROM unnest(%(ids)b::text[], %(reasons)b::text[], %(rules)b::bigint[], %(whys)b::text[])
+         AS d(id, reason, rule_id, why)
+    WHERE g.id = d.id AND g.status = %(throttled)s AND g.status_reason = d.reason
+    RETURNING g.id, d.reason, d.rule_id, d.why
+), written AS (
+    INSERT INTO {alerts} (agent_id, kind, severity, rule_id, title, message, data, dedup_key, created_at,
+                          acknowledged_by)
+    SELECT l.id, %(kind)s, %(severity)s, l.rule_id,
+           left('Throttle lifted: ' || substr(l.reason, %(name_from)s), 200),
+           'Agent ' || l.id || ' is active again: it was throttled by ' || l.reason
+               || ' and ' || l.why || '.',
+           jsonb_build_object('rule', substr(l.reason, %(name_from)s), 'lifted', true),
+           left('rule-lift:' || l.id || ':' || l.reason || ':' || %(now_iso)s, 300),
+           %(at)s, ''
+    FROM lifted l
+    ON CONFLICT (dedup_key) DO NOTHING
+)
+SELECT count(*) FROM lifted
+"""
+LIFT_WHY_CLEARED = "its condition no longer holds"
+LIFT_WHY_GONE = "the rule is no longer an enabled throttle"
 
 
 def _throttles_lift(
-    rules: list[OptimizationRule],
-    holding: dict[int, set[str]],
-    chunk: _Chunk,
-    now: dt.datetime,
-    report: RulesReport,
-) -> list[Alert]:
+    rules: list[OptimizationRule], holding: dict[int, set[str]], chunk: _Chunk, now: dt.datetime
+) -> int:
     """Set back to active the chunk's agents a rule throttled once that rule no longer holds for them (or is
-    no longer an enabled throttle rule), in one statement. Agents throttled by hand, or suspended, are left
-    alone."""
+    no longer an enabled throttle rule), with an alert each, in one statement. Agents throttled by hand, or
+    suspended, are left alone. Returns how many were lifted."""
     throttle_rules = {throttle_reason(rule): rule for rule in rules if rule.action == Action.THROTTLE}
-    to_lift: dict[str, str] = {}
+    ids, reasons, rule_ids, whys = [], [], [], []
     for agent_id, (_, status, reason) in chunk.agents.items():
         if status != Agent.Status.THROTTLED or not reason.startswith(THROTTLE_REASON_PREFIX):
             continue
         rule = throttle_rules.get(reason)
         if rule is None or agent_id not in holding.get(rule.pk, set()):
-            to_lift[agent_id] = reason
-    lifted = _agents_update(_LIFT_SQL, list(to_lift), list(to_lift.values()))
-    report.lifted += len(lifted)
-    alerts = []
-    for agent_id, reason in lifted:
-        rule = throttle_rules.get(reason)
-        why = (
-            "its condition no longer holds"
-            if rule is not None
-            else "the rule is no longer an enabled throttle"
+            ids.append(agent_id)
+            reasons.append(reason)
+            rule_ids.append(None if rule is None else rule.pk)
+            whys.append(LIFT_WHY_CLEARED if rule is not None else LIFT_WHY_GONE)
+    if not ids:
+        return 0
+    with server_bound_cursor() as cursor:
+        cursor.execute(
+            _LIFT_SQL.format(agents=Agent._meta.db_table, alerts=Alert._meta.db_table),
+            {
+                "ids": ids,
+                "reasons": reasons,
+                "rules": rule_ids,
+                "whys": whys,
+                "at": timezone.now(),
+                "now_iso": now.isoformat(),
+                "active": Agent.Status.ACTIVE.value,
+                "throttled": Agent.Status.THROTTLED.value,
+                "kind": Alert.Kind.RULE.value,
+                "severity": OptimizationRule.Severity.INFO.value,
+                "name_from": len(THROTTLE_REASON_PREFIX) + 1,
+            },
         )
-        alerts.append(
-            Alert(
-                agent_id=agent_id,
-                kind=Alert.Kind.RULE,
-                severity=OptimizationRule.Severity.INFO,
-                rule=rule,
-                title=f"Throttle lifted: {reason.removeprefix(THROTTLE_REASON_PREFIX)}"[:200],
-                message=f"Agent {agent_id} is active again: it was throttled by {reason} and {why}.",
-                data={"rule": reason.removeprefix(THROTTLE_REASON_PREFIX), "lifted": True},
-                dedup_key=f"rule-lift:{agent_id}:{reason}:{now.isoformat()}"[:300],
-            )
-        )
-    return alerts
+        return cursor.fetchone()[0]
