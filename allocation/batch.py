@@ -45,20 +45,25 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
+from types import MappingProxyType
+from typing import NamedTuple
 
+import msgspec
 from django.db import IntegrityError, connection, transaction
-from django.db.models import JSONField, Q
+from django.db.models import Q
 from django.utils import timezone
 
-from allocation.api.shared.idempotency import IDEMPOTENCY_UNIQUE, MAX_KEY_LENGTH, idempotency_values
+from allocation.api.shared.idempotency import IDEMPOTENCY_UNIQUE, MAX_KEY_LENGTH
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.representation import allocation_body, iso_datetime
-from allocation.sql import mutation_record_write
+from allocation.sql import BatchRows, batch_item_records_write, batch_rows_write, text_array
 from axiom_grid.observability.metrics import allocation_count, refusal_count
 from ledger.budgets import BudgetFigures, budget_exceeded, budget_figures
 from ledger.bulk import bulk_update_columns, server_bound_cursor
@@ -71,9 +76,8 @@ from ledger.errors import (
     RunEnded,
     RunNotFound,
 )
-from ledger.ids import uuid7
 from ledger.invariants import agent_refusal, quota_available
-from ledger.models import Agent, Budget, Quota, Team, UsageLog
+from ledger.models import Agent, Budget, Quota, Team
 from ledger.money import money_round, usage_cost
 from ledger.periods import month_bounds
 from ledger.reference_cache import price_table
@@ -91,17 +95,17 @@ MAX_ATTEMPTS = 5
 OPTIMISTIC_ATTEMPTS = 2
 
 
-@dataclass(frozen=True)
-class BatchItem:
+class BatchItem(NamedTuple):
     """One item as the API read it. ``error`` is set when it was invalid: it is refused with that error,
-    unless its idempotency key was used before (then it is answered as a use of that key)."""
+    unless its idempotency key was used before (then it is answered as a use of that key). A named tuple,
+    not a dataclass: a batch makes a thousand, and a frozen dataclass costs several times more to make."""
 
     agent_id: str
     resource_type_id: str = ""
     amount: int = 0
     task_id: str = ""
     run_id: str = ""
-    metadata: dict = field(default_factory=dict)
+    metadata: Mapping = MappingProxyType({})  # never changed: shared by every item without metadata
     idempotency_key: str = ""
     fingerprint: str = ""  # of the item as sent, to tell a retry from another item under the same key
     error: LedgerError | None = None
@@ -159,8 +163,9 @@ def allocations_batch_create(
                     decider = _Decider(
                         agents=agents, prices=prices, quotas=quotas, budgets=budgets, stored=stored, now=now
                     )
-                    results = [decider.decide(index, item) for index, item in enumerate(items)]
-                    _rows_write(decider, now=now)
+                    decide = decider.decide
+                    results = [decide(index, item) for index, item in enumerate(items)]
+                    batch_rows_write(decider.rows, at=now, period_start=period_start)
                     _budgets_charge(decider, now=now)
                     if optimistic:
                         _quotas_confirm(decider)
@@ -174,7 +179,7 @@ def allocations_batch_create(
                 "other requests kept storing this batch's idempotency keys; try again",
                 code="idempotency_in_progress",
             )
-    _outcomes_count(items, results)
+    _outcomes_count(decider)
     return BatchOutcome(
         results=results,
         summary={
@@ -186,23 +191,16 @@ def allocations_batch_create(
     )
 
 
-def _outcomes_count(items: Sequence[BatchItem], results: list[dict]) -> None:
+def _outcomes_count(decider: _Decider) -> None:
     """Count the items decided against the ledger, as single allocations are counted: accepted ones and
     refused ones by reason (not replays, nor items refused as invalid before any decision)."""
-    accepted: Counter[str] = Counter()
+    accepted = Counter(decider.rows.resource_type_ids)
     units: Counter[str] = Counter()
-    refused: Counter[tuple[str, str]] = Counter()
-    for item, result in zip(items, results, strict=True):
-        if item.error is not None or result.get("replayed"):
-            continue
-        if result["status"] == 201:
-            accepted[item.resource_type_id] += 1
-            units[item.resource_type_id] += item.amount
-        else:
-            refused[(item.resource_type_id, result["error"]["code"])] += 1
+    for resource_type, amount in zip(decider.rows.resource_type_ids, decider.rows.amounts, strict=True):
+        units[resource_type] += amount
     for resource_type, count in accepted.items():
         allocation_count(resource_type=resource_type, held=False, amount=units[resource_type], count=count)
-    for (resource_type, reason), count in refused.items():
+    for (resource_type, reason), count in decider.refused.items():
         refusal_count(resource_type=resource_type, reason=reason, count=count)
 
 
@@ -489,10 +487,10 @@ def _results_read(keys: list[str], *, principal: str) -> dict[str, _StoredResult
     with server_bound_cursor() as cursor:
         cursor.execute(
             "SELECT r.key, r.request_hash, r.response_status, r.response_body "
-            "FROM unnest(%b::text[]) AS wanted(key) CROSS JOIN LATERAL ("
+            "FROM unnest(%s::text[]) AS wanted(key) CROSS JOIN LATERAL ("
             f"SELECT * FROM {connection.ops.quote_name(IdempotencyRecord._meta.db_table)} "
             "WHERE principal = %s AND key = wanted.key LIMIT 1) AS r",
-            [wanted, principal],
+            [text_array(wanted), principal],
         )
         rows = cursor.fetchall()
     stored = {
@@ -520,29 +518,24 @@ def _bodies_expand(stored: dict[str, _StoredResult]) -> dict[str, _StoredResult]
 
 
 def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.datetime) -> None:
-    """Keep each accepted item's result under its key, through the one writer of idempotency records;
-    raise ``_KeyTaken`` if another request stored one of the keys meanwhile (the unique index says so)."""
+    """Keep each accepted item's result under its key, in one statement; raise ``_KeyTaken`` if another
+    request stored one of the keys meanwhile (the unique index says so).
+
+    The allocation's id only, not the body: the body is the allocation row, read back on a replay
+    (``_bodies_expand``), and 1,000 bodies were a third of what a batch wrote."""
     if not decider.owned:
         return
-    records = []
-    for key in sorted(decider.owned):  # sorted: batches storing the same keys wait in one order
-        result = decider.owned[key]
-        # The allocation's id only, not the body: the body is the allocation row, read back on a replay
-        # (``_bodies_expand``), and 1,000 bodies were a third of what a batch wrote.
-        records.append(
-            idempotency_values(
-                principal=principal,
-                key=ITEM_KEY_PREFIX + key,
-                method="POST",
-                path=path,
-                fingerprint=result.fingerprint,
-                status=result.status,
-                body={"allocation_id": result.body["allocation"]["id"]},
-                at=now,
-            )
-        )
+    keys = sorted(decider.owned)  # sorted: batches storing the same keys wait in one order
+    owned = decider.owned
     try:
-        mutation_record_write({"idempotency": records})
+        batch_item_records_write(
+            principal=principal,
+            path=path,
+            keys=[ITEM_KEY_PREFIX + key for key in keys],
+            fingerprints=[owned[key].fingerprint for key in keys],
+            allocation_ids=[owned[key].body["allocation"]["id"] for key in keys],
+            at=now,
+        )
     except IntegrityError as exc:
         if getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None) == IDEMPOTENCY_UNIQUE:
             raise _KeyTaken from exc
@@ -553,7 +546,11 @@ def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.date
 
 
 class _Decider:
-    """Decides the items in order against the quotas and budgets as read and collects what to write."""
+    """Decides the items in order against the quotas and budgets as read and collects the rows to write.
+
+    Everything an item needs that is the same for many items (its agent's refusal, its price, its cost for
+    that amount, the budgets of its agent and run) is worked out once and looked up after: a batch is
+    usually a few agents and one or two amounts, a thousand times."""
 
     def __init__(
         self,
@@ -573,11 +570,15 @@ class _Decider:
         self.stored = stored
         self.created_at = iso_datetime(now)
         self.owned: dict[str, _StoredResult] = {}  # keys whose result this batch stores
-        # allocation id, item, quota id, cost, the ids of the budgets charged
-        self.accepted_items: list[tuple[str, BatchItem, int, Decimal, list[int]]] = []
+        self.rows = BatchRows([], [], [], [], [], [], [], [], [], [], [], [])
+        self.ids = _uuid7_texts()
         self.budgets_refusing: set[int] = set()  # hard budgets that refused an item
+        self.refused: Counter[tuple[str, str]] = Counter()  # (resource type, reason) of refusals decided
         self.accepted = 0
         self.replayed = 0
+        self._agent_refusals: dict[str, LedgerError | None] = {}
+        self._costs: dict[tuple[str, int], tuple[Decimal, str]] = {}
+        self._applying: dict[tuple[str, str], tuple[list[_BudgetState], str]] = {}
 
     def decide(self, index: int, item: BatchItem) -> dict:
         key = item.idempotency_key
@@ -589,6 +590,7 @@ class _Decider:
             return _refused(index, item.error)
         refusal = self._refusal(item)
         if refusal is not None:
+            self.refused[(item.resource_type_id, refusal.code)] += 1
             return _refused(index, refusal)
         return self._accept(index, item)
 
@@ -612,24 +614,48 @@ class _Decider:
         self.replayed += 1
         return {"index": index, "status": earlier.status, **earlier.body, "replayed": True}
 
-    def _refusal(self, item: BatchItem) -> LedgerError | None:
-        agent = self.agents.get(item.agent_id)
+    def _cost(self, resource_type_id: str, amount: int) -> tuple[Decimal, str]:
+        found = self._costs.get((resource_type_id, amount))
+        if found is None:
+            cost = usage_cost(amount, self.prices[resource_type_id])
+            found = self._costs[(resource_type_id, amount)] = (cost, f"{cost:f}")
+        return found
+
+    def _budgets_of(self, agent_id: str, run_id: str) -> tuple[list[_BudgetState], str]:
+        """The budgets an item of the agent naming ``run_id`` is charged to, and their ids as a PostgreSQL
+        array literal (the allocation's ``budget_ids``)."""
+        found = self._applying.get((agent_id, run_id))
+        if found is None:
+            budgets = self.budgets.applying(agent_id, run_id)
+            found = (budgets, "{" + ",".join(str(b.budget.pk) for b in budgets) + "}")
+            self._applying[(agent_id, run_id)] = found
+        return found
+
+    def _agent_refusal(self, agent_id: str) -> LedgerError | None:
+        if agent_id in self._agent_refusals:
+            return self._agent_refusals[agent_id]
+        agent = self.agents.get(agent_id)
         if agent is None:
-            return NotFound(f"agent {item.agent_id!r} not found")
-        refusal = agent_refusal(agent_id=item.agent_id, status=agent.status, reason=agent.reason)
+            refusal = NotFound(f"agent {agent_id!r} not found")
+        else:
+            refusal = agent_refusal(agent_id=agent_id, status=agent.status, reason=agent.reason)
+        self._agent_refusals[agent_id] = refusal
+        return refusal
+
+    def _refusal(self, item: BatchItem) -> LedgerError | None:
+        refusal = self._agent_refusal(item.agent_id)
         if refusal is not None:
             return refusal
-        price = self.prices[item.resource_type_id]
-        if price is None:
+        if self.prices[item.resource_type_id] is None:
             return LedgerError(f"{item.resource_type_id} has no price in effect", code="no_price", status=409)
         # The order of a single allocation's checks: the run it names, its budgets, then its quota.
         if item.run_id:
             refusal = self.budgets.run_refusal(item.agent_id, item.run_id)
             if refusal is not None:
                 return refusal
-        cost = usage_cost(item.amount, price)
+        cost = self._cost(item.resource_type_id, item.amount)[0]
         if cost > 0:
-            for budget in self.budgets.applying(item.agent_id, item.run_id):
+            for budget in self._budgets_of(item.agent_id, item.run_id)[0]:
                 if budget.refuses and budget.remaining < cost:
                     self.budgets_refusing.add(budget.budget.pk)
                     return budget.refusal(cost)
@@ -647,26 +673,40 @@ class _Decider:
         return None
 
     def _accept(self, index: int, item: BatchItem) -> dict:
-        quota = self.quotas[(item.agent_id, item.resource_type_id)]
-        cost = usage_cost(item.amount, self.prices[item.resource_type_id])
-        quota.available -= item.amount
-        quota.taken += item.amount
+        agent_id, resource_type_id, amount = item.agent_id, item.resource_type_id, item.amount
+        quota = self.quotas[(agent_id, resource_type_id)]
+        cost, cost_text = self._cost(resource_type_id, amount)
+        quota.available -= amount
+        quota.taken += amount
         quota.cost += cost
-        budgets = self.budgets.applying(item.agent_id, item.run_id)
+        budgets, budget_ids = self._budgets_of(agent_id, item.run_id)
         for budget in budgets:
             budget.charged += cost
-        allocation_id = str(uuid7())
-        self.accepted_items.append((allocation_id, item, quota.id, cost, [b.budget.pk for b in budgets]))
+        allocation_id = next(self.ids)
+        unit_price = self.price_texts[resource_type_id]
+        rows = self.rows
+        rows.ids.append(allocation_id)
+        rows.agent_ids.append(agent_id)
+        rows.resource_type_ids.append(resource_type_id)
+        rows.quota_ids.append(quota.id)
+        rows.amounts.append(amount)
+        rows.unit_prices.append(unit_price)
+        rows.costs.append(cost_text)
+        rows.task_ids.append(item.task_id)
+        rows.run_ids.append(item.run_id)
+        rows.budget_ids.append(budget_ids)
+        rows.keys.append(item.idempotency_key)
+        rows.metadata.append(_json_object_text(item.metadata))
         self.accepted += 1
         body = {
             "allocation": {  # AllocationOut's shape
                 "id": allocation_id,
-                "agent_id": item.agent_id,
-                "resource_type": item.resource_type_id,
-                "allocated_amount": item.amount,
-                "cost_usd": f"{cost:f}",
-                "unit_price_usd": self.price_texts[item.resource_type_id],
-                "status": Allocation.Status.COMMITTED.value,
+                "agent_id": agent_id,
+                "resource_type": resource_type_id,
+                "allocated_amount": amount,
+                "cost_usd": cost_text,
+                "unit_price_usd": unit_price,
+                "status": "committed",
                 "task_id": item.task_id,
                 "run_id": item.run_id,
                 "expires_at": None,
@@ -679,6 +719,39 @@ class _Decider:
         if item.idempotency_key:
             self.owned[item.idempotency_key] = _StoredResult(item.fingerprint, 201, body)
         return {"index": index, "status": 201, **body}
+
+
+_JSON_OBJECT = msgspec.json.Encoder()
+
+
+def _json_object_text(metadata: Mapping) -> str:
+    """An item's metadata as JSON text (``{}`` without any). msgspec: exact for integers of any size."""
+    return _JSON_OBJECT.encode(dict(metadata)).decode() if metadata else "{}"
+
+
+# Version 7 UUIDs (``ledger.ids.uuid7``), a thousand at a time: the random bits of all of them from one
+# call, the version and variant bits set in C (``bytes.translate`` over every 16th byte).
+_VERSION_BITS = bytes((byte & 0x0F) | 0x70 for byte in range(256))
+_VARIANT_BITS = bytes((byte & 0x3F) | 0x80 for byte in range(256))
+_UUID_CHUNK = 256
+
+
+def _uuid7_texts() -> Iterator[str]:
+    """An endless supply of version 7 UUIDs as text, drawn in chunks; the Unix milliseconds of each chunk
+    are those of its drawing, so the ids of a batch still sort by time of making, like ``uuid7``'s."""
+    while True:
+        count = _UUID_CHUNK
+        milliseconds = (time.time_ns() // 1_000_000) & ((1 << 48) - 1)
+        raw = bytearray(os.urandom(16 * count))
+        stamp = milliseconds.to_bytes(6, "big")
+        for position in range(6):
+            raw[position::16] = stamp[position : position + 1] * count
+        raw[6::16] = bytes(raw[6::16]).translate(_VERSION_BITS)
+        raw[8::16] = bytes(raw[8::16]).translate(_VARIANT_BITS)
+        text = raw.hex()
+        for start in range(0, 32 * count, 32):
+            part = text[start : start + 32]
+            yield f"{part[:8]}-{part[8:12]}-{part[12:16]}-{part[16:20]}-{part[20:]}"
 
 
 def _refused(index: int, error: LedgerError) -> dict:
@@ -702,108 +775,6 @@ def _quotas_update(decider: _Decider, *, now: dt.datetime) -> None:
         add=True,
         touch=now,
     )
-
-
-def _by_quota(accepted: tuple) -> tuple[int, str]:
-    return accepted[2], accepted[0]  # quota id, then allocation id
-
-
-def _rows_write(decider: _Decider, *, now: dt.datetime) -> None:
-    """The allocations and the usage rows of the accepted items: two statements."""
-    if not decider.accepted_items:
-        return
-    at = connection.ops.adapt_datetimefield_value(now)
-    period_start = connection.ops.adapt_datetimefield_value(month_bounds(now)[0])
-    allocations = _Rows(
-        Allocation,
-        ("id", "agent", "resource_type", "quota", "amount", "unit_price_usd", "cost_usd", "task_id")
-        + ("run_id", "budget_ids"),
-        same={"status": Allocation.Status.COMMITTED.value, "created_at": at},
-    )
-    usage = _Rows(
-        UsageLog,
-        ("agent", "resource_type", "quota", "amount", "unit_price_usd", "cost_usd", "task_id")
-        + ("idempotency_key", "metadata"),
-        same={"kind": UsageLog.Kind.ALLOCATION.value, "created_at": at, "period_start": period_start},
-    )
-    for allocation_id, item, quota_id, cost, budget_ids in sorted(decider.accepted_items, key=_by_quota):
-        unit_price, cost_text = decider.price_texts[item.resource_type_id], f"{cost:f}"
-        allocations.add(
-            allocation_id,
-            item.agent_id,
-            item.resource_type_id,
-            quota_id,
-            item.amount,
-            unit_price,
-            cost_text,
-            item.task_id,
-            item.run_id,
-            "{" + ",".join(map(str, budget_ids)) + "}",  # a PostgreSQL array literal, cast by _Rows
-        )
-        usage.add(
-            item.agent_id,
-            item.resource_type_id,
-            quota_id,
-            item.amount,
-            unit_price,
-            cost_text,
-            item.task_id,
-            item.idempotency_key,
-            {**item.metadata, "allocation_id": allocation_id},
-        )
-    allocations.insert()
-    usage.insert()
-
-
-class _Rows:
-    """Rows of values for some columns of one table, sent in one statement on PostgreSQL.
-
-    The rows travel as one JSON array of arrays, taken apart in the server: a short statement whatever the
-    number of rows, encoded by the C JSON encoder. ``jsonb``, not ``json``: every ``->`` on a ``json``
-    value parses its text again, column after column. Values every row shares are given once, as ``same``
-    (ordinary query parameters). Give uuids as text, JSON values as they are and decimals as text.
-    """
-
-    def __init__(self, model, fields: Sequence[str], *, same: dict | None = None):
-        self.table = connection.ops.quote_name(model._meta.db_table)
-        self.fields = [model._meta.get_field(name) for name in fields]
-        self.same = [(model._meta.get_field(name), value) for name, value in (same or {}).items()]
-        self.columns = [model_field.column for model_field in self.fields + [f for f, _ in self.same]]
-        self.rows: list[tuple] = []
-
-    def add(self, *values) -> None:
-        self.rows.append(values)
-
-    def insert(self, *, suffix: str = "") -> list[tuple]:
-        """INSERT the rows; returns what a RETURNING ``suffix`` returns."""
-        names = ", ".join(self.columns)
-        return self.execute(
-            f"INSERT INTO {{table}} ({names}) SELECT {names} FROM {{rows}} WHERE true {suffix}"
-        )
-
-    def execute(self, sql: str, *, params: Sequence = ()) -> list[tuple]:
-        """Run ``sql``, where ``{rows}`` stands for the rows as a relation ``v`` (and ``{table}`` for the
-        table), in one statement; ``params`` go before the rows'."""
-        returned: list[tuple] = []
-        with connection.cursor() as cursor:
-            for source, source_params in self._sources():
-                cursor.execute(sql.format(table=self.table, rows=source), [*params, *source_params])
-                if cursor.description:
-                    returned.extend(cursor.fetchall())
-        return returned
-
-    def _sources(self) -> Iterator[tuple[str, list]]:
-        if not self.rows:
-            return
-        columns = [
-            f"(r->{i})::jsonb AS {model_field.column}"
-            if isinstance(model_field, JSONField)
-            else f"(r->>{i})::{model_field.db_type(connection)} AS {model_field.column}"
-            for i, model_field in enumerate(self.fields)
-        ]
-        columns += [f"%s::{field.db_type(connection)} AS {field.column}" for field, _ in self.same]
-        source = f"(SELECT {', '.join(columns)} FROM jsonb_array_elements(%s::jsonb) AS r) AS v"
-        yield source, [*(value for _, value in self.same), json.dumps(self.rows)]
 
 
 __all__ = ["MAX_BATCH_ITEMS", "MAX_ITEM_KEY_LENGTH", "BatchItem", "BatchOutcome", "allocations_batch_create"]

@@ -522,3 +522,132 @@ def _refusal(exc: DatabaseError, row: AllocationRow) -> LedgerError | None:
     if state == AGENT_NOT_FOUND:
         return NotFound(f"agent {row.agent_id!r} not found")
     return None
+
+
+# --- Batches ------------------------------------------------------------------------------------------------
+#
+# A batch's rows go to PostgreSQL as one array per column (``unnest``), each array one text parameter (an
+# array literal, ``text_array``) bound on the server: no JSON to build in Python nor to take apart in
+# PostgreSQL, no placeholder per value, and no Python call per value (psycopg dumps a list element by
+# element in Python). What every row of a batch shares (the time, the period, the status) is one parameter.
+# Rows are inserted in quota order: each quota's rows land side by side in the indexes that lead with the
+# agent.
+
+
+def text_array(values: list[str]) -> str:
+    """``values`` as a PostgreSQL array literal, every element quoted. One join when no value holds a double
+    quote or a backslash (a batch's ids, keys and amounts), else each value escaped."""
+    text = '","'.join(values)
+    if text.count('"') != 2 * max(len(values) - 1, 0) or "\\" in text:
+        text = '","'.join(value.replace("\\", "\\\\").replace('"', '\\"') for value in values)
+    return '{"' + text + '"}' if values else "{}"
+
+
+def int_array(values: list[int]) -> str:
+    """``values`` (integers) as a PostgreSQL array literal."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+_BATCH_ALLOCATIONS_SQL = """INSERT INTO "allocation_allocation"
+    (id, agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, run_id, budget_ids,
+     status, created_at)
+SELECT v.id::uuid, v.agent_id, v.resource_type_id, v.quota_id, v.amount, v.unit_price_usd::numeric,
+       v.cost_usd::numeric, v.task_id, v.run_id, v.budget_ids::bigint[], 'committed', %(at)s
+FROM unnest(%(ids)s::text[], %(agent_ids)s::text[], %(resource_type_ids)s::text[], %(quota_ids)s::bigint[],
+            %(amounts)s::bigint[], %(unit_prices)s::text[], %(costs)s::text[], %(task_ids)s::text[],
+            %(run_ids)s::text[], %(budget_ids)s::text[])
+    AS v (id, agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, run_id,
+          budget_ids)
+ORDER BY v.quota_id, v.id
+"""
+
+_BATCH_USAGE_SQL = """INSERT INTO "usage_logs"
+    (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id, idempotency_key,
+     metadata, kind, created_at, period_start)
+SELECT v.agent_id, v.resource_type_id, v.quota_id, v.amount, v.unit_price_usd::numeric, v.cost_usd::numeric,
+       v.task_id, v.idempotency_key, v.metadata::jsonb || jsonb_build_object('allocation_id', v.id),
+       'allocation', %(at)s, %(period_start)s
+FROM unnest(%(ids)s::text[], %(agent_ids)s::text[], %(resource_type_ids)s::text[], %(quota_ids)s::bigint[],
+            %(amounts)s::bigint[], %(unit_prices)s::text[], %(costs)s::text[], %(task_ids)s::text[],
+            %(keys)s::text[], %(metadata)s::text[])
+    AS v (id, agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id,
+          idempotency_key, metadata)
+ORDER BY v.quota_id, v.id
+"""
+
+# A batch item's stored result names its allocation only (``allocation.batch``); the body is read back on a
+# replay. The same columns ``grid_mutation_record`` writes, for a thousand records without a JSON document.
+_BATCH_ITEM_RECORDS_SQL = """INSERT INTO allocation_idempotencyrecord
+    (principal, key, method, path, request_hash, response_status, response_body, created_at)
+SELECT %(principal)s, v.key, 'POST', %(path)s, v.request_hash, 201,
+       jsonb_build_object('allocation_id', v.allocation_id), %(at)s
+FROM unnest(%(keys)s::text[], %(hashes)s::text[], %(allocation_ids)s::text[])
+    AS v (key, request_hash, allocation_id)
+"""
+
+
+@dataclass
+class BatchRows:
+    """The accepted items of a batch, one list per column, in the items' order. Money as text (exact to the
+    ledger's 12 places), ``budget_ids`` as PostgreSQL array literals, ``metadata`` as JSON object text."""
+
+    ids: list[str]
+    agent_ids: list[str]
+    resource_type_ids: list[str]
+    quota_ids: list[int]
+    amounts: list[int]
+    unit_prices: list[str]
+    costs: list[str]
+    task_ids: list[str]
+    run_ids: list[str]
+    budget_ids: list[str]
+    keys: list[str]
+    metadata: list[str]
+
+
+def batch_rows_write(rows: BatchRows, *, at: dt.datetime, period_start: dt.datetime) -> None:
+    """The allocations and the usage rows of a batch's accepted items: two statements, however many."""
+    if not rows.ids:
+        return
+    columns = {
+        "ids": text_array(rows.ids),
+        "agent_ids": text_array(rows.agent_ids),
+        "resource_type_ids": text_array(rows.resource_type_ids),
+        "quota_ids": int_array(rows.quota_ids),
+        "amounts": int_array(rows.amounts),
+        "unit_prices": text_array(rows.unit_prices),
+        "costs": text_array(rows.costs),
+        "task_ids": text_array(rows.task_ids),
+        "at": at,
+    }
+    allocations = {"run_ids": text_array(rows.run_ids), "budget_ids": text_array(rows.budget_ids)}
+    usage = {
+        "keys": text_array(rows.keys),
+        "metadata": text_array(rows.metadata),
+        "period_start": period_start,
+    }
+    with server_bound_cursor() as cursor:
+        cursor.execute(_BATCH_ALLOCATIONS_SQL, {**columns, **allocations})
+        cursor.execute(_BATCH_USAGE_SQL, {**columns, **usage})
+
+
+def batch_item_records_write(
+    *, principal: str, path: str, keys: list[str], fingerprints: list[str], allocation_ids: list[str], at
+) -> None:
+    """Store a batch's accepted items under their keys (full keys, ``item:`` included), in the order given:
+    give them sorted, so that batches storing the same keys wait for each other in one order. A key stored
+    before fails on its unique index (``IntegrityError``)."""
+    if not keys:
+        return
+    with server_bound_cursor() as cursor:
+        cursor.execute(
+            _BATCH_ITEM_RECORDS_SQL,
+            {
+                "principal": principal,
+                "path": path,
+                "at": at,
+                "keys": text_array(keys),
+                "hashes": text_array(fingerprints),
+                "allocation_ids": text_array(allocation_ids),
+            },
+        )
