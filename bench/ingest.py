@@ -13,12 +13,12 @@ import json
 import re
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.loadgen import LoadResult, python_load
 from bench.report import Report, log, per_second
-from bench.server import GunicornServer
+from bench.server import CpuMeter, GunicornServer
 
 RESOURCE_TYPE = "AI_TOKENS"
 BATCH_ITEMS = 1000
@@ -74,6 +74,7 @@ class _Side:
     path: str
     token: str | None
     results: list[tuple[LoadResult, int, int]]  # (load, items accepted, items refused) by round
+    meters: list[CpuMeter] = field(default_factory=list)
 
 
 def _load(side: _Side, templates: list[str], run: str, rounds: Rounds) -> tuple[LoadResult, int, int]:
@@ -128,8 +129,11 @@ def floor_ratio(
             log_path=Path(workdir) / "gunicorn-floor.log",
         ) as floor_server,
     ):
+        from django.db import connection
         from django.test.utils import override_settings
         from django.urls import reverse
+
+        database = connection.settings_dict["NAME"]
 
         with override_settings(ROOT_URLCONF="bench.baseline_urls"):
             floor_path = reverse("bench-baseline-batch", urlconf="bench.baseline_urls")
@@ -144,7 +148,9 @@ def floor_ratio(
         for number in range(1, rounds.count + 1):
             for side in sides:
                 log(f"scenario 2: round {number}/{rounds.count}, {side.name} usage batches")
-                side.results.append(_load(side, templates, f"{run}-{number}-{side.name}", rounds))
+                with CpuMeter(server=side.server, database_name=database) as meter:
+                    side.results.append(_load(side, templates, f"{run}-{number}-{side.name}", rounds))
+                side.meters.append(meter)
     rates = {side.name: [accepted / load.elapsed for load, accepted, _ in side.results] for side in sides}
     for side in sides:
         loads = [load for load, _, _ in side.results]
@@ -155,6 +161,14 @@ def floor_ratio(
             f"items/s {side.name} by round ({rounds.connections} conn, {rounds.seconds:.0f} s each)",
             " / ".join(per_second(rate) for rate in rates[side.name])
             + f"; failed batches {errors}, refused items {refused}",
+        )
+        report.add(
+            scenario,
+            f"server CPU per batch, {side.name}, by round",
+            " / ".join(
+                meter.per_request(load.requests)
+                for (load, _, _), meter in zip(side.results, side.meters, strict=True)
+            ),
         )
     ratios = [grid / floor for grid, floor in zip(rates["grid"], rates["floor"], strict=True) if floor]
     if not ratios:
