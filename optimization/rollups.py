@@ -96,26 +96,24 @@ def window_sql(window: UsageWindow, *, name: str, where: str = "TRUE") -> tuple[
         f"{name}_floor": end if window.end is None else floor_hour(window.end),
         f"{name}_state": STATE_NAME,
     }
-    state = f"FROM {STATE_TABLE} WHERE name = %({name}_state)s"
+    # One row of bounds, computed once (MATERIALIZED: each part reads it, none recomputes it).
     ctes = f"""
-{name}_cut AS (
-    SELECT greatest(%({name}_ceil)s::timestamptz,
-                    coalesce((SELECT covered_from {state}), 'infinity'::timestamptz)) AS lo,
-           least(%({name}_floor)s::timestamptz,
-                 coalesce((SELECT sealed_through {state}), '-infinity'::timestamptz)) AS hi
-),
-{name}_span AS (
-    SELECT CASE WHEN lo < hi THEN lo ELSE %({name}_end)s::timestamptz END AS lo,
-           CASE WHEN lo < hi THEN hi ELSE %({name}_end)s::timestamptz END AS hi
-    FROM {name}_cut
-),
-{name}_bounds AS (
+{name}_bounds AS MATERIALIZED (
     SELECT lo, hi,
            CASE WHEN {_ceil_day("lo")} < date_trunc('day', hi, 'UTC') THEN {_ceil_day("lo")} ELSE hi END
                AS day_lo,
            CASE WHEN {_ceil_day("lo")} < date_trunc('day', hi, 'UTC') THEN date_trunc('day', hi, 'UTC')
                ELSE hi END AS day_hi
-    FROM {name}_span
+    FROM (
+        SELECT CASE WHEN lo < hi THEN lo ELSE %({name}_end)s::timestamptz END AS lo,
+               CASE WHEN lo < hi THEN hi ELSE %({name}_end)s::timestamptz END AS hi
+        FROM (
+            SELECT greatest(%({name}_ceil)s::timestamptz, coalesce(state.covered_from, 'infinity')) AS lo,
+                   least(%({name}_floor)s::timestamptz, coalesce(state.sealed_through, '-infinity')) AS hi
+            FROM (SELECT 1) AS one
+            LEFT JOIN {STATE_TABLE} AS state ON state.name = %({name}_state)s
+        ) AS cut
+    ) AS span
 )"""
     bound = f"(SELECT {{}} FROM {name}_bounds)"
     raw = (
