@@ -200,8 +200,10 @@ def scaling_apply(
 # --- The fleet, in chunks -------------------------------------------------------------------------------
 
 # Agents per chunk of the evaluation: each chunk is one short transaction, and what it reads (agents, their
-# metrics, their recent events) is bounded by it, not by the fleet.
-SCALING_CHUNK = 5000
+# metrics, their recent events) is bounded by it, not by the fleet. An allocation on a quota that the chunk
+# grants to waits for the chunk's commit, so a chunk is kept short: 2,000 agents took about 0.5 s at most
+# on a busy two-core machine (5,000 took 1.4 s), for a sweep about a sixth slower.
+SCALING_CHUNK = 2000
 
 
 @dataclass
