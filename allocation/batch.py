@@ -44,7 +44,9 @@ otherwise, as for a single allocation).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
+import operator
 import os
 import time
 import uuid
@@ -163,8 +165,7 @@ def allocations_batch_create(
                     decider = _Decider(
                         agents=agents, prices=prices, quotas=quotas, budgets=budgets, stored=stored, now=now
                     )
-                    decide = decider.decide
-                    results = [decide(index, item) for index, item in enumerate(items)]
+                    results = decider.decide_all(items)
                     batch_rows_write(decider.rows, at=now, period_start=period_start)
                     _budgets_charge(decider, now=now)
                     if optimistic:
@@ -469,8 +470,7 @@ def _budgets_charge(decider: _Decider, *, now: dt.datetime) -> None:
 # --- Idempotency keys -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _StoredResult:
+class _StoredResult(NamedTuple):
     fingerprint: str
     status: int | None
     body: dict | None
@@ -545,6 +545,15 @@ def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.date
 # --- Deciding ---------------------------------------------------------------------------------------------
 
 
+_ITEM_ERROR = operator.attrgetter("error")
+_ITEM_RUN = operator.attrgetter("run_id")
+_ITEM_KEY = operator.attrgetter("idempotency_key")
+_ITEM_AGENT = operator.attrgetter("agent_id")
+_ITEM_RESOURCE_TYPE = operator.attrgetter("resource_type_id")
+_ITEM_AMOUNT = operator.attrgetter("amount")
+_ITEM_TASK = operator.attrgetter("task_id")
+
+
 class _Decider:
     """Decides the items in order against the quotas and budgets as read and collects the rows to write.
 
@@ -579,6 +588,120 @@ class _Decider:
         self._agent_refusals: dict[str, LedgerError | None] = {}
         self._costs: dict[tuple[str, int], tuple[Decimal, str]] = {}
         self._applying: dict[tuple[str, str], tuple[list[_BudgetState], str]] = {}
+
+    def decide_all(self, items: Sequence[BatchItem]) -> list[dict]:
+        """Every item's result, in order."""
+        results = self._all_fit(items)
+        if results is None:
+            decide = self.decide
+            results = [decide(index, item) for index, item in enumerate(items)]
+        return results
+
+    def _all_fit(self, items: Sequence[BatchItem]) -> list[dict] | None:
+        """The results when every item is accepted, else None (then each is decided in turn).
+
+        Every item is accepted when none is invalid, names a run or repeats a key (its own batch's or a
+        stored one), every agent may allocate and every price is in effect, and each quota and each hard
+        budget has room for all that the batch takes from it: the items are then decided against more than
+        they take, item after item, in any order. Worked out per agent, resource type and amount, not per
+        item, and the rows and answers are built column by column."""
+        if self.stored or any(map(_ITEM_ERROR, items)) or any(map(_ITEM_RUN, items)):
+            return None
+        keys = list(map(_ITEM_KEY, items))
+        given = [key for key in keys if key]
+        if len(set(given)) != len(given):
+            return None
+        agent_ids = list(map(_ITEM_AGENT, items))
+        resource_type_ids = list(map(_ITEM_RESOURCE_TYPE, items))
+        amounts = list(map(_ITEM_AMOUNT, items))
+        counts = Counter(zip(agent_ids, resource_type_ids, amounts, strict=True))
+        if any(self._agent_refusal(agent_id) for agent_id in set(agent_ids)):
+            return None
+        if any(self.prices[code] is None for code in set(resource_type_ids)):
+            return None
+        taken: Counter[tuple[str, str]] = Counter()
+        charged: Counter[str] = Counter()  # by agent
+        for (agent_id, resource_type_id, amount), count in counts.items():
+            taken[(agent_id, resource_type_id)] += amount * count
+            charged[agent_id] += self._cost(resource_type_id, amount)[0] * count
+        if any(self.quotas[pair].available < total for pair, total in taken.items()):
+            return None
+        by_budget: dict[int, Decimal] = {}
+        for agent_id, cost in charged.items():
+            for budget in self._budgets_of(agent_id, "")[0]:
+                by_budget[budget.budget.pk] = by_budget.get(budget.budget.pk, Decimal(0)) + cost
+        states = self.budgets.states
+        if any(
+            states[pk].refuses and states[pk].remaining < cost for pk, cost in by_budget.items() if cost > 0
+        ):
+            return None
+        for (agent_id, resource_type_id, amount), count in counts.items():
+            quota = self.quotas[(agent_id, resource_type_id)]
+            quota.available -= amount * count
+            quota.taken += amount * count
+            quota.cost += self._cost(resource_type_id, amount)[0] * count
+        for pk, cost in by_budget.items():
+            states[pk].charged += cost
+        count = len(items)
+        costs = self._costs
+        quota_ids = {pair: quota.id for pair, quota in self.quotas.items()}
+        budget_ids = {agent_id: self._budgets_of(agent_id, "")[1] for agent_id in charged}
+        rows = self.rows
+        rows.ids[:] = ids = list(itertools.islice(self.ids, count))
+        rows.agent_ids[:] = agent_ids
+        rows.resource_type_ids[:] = resource_type_ids
+        rows.quota_ids[:] = [quota_ids[pair] for pair in zip(agent_ids, resource_type_ids, strict=True)]
+        rows.amounts[:] = amounts
+        rows.unit_prices[:] = unit_prices = [self.price_texts[code] for code in resource_type_ids]
+        rows.costs[:] = cost_texts = [costs[pair][1] for pair in zip(resource_type_ids, amounts, strict=True)]
+        rows.task_ids[:] = task_ids = list(map(_ITEM_TASK, items))
+        rows.run_ids[:] = [""] * count
+        rows.budget_ids[:] = [budget_ids[agent_id] for agent_id in agent_ids]
+        rows.keys[:] = keys
+        rows.metadata[:] = [_json_object_text(item.metadata) if item.metadata else "{}" for item in items]
+        self.accepted = count
+        created_at = self.created_at
+        results = [
+            {
+                "index": index,
+                "status": 201,
+                "allocation": {  # AllocationOut's shape
+                    "id": allocation_id,
+                    "agent_id": agent_id,
+                    "resource_type": resource_type_id,
+                    "allocated_amount": amount,
+                    "cost_usd": cost_text,
+                    "unit_price_usd": unit_price,
+                    "status": "committed",
+                    "task_id": task_id,
+                    "run_id": "",
+                    "expires_at": None,
+                    "settled_amount": None,
+                    "created_at": created_at,
+                    "finished_at": None,
+                    "lease": False,
+                },
+            }
+            for index, (
+                allocation_id,
+                agent_id,
+                resource_type_id,
+                amount,
+                cost_text,
+                unit_price,
+                task_id,
+            ) in enumerate(
+                zip(
+                    ids, agent_ids, resource_type_ids, amounts, cost_texts, unit_prices, task_ids, strict=True
+                )
+            )
+        ]
+        self.owned = {
+            key: _StoredResult(item.fingerprint, 201, {"allocation": result["allocation"]})
+            for key, item, result in zip(keys, items, results, strict=True)
+            if key
+        }
+        return results
 
     def decide(self, index: int, item: BatchItem) -> dict:
         key = item.idempotency_key

@@ -8,10 +8,12 @@ grid costs beyond the floor: its middleware, key check, idempotency, audit and b
 created by the bench setup (``BASELINE_SCHEMA_SQL``), never by a migration.
 
 ``BaselineBatchView`` is the floor of batch ingestion (scenario 2, ``bench.ingest``): it parses the same JSON
-body as ``POST /api/v1/usage/batch`` (with the project's JSON parser, as any DRF view here), and takes every
-item in one set-based statement: the items as arrays (``unnest``), the rows they name locked in id order, one
-UPDATE of their counters (each row's items together, only if they all fit) and one INSERT of a usage row per
-item taken. No key, no idempotency, no audit, no per-item result.
+body as ``POST /api/v1/usage/batch`` (with the project's JSON parser, as any DRF view here) and takes every
+item in one set-based statement on the ledger's own tables: the items as arrays (``unnest``), the quota rows
+of the current period they name locked in id order, one UPDATE of their ``used`` counters (each row's items
+together, only if they all fit) and one INSERT of a usage row per item taken, into ``usage_logs`` with its
+indexes and its foreign key. What the database must do for the usage rows, and nothing else: no key, no
+price, no allocation row, no idempotency, no audit, no per-item result.
 """
 
 from __future__ import annotations
@@ -33,45 +35,32 @@ CREATE TABLE IF NOT EXISTS bench_usage (
     amount bigint NOT NULL CHECK (amount > 0),
     created_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE TABLE IF NOT EXISTS bench_batch_quota (
-    id bigserial PRIMARY KEY,
-    agent_id text NOT NULL,
-    resource_type text NOT NULL,
-    used bigint NOT NULL DEFAULT 0,
-    lim bigint NOT NULL,
-    UNIQUE (agent_id, resource_type),
-    CHECK (used <= lim)
-);
-CREATE TABLE IF NOT EXISTS bench_batch_usage (
-    id bigserial PRIMARY KEY,
-    quota_id bigint NOT NULL REFERENCES bench_batch_quota (id),
-    amount bigint NOT NULL CHECK (amount > 0),
-    idempotency_key text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
 """
 
 _BATCH_SQL = """
 WITH items AS (
     SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[])
-        AS i (agent_id, resource_type, amount, idempotency_key)
+        AS i (agent_id, resource_type_id, amount, idempotency_key)
 ), wanted AS MATERIALIZED (
-    -- Rows locked in id order, as every writer of several rows must: batches over the same rows queue.
-    SELECT q.id, q.agent_id, q.resource_type, w.amount
-    FROM bench_batch_quota AS q
-    JOIN (SELECT agent_id, resource_type, sum(amount) AS amount FROM items GROUP BY 1, 2) AS w
-        USING (agent_id, resource_type)
+    -- Rows locked in id order, as every writer of several quota rows does: batches over them queue.
+    SELECT q.id, q.agent_id, q.resource_type_id, q.period_start, w.amount
+    FROM quotas AS q
+    JOIN (SELECT agent_id, resource_type_id, sum(amount) AS amount FROM items GROUP BY 1, 2) AS w
+        USING (agent_id, resource_type_id)
+    WHERE q.period_start = date_trunc('month', now(), 'UTC')
     ORDER BY q.id
     FOR NO KEY UPDATE OF q
 ), taken AS (
-    UPDATE bench_batch_quota AS q SET used = q.used + wanted.amount
+    UPDATE quotas AS q SET used = q.used + wanted.amount
     FROM wanted
-    WHERE q.id = wanted.id AND q.used + wanted.amount <= q.lim
-    RETURNING q.id, q.agent_id, q.resource_type
+    WHERE q.id = wanted.id AND q.used + q.reserved + q.listed + wanted.amount <= q.limit_amount
+    RETURNING q.id, q.agent_id, q.resource_type_id, q.period_start
 )
-INSERT INTO bench_batch_usage (quota_id, amount, idempotency_key)
-SELECT taken.id, items.amount, items.idempotency_key
-FROM items JOIN taken USING (agent_id, resource_type)
+INSERT INTO usage_logs (agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd, task_id,
+                        idempotency_key, metadata, kind, created_at, period_start)
+SELECT taken.agent_id, taken.resource_type_id, taken.id, items.amount, 0, 0, '', items.idempotency_key,
+       '{}', 'allocation', now(), taken.period_start
+FROM items JOIN taken USING (agent_id, resource_type_id)
 """
 
 _TAKE_SQL = "UPDATE bench_quota SET used = used + %s WHERE id = %s AND used + %s <= lim RETURNING used"

@@ -1,10 +1,12 @@
 """Scenario 2's floor: the operators' usage batch against a bare DRF view that does the least the same
-items need (``bench.baseline.BaselineBatchView``: parse the JSON, one set-based statement).
+items need (``bench.baseline.BaselineBatchView``: parse the JSON, one set-based statement that takes the
+quota and writes the usage rows into the ledger's own tables).
 
-Both sides get the same bodies (1,000 items over the 64 agents, a fresh key per item) from the same number
-of clients, in alternating rounds, so that whatever else the shared machine does meanwhile falls on both
-alike. The floor runs on its own gunicorn with the grid server's worker configuration, started here. The
-ratio of the items each side accepts per second is judged, the median of the rounds.
+Both sides get bodies of the same shape (1,000 items over 64 agents, a fresh key per item; the floor's over
+agents of its own, so that its rows are never counted as the grid's) from the same number of clients, in
+alternating rounds, so that whatever else the shared machine does meanwhile falls on both alike. The floor
+runs on its own gunicorn with the grid server's worker configuration, started here. The ratio of the items
+each side accepts per second is judged, the median of the rounds.
 """
 
 from __future__ import annotations
@@ -34,17 +36,22 @@ class Rounds:
     connections: int
 
 
-def floor_rows_create(agent_ids: list[str], *, limit: int) -> None:
-    """The floor's counter rows: one per agent, for the one resource type the items take."""
-    from django.db import connection
+def floor_agents_create(count: int, *, limit: int) -> list[str]:
+    """The floor's own agents (``floor-000``...), with the current period's quota rows open: the floor
+    writes into the ledger's tables, and its rows must not be counted as the grid's."""
+    from django.utils import timezone
 
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO bench_batch_quota (agent_id, resource_type, lim) "
-            "SELECT agent_id, %s, %s FROM unnest(%s::text[]) AS agent_id "
-            "ON CONFLICT (agent_id, resource_type) DO NOTHING",
-            [RESOURCE_TYPE, limit, agent_ids],
-        )
+    from ledger.models import Agent
+    from ledger.services import agent_create, quotas_open
+
+    agent_ids = [f"floor-{index:03d}" for index in range(count)]
+    existing = set(Agent.objects.filter(pk__in=agent_ids).values_list("pk", flat=True))
+    for agent_id in agent_ids:
+        if agent_id not in existing:
+            agent_create(agent_id=agent_id, tier_code="CUSTOM", custom_limits={RESOURCE_TYPE: limit})
+    tiers = dict(Agent.objects.filter(pk__in=agent_ids).values_list("pk", "tier_id"))
+    quotas_open({(agent_id, RESOURCE_TYPE) for agent_id in agent_ids}, tiers=tiers, at=timezone.now())
+    return agent_ids
 
 
 def body_template(agent_ids: list[str], batch: int) -> str:
@@ -117,8 +124,11 @@ def floor_ratio(
 ) -> None:
     """Alternating rounds of the floor and the grid's usage batch; report both sides' items/s and judge the
     ratio grid / floor."""
-    floor_rows_create(agent_ids, limit=limit)
-    templates = [body_template(agent_ids, batch) for batch in range(len(agent_ids))]
+    floor_agent_ids = floor_agents_create(len(agent_ids), limit=limit)
+    templates = {
+        "grid": [body_template(agent_ids, batch) for batch in range(len(agent_ids))],
+        "floor": [body_template(floor_agent_ids, batch) for batch in range(len(floor_agent_ids))],
+    }
     with (
         tempfile.TemporaryDirectory(prefix="axiom-bench-floor-") as workdir,
         GunicornServer(
@@ -142,14 +152,18 @@ def floor_ratio(
             _Side("grid", server, grid_path, operator_key, []),
         ]
         for side in sides:  # warm-up: the workers' first requests load their caches
-            warm = _load(side, templates, f"{run}-warm-{side.name}", Rounds(1, 1.0, rounds.connections))
+            warm = _load(
+                side, templates[side.name], f"{run}-warm-{side.name}", Rounds(1, 1.0, rounds.connections)
+            )
             if warm[1] == 0:
                 raise RuntimeError(f"{side.name} batch warm-up accepted nothing: {dict(warm[0].statuses)}")
         for number in range(1, rounds.count + 1):
             for side in sides:
                 log(f"scenario 2: round {number}/{rounds.count}, {side.name} usage batches")
                 with CpuMeter(server=side.server, database_name=database) as meter:
-                    side.results.append(_load(side, templates, f"{run}-{number}-{side.name}", rounds))
+                    side.results.append(
+                        _load(side, templates[side.name], f"{run}-{number}-{side.name}", rounds)
+                    )
                 side.meters.append(meter)
     rates = {side.name: [accepted / load.elapsed for load, accepted, _ in side.results] for side in sides}
     for side in sides:
