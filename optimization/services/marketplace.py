@@ -89,6 +89,10 @@ MIN_FORECAST_ELAPSED = dt.timedelta(hours=1)
 # --- Switches and checks --------------------------------------------------------------------------------
 
 
+# Deals per transaction of the expiry sweep.
+DEALS_EXPIRE_BATCH = 5000
+
+
 def marketplace_ensure_enabled(*, agent_deals: bool = False) -> None:
     if not settings.ENABLE_MARKETPLACE_OPTIMIZATION:
         raise FeatureDisabled("the marketplace is switched off (ENABLE_MARKETPLACE_OPTIMIZATION)")
@@ -386,36 +390,60 @@ def _purchase_book(*, deal: Deal, buyer: Agent, amount: int, actor: str, now: dt
 # --- Expiry and the refresh sweep -----------------------------------------------------------------------
 
 
-def deals_expire(*, now: dt.datetime | None = None, deal_ids=None) -> dict[str, int]:
+def deals_expire(
+    *, now: dt.datetime | None = None, deal_ids=None, batch_size: int = DEALS_EXPIRE_BATCH
+) -> dict[str, int]:
     """Close open deals as expired: those past their expiry, or the ``deal_ids`` given (the admin's "expire
     now"), whatever their expiry. What agent deals did not sell goes back to their sellers.
 
-    Set-based: four queries for any number of deals. Rows are locked with SKIP LOCKED, so a purchase in
-    flight keeps its deal (the next run takes it) and two sweeps at once never return a deal twice.
+    Set-based and streaming: the deals in batches of ``batch_size`` by id (a keyset, so each batch reads on
+    from the last), each batch its own short transaction of a fixed number of queries, so the end of a
+    period (when every listing of the month expires at once) never holds sellers' quota rows for longer
+    than a batch, and a crash loses only the batch in flight. Rows are locked with SKIP LOCKED, so a
+    purchase in flight keeps its deal (the next run takes it) and two sweeps at once never return a deal
+    twice.
     """
     now = now or timezone.now()
-    deals = Deal.objects.select_for_update(skip_locked=True).filter(status=Deal.Status.OPEN)
-    deals = deals.filter(expires_at__lte=now) if deal_ids is None else deals.filter(pk__in=list(deal_ids))
-    with transaction.atomic():
-        rows = list(deals.order_by("pk").values_list("pk", "seller_quota_id", "amount_left"))
-        if not rows:
-            return {"expired": 0, "returned_units": 0}
-        Deal.objects.filter(pk__in=[pk for pk, _, _ in rows]).update(
-            status=Deal.Status.EXPIRED, closed_at=now
-        )
-        returned: dict[int, int] = {}
-        for _, quota_id, left in rows:
-            if quota_id is not None and left:
-                returned[quota_id] = returned.get(quota_id, 0) + left
-        # One UPDATE FROM unnest for every seller's quota, not a CASE arm per quota (ledger/bulk.py).
-        bulk_update_column(
-            model=Quota,
-            field="listed",
-            values={pk: -units for pk, units in returned.items()},
-            add=True,
-            touch=now,
-        )
-    return {"expired": len(rows), "returned_units": sum(returned.values())}
+    expired = returned_units = 0
+    after = None
+    while True:
+        deals = Deal.objects.select_for_update(skip_locked=True).filter(status=Deal.Status.OPEN)
+        deals = deals.filter(expires_at__lte=now) if deal_ids is None else deals.filter(pk__in=list(deal_ids))
+        if after is not None:
+            deals = deals.filter(pk__gt=after)
+        with transaction.atomic():
+            rows = list(deals.order_by("pk").values_list("pk", "seller_quota_id", "amount_left")[:batch_size])
+            if not rows:
+                break
+            Deal.objects.filter(pk__in=[pk for pk, _, _ in rows]).update(
+                status=Deal.Status.EXPIRED, closed_at=now
+            )
+            returned: dict[int, int] = {}
+            for _, quota_id, left in rows:
+                if quota_id is not None and left:
+                    returned[quota_id] = returned.get(quota_id, 0) + left
+            # The sellers' quota rows in id order, like every writer that locks several of them, then one
+            # UPDATE FROM unnest for all of them, not a CASE arm per quota (ledger/bulk.py).
+            quota_ids = sorted(returned)
+            list(
+                Quota.objects.select_for_update(no_key=True)
+                .filter(pk__in=quota_ids)
+                .order_by("pk")
+                .values_list("pk")
+            )
+            bulk_update_column(
+                model=Quota,
+                field="listed",
+                values={pk: -returned[pk] for pk in quota_ids},
+                add=True,
+                touch=now,
+            )
+        expired += len(rows)
+        returned_units += sum(returned.values())
+        if len(rows) < batch_size:
+            break
+        after = rows[-1][0]
+    return {"expired": expired, "returned_units": returned_units}
 
 
 def platform_prices(*, now: dt.datetime | None = None) -> dict[str, Decimal]:
