@@ -311,3 +311,37 @@ SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", False)
 SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "0"))
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+
+# --- Partitions and retention (docs/operations.md) ------------------------------------------------------
+# The periodic task ledger.partitions_maintain keeps this many months of partitions ready after the current.
+GRID_PARTITIONS_AHEAD_MONTHS = int(os.environ.get("GRID_PARTITIONS_AHEAD_MONTHS", "3"))
+
+
+def env_months(name: str, default: int | None) -> int | None:
+    """Months of retention from the environment: a whole number, or "forever" (also empty) for None."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    value = value.strip().lower()
+    if value in {"", "forever", "none"}:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ImproperlyConfigured(
+            f"{name} must be a number of months (at least 1) or 'forever', not {value!r}"
+        )
+    return int(value)
+
+
+# How many whole months before the current one each table keeps; None keeps every row. The money records
+# (usage log, allocations) and the audit trail are kept by default; operators' records of what the grid did
+# (executions, scaling events, alerts) for 13 months, a year to compare with and the month in progress.
+GRID_RETENTION = {
+    "usage_logs": env_months("GRID_RETENTION_USAGE_LOGS", None),
+    "allocations": env_months("GRID_RETENTION_ALLOCATIONS", None),
+    "audit_trail": env_months("GRID_RETENTION_AUDIT_TRAIL", None),
+    "executions": env_months("GRID_RETENTION_EXECUTIONS", 13),
+    "scaling_events": env_months("GRID_RETENTION_SCALING_EVENTS", 13),
+    "alerts": env_months("GRID_RETENTION_ALERTS", 13),
+}
+# A directory: each partition that retention drops is first written there as <partition>.csv.gz. Empty: none.
+GRID_RETENTION_DUMP_DIR = os.environ.get("GRID_RETENTION_DUMP_DIR", "")

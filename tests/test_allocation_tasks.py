@@ -172,6 +172,7 @@ def test_every_schedule_names_a_registered_task_with_its_interval(db):
         "Marketplace refresh": ("optimization.marketplace_refresh", 900),
         "Fleet utilization metrics": ("optimization.fleet_utilization", 300),
         "Usage rollups": ("optimization.usage_rollups_update", 300),
+        "Partitions and retention": ("ledger.partitions_maintain", 3600),
     }
     for task_name, _ in schedules.values():
         task = app.tasks[task_name]

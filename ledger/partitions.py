@@ -1,0 +1,482 @@
+"""Monthly partitions of the append-only tables, created ahead of time, and retention of old rows.
+
+Four tables grow with every call and are only ever appended to: the usage log, the audit trail, executions
+and scaling events. Each is range-partitioned by month on its time column (``created_at``), with one
+``DEFAULT`` partition that takes any row whose month has no partition yet (a clock far ahead, a back-dated
+import), so that an insert never fails for want of a partition. A partitioned table's primary key must hold
+the partition key, so the database key is ``(id, created_at)``; Django still knows ``id`` alone as the key,
+and ids come from one sequence owned by the column (PostgreSQL 15 has no identity columns on partitioned
+tables), so they stay unique.
+
+``partitions_maintain`` (the periodic task ``ledger.partitions_maintain``) creates the partitions of the
+current month and the next ``GRID_PARTITIONS_AHEAD_MONTHS``, moving into a new partition whatever rows the
+default partition already holds for its month, in the same transaction. It then applies
+``GRID_RETENTION``: a partition whose whole month is older than the table's retention is detached, dumped
+to ``GRID_RETENTION_DUMP_DIR`` as a gzipped CSV when that is set, and dropped. Dropping a month is one
+catalog change, not billions of deletes, and the append-only triggers (which refuse DELETE) are left alone.
+
+Allocations and alerts are not partitioned (docs/operations.md says why): their retention deletes old
+finished rows in bounded chunks, each chunk its own short transaction.
+
+The tables are named here, not imported as models, so that migrations can call the same code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartitionedTable:
+    key: str  # its name in GRID_RETENTION
+    table: str
+    column: str
+
+
+PARTITIONED_TABLES = (
+    PartitionedTable("usage_logs", "usage_logs", "created_at"),
+    PartitionedTable("audit_trail", "allocation_auditrecord", "created_at"),
+    PartitionedTable("executions", "optimization_execution", "created_at"),
+    PartitionedTable("scaling_events", "optimization_scalingevent", "created_at"),
+)
+# Retention by chunked delete, for the two tables that stay unpartitioned.
+CHUNKED_TABLES = ("allocations", "alerts")
+DEFAULT_AHEAD_MONTHS = 3
+DELETE_CHUNK = 5000
+# How long attaching or detaching a partition waits for the parent's lock before the run gives up (and the
+# next run tries again): a lock request that waits also holds up every writer queued behind it.
+LOCK_TIMEOUT = "5s"
+
+
+def table_spec(key_or_table: str) -> PartitionedTable:
+    for spec in PARTITIONED_TABLES:
+        if key_or_table in (spec.key, spec.table):
+            return spec
+    raise KeyError(key_or_table)
+
+
+# --- months -------------------------------------------------------------------------------------------
+
+
+def month_start(moment: dt.datetime) -> dt.datetime:
+    moment = moment.astimezone(dt.UTC)
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def month_add(month: dt.datetime, months: int) -> dt.datetime:
+    index = month.year * 12 + month.month - 1 + months
+    return month.replace(year=index // 12, month=index % 12 + 1)
+
+
+def partition_name(table: str, month: dt.datetime) -> str:
+    return f"{table}_p{month:%Y%m}"
+
+
+def default_partition_name(table: str) -> str:
+    return f"{table}_default"
+
+
+def _month_of(table: str, name: str) -> dt.datetime | None:
+    found = re.fullmatch(re.escape(table) + r"_p(\d{4})(\d{2})", name)
+    if not found:
+        return None
+    return dt.datetime(int(found[1]), int(found[2]), 1, tzinfo=dt.UTC)
+
+
+def _literal(moment: dt.datetime) -> str:
+    # A bound with its offset written out: the session's time zone must not move a month's edges.
+    return f"'{moment:%Y-%m-%d %H:%M:%S}+00'"
+
+
+def _bounds(month: dt.datetime) -> str:
+    return f"FOR VALUES FROM ({_literal(month)}) TO ({_literal(month_add(month, 1))})"
+
+
+# --- catalog ------------------------------------------------------------------------------------------
+
+
+def _fetch(cursor, sql: str, params=()) -> list[tuple]:
+    cursor.execute(sql, params)
+    return cursor.fetchall()
+
+
+def is_partitioned(table: str, *, cursor=None) -> bool:
+    with _cursor(cursor) as cur:
+        return bool(
+            _fetch(cur, "SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass(%s)", [table])
+        )
+
+
+def attached_partitions(table: str, *, cursor=None) -> list[str]:
+    """The names of ``table``'s partitions, the default one included."""
+    with _cursor(cursor) as cur:
+        rows = _fetch(
+            cur,
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = to_regclass(%s) ORDER BY c.relname",
+            [table],
+        )
+    return [name for (name,) in rows]
+
+
+def _detached_partitions(cursor, table: str) -> list[str]:
+    """Tables named like a month of ``table`` that are no partition of it: left by a retention run that
+    detached them and did not finish."""
+    rows = _fetch(
+        cursor,
+        "SELECT c.relname FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace "
+        "AND c.relkind = 'r' AND c.relname LIKE %s "
+        "AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid) ORDER BY c.relname",
+        [table.replace("_", r"\_") + r"\_p%"],
+    )
+    return [name for (name,) in rows if _month_of(table, name) is not None]
+
+
+class _cursor:
+    """The given cursor, or a new one on Django's connection, closed after."""
+
+    def __init__(self, cursor):
+        self.given = cursor
+        self.own = None
+
+    def __enter__(self):
+        if self.given is not None:
+            return self.given
+        self.own = connection.cursor()
+        return self.own
+
+    def __exit__(self, *exc):
+        if self.own is not None:
+            self.own.close()
+
+
+# --- turning a table into a partitioned one (and back), for the migrations ---------------------------
+
+
+def _definitions(cursor, table: str) -> dict:
+    """What must be made again on a rebuilt ``table``: its indexes other than the primary key, its foreign
+    keys and its own triggers, as PostgreSQL prints them, and its primary key's name."""
+    indexes = _fetch(
+        cursor,
+        "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c "
+        "ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s) AND NOT i.indisprimary ORDER BY 1",
+        [table],
+    )
+    foreign_keys = _fetch(
+        cursor,
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = to_regclass(%s) AND contype = 'f' AND conparentid = 0 ORDER BY 1",
+        [table],
+    )
+    triggers = _fetch(
+        cursor,
+        "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+        "AND NOT tgisinternal AND tgparentid = 0 ORDER BY 1",
+        [table],
+    )
+    primary = _fetch(
+        cursor,
+        "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+        [table],
+    )
+    columns = _fetch(
+        cursor,
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+        "AND NOT attisdropped ORDER BY attnum",
+        [table],
+    )
+    return {
+        "indexes": indexes,
+        "foreign_keys": foreign_keys,
+        "triggers": triggers,
+        "primary": primary[0][0] if primary else f"{table}_pkey",
+        "columns": ", ".join(f'"{name}"' for (name,) in columns),
+    }
+
+
+def _rebuild(cursor, table: str, *, create: str, after_create: list[str], key: str) -> None:
+    """Rebuild ``table`` as ``create`` makes it (a ``CREATE TABLE`` of ``table`` from ``LIKE {old}``),
+    with its rows, indexes, foreign keys, triggers and next id."""
+    old = f"{table}_rebuilt_from"
+    cursor.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    found = _definitions(cursor, table)
+    sequence = _fetch(cursor, "SELECT pg_get_serial_sequence(%s, 'id')", [table])[0][0]
+    cursor.execute(f"ALTER TABLE {table} RENAME TO {old}")
+    cursor.execute(f"ALTER TABLE {old} RENAME CONSTRAINT {found['primary']} TO {old}_pkey")
+    for name, _ in found["indexes"]:
+        cursor.execute(f'DROP INDEX "{name}"')
+    if sequence:
+        cursor.execute(f"ALTER SEQUENCE {sequence} RENAME TO {old}_id_seq")
+    cursor.execute(create.format(old=old))
+    for statement in after_create:
+        cursor.execute(statement.format(old=old))
+    cursor.execute(f"INSERT INTO {table} ({found['columns']}) SELECT {found['columns']} FROM {old}")
+    # The next id continues after the old sequence's and after every id the rows hold.
+    cursor.execute(
+        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), GREATEST("
+        f"{f'(SELECT last_value FROM {old}_id_seq)' if sequence else '0'}, "
+        f"(SELECT coalesce(max(id), 0) FROM {old})) + 1, false)"
+    )
+    cursor.execute(f"DROP TABLE {old}")
+    cursor.execute(f"ALTER TABLE {table} ADD CONSTRAINT {found['primary']} PRIMARY KEY ({key})")
+    for _, definition in found["indexes"]:
+        cursor.execute(definition)
+    for name, definition in found["foreign_keys"]:
+        # A foreign key added to a partitioned table cannot be NOT VALID before PostgreSQL 18; the rows were
+        # valid on the old table, so it is checked now.
+        cursor.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition.replace(" NOT VALID", "")}')
+    for _, definition in found["triggers"]:
+        cursor.execute(definition)
+    cursor.execute(f"ANALYZE {table}")
+
+
+def table_partition(cursor, table: str, *, now: dt.datetime | None = None, ahead: int | None = None) -> None:
+    """Turn ``table`` into a table partitioned by month on its time column: a default partition, one per
+    month from its oldest row's to ``ahead`` months after ``now``'s, its rows copied over."""
+    spec = table_spec(table)
+    if is_partitioned(table, cursor=cursor):
+        return
+    oldest = _fetch(cursor, f"SELECT min({spec.column}) FROM {table}")[0][0]
+    current = month_start(now or timezone.now())
+    first = min(month_start(oldest), current) if oldest else current
+    last = month_add(current, DEFAULT_AHEAD_MONTHS if ahead is None else ahead)
+    partitions = [f"CREATE TABLE {default_partition_name(table)} PARTITION OF {table} DEFAULT"]
+    month = first
+    while month <= last:
+        partitions.append(
+            f"CREATE TABLE {partition_name(table, month)} PARTITION OF {table} {_bounds(month)}"
+        )
+        month = month_add(month, 1)
+    _rebuild(
+        cursor,
+        table,
+        create=f"CREATE TABLE {table} (LIKE {{old}} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+        f"INCLUDING STORAGE INCLUDING COMMENTS) PARTITION BY RANGE ({spec.column})",
+        after_create=[
+            f"CREATE SEQUENCE {table}_id_seq AS bigint OWNED BY {table}.id",
+            f"ALTER TABLE {table} ALTER COLUMN id SET DEFAULT nextval('{table}_id_seq'::regclass)",
+            *partitions,
+        ],
+        key=f"id, {spec.column}",
+    )
+
+
+def table_unpartition(cursor, table: str) -> None:
+    """Undo ``table_partition``: one plain table again, with an identity ``id`` as Django makes it."""
+    if not is_partitioned(table, cursor=cursor):
+        return
+    _rebuild(
+        cursor,
+        table,
+        create=f"CREATE TABLE {table} (LIKE {{old}} INCLUDING CONSTRAINTS INCLUDING STORAGE "
+        "INCLUDING COMMENTS)",
+        after_create=[f"ALTER TABLE {table} ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY"],
+        key="id",
+    )
+    # The partitions went with the old parent (DROP TABLE drops them); any detached month stays.
+
+
+# --- partitions ahead ---------------------------------------------------------------------------------
+
+
+def partition_create(*, table: str, month: dt.datetime) -> int | None:
+    """Create ``table``'s partition of ``month`` unless it exists; return how many rows it took over from
+    the default partition, or None if it was there already.
+
+    The partition is made apart and then attached, with the default partition's rows of that month moved
+    into it in the same transaction: attaching takes only a SHARE UPDATE EXCLUSIVE lock on the parent
+    (inserts go on), where ``CREATE TABLE ... PARTITION OF`` would lock every writer out, and it would fail
+    outright on a default partition that holds rows of the month.
+    """
+    spec = table_spec(table)
+    month = month_start(month)
+    name = partition_name(table, month)
+    default = default_partition_name(table)
+    with transaction.atomic(), connection.cursor() as cursor:
+        if name in attached_partitions(table, cursor=cursor):
+            return None
+        cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        cursor.execute(f"LOCK TABLE {table} IN SHARE UPDATE EXCLUSIVE MODE")
+        # No insert may land in the default partition between the move and the attach.
+        cursor.execute(f"LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE")
+        if name in attached_partitions(table, cursor=cursor):
+            return None
+        cursor.execute(
+            f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
+        )
+        upper = month_add(month, 1)
+        # The partition's bound as a constraint, so that attaching it need not scan it to check.
+        cursor.execute(
+            f"ALTER TABLE {name} ADD CONSTRAINT {name}_bound CHECK ({spec.column} IS NOT NULL AND "
+            f"{spec.column} >= {_literal(month)} AND {spec.column} < {_literal(upper)})"
+        )
+        columns = _definitions(cursor, table)["columns"]
+        # Straight from the default partition: the parent's append-only trigger (a statement trigger)
+        # does not fire for a statement on a partition.
+        cursor.execute(
+            f"WITH moved AS (DELETE FROM {default} WHERE {spec.column} >= %s AND {spec.column} < %s "
+            f"RETURNING {columns}) INSERT INTO {name} ({columns}) SELECT {columns} FROM moved",
+            [month, upper],
+        )
+        moved = cursor.rowcount
+        cursor.execute(f"ALTER TABLE {table} ATTACH PARTITION {name} {_bounds(month)}")
+        cursor.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_bound")
+    if moved:
+        logger.info("partition %s created, %s rows moved from %s", name, moved, default)
+    return moved
+
+
+def partitions_ahead(*, now: dt.datetime | None = None, ahead: int | None = None) -> list[str]:
+    """Create every partitioned table's partitions from ``now``'s month to ``ahead`` months after; return
+    the names of those created."""
+    ahead = settings.GRID_PARTITIONS_AHEAD_MONTHS if ahead is None else ahead
+    current = month_start(now or timezone.now())
+    created = []
+    for spec in PARTITIONED_TABLES:
+        if not is_partitioned(spec.table):
+            continue  # its migration has not run yet
+        for offset in range(ahead + 1):
+            month = month_add(current, offset)
+            if partition_create(table=spec.table, month=month) is not None:
+                created.append(partition_name(spec.table, month))
+    return created
+
+
+# --- retention ----------------------------------------------------------------------------------------
+
+
+def retention_months(key: str) -> int | None:
+    return settings.GRID_RETENTION.get(key)
+
+
+def retention_cutoff(*, months: int, now: dt.datetime | None = None) -> dt.datetime:
+    """The start of the oldest month kept: the current month and the ``months`` before it are kept."""
+    return month_add(month_start(now or timezone.now()), -months)
+
+
+def partition_dump(*, name: str, directory: str | os.PathLike) -> Path:
+    """Write table ``name`` to ``directory``/``name``.csv.gz (CSV with a header line), through a temporary
+    file renamed into place, so a file of that name is always whole."""
+    target_dir = Path(directory)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{name}.csv.gz"
+    partial = target_dir / f".{name}.csv.gz.partial"
+    connection.ensure_connection()
+    # psycopg's COPY streams the table without holding it in memory.
+    with (
+        connection.connection.cursor() as cursor,
+        gzip.open(partial, "wb") as out,
+        cursor.copy(f"COPY {name} TO STDOUT WITH (FORMAT csv, HEADER)") as copy,
+    ):
+        for data in copy:
+            out.write(data)
+    os.replace(partial, target)
+    return target
+
+
+def partitions_expire(
+    *, table: str, months: int, now: dt.datetime | None = None, dump_dir: str | None = None
+) -> list[str]:
+    """Detach, dump (to ``dump_dir`` if given) and drop ``table``'s partitions of months before the
+    retention cutoff; return their names. The default partition is never dropped."""
+    cutoff = retention_cutoff(months=months, now=now)
+    expired = [
+        name
+        for name in attached_partitions(table)
+        if (month := _month_of(table, name)) is not None and month_add(month, 1) <= cutoff
+    ]
+    for name in expired:
+        # Its own short transaction: detaching locks the parent against writers until commit, and the dump
+        # may take long.
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            cursor.execute(f"ALTER TABLE {table} DETACH PARTITION {name}")
+    with connection.cursor() as cursor:
+        leftovers = _detached_partitions(cursor, table)
+    dropped = []
+    for name in leftovers:
+        month = _month_of(table, name)
+        if month_add(month, 1) > cutoff:
+            continue
+        if dump_dir:
+            path = partition_dump(name=name, directory=dump_dir)
+            logger.info("partition %s dumped to %s", name, path)
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE {name}")
+        logger.info("partition %s dropped (retention %s months)", name, months)
+        dropped.append(name)
+    return dropped
+
+
+def _uuid7_floor(moment: dt.datetime) -> str:
+    """The smallest version 7 UUID of ``moment``'s millisecond: every id made before it sorts below."""
+    milliseconds = int(moment.timestamp() * 1000)
+    digits = f"{milliseconds:012x}" + "0" * 20
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def allocations_expire(*, months: int, now: dt.datetime | None = None, chunk: int = DELETE_CHUNK) -> int:
+    """Delete allocations created before the retention cutoff that are no longer open holds, ``chunk`` at
+    a time; return how many. Their ids are version 7 UUIDs, time-ordered, so the primary-key index finds
+    the old ones without an index on the time."""
+    cutoff = retention_cutoff(months=months, now=now)
+    sql = (
+        "DELETE FROM allocation_allocation WHERE id IN (SELECT id FROM allocation_allocation "
+        "WHERE id < %s AND created_at < %s AND status <> 'held' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+    )
+    return _delete_in_chunks(sql, [_uuid7_floor(cutoff), cutoff, chunk], chunk)
+
+
+def alerts_expire(*, months: int, now: dt.datetime | None = None, chunk: int = DELETE_CHUNK) -> int:
+    """Delete alerts (and their deliveries) created, and last sent out, before the retention cutoff,
+    ``chunk`` at a time; return how many alerts."""
+    cutoff = retention_cutoff(months=months, now=now)
+    sql = (
+        "WITH chunk AS (SELECT id FROM optimization_alert WHERE created_at < %s "
+        "AND (notified_at IS NULL OR notified_at < %s) ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED), "
+        "deliveries AS (DELETE FROM optimization_alertdelivery d USING chunk WHERE d.alert_id = chunk.id) "
+        "DELETE FROM optimization_alert a USING chunk WHERE a.id = chunk.id"
+    )
+    return _delete_in_chunks(sql, [cutoff, cutoff, chunk], chunk)
+
+
+def _delete_in_chunks(sql: str, params: list, chunk: int) -> int:
+    total = 0
+    while True:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            deleted = cursor.rowcount
+        total += deleted
+        if deleted < chunk:
+            return total
+
+
+def partitions_maintain(*, now: dt.datetime | None = None) -> dict:
+    """The periodic task's work: partitions ahead, then retention of every table that has one."""
+    now = now or timezone.now()
+    dump_dir = settings.GRID_RETENTION_DUMP_DIR or None
+    result: dict = {"created": partitions_ahead(now=now), "dropped": [], "deleted": {}}
+    for spec in PARTITIONED_TABLES:
+        months = retention_months(spec.key)
+        if months is not None and is_partitioned(spec.table):
+            result["dropped"] += partitions_expire(
+                table=spec.table, months=months, now=now, dump_dir=dump_dir
+            )
+    expire = {"allocations": allocations_expire, "alerts": alerts_expire}
+    for key in CHUNKED_TABLES:
+        months = retention_months(key)
+        if months is not None:
+            result["deleted"][key] = expire[key](months=months, now=now)
+    return result
