@@ -279,9 +279,17 @@ def sweeps(report: Report, profile: SweepProfile) -> None:
         for name in SWEEPS:
             _before(name)
             log(f"scenario 4: {name} over {size:,} agents")
-            measured[size][name] = SweepProcess(name, profile.timeout).result()
+            result = measured[size][name] = SweepProcess(name, profile.timeout).result()
+            log(f"scenario 4: {name} over {size:,} agents: {_result_text(result, profile.timeout)}")
     for name in SWEEPS:
         _sweep_rows(report, f"4 {name}", measured[small][name], measured[large][name], small, large, profile)
+
+
+def _result_text(result: dict, timeout: float) -> str:
+    if result.get("timeout"):
+        return _seconds_text(result, timeout)
+    rss = result["peak_rss_mb"]
+    return f"{_seconds_text(result, timeout)}, {result['queries']:,} statements, {rss:.0f} MB"
 
 
 def _seconds_text(result: dict, timeout: float) -> str:
@@ -434,6 +442,7 @@ def under_load(report: Report, profile: SweepProfile, other_agents: list[tuple[s
         during = _load(server, targets, profile, seconds=profile.timeout + 30, until=sweep.done)
         result = sweep.result()
         errors = _server_errors(quiet) + _server_errors(during)
+        log(f"scenario 9: {name}: without {_load_text(quiet)}; during {_load_text(during)}, {errors} errors")
         report.add(scenario, "allocations without a sweep", _load_text(quiet))
         slowest = max(during.latencies_ms) if during.latencies_ms else float("inf")
         report.check(
