@@ -32,9 +32,10 @@ from allocation.models import Allocation, AuditRecord, IdempotencyRecord
 from allocation.sql import int_array, text_array
 from ledger.models import Quota, UsageLog
 from ledger.services import agent_create, reference_data_load
-from tests.api_fixtures import client_with_key
 
 pytest.register_assert_rewrite("tests.api_fixtures")
+
+from tests.api_fixtures import client_with_key  # noqa: E402
 
 pytest_plugins = ["tests.api_fixtures"]
 
@@ -312,3 +313,76 @@ def test_overlapping_batches_on_one_agent_never_overspend_and_charge_each_key_on
     assert Allocation.objects.count() == UsageLog.objects.count() == len(charged)
     assert IdempotencyRecord.objects.filter(key__startswith="item:").count() == len(charged)
     assert AuditRecord.objects.filter(action="usage.batch").count() == 6
+
+
+def test_a_batch_that_all_fits_is_decided_as_item_by_item_would(reference_data, monkeypatch):
+    """The whole-batch decision (every item fits its quota and budgets) against the decision item by item,
+    on two twin agents: the same answers, counters and budget charges."""
+    from allocation.batch import BatchItem, _Decider, allocations_batch_create
+    from ledger.budgets import agent_team_set, budget_create, team_create
+    from ledger.models import Budget
+
+    for twin in ("fast", "slow"):
+        team = team_create(id=f"team-{twin}")
+        agent = agent_create(
+            agent_id=f"twin-{twin}",
+            tier_code="CUSTOM",
+            custom_limits={"AI_TOKENS": 10**9, "COMPUTE_MS": 10**9},
+        )
+        agent_team_set(agent=agent, team_id=team.pk)
+        budget_create(scope="agent", scope_id=agent.pk, window="day", limit_usd="1000")
+        budget_create(scope="team", scope_id=team.pk, window="month", limit_usd="1000", mode="soft")
+
+    def items(twin: str) -> list[BatchItem]:
+        return [
+            BatchItem(
+                agent_id=f"twin-{twin}",
+                resource_type_id="AI_TOKENS" if n % 3 else "COMPUTE_MS",
+                amount=1 + n % 7,
+                task_id=f"t-{n}",
+                metadata={"n": n} if n % 5 == 0 else {},
+                idempotency_key=f"{twin}-{n}" if n % 2 else "",
+                fingerprint=f"fp-{n}" if n % 2 else "",
+            )
+            for n in range(60)
+        ]
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    whole = _Decider._all_fit
+    decided_whole = []
+
+    def spy(self, items):
+        results = whole(self, items)
+        decided_whole.append(results is not None)
+        return results
+
+    monkeypatch.setattr(_Decider, "_all_fit", spy)
+    fast = allocations_batch_create(items=items("fast"), principal="ops", path="/batch", now=now)
+    assert decided_whole == [True]
+    monkeypatch.setattr(_Decider, "_all_fit", lambda self, items: None)
+    slow = allocations_batch_create(items=items("slow"), principal="ops", path="/batch", now=now)
+
+    def comparable(results: list[dict]) -> list[dict]:
+        return [
+            {**result, "allocation": {**result["allocation"], "id": "", "agent_id": ""}} for result in results
+        ]
+
+    assert comparable(fast.results) == comparable(slow.results)
+    assert fast.summary == slow.summary == {"accepted": 60, "refused": 0, "replayed": 0}
+    for resource_type in ("AI_TOKENS", "COMPUTE_MS"):
+        quotas = [_ledger_matches(f"twin-{twin}", resource_type) for twin in ("fast", "slow")]
+        assert quotas[0].used == quotas[1].used > 0
+        assert quotas[0].spent_usd == quotas[1].spent_usd
+    for scope, scope_id in (("agent", "twin-{}"), ("team", "team-{}")):
+        spent = [
+            Budget.objects.get(scope=scope, **{f"{scope}_id": scope_id.format(twin)}).spent_usd
+            for twin in ("fast", "slow")
+        ]
+        assert spent[0] == spent[1] > 0
+    for twin in ("fast", "slow"):
+        assert IdempotencyRecord.objects.filter(key__startswith=f"item:{twin}-").count() == 30
+        usage = UsageLog.objects.filter(agent_id=f"twin-{twin}")
+        assert usage.count() == 60
+        assert usage.get(task_id="t-5").metadata["n"] == 5
