@@ -325,4 +325,6 @@ def usage_bulk_insert(cursor, sql: str, params: dict) -> None:
         cursor.execute(f'DROP INDEX "{name}"')
     cursor.execute(sql, params)
     for _, definition in indexes:
-        cursor.execute(definition)
+        # The usage log is partitioned: its indexes are printed "ON ONLY" the parent, which would make an
+        # empty index of the parent alone; without ONLY the index is built on every partition again.
+        cursor.execute(definition.replace(" ON ONLY ", " ON ", 1))
