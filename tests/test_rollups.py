@@ -236,7 +236,7 @@ def test_a_run_after_an_outage_catches_up_and_seals_every_hour_in_between(fleet)
 
     run = usage_rollups_update(now=later)
 
-    assert run["chunks"] == 3  # the rest of June 1st, June 2nd and June 3rd so far
+    assert run["chunks"] == 51  # an hour a transaction: from June 1st, 12:00 to June 3rd, 15:00
     assert _state().sealed_through == floor_hour(later - dt.timedelta(hours=2))
     assert _rolled() == _direct(since=JUNE)
 
@@ -249,7 +249,7 @@ def test_a_run_out_of_time_seals_what_it_finished_and_the_next_goes_on(fleet):
     first = usage_rollups_update(now=later, run_seconds=0)
 
     assert first["chunks"] == 1
-    assert _state().sealed_through == dt.datetime(2025, 6, 2, tzinfo=UTC)
+    assert _state().sealed_through == dt.datetime(2025, 6, 1, 13, tzinfo=UTC)
     usage_rollups_update(now=later)
     assert _state().sealed_through == floor_hour(later - dt.timedelta(hours=2))
     assert _rolled() == _direct(since=JUNE)

@@ -49,6 +49,9 @@ from optimization.rollups import (
 )
 
 DEFAULT_LATE_SECONDS = 2 * 3600
+# Hours recomputed per transaction by the upkeep: an hour of a busy fleet is one statement of seconds, so
+# a run that catches up after an outage makes progress in every run, whatever the time limit.
+DEFAULT_CHUNK_HOURS = 1
 DEFAULT_LOOKBACK_SECONDS = 7 * 86400
 # A run stops starting chunks after this long (each chunk is at most a day), well within the task's time
 # limit; the next run goes on from the last sealed hour.
@@ -148,14 +151,18 @@ def _recompute(*, lo: dt.datetime, hi: dt.datetime, run: RollupRun) -> None:
     run.chunks += 1
 
 
-def _day_chunks(lo: dt.datetime, hi: dt.datetime) -> list[tuple[dt.datetime, dt.datetime]]:
-    """[lo, hi) cut at each UTC midnight."""
+def _chunks(lo: dt.datetime, hi: dt.datetime, hours: int = 24) -> list[tuple[dt.datetime, dt.datetime]]:
+    """[lo, hi) cut at each UTC midnight and every ``hours`` hours (``lo`` and ``hi`` on the hour)."""
     chunks = []
     while lo < hi:
-        end = min(floor_day(lo) + DAY, hi)
+        end = min(floor_day(lo) + DAY, lo + dt.timedelta(hours=hours), hi)
         chunks.append((lo, end))
         lo = end
     return chunks
+
+
+def chunk_hours() -> int:
+    return max(1, int(getattr(settings, "USAGE_ROLLUP_CHUNK_HOURS", DEFAULT_CHUNK_HOURS)))
 
 
 def _merged_hours(hours: list[dt.datetime]) -> list[tuple[dt.datetime, dt.datetime]]:
@@ -165,7 +172,7 @@ def _merged_hours(hours: list[dt.datetime]) -> list[tuple[dt.datetime, dt.dateti
             ranges[-1] = (ranges[-1][0], hour + HOUR)
         else:
             ranges.append((hour, hour + HOUR))
-    return [chunk for lo, hi in ranges for chunk in _day_chunks(lo, hi)]
+    return [chunk for lo, hi in ranges for chunk in _chunks(lo, hi, chunk_hours())]
 
 
 def _database_now() -> dt.datetime:
@@ -176,8 +183,9 @@ def _database_now() -> dt.datetime:
 
 def usage_rollups_update(*, now: dt.datetime | None = None, run_seconds: float | None = None) -> dict:
     """Bring the rollups up to date: the hours of rows written with an old time since the last run, then
-    every hour from the first unsealed one to the current one, a day at most per transaction; seal the
-    hours older than the late window. Idempotent: a run that finds nothing new writes nothing.
+    every hour from the first unsealed one to the current one, an hour per transaction
+    (``USAGE_ROLLUP_CHUNK_HOURS``); seal the hours older than the late window. Idempotent: a run that finds
+    nothing new writes nothing.
 
     The first run starts at the beginning of the day the late window begins in; the history before it is
     the backfill's (``usage_rollups_backfill``)."""
@@ -224,7 +232,7 @@ def usage_rollups_update(*, now: dt.datetime | None = None, run_seconds: float |
     UsageRollupState.objects.filter(name=STATE_NAME, last_usage_id__lt=last_id).update(last_usage_id=last_id)
 
     sealed = state.sealed_through
-    for lo, hi in _day_chunks(start, floor_hour(now) + HOUR):
+    for lo, hi in _chunks(start, floor_hour(now) + HOUR, chunk_hours()):
         if run.chunks and time.monotonic() > deadline:
             break
         with transaction.atomic():
