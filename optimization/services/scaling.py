@@ -281,9 +281,9 @@ def _chunk_evaluate(
     *, agents: AgentRange, by_tier: dict[str, ScalingPolicy], now: dt.datetime, summary: dict
 ) -> None:
     """Evaluate and scale the agents in ``agents``' id range, adding to ``summary``. Call it in a
-    transaction: at most ten statements whatever the number of agents (lock, policies, two metrics of
-    three queries, events, then one statement each for instance counts, quota locks, limits, grants and
-    events)."""
+    transaction: at most eleven statements whatever the number of agents (the agents' lock, their own
+    policies, the metrics in three queries, their recent events, then one statement each for the instance
+    counts, the quota locks, the limits, the grants and the events)."""
     # Lock first, read the rest after: an evaluation running at the same time waits here for this chunk and
     # then sees its events (and is in cooldown). NO KEY UPDATE: allocations, whose rows only reference the
     # agent, are not blocked by it.
