@@ -436,3 +436,31 @@ def test_a_reader_is_one_statement_over_both_tables(fleet):
     assert len(queries) == 1
     sql = queries[0]["sql"]
     assert '"usage_rollups"' in sql and '"usage_logs"' in sql and '"usage_rollup_state"' in sql
+
+
+def test_the_periodic_task_brings_the_rollups_up_to_date_at_the_real_time(fleet):
+    from optimization.tasks.rollups import usage_rollups_update_task
+
+    now = dt.datetime.now(UTC)
+    agent = fleet["roll-a", "AI_TOKENS", JUNE].agent
+    quotas = {
+        ("roll-a", "AI_TOKENS", month_bounds(at)[0]): quota_open(
+            agent=agent, resource_type_id="AI_TOKENS", at=at
+        )
+        for at in (now, now - dt.timedelta(minutes=90))
+    }
+    rng = random.Random(71)
+    UsageLog.objects.bulk_create(
+        [
+            _row(quotas, agent_id="roll-a", code="AI_TOKENS", at=now - dt.timedelta(minutes=m), rng=rng)
+            for m in (30, 150)
+        ]
+    )
+
+    assert usage_rollups_update_task.apply().get()["hours_written"] == 2
+    state = _state()
+    assert now - dt.timedelta(hours=3) < state.sealed_through <= now - dt.timedelta(hours=2)
+    assert _rolled(since=floor_day(now - dt.timedelta(hours=3))) == _direct(
+        since=floor_day(now - dt.timedelta(hours=3))
+    )
+    assert usage_rollups_update_task.apply().get()["hours_written"] == 0
