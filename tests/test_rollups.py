@@ -453,7 +453,7 @@ def test_the_periodic_task_brings_the_rollups_up_to_date_at_the_real_time(fleet)
     UsageLog.objects.bulk_create(
         [
             _row(quotas, agent_id="roll-a", code="AI_TOKENS", at=now - dt.timedelta(minutes=m), rng=rng)
-            for m in (30, 150)
+            for m in (30, 90)
         ]
     )
 
