@@ -58,6 +58,8 @@ DELETE_CHUNK = 5000
 # How long attaching or detaching a partition waits for the parent's lock before the run gives up (and the
 # next run tries again): a lock request that waits also holds up every writer queued behind it.
 LOCK_TIMEOUT = "5s"
+# gzip's own default: Python's (9) spends several times the CPU for a few percent less on a ledger's CSV.
+GZIP_LEVEL = 6
 
 
 def table_spec(key_or_table: str) -> PartitionedTable:
@@ -366,9 +368,11 @@ def retention_cutoff(*, months: int, now: dt.datetime | None = None) -> dt.datet
     return month_add(month_start(now or timezone.now()), -months)
 
 
-def partition_dump(*, name: str, directory: str | os.PathLike) -> Path:
-    """Write table ``name`` to ``directory``/``name``.csv.gz (CSV with a header line), through a temporary
-    file renamed into place, so a file of that name is always whole."""
+def partition_dump(
+    *, name: str, directory: str | os.PathLike, query: str | None = None, params: list | None = None
+) -> Path:
+    """Write table ``name`` (or what ``query`` selects) to ``directory``/``name``.csv.gz (CSV with a header
+    line), through a temporary file renamed into place, so a file of that name is always whole."""
     target_dir = Path(directory)
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{name}.csv.gz"
@@ -377,8 +381,10 @@ def partition_dump(*, name: str, directory: str | os.PathLike) -> Path:
     # psycopg's COPY streams the table without holding it in memory.
     with (
         connection.connection.cursor() as cursor,
-        gzip.open(partial, "wb") as out,
-        cursor.copy(f"COPY {name} TO STDOUT WITH (FORMAT csv, HEADER)") as copy,
+        gzip.open(partial, "wb", compresslevel=GZIP_LEVEL) as out,
+        cursor.copy(
+            f"COPY {f'({query})' if query else name} TO STDOUT WITH (FORMAT csv, HEADER)", params
+        ) as copy,
     ):
         for data in copy:
             out.write(data)
@@ -386,11 +392,36 @@ def partition_dump(*, name: str, directory: str | os.PathLike) -> Path:
     return target
 
 
+def default_partition_expire(*, table: str, cutoff: dt.datetime, dump_dir: str | None = None) -> int:
+    """Delete the rows of ``table``'s default partition older than ``cutoff`` (rows written for a month that
+    had no partition, or whose partition retention already dropped), dumped first to
+    ``dump_dir``/``<default partition>_before_YYYYMM.csv.gz`` when given; return how many. One transaction:
+    a failed dump deletes nothing."""
+    spec = table_spec(table)
+    default = default_partition_name(table)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {default} WHERE {spec.column} < %s)", [cutoff])
+        if not cursor.fetchone()[0]:
+            return 0
+        if dump_dir:
+            partition_dump(
+                name=f"{default}_before_{cutoff:%Y%m}",
+                directory=dump_dir,
+                query=f"SELECT * FROM {default} WHERE {spec.column} < %s ORDER BY {spec.column}, id",
+                params=[cutoff],
+            )
+        # Straight on the partition: the parent's append-only trigger refuses deletes through the parent.
+        cursor.execute(f"DELETE FROM {default} WHERE {spec.column} < %s", [cutoff])
+        deleted = cursor.rowcount
+    logger.info("%s rows of %s before %s deleted", deleted, default, cutoff)
+    return deleted
+
+
 def partitions_expire(
     *, table: str, months: int, now: dt.datetime | None = None, dump_dir: str | None = None
 ) -> list[str]:
     """Detach, dump (to ``dump_dir`` if given) and drop ``table``'s partitions of months before the
-    retention cutoff; return their names. The default partition is never dropped."""
+    retention cutoff; return their names. The default partition stays, less its rows before the cutoff."""
     cutoff = retention_cutoff(months=months, now=now)
     expired = [
         name
@@ -417,6 +448,7 @@ def partitions_expire(
             cursor.execute(f"DROP TABLE {name}")
         logger.info("partition %s dropped (retention %s months)", name, months)
         dropped.append(name)
+    default_partition_expire(table=table, cutoff=cutoff, dump_dir=dump_dir)
     return dropped
 
 

@@ -144,7 +144,8 @@ def test_retention_detaches_dumps_and_drops_only_partitions_past_it(agent, setti
         partition_create(table="usage_logs", month=month)
     october = _execution(agent, dt.datetime(2026, 10, 31, 23, 0, tzinfo=dt.UTC))
     _execution(agent, dt.datetime(2026, 11, 30, 23, 59, tzinfo=dt.UTC))
-    kept = [_execution(agent, DEC), _execution(agent, now)]
+    far_ahead = dt.datetime(2040, 1, 1, tzinfo=dt.UTC)  # in the default partition, after the cutoff
+    kept = [_execution(agent, DEC), _execution(agent, now), _execution(agent, far_ahead)]
     ancient = _execution(agent, dt.datetime(2001, 1, 1, tzinfo=dt.UTC))  # in the default partition
 
     # The rows' deferred foreign-key checks are due now: a table with checks pending cannot be dropped, and
@@ -158,7 +159,9 @@ def test_retention_detaches_dumps_and_drops_only_partitions_past_it(agent, setti
     attached = partitions.attached_partitions("optimization_execution")
     assert "optimization_execution_p202610" not in attached and "optimization_execution_p202612" in attached
     assert _query("SELECT to_regclass('optimization_execution_p202610')") == [(None,)]
-    assert set(Execution.objects.values_list("pk", flat=True)) == {row.pk for row in [*kept, ancient]}
+    # The default partition stays, without its rows from before the cutoff.
+    assert set(Execution.objects.values_list("pk", flat=True)) == {row.pk for row in kept}
+    assert "optimization_execution_default" in attached
     # The usage log keeps every month: its retention is None.
     assert {"usage_logs_p202610", "usage_logs_p202611"} <= set(partitions.attached_partitions("usage_logs"))
 
@@ -167,7 +170,10 @@ def test_retention_detaches_dumps_and_drops_only_partitions_past_it(agent, setti
     assert [(int(row["id"]), row["agent_id"], row["superpower"]) for row in rows] == [
         (october.pk, agent.pk, "search")
     ]
+    with gzip.open(tmp_path / "dumps" / "optimization_execution_default_before_202612.csv.gz", "rt") as dump:
+        assert [int(row["id"]) for row in csv.DictReader(dump)] == [ancient.pk]
     assert sorted(path.name for path in (tmp_path / "dumps").iterdir()) == [
+        "optimization_execution_default_before_202612.csv.gz",
         "optimization_execution_p202610.csv.gz",
         "optimization_execution_p202611.csv.gz",
     ]
