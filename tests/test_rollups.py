@@ -464,3 +464,21 @@ def test_the_periodic_task_brings_the_rollups_up_to_date_at_the_real_time(fleet)
         since=floor_day(now - dt.timedelta(hours=3))
     )
     assert usage_rollups_update_task.apply().get()["hours_written"] == 0
+
+
+def test_the_backfill_repairs_a_day_whose_rollups_were_changed(fleet):
+    _random_history(fleet, seed=81)
+    usage_rollups_update(now=NOW)
+    usage_rollups_backfill(since=HISTORY_START, until=JUNE, now=NOW)
+    may_28th = dt.datetime(2025, 5, 28, tzinfo=UTC)
+    assert (
+        UsageRollup.objects.filter(
+            bucket_start__gte=may_28th, bucket_start__lt=may_28th + dt.timedelta(days=1)
+        ).update(cost_usd=F("cost_usd") + 1, calls=0)
+        > 0
+    )
+    assert _rolled() != _direct()
+
+    usage_rollups_backfill(since=may_28th, until=may_28th + dt.timedelta(days=1), now=NOW)
+
+    assert _rolled() == _direct()

@@ -78,7 +78,7 @@ WHERE (r.units, r.cost_usd, r.calls) IS DISTINCT FROM (EXCLUDED.units, EXCLUDED.
 
 # The days of the (agent, resource type, period) whose hours this chunk changed (their ``updated_at`` is
 # the chunk's stamp), summed from all their hours.
-_DAYS_SQL = f"""
+_DAYS_TEMPLATE = f"""
 INSERT INTO {ROLLUP_TABLE} AS r
     (granularity, bucket_start, agent_id, resource_type_id, period_start, units, cost_usd, calls, updated_at)
 SELECT 'day', c.day, h.agent_id, h.resource_type_id, h.period_start,
@@ -86,7 +86,7 @@ SELECT 'day', c.day, h.agent_id, h.resource_type_id, h.period_start,
 FROM (
     SELECT DISTINCT date_trunc('day', bucket_start, 'UTC') AS day, agent_id, resource_type_id, period_start
     FROM {ROLLUP_TABLE}
-    WHERE granularity = 'hour' AND bucket_start >= %(lo)s AND bucket_start < %(hi)s AND updated_at = %(stamp)s
+    WHERE granularity = 'hour' AND bucket_start >= %(lo)s AND bucket_start < %(hi)s {{changed}}
 ) c
 JOIN {ROLLUP_TABLE} h
   ON h.agent_id = c.agent_id AND h.granularity = 'hour'
@@ -98,6 +98,10 @@ SET units = EXCLUDED.units, cost_usd = EXCLUDED.cost_usd, calls = EXCLUDED.calls
     updated_at = EXCLUDED.updated_at
 WHERE (r.units, r.cost_usd, r.calls) IS DISTINCT FROM (EXCLUDED.units, EXCLUDED.cost_usd, EXCLUDED.calls)
 """
+
+# A backfill repairs: every day of the range from its hours, changed or not.
+_ALL_DAYS_SQL = _DAYS_TEMPLATE.format(changed="")
+_DAYS_SQL = _DAYS_TEMPLATE.format(changed="AND updated_at = %(stamp)s")
 
 # Rows with an id above the last one seen: the highest id, and the hours of those written before ``since``
 # (the hours a run recomputes anyway start there). Bounded by time for partition pruning.
@@ -138,15 +142,15 @@ def _lock_and_stamp() -> dt.datetime:
         return cursor.fetchone()[0]
 
 
-def _recompute(*, lo: dt.datetime, hi: dt.datetime, run: RollupRun) -> None:
-    """Recompute the hours in [lo, hi) and the days they changed. Inside the caller's transaction, which
-    holds the lock."""
+def _recompute(*, lo: dt.datetime, hi: dt.datetime, run: RollupRun, every_day: bool = False) -> None:
+    """Recompute the hours in [lo, hi) and the days they changed (``every_day``: all their days). Inside the
+    caller's transaction, which then holds the lock."""
     stamp = _lock_and_stamp()
     params = {"lo": lo, "hi": hi, "stamp": stamp}
     with connection.cursor() as cursor:
         cursor.execute(_HOURS_SQL, params)
         run.hours_written += cursor.rowcount
-        cursor.execute(_DAYS_SQL, params)
+        cursor.execute(_ALL_DAYS_SQL if every_day else _DAYS_SQL, params)
         run.days_written += cursor.rowcount
     run.chunks += 1
 
@@ -248,9 +252,9 @@ def usage_rollups_update(*, now: dt.datetime | None = None, run_seconds: float |
 
 def usage_rollups_backfill(*, since: dt.datetime, until: dt.datetime, now: dt.datetime | None = None) -> dict:
     """Recompute the rollups of the days from ``since``'s to the one before ``until`` (UTC), the latest
-    first, one day per transaction; a day that reaches the complete range extends it back to that day's
-    start. Existing rollups of days whose raw rows are gone (retention) are kept: a day with no rows writes
-    nothing. Runs the upkeep first if it has never run."""
+    first, one day per transaction, every daily row from its hours; a day that reaches the complete range
+    extends it back to that day's start. Existing rollups of days whose raw rows are gone (retention) are
+    kept: a day with no rows writes nothing. Runs the upkeep first if it has never run."""
     if since >= until:
         return RollupRun().as_dict()
     if not UsageRollupState.objects.filter(name=STATE_NAME).exists():
@@ -260,7 +264,7 @@ def usage_rollups_backfill(*, since: dt.datetime, until: dt.datetime, now: dt.da
     first = floor_day(since)
     while day >= first:
         with transaction.atomic():
-            _recompute(lo=day, hi=day + DAY, run=run)
+            _recompute(lo=day, hi=day + DAY, run=run, every_day=True)
             UsageRollupState.objects.filter(
                 name=STATE_NAME, covered_from__gt=day, covered_from__lte=day + DAY
             ).update(covered_from=day, updated_at=timezone.now())
