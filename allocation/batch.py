@@ -11,16 +11,17 @@ refused item refuses nothing else. A batch costs a fixed number of queries whate
    under the items' idempotency keys;
 3. decide every item in Python: a key seen before with the same item replays its stored result and
    charges nothing, with another item it refuses the item (422); an item that a hard budget has no room for
-   is refused with 429 ``budget_exceeded``, as a single allocation would be;
+   is refused with 429 ``budget_exceeded``, as a single allocation would be. The usual batch, where every
+   item fits, is decided whole (per agent, resource type and amount, not per item: ``_Decider._all_fit``);
 4. write one INSERT of the allocations and one of the usage rows, their foreign keys checked at once;
 5. lock the budget rows the batch charges ``FOR NO KEY UPDATE`` in id order and confirm that each hard one
    still has room for what the batch charges it, then one UPDATE of the budgets (an ended window rolls
    over, as ``allocation.sql.grid_budgets_apply`` rolls it);
 6. lock the quota rows the batch takes from ``FOR NO KEY UPDATE`` in primary-key order, like every writer
    that locks several, and confirm that each still has what the batch takes from it;
-7. one UPDATE of the quotas, and one INSERT of the accepted items' results under their keys, by the one
-   writer of idempotency records (``grid_mutation_record``). A refused item, like a refused single
-   request, leaves its key free for a retry.
+7. one UPDATE of the quotas, and one INSERT of the accepted items' results under their keys (the columns
+   ``grid_mutation_record`` writes for a single request). A refused item, like a refused single request,
+   leaves its key free for a retry.
 
 Budget rows before quota rows: the lock order of every writer (``ledger.budgets``), so a batch and a single
 allocation over the same team never wait for each other in a cycle.
@@ -33,8 +34,11 @@ savepoint and decided again; the last attempts lock the budget and quota rows at
 batch always finishes. Waiting for a key cannot deadlock: a batch holding a key it has inserted holds all
 the budget and quota locks it needs already, and keys are inserted in sorted order.
 
-Rows go to PostgreSQL as one JSON document per statement: a multi-row VALUES list of 10,000 placeholders
-costs psycopg more to build client-side than the server takes to insert the rows.
+Rows go to PostgreSQL as one array per column (``unnest``), each a text parameter built by one join
+(``allocation.sql.text_array``): a multi-row VALUES list of 10,000 placeholders costs psycopg more to build
+client-side than the server takes to insert the rows, a JSON document costs a Python object per row to
+build and a parse per row in the server, and psycopg dumps a list element by element in Python. Per item,
+Python only gathers its values into the columns and builds its answer (and the API its key's fingerprint).
 
 Holds are not supported: a batch commits allocations only (``POST .../allocations`` takes holds). An item
 may name a ``run_id`` of its agent: the run's budget applies too (404 ``run_not_found``, 409 ``run_ended``
