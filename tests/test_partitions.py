@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import pytest
 from django.core.management.color import no_style
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from allocation import services
@@ -76,6 +76,31 @@ def test_the_append_only_tables_are_partitioned_by_month_and_the_others_are_not(
         assert partitions.default_partition_name(table) in partitions.attached_partitions(table)
         # Ids come from a sequence owned by the column, as Django's flush and sequence reset expect.
         assert _query("SELECT pg_get_serial_sequence(%s, 'id')", [table]) == [(f"public.{table}_id_seq",)]
+
+
+def test_the_foreign_keys_and_checks_still_hold_on_every_partition(agent):
+    foreign_keys = dict(
+        _query(
+            "SELECT conrelid::regclass::text, count(*) FROM pg_constraint WHERE contype = 'f' "
+            "AND conrelid = ANY(%s::regclass[]) GROUP BY 1",
+            [PARTITIONED],
+        )
+    )
+    assert foreign_keys == {"usage_logs": 1, "optimization_execution": 1, "optimization_scalingevent": 2}
+    for row in (
+        {"agent_id": "nobody", "created_at": DEC},
+        {"agent_id": "nobody", "created_at": dt.datetime(2001, 1, 1, tzinfo=dt.UTC)},  # the default partition
+    ):
+        with pytest.raises(IntegrityError), transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            Execution.objects.create(
+                superpower="s", duration_ms=1, success=True, cost_usd=Decimal("0"), **row
+            )
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Execution.objects.create(
+            agent=agent, superpower="s", duration_ms=-1, success=True, cost_usd=Decimal("0"), created_at=DEC
+        )
 
 
 def test_the_migration_made_this_month_and_the_three_after():
