@@ -20,8 +20,8 @@ Scenarios (docs/benchmarks.md says what each measures and why):
    with the sweep running and without.
 
 The full run (``make bench``) writes its table and the machine into docs/benchmarks.md. ``--quick``
-(``make bench-quick``, and tests/test_bench_quick.py) runs a small version of each in well under two
-minutes: it checks that the harness works, not the timings.
+(``make bench-quick``, and tests/test_bench_quick.py) runs a small version of each in a few minutes: it
+checks that the harness works, not the timings.
 
 Exit status: 0 when every scenario ran (whether or not it met its target), 1 when an invariant was broken
 (the hot agent's counters or a budget disagree with the usage log), 2 when a scenario could not run at all.
@@ -69,7 +69,7 @@ def _positive(text: str) -> int:
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small version of each scenario (< 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a small version of each scenario")
     parser.add_argument(
         "--loadgen",
         choices=["auto", "wrk", "python"],
