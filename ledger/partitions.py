@@ -225,11 +225,16 @@ def _rebuild(cursor, table: str, *, create: str, after_create: list[str], key: s
     for statement in after_create:
         cursor.execute(statement.format(old=old))
     cursor.execute(f"INSERT INTO {table} ({found['columns']}) SELECT {found['columns']} FROM {old}")
-    # The next id continues after the old sequence's and after every id the rows hold.
+    # The next id continues after the old sequence's last one (none yet: it starts at 1) and after every id
+    # the rows hold.
+    issued = (
+        f"(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {old}_id_seq)"
+        if sequence
+        else "0"
+    )
     cursor.execute(
-        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), GREATEST("
-        f"{f'(SELECT last_value FROM {old}_id_seq)' if sequence else '0'}, "
-        f"(SELECT coalesce(max(id), 0) FROM {old})) + 1, false)"
+        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+        f"GREATEST({issued}, (SELECT coalesce(max(id), 0) FROM {old})) + 1, false)"
     )
     cursor.execute(f"DROP TABLE {old}")
     cursor.execute(f"ALTER TABLE {table} ADD CONSTRAINT {found['primary']} PRIMARY KEY ({key})")
@@ -245,22 +250,28 @@ def _rebuild(cursor, table: str, *, create: str, after_create: list[str], key: s
 
 
 def table_partition(cursor, table: str, *, now: dt.datetime | None = None, ahead: int | None = None) -> None:
-    """Turn ``table`` into a table partitioned by month on its time column: a default partition, one per
-    month from its oldest row's to ``ahead`` months after ``now``'s, its rows copied over."""
+    """Turn ``table`` into a table partitioned by month on its time column: a default partition, one for
+    each month that has rows and for ``now``'s month to ``ahead`` months after, its rows copied over.
+
+    Only months with rows get a partition of their own: one back-dated row must not make a partition for
+    every month since (a row written later for a month between lands in the default partition)."""
     spec = table_spec(table)
     if is_partitioned(table, cursor=cursor):
         return
-    oldest = _fetch(cursor, f"SELECT min({spec.column}) FROM {table}")[0][0]
+    with_rows = _fetch(
+        cursor,
+        f"SELECT DISTINCT date_trunc('month', {spec.column} AT TIME ZONE 'UTC') FROM {table} ORDER BY 1",
+    )
     current = month_start(now or timezone.now())
-    first = min(month_start(oldest), current) if oldest else current
-    last = month_add(current, DEFAULT_AHEAD_MONTHS if ahead is None else ahead)
+    months = {month.replace(tzinfo=dt.UTC) for (month,) in with_rows}
+    months.update(
+        month_add(current, offset) for offset in range((DEFAULT_AHEAD_MONTHS if ahead is None else ahead) + 1)
+    )
     partitions = [f"CREATE TABLE {default_partition_name(table)} PARTITION OF {table} DEFAULT"]
-    month = first
-    while month <= last:
-        partitions.append(
-            f"CREATE TABLE {partition_name(table, month)} PARTITION OF {table} {_bounds(month)}"
-        )
-        month = month_add(month, 1)
+    partitions += [
+        f"CREATE TABLE {partition_name(table, month)} PARTITION OF {table} {_bounds(month)}"
+        for month in sorted(months)
+    ]
     _rebuild(
         cursor,
         table,

@@ -103,6 +103,36 @@ def test_the_foreign_keys_and_checks_still_hold_on_every_partition(agent):
         )
 
 
+def test_the_migration_copies_the_rows_into_the_months_they_belong_to_and_can_be_undone(agent):
+    now = timezone.now()
+    events = [
+        ScalingEvent.objects.create(
+            agent=agent, direction="up", kind="horizontal", trigger="manual", before=1, after=2, reason="r",
+            created_at=at,
+        )
+        for at in (dt.datetime(2001, 3, 4, tzinfo=dt.UTC), NOV, now)
+    ]  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a table with checks pending cannot be rebuilt
+        partitions.table_unpartition(cursor, "optimization_scalingevent")
+        assert not partitions.is_partitioned("optimization_scalingevent", cursor=cursor)
+        assert _query("SELECT pg_get_serial_sequence('optimization_scalingevent', 'id')") != [(None,)]
+        partitions.table_partition(cursor, "optimization_scalingevent", now=now)
+
+    # A partition for each month with rows, none for the months between, and the months ahead.
+    attached = partitions.attached_partitions("optimization_scalingevent")
+    assert {"optimization_scalingevent_p200103", "optimization_scalingevent_p202611"} <= set(attached)
+    assert "optimization_scalingevent_p200104" not in attached
+    assert partition_name("optimization_scalingevent", month_add(month_start(now), 3)) in attached
+    assert _partition_of("optimization_scalingevent", events[0].pk) == "optimization_scalingevent_p200103"
+    assert set(ScalingEvent.objects.values_list("pk", "created_at")) == {(e.pk, e.created_at) for e in events}
+    later = ScalingEvent.objects.create(
+        agent=agent, direction="down", kind="horizontal", trigger="manual", before=2, after=1, reason="r",
+        created_at=now,
+    )  # fmt: skip
+    assert later.pk > max(event.pk for event in events)  # the ids go on after the old table's
+
+
 def test_the_migration_made_this_month_and_the_three_after():
     current = month_start(timezone.now())
     for table in PARTITIONED:
