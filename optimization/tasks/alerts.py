@@ -14,7 +14,7 @@ from ledger.periodic import periodic_task
 from optimization.services.alert_delivery import alert_delivery_attempt, alerts_deliver
 from optimization.services.alerts import budget_sweep, budgets_resolve, cost_spike_sweep
 from optimization.services.rules import rules_evaluate
-from optimization.tasks.common import TASK_OPTIONS
+from optimization.tasks.common import SWEEP_TASK_OPTIONS, TASK_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-@periodic_task(name="optimization.budget_sweep", **TASK_OPTIONS)
+@periodic_task(name="optimization.budget_sweep", **SWEEP_TASK_OPTIONS)
 def budget_sweep_task() -> int:
     return budget_sweep()
 
@@ -43,12 +43,12 @@ def budgets_resolve_task(budget_ids: list[int]) -> int:
     return budgets_resolve(budget_ids=budget_ids)
 
 
-@periodic_task(name="optimization.rules_evaluate", **TASK_OPTIONS)
+@periodic_task(name="optimization.rules_evaluate", **SWEEP_TASK_OPTIONS)
 def rules_evaluate_task() -> dict:
     return rules_evaluate()
 
 
-@periodic_task(name="optimization.cost_spike_sweep", **TASK_OPTIONS)
+@periodic_task(name="optimization.cost_spike_sweep", **SWEEP_TASK_OPTIONS)
 def cost_spike_sweep_task() -> int:
     return cost_spike_sweep()
 
