@@ -52,7 +52,7 @@ DEFAULT_LATE_SECONDS = 2 * 3600
 # Hours recomputed per transaction by the upkeep: an hour of a busy fleet is one statement of seconds, so
 # a run that catches up after an outage makes progress in every run, whatever the time limit.
 DEFAULT_CHUNK_HOURS = 1
-DEFAULT_LOOKBACK_SECONDS = 7 * 86400
+DEFAULT_LOOKBACK_SECONDS = 7 * 24 * 3600  # a week
 # A run stops starting chunks after this long (each chunk is at most a day), well within the task's time
 # limit; the next run goes on from the last sealed hour.
 DEFAULT_RUN_SECONDS = 120
