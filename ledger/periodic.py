@@ -38,7 +38,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import shared_task
@@ -81,6 +82,22 @@ def _lock_release(key: int) -> None:
         # A connection that cannot unlock is closed, and closing it is what releases a session lock.
         logger.warning("could not release the advisory lock %s; closing the connection", key, exc_info=True)
         connection.close()
+
+
+@contextmanager
+def session_lock(key: int) -> Iterator[bool]:
+    """A session advisory lock on ``key`` (a bigint), tried without waiting: yields whether this session
+    holds it. Held across the transactions of the block without locking any row, released at its end (or
+    with the connection, if the process dies). For work that runs one at a time across workers and nodes."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        acquired = cursor.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
 
 
 def schedule_gap(schedule: str) -> dt.timedelta | None:

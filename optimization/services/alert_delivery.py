@@ -32,16 +32,16 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from django.core.mail import send_mail
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Case, DateTimeField, F, Q, Value, When, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from axiom_grid.observability.metrics import alert_delivery_count
+from ledger.periodic import session_lock
 from optimization.models import Alert, AlertDelivery
 from optimization.services.alerts import alerts_fan_out
 from optimization.webhooks import WebhookClient, WebhookResult, webhook_body, webhook_secret_key
@@ -529,20 +529,6 @@ class _Run:
         return self.report
 
 
-@contextmanager
-def _single_run():
-    """A session advisory lock, tried without waiting: True when this run may send."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [DELIVERY_LOCK_KEY])
-        acquired = cursor.fetchone()[0]
-    try:
-        yield acquired
-    finally:
-        if acquired:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [DELIVERY_LOCK_KEY])
-
-
 def alerts_deliver(
     *,
     now: dt.datetime | None = None,
@@ -553,7 +539,7 @@ def alerts_deliver(
     concurrently within each endpoint's limits, until nothing is due or the time budget or ``limit`` (of
     deliveries) is used. Returns what was done; ``busy`` when another run was sending."""
     now = now or timezone.now()
-    with _single_run() as acquired:
+    with session_lock(DELIVERY_LOCK_KEY) as acquired:
         if not acquired:
             return DeliveryRun(busy=True)
         # A worker that died during a last attempt leaves it pending with no attempts left: close it.

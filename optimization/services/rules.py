@@ -19,7 +19,6 @@ import json
 import logging
 import operator
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -30,6 +29,7 @@ from ledger.bulk import server_bound_cursor
 from ledger.errors import LedgerError
 from ledger.invariants import RULE_THROTTLE_PREFIX
 from ledger.models import Agent, OptimizationRule
+from ledger.periodic import session_lock
 from optimization.models import Alert, AlertDelivery, RuleState
 from optimization.selectors import (
     AgentRange,
@@ -285,21 +285,6 @@ RULES_CHUNK = 5000
 _EVALUATION_LOCK = 0x52554C4553  # "RULES"
 
 
-@contextmanager
-def _evaluation_lock() -> Iterator[bool]:
-    """Whether this evaluation is the only one running; a session lock, held across the chunks' own
-    transactions without locking any row."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [_EVALUATION_LOCK])
-        acquired = cursor.fetchone()[0]
-    try:
-        yield acquired
-    finally:
-        if acquired:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [_EVALUATION_LOCK])
-
-
 def rules_evaluate(*, now: dt.datetime | None = None, chunk_size: int = RULES_CHUNK) -> dict:
     """Evaluate every enabled rule for every subject in its scope, keep the rule states, and run the actions
     of the rules that fire. Returns counts of what happened.
@@ -313,7 +298,7 @@ def rules_evaluate(*, now: dt.datetime | None = None, chunk_size: int = RULES_CH
     """
     now = now or timezone.now()
     report = RulesReport()
-    with _evaluation_lock() as alone:
+    with session_lock(_EVALUATION_LOCK) as alone:
         if not alone:
             report.skipped = True
             logger.info("rules evaluation skipped: another one is running")
