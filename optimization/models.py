@@ -135,9 +135,9 @@ class Alert(models.Model):
     # uses.
     dedup_key = models.CharField(max_length=300)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-    # A rule's alert stands for one episode of its condition (rule, agent, subject, since when it holds): while
-    # the condition keeps holding, the rule notifies again each cooldown by updating this row and sending
-    # it out again, rather than inserting another.
+    # A rule's alert stands for one episode of its condition (rule, agent, subject, since when it
+    # holds): while the condition keeps holding, the rule notifies again each cooldown by updating this
+    # row and sending it out again, rather than inserting another.
     notified_at = models.DateTimeField(null=True, blank=True, help_text="When it was last sent out again.")
     notifications = models.PositiveIntegerField(
         db_default=1, help_text="How many times it has been sent out."
