@@ -44,6 +44,7 @@ from ledger.periods import month_bounds
 from ledger.services import agent_create
 from tests.concurrency import race
 from tests.live_grid import HOST, SECRET_KEY, live_server, redis_prefix, suite_database_url
+from tests.test_under_attack import _redis_forget
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -160,19 +161,6 @@ class Workers:
                 process.wait(timeout=10)
         self.client.close()
         _redis_forget(self.redis_url, self.prefix)
-
-
-def _redis_forget(url: str, prefix: str) -> None:
-    """Delete the keys under this test's own prefix, and nothing else."""
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=5)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-    finally:
-        client.close()
 
 
 @dataclass
