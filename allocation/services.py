@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from allocation import sql
@@ -546,12 +546,11 @@ def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
             add=True,
             touch=now,
         )
-    # The quota rows in id order too, like every writer that locks several of them: a second sweep (or a
-    # share) taking some of the same rows then waits instead of deadlocking.
+    # The quota rows in the order of every writer that locks several of them (QUOTA_LOCK_ORDER): a second
+    # sweep (or a share) taking some of the same rows then waits instead of deadlocking.
     quota_ids = sorted(reserved)
-    list(
-        Quota.objects.select_for_update(no_key=True).filter(pk__in=quota_ids).order_by("pk").values_list("pk")
-    )
+    agent_ids = {hold["agent_id"] for hold in holds}
+    list(Quota.objects.filter(pk__in=quota_ids, agent_id__in=agent_ids).locked().values_list("pk"))
     bulk_update_columns(
         model=Quota,
         pks=quota_ids,
@@ -594,10 +593,11 @@ def quota_share(
     """Move unused quota of the current period from ``source`` to the agent ``target_id``, as grants on
     both sides.
 
-    Both quota rows are locked in primary-key order, so two agents sharing with each other at once cannot
-    deadlock; the source can give only what it has available. A refusal must not tell whether the target
-    exists (a key may not even learn which agents there are): the source's own room is checked before the
-    target is looked up, and a suspended target is answered as a missing one.
+    Both quota rows are locked in the order of every writer (``QUOTA_LOCK_ORDER``: by agent, then id), so
+    two agents sharing with each other at once cannot deadlock; the source can give only what it has
+    available. A refusal must not tell whether the target exists (a key may not even learn which agents
+    there are): the source's own room is checked before the target is looked up, and a suspended target is
+    answered as a missing one.
     """
     if not settings.ENABLE_COLLABORATION_SHARING:
         raise FeatureDisabled("resource sharing is switched off (ENABLE_COLLABORATION_SHARING)")
@@ -628,19 +628,25 @@ def quota_share(
         # whoever holds the budgets and waits for this share (test_budget_concurrency's opposing orders).
         locked = {
             quota.pk: quota
-            for quota in Quota.objects.select_for_update(no_key=True)
-            .filter(pk__in=[source_quota.pk, target_quota.pk])
-            .order_by("agent_id")
+            for quota in Quota.objects.filter(
+                Q(pk=source_quota.pk, agent_id=source.pk) | Q(pk=target_quota.pk, agent_id=target.pk)
+            ).locked()
         }
         source_quota = locked[source_quota.pk]
         if amount > source_quota.available:
             raise _share_exceeds(source, resource_type_id, amount, available=source_quota.available)
-        Quota.objects.filter(pk=source_quota.pk).update(limit=F("limit") - amount, updated_at=now)
-        Quota.objects.filter(pk=target_quota.pk).update(limit=F("limit") + amount, updated_at=now)
+        Quota.objects.filter(pk=source_quota.pk, agent_id=source.pk).update(
+            limit=F("limit") - amount, updated_at=now
+        )
+        Quota.objects.filter(pk=target_quota.pk, agent_id=target.pk).update(
+            limit=F("limit") + amount, updated_at=now
+        )
         Grant.objects.bulk_create(
             [
                 Grant(
                     quota_id=source_quota.pk,
+                    agent_id=source.pk,
+                    resource_type_id=resource_type_id,
                     amount=-amount,
                     reason=Grant.Reason.SHARE_OUT,
                     actor=actor,
@@ -648,6 +654,8 @@ def quota_share(
                 ),
                 Grant(
                     quota_id=target_quota.pk,
+                    agent_id=target.pk,
+                    resource_type_id=resource_type_id,
                     amount=amount,
                     reason=Grant.Reason.SHARE_IN,
                     actor=actor,

@@ -7,7 +7,8 @@ budget that applies, inside the statement that takes the quota (``allocation.sql
 a hard budget refuses what does not fit, a soft one only alerts.
 
 Lock order, for everyone who writes budgets: an allocation's row, then budget rows by ascending id, then
-quota rows. ``grid_budgets_apply`` takes the budget rows in that order; nothing here locks quota rows.
+quota rows, several of them by agent and then id (``ledger.models.QUOTA_LOCK_ORDER``). ``grid_budgets_apply``
+takes the budget rows in that order; nothing here locks quota rows.
 
 An agent's ``monthly_budget_usd`` is a hard agent/month budget marked ``managed``: a database trigger
 (``MANAGED_BUDGET_TRIGGER_SQL``) creates, changes and deletes it with the agent's field, whatever writes

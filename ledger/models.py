@@ -204,6 +204,23 @@ class AgentLimitOverride(models.Model):
         return f"{self.agent_id} {self.resource_type_id}: {self.limit:,}"
 
 
+# The order in which every writer locks several quota rows at once: by agent, then by id. Two writers that
+# lock rows in one global order wait for each other instead of deadlocking; leading with the agent keeps
+# that order global once the table is distributed by agent (docs/scaling.md), and on one server it orders
+# the locks just as well.
+QUOTA_LOCK_ORDER = ("agent_id", "id")
+
+
+class QuotaQuerySet(models.QuerySet):
+    def locked(self) -> QuotaQuerySet:
+        """These rows, locked ``FOR NO KEY UPDATE`` in ``QUOTA_LOCK_ORDER`` when the query is evaluated.
+
+        NO KEY UPDATE, not UPDATE: an allocation holds a key-share lock on its quota row (its INSERTs'
+        foreign keys) while it waits for budgets, and must not be waited for by a writer it waits for.
+        """
+        return self.select_for_update(no_key=True, of=("self",)).order_by(*QUOTA_LOCK_ORDER)
+
+
 class Quota(models.Model):
     """One agent's allowance of one resource type for one period, with its live counters.
 
@@ -229,6 +246,8 @@ class Quota(models.Model):
     )
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = QuotaQuerySet.as_manager()
+
     class Meta:
         db_table = "quotas"
         ordering = ["agent_id", "-period_start", "resource_type__display_order"]
@@ -241,7 +260,8 @@ class Quota(models.Model):
             models.UniqueConstraint(
                 fields=["agent", "resource_type", "period_start"], name="quota_unique_period"
             ),
-            # The targets of the allocations' and the usage rows' one foreign key (ledger/schema.py).
+            # The targets of the allocations', the usage rows' and the grants' one foreign key
+            # (ledger/schema.py).
             models.UniqueConstraint(fields=["id", "agent", "resource_type"], name="quota_identity"),
             models.UniqueConstraint(
                 fields=["id", "agent", "resource_type", "period_start"], name="quota_identity_period"
@@ -287,7 +307,16 @@ class Grant(models.Model):
         TIER_CHANGE = "tier_change", "Tier change"
         LIMIT_CHANGE = "limit_change", "Custom limit change"
 
-    quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="grants")
+    # The quota's agent and resource type, written with every grant: one composite foreign key, (quota,
+    # agent, resource type) -> the quota's (id, agent, resource type), checks all three (ledger/schema.py),
+    # so a grant names its quota's own agent. The agent lets a grant live with its agent's other rows.
+    quota = models.ForeignKey(Quota, on_delete=models.PROTECT, related_name="grants", db_constraint=False)
+    agent = models.ForeignKey(
+        Agent, on_delete=models.PROTECT, related_name="grants", db_index=False, db_constraint=False
+    )
+    resource_type = models.ForeignKey(
+        ResourceType, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
     amount = models.BigIntegerField(help_text="Units added to the limit (negative when taken away).")
     reason = models.CharField(max_length=32, choices=Reason.choices)
     actor = models.CharField(max_length=150, help_text="Who made the change: a username, agent or task.")

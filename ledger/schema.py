@@ -1,7 +1,7 @@
 """Schema that Django's models cannot declare, added by the migrations.
 
-The append-only rows that name a quota carry one composite foreign key: an allocation's
-``(quota_id, agent_id, resource_type_id)`` references ``quotas (id, agent_id, resource_type_id)``, and a
+The append-only rows that name a quota carry one composite foreign key: an allocation's and a grant's
+``(quota_id, agent_id, resource_type_id)`` reference ``quotas (id, agent_id, resource_type_id)``, and a
 usage row's ``(quota_id, agent_id, resource_type_id, period_start)`` references the same columns of
 ``quotas``. A row then names a quota that exists, and that quota's own agent, resource type and (for usage)
 period, which the quota's foreign keys check in turn. It replaces three single-column keys: PostgreSQL

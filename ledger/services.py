@@ -200,7 +200,7 @@ def quota_grant(
         raise LedgerError(f"unknown resource type {resource_type_id!r}", code="unknown_resource_type")
     with transaction.atomic():
         quota = quota_open(agent=agent, resource_type_id=resource_type_id, at=at)
-        updated = Quota.objects.filter(quota_fits(-amount), pk=quota.pk).update(
+        updated = Quota.objects.filter(quota_fits(-amount), pk=quota.pk, agent_id=agent.pk).update(
             limit=F("limit") + amount, updated_at=timezone.now()
         )
         if not updated:
@@ -210,7 +210,14 @@ def quota_grant(
                 details={"requested": -amount, "available": quota.available},
             )
         return Grant.objects.create(
-            quota=quota, amount=amount, reason=reason, actor=actor, note=note, counterparty_agent=counterparty
+            quota=quota,
+            agent_id=quota.agent_id,
+            resource_type_id=quota.resource_type_id,
+            amount=amount,
+            reason=reason,
+            actor=actor,
+            note=note,
+            counterparty_agent=counterparty,
         )
 
 
@@ -262,9 +269,7 @@ def _quotas_rebase(*, agent: Agent, actor: str, why: str, reason: str) -> None:
     """
     new_limits = base_limits(agent=agent)
     start, _ = month_bounds(timezone.now())
-    for quota in (
-        Quota.objects.select_for_update(no_key=True).filter(agent=agent, period_start=start).order_by("pk")
-    ):
+    for quota in Quota.objects.filter(agent=agent, period_start=start).locked():
         granted = quota.limit - quota.base_limit
         new_base = new_limits.get(quota.resource_type_id, 0)
         floor = quota.committed
@@ -272,6 +277,8 @@ def _quotas_rebase(*, agent: Agent, actor: str, why: str, reason: str) -> None:
         if new_limit < floor:
             Grant.objects.create(
                 quota=quota,
+                agent_id=quota.agent_id,
+                resource_type_id=quota.resource_type_id,
                 amount=floor - new_limit,
                 reason=reason,
                 actor=actor,
@@ -279,9 +286,9 @@ def _quotas_rebase(*, agent: Agent, actor: str, why: str, reason: str) -> None:
             )
             new_limit = floor
         if (quota.base_limit, quota.limit) != (new_base, new_limit):
-            quota.base_limit = new_base
-            quota.limit = new_limit
-            quota.save(update_fields=["base_limit", "limit", "updated_at"])
+            Quota.objects.filter(pk=quota.pk, agent_id=agent.pk).update(
+                base_limit=new_base, limit=new_limit, updated_at=timezone.now()
+            )
 
 
 @transaction.atomic

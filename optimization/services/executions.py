@@ -9,9 +9,13 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from allocation import sql
 from allocation.services import allocation_create
 from ledger.errors import FeatureDisabled, LedgerError, QuotaExceeded
-from ledger.models import Agent, UsageLog
+from ledger.models import Agent, Quota, UsageLog
+from ledger.periods import month_bounds
+from ledger.reference_cache import resource_type_codes
+from ledger.services import quotas_open
 from optimization.models import Execution
 
 
@@ -31,8 +35,10 @@ def execution_record(
     """Allocate every listed resource and record the execution; one refused resource refuses them all.
     Each allocation is charged to the agent's budgets, and to run ``run_id``'s if named.
 
-    Resources are taken in resource-type order, so two executions of one agent lock its quota rows in the
-    same order and cannot deadlock.
+    Before the first resource is taken, the agent's budgets (by id) and then its quota rows of the listed
+    resources (in ``QUOTA_LOCK_ORDER``, by agent then id) are locked, each set in one statement: the lock
+    order of every writer (``ledger.budgets``), so an execution and a share, a purchase, a batch or another
+    execution touching the same rows wait for one another instead of deadlocking.
     """
     if not settings.ENABLE_SUPERPOWERS_TRACKING:
         raise FeatureDisabled("execution tracking is switched off (ENABLE_SUPERPOWERS_TRACKING)")
@@ -51,6 +57,7 @@ def execution_record(
             task_id=task_id,
             created_at=now,
         )
+        _locks_take(agent=agent, resource_type_ids=set(resources), run_id=run_id, now=now)
         total = Decimal(0)
         for resource_type_id, amount in sorted(resources.items()):
             try:
@@ -74,3 +81,17 @@ def execution_record(
         execution.cost_usd = total
         execution.save(update_fields=["cost_usd"])
     return execution
+
+
+def _locks_take(*, agent: Agent, resource_type_ids: set[str], run_id: str, now: dt.datetime) -> None:
+    """Open the periods of the known resource types (an unknown one is refused by its allocation), then
+    lock the budgets the allocations charge and those quota rows, in the lock order of every writer."""
+    known = resource_type_ids & set(resource_type_codes())
+    quotas_open({(agent.pk, code) for code in known}, tiers={agent.pk: agent.tier_id}, at=now)
+    sql.budgets_release({}, now=now, also_lock=sql.agent_budget_ids(agent.pk, run_id=run_id, now=now))
+    start, _ = month_bounds(now)
+    list(
+        Quota.objects.filter(agent_id=agent.pk, resource_type_id__in=known, period_start=start)
+        .locked()
+        .values_list("pk")
+    )

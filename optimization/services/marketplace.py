@@ -16,7 +16,7 @@ deal (409 ``own_deal``).
 The price is charged to the buyer's dollar budgets (its own, its team's and its organization's) in the same
 transaction: a hard budget without room for it refuses the purchase with 429 ``budget_exceeded`` and
 nothing is bought. Lock order, as for every writer of budgets (``ledger.budgets``): the deal's row (the
-claim), then the budget rows by id, then the quota rows.
+claim), then the budget rows by id, then the quota rows (in ``QUOTA_LOCK_ORDER``: by agent, then id).
 
 **Refresh** (``marketplace_refresh``, every 15 minutes):
 
@@ -216,7 +216,7 @@ def deal_list(
         )
     with transaction.atomic():
         quota = quota_open(agent=agent, resource_type_id=resource_type_id, at=now)
-        set_aside = Quota.objects.filter(quota_fits(amount), pk=quota.pk).update(
+        set_aside = Quota.objects.filter(quota_fits(amount), pk=quota.pk, agent_id=agent.pk).update(
             listed=F("listed") + amount, updated_at=now
         )
         if not set_aside:
@@ -328,17 +328,21 @@ def _purchase_book(*, deal: Deal, buyer: Agent, amount: int, actor: str, now: dt
     # The price on every budget of the buyer (its own, its team's, its organization's): locked in id order
     # and refused (BudgetExceeded) before any quota row is locked, the lock order of every writer.
     sql.budgets_apply(sql.agent_budget_ids(buyer.pk, now=now), now=now, spend=cost)
-    # Lock the buyer's and the seller's quota rows in primary-key order, so that two agents buying each
-    # other's deals at once wait for one another instead of deadlocking.
-    locked = [buyer_quota.pk] + ([deal.seller_quota_id] if deal.seller_quota_id else [])
-    list(Quota.objects.select_for_update(no_key=True).filter(pk__in=locked).order_by("pk").values("pk"))
-    Quota.objects.filter(pk=buyer_quota.pk).update(
+    # Lock the buyer's and the seller's quota rows in the lock order of every writer (QUOTA_LOCK_ORDER), so
+    # that two agents buying each other's deals at once wait for one another instead of deadlocking.
+    locked = Q(pk=buyer_quota.pk, agent_id=buyer.pk)
+    if deal.seller_quota_id is not None:
+        locked |= Q(pk=deal.seller_quota_id, agent_id=deal.seller_id)
+    list(Quota.objects.filter(locked).locked().values("pk"))
+    Quota.objects.filter(pk=buyer_quota.pk, agent_id=buyer.pk).update(
         limit=F("limit") + amount, spent_usd=F("spent_usd") + cost, updated_at=now
     )
     note = f"deal {deal.pk}: {amount:,} at {unit_price} USD"
     grants = [
         Grant(
             quota_id=buyer_quota.pk,
+            agent_id=buyer.pk,
+            resource_type_id=deal.resource_type_id,
             amount=amount,
             reason=Grant.Reason.MARKETPLACE_PURCHASE,
             actor=actor[:150],
@@ -349,9 +353,9 @@ def _purchase_book(*, deal: Deal, buyer: Agent, amount: int, actor: str, now: dt
     if deal.seller_id is not None:
         # The sold units leave the seller's set-aside quota and its limit together; ``listed >= amount``
         # always holds for an open deal, the condition only guards against a broken invariant.
-        moved = Quota.objects.filter(pk=deal.seller_quota_id, listed__gte=amount).update(
-            listed=F("listed") - amount, limit=F("limit") - amount, updated_at=now
-        )
+        moved = Quota.objects.filter(
+            pk=deal.seller_quota_id, agent_id=deal.seller_id, listed__gte=amount
+        ).update(listed=F("listed") - amount, limit=F("limit") - amount, updated_at=now)
         if not moved:
             raise LedgerError(
                 f"the seller's set-aside quota of deal {deal.pk} is short",
@@ -361,6 +365,8 @@ def _purchase_book(*, deal: Deal, buyer: Agent, amount: int, actor: str, now: dt
         grants.append(
             Grant(
                 quota_id=deal.seller_quota_id,
+                agent_id=deal.seller_id,
+                resource_type_id=deal.resource_type_id,
                 amount=-amount,
                 reason=Grant.Reason.MARKETPLACE_SALE,
                 actor=actor[:150],
@@ -412,25 +418,27 @@ def deals_expire(
         if after is not None:
             deals = deals.filter(pk__gt=after)
         with transaction.atomic():
-            rows = list(deals.order_by("pk").values_list("pk", "seller_quota_id", "amount_left")[:batch_size])
+            rows = list(
+                deals.order_by("pk").values_list("pk", "seller_id", "seller_quota_id", "amount_left")[
+                    :batch_size
+                ]
+            )
             if not rows:
                 break
-            Deal.objects.filter(pk__in=[pk for pk, _, _ in rows]).update(
+            Deal.objects.filter(pk__in=[pk for pk, _, _, _ in rows]).update(
                 status=Deal.Status.EXPIRED, closed_at=now
             )
             returned: dict[int, int] = {}
-            for _, quota_id, left in rows:
+            sellers: set[str] = set()
+            for _, seller_id, quota_id, left in rows:
                 if quota_id is not None and left:
                     returned[quota_id] = returned.get(quota_id, 0) + left
-            # The sellers' quota rows in id order, like every writer that locks several of them, then one
-            # UPDATE FROM unnest for all of them, not a CASE arm per quota (ledger/bulk.py).
+                    sellers.add(seller_id)
+            # The sellers' quota rows in the lock order of every writer that locks several of them
+            # (QUOTA_LOCK_ORDER), then one UPDATE FROM unnest for all of them, not a CASE arm per quota
+            # (ledger/bulk.py).
             quota_ids = sorted(returned)
-            list(
-                Quota.objects.select_for_update(no_key=True)
-                .filter(pk__in=quota_ids)
-                .order_by("pk")
-                .values_list("pk")
-            )
+            list(Quota.objects.filter(pk__in=quota_ids, agent_id__in=sellers).locked().values_list("pk"))
             bulk_update_column(
                 model=Quota,
                 field="listed",

@@ -418,12 +418,10 @@ def _vertical_apply(*, decisions: list[_Decision], now: dt.datetime) -> int:
         return 0
     start, _ = month_bounds(now)
     wanted = {(d.agent_id, d.resource_type_id): d for d in decisions}
-    # The quota rows are locked in primary-key order, like every writer that locks several of them.
-    quotas = (
-        Quota.objects.select_for_update(no_key=True, of=("self",))
-        .filter(period_start=start, agent_id__in=list({d.agent_id for d in decisions}))
-        .order_by("pk")
-    )
+    # The quota rows are locked in the order of every writer that locks several of them (QUOTA_LOCK_ORDER).
+    quotas = Quota.objects.filter(
+        period_start=start, agent_id__in=list({d.agent_id for d in decisions})
+    ).locked()
     amounts: dict[int, int] = {}
     made: list[Grant] = []
     for quota in quotas:
@@ -439,6 +437,8 @@ def _vertical_apply(*, decisions: list[_Decision], now: dt.datetime) -> int:
         made.append(
             Grant(
                 quota_id=quota.pk,
+                agent_id=quota.agent_id,
+                resource_type_id=quota.resource_type_id,
                 amount=amount,
                 reason=Grant.Reason.SCALING,
                 actor=AUTO_ACTOR,
