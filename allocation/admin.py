@@ -223,7 +223,7 @@ class IdempotencyRecordAdmin(ViewOnlyAdmin):
     search_fields = ("key", "principal")
     ordering = ("-created_at",)
     fields = (
-        "principal",
+        ("principal", "agent_id"),
         "key",
         ("method", "path"),
         "request_hash",

@@ -66,7 +66,12 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from allocation.api.shared.idempotency import IDEMPOTENCY_UNIQUE, MAX_KEY_LENGTH
+from allocation.api.shared.idempotency import (
+    IDEMPOTENCY_UNIQUE,
+    MAX_KEY_LENGTH,
+    key_scope,
+    principal_agent_id,
+)
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.representation import allocation_body, iso_datetime
 from allocation.sql import BatchRows, batch_item_records_write, batch_rows_write, text_array
@@ -484,17 +489,18 @@ def _results_read(keys: list[str], *, principal: str) -> dict[str, _StoredResult
     if not keys:
         return {}
     wanted = [ITEM_KEY_PREFIX + key for key in keys]
-    # One probe of the (principal, key) index per key, whatever the planner knows of the table: the LIMIT
+    # One probe of the caller's key index per key, whatever the planner knows of the table: the LIMIT
     # keeps the lateral subquery from being merged into a join. Joined as a set (``IN``, ``= ANY``), a
     # table without statistics (before its first ANALYZE) was read through every record of the principal:
     # an operator's batch read all of the day's records, more with each batch.
+    scope, scope_params = key_scope(principal).sql()
     with server_bound_cursor() as cursor:
         cursor.execute(
             "SELECT r.key, r.request_hash, r.response_status, r.response_body "
             "FROM unnest(%s::text[]) AS wanted(key) CROSS JOIN LATERAL ("
             f"SELECT * FROM {connection.ops.quote_name(IdempotencyRecord._meta.db_table)} "
-            "WHERE principal = %s AND key = wanted.key LIMIT 1) AS r",
-            [text_array(wanted), principal],
+            f"WHERE {scope} AND key = wanted.key LIMIT 1) AS r",
+            [text_array(wanted), *scope_params],
         )
         rows = cursor.fetchall()
     stored = {
@@ -534,6 +540,7 @@ def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.date
     try:
         batch_item_records_write(
             principal=principal,
+            agent_id=principal_agent_id(principal),
             path=path,
             keys=[ITEM_KEY_PREFIX + key for key in keys],
             fingerprints=[owned[key].fingerprint for key in keys],
@@ -541,7 +548,7 @@ def _results_store(decider: _Decider, *, principal: str, path: str, now: dt.date
             at=now,
         )
     except IntegrityError as exc:
-        if getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None) == IDEMPOTENCY_UNIQUE:
+        if getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None) in IDEMPOTENCY_UNIQUE:
             raise _KeyTaken from exc
         raise
 

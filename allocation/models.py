@@ -133,6 +133,10 @@ class IdempotencyRecord(models.Model):
     """The first successful response to a POST with an ``Idempotency-Key``, replayed to its duplicates."""
 
     principal = models.CharField(max_length=200, help_text="Whose key space: agent:<id> or operator:<user>.")
+    # The agent whose key space it is, for an agent's key; empty for an operator's. A plain column, not a
+    # foreign key: records live a day and are written a thousand at a time. It makes the unique key of an
+    # agent's records (agent_id, key), the key a table distributed by agent needs (docs/scaling.md).
+    agent_id = models.CharField(max_length=64, null=True, blank=True)
     key = models.CharField(max_length=255)
     method = models.CharField(max_length=8)
     path = models.CharField(max_length=500)
@@ -143,7 +147,16 @@ class IdempotencyRecord(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        constraints = [models.UniqueConstraint(fields=["principal", "key"], name="idempotency_unique_key")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["agent_id", "key"], condition=Q(agent_id__isnull=False), name="idempotency_agent_key"
+            ),
+            models.UniqueConstraint(
+                fields=["principal", "key"],
+                condition=Q(agent_id__isnull=True),
+                name="idempotency_operator_key",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.principal} {self.key}"

@@ -179,8 +179,9 @@ BEGIN
     -- 'idempotency' is one record, or an array of them (a batch's items).
     IF p_record ? 'idempotency' THEN
         INSERT INTO allocation_idempotencyrecord
-            (principal, key, method, path, request_hash, response_status, response_body, created_at)
-        SELECT principal, key, method, path, request_hash, response_status, response_body, created_at
+            (principal, agent_id, key, method, path, request_hash, response_status, response_body, created_at)
+        SELECT principal, agent_id, key, method, path, request_hash, response_status, response_body,
+               created_at
         FROM jsonb_populate_recordset(
             NULL::allocation_idempotencyrecord,
             CASE jsonb_typeof(p_record -> 'idempotency')
@@ -578,8 +579,8 @@ ORDER BY v.quota_id, v.id
 # A batch item's stored result names its allocation only (``allocation.batch``); the body is read back on a
 # replay. The same columns ``grid_mutation_record`` writes, for a thousand records without a JSON document.
 _BATCH_ITEM_RECORDS_SQL = """INSERT INTO allocation_idempotencyrecord
-    (principal, key, method, path, request_hash, response_status, response_body, created_at)
-SELECT %(principal)s, v.key, 'POST', %(path)s, v.request_hash, 201,
+    (principal, agent_id, key, method, path, request_hash, response_status, response_body, created_at)
+SELECT %(principal)s, %(agent_id)s, v.key, 'POST', %(path)s, v.request_hash, 201,
        jsonb_build_object('allocation_id', v.allocation_id), %(at)s
 FROM unnest(%(keys)s::text[], %(hashes)s::text[], %(allocation_ids)s::text[])
     AS v (key, request_hash, allocation_id)
@@ -632,7 +633,14 @@ def batch_rows_write(rows: BatchRows, *, at: dt.datetime, period_start: dt.datet
 
 
 def batch_item_records_write(
-    *, principal: str, path: str, keys: list[str], fingerprints: list[str], allocation_ids: list[str], at
+    *,
+    principal: str,
+    agent_id: str | None,
+    path: str,
+    keys: list[str],
+    fingerprints: list[str],
+    allocation_ids: list[str],
+    at,
 ) -> None:
     """Store a batch's accepted items under their keys (full keys, ``item:`` included), in the order given:
     give them sorted, so that batches storing the same keys wait for each other in one order. A key stored
@@ -644,6 +652,7 @@ def batch_item_records_write(
             _BATCH_ITEM_RECORDS_SQL,
             {
                 "principal": principal,
+                "agent_id": agent_id,
                 "path": path,
                 "at": at,
                 "keys": text_array(keys),

@@ -1,11 +1,15 @@
 """Idempotency keys: the same key with the same body replays the first response and charges once.
 
 The record (the response to replay) is written with the change, in the same transaction or the same
-statement (``allocation.api.shared.mutation``), and its unique index on (principal, key) decides: a duplicate
+statement (``allocation.api.shared.mutation``), and its unique index on the key decides: a duplicate
 arriving while the first is still running waits on the index until the first commits, then fails and
 replays the stored response (``idempotency_replay``); if the first rolled back (it was refused), the
 duplicate takes the key and runs. Only successful responses are stored: a refused request leaves nothing
 behind and may be retried. Batch items keep their keys in the same table under the ``item:`` prefix.
+
+Each caller has a key space of its own: an agent's keys are unique per agent (``agent_id, key``), an
+operator's per operator (``principal, key``; ``agent_id`` is null), the two partial unique indexes of
+``IdempotencyRecord``. ``key_scope`` names a caller's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,44 @@ from ledger.errors import Conflict, LedgerError
 
 RETENTION = dt.timedelta(hours=24)
 MAX_KEY_LENGTH = 255
-IDEMPOTENCY_UNIQUE = "idempotency_unique_key"  # the unique index on (principal, key) that decides
+# The unique indexes that decide: one over agents' keys, one over operators'.
+IDEMPOTENCY_UNIQUE = frozenset({"idempotency_agent_key", "idempotency_operator_key"})
+_AGENT_PRINCIPAL = "agent:"
+
+
+def principal_agent_id(principal: str) -> str | None:
+    """The agent whose key space ``principal`` (an API key's ``owner_label``) is, None for an operator."""
+    return principal[len(_AGENT_PRINCIPAL) :] if principal.startswith(_AGENT_PRINCIPAL) else None
+
+
+@dataclass(frozen=True)
+class KeyScope:
+    """A caller's key space: the columns of its records' unique index, as a filter and as SQL."""
+
+    principal: str
+
+    @property
+    def agent_id(self) -> str | None:
+        return principal_agent_id(self.principal)
+
+    def filter(self) -> dict[str, str | None]:
+        agent_id = self.agent_id
+        return (
+            {"agent_id": agent_id}
+            if agent_id is not None
+            else {"agent_id": None, "principal": self.principal}
+        )
+
+    def sql(self) -> tuple[str, list[str]]:
+        """A condition on the table's columns that its index for this caller answers, and its parameters."""
+        agent_id = self.agent_id
+        if agent_id is not None:
+            return "agent_id = %s", [agent_id]
+        return "agent_id IS NULL AND principal = %s", [self.principal]
+
+
+def key_scope(principal: str) -> KeyScope:
+    return KeyScope(principal)
 
 
 @dataclass(frozen=True)
@@ -59,7 +100,7 @@ def validate_key(key: str) -> str:
 def idempotency_replay(*, principal: str, key: str, fingerprint: str) -> Claim | None:
     """The stored response to replay for ``key``, None if the key is free; raises if it was used for
     another request, or if that request is still running."""
-    record = IdempotencyRecord.objects.filter(principal=principal, key=key).first()
+    record = IdempotencyRecord.objects.filter(**key_scope(principal).filter(), key=key).first()
     return None if record is None else _replay(record, fingerprint)
 
 
@@ -90,6 +131,7 @@ def idempotency_values(
     statement that writes it together with the change (see the module docstring)."""
     return {
         "principal": principal,
+        "agent_id": principal_agent_id(principal),
         "key": key,
         "method": method,
         "path": path,
