@@ -1,0 +1,35 @@
+"""A gunicorn worker tunes its garbage collector once its application is loaded (``post_worker_init`` in
+``gunicorn.conf.py``): what is alive then is frozen out of the collector's sight, and the young generation
+is collected less often."""
+
+from __future__ import annotations
+
+import gc
+import runpy
+from pathlib import Path
+
+import pytest
+
+from axiom_grid.startup import GC_YOUNG_THRESHOLD
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def collector_restored():
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+def test_gunicorns_post_worker_init_freezes_what_is_loaded_and_raises_the_young_threshold(collector_restored):
+    hooks = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert gc.get_freeze_count() == 0
+    _, middle, old = gc.get_threshold()
+
+    hooks["post_worker_init"](None)
+
+    assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, middle, old)
+    assert gc.get_count()[0] < 100  # collected, then frozen: nothing young left over
