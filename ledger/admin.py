@@ -1026,28 +1026,30 @@ class QuotaAdmin(ViewOnlyAdmin):
 class GrantAdmin(ViewOnlyAdmin):
     list_display = (
         "created_at",
-        "agent",
-        "resource_type",
+        "agent_column",
+        "resource_type_column",
         "period",
         "signed_amount",
         "reason",
         "actor",
         "note",
     )
-    list_filter = ("reason", "quota__resource_type")
-    search_fields = ("quota__agent__id", "actor", "note")
-    # The agent, resource and period columns read the quota's own columns; only the quota is joined.
+    list_filter = ("reason", "resource_type")
+    search_fields = ("agent__id", "actor", "note")
+    # The agent and resource columns are the grant's own, the period its quota's: only the quota is joined.
     list_select_related = ("quota", "counterparty_agent")
     date_hierarchy = "created_at"
     show_full_result_count = False
 
-    @admin.display(description="agent", ordering="quota__agent_id")
-    def agent(self, obj: Grant) -> str:
-        return obj.quota.agent_id
+    # Not named ``agent`` or ``resource_type``: a model field of that name would be shown instead, read
+    # through its relation, one query per row.
+    @admin.display(description="agent", ordering="agent_id")
+    def agent_column(self, obj: Grant) -> str:
+        return obj.agent_id
 
-    @admin.display(description="resource", ordering="quota__resource_type_id")
-    def resource_type(self, obj: Grant) -> str:
-        return obj.quota.resource_type_id
+    @admin.display(description="resource", ordering="resource_type_id")
+    def resource_type_column(self, obj: Grant) -> str:
+        return obj.resource_type_id
 
     @admin.display(description="period", ordering="quota__period_start")
     def period(self, obj: Grant) -> str:
