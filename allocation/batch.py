@@ -17,8 +17,8 @@ refused item refuses nothing else. A batch costs a fixed number of queries whate
 5. lock the budget rows the batch charges ``FOR NO KEY UPDATE`` in id order and confirm that each hard one
    still has room for what the batch charges it, then one UPDATE of the budgets (an ended window rolls
    over, as ``allocation.sql.grid_budgets_apply`` rolls it);
-6. lock the quota rows the batch takes from ``FOR NO KEY UPDATE`` in primary-key order, like every writer
-   that locks several, and confirm that each still has what the batch takes from it;
+6. lock the quota rows the batch takes from ``FOR NO KEY UPDATE`` in ``QUOTA_LOCK_ORDER`` (agent, then id),
+   like every writer that locks several, and confirm that each still has what the batch takes from it;
 7. one UPDATE of the quotas, and one INSERT of the accepted items' results under their keys (the columns
    ``grid_mutation_record`` writes for a single request). A refused item, like a refused single request,
    leaves its key free for a retry.
@@ -290,12 +290,12 @@ class _QuotaState:
 def _quotas_read(
     pairs: set[tuple[str, str]], *, period_start: dt.datetime, lock: bool
 ) -> dict[tuple[str, str], _QuotaState]:
-    """The quota rows of ``pairs``: as last committed (``lock=False``), or locked in primary-key order."""
+    """The quota rows of ``pairs``: as last committed (``lock=False``), or locked in ``QUOTA_LOCK_ORDER``."""
     if not pairs:
         return {}
     queryset = Quota.objects.filter(_pairs_filter(pairs, period_start))
     if lock:
-        queryset = queryset.select_for_update(no_key=True).order_by("pk")
+        queryset = queryset.locked()
     rows = queryset.values_list("pk", "agent_id", "resource_type_id", "limit", "used", "reserved", "listed")
     return {
         (agent_id, resource_type_id): _QuotaState(
@@ -306,7 +306,7 @@ def _quotas_read(
 
 
 def _quotas_confirm(decider: _Decider) -> None:
-    """Lock the quota rows the batch takes from, in primary-key order, and check that each still has what
+    """Lock the quota rows the batch takes from, in ``QUOTA_LOCK_ORDER``, and check that each still has what
     the batch takes; raise ``_QuotaMoved`` if one does not.
 
     Deciding on an unlocked read and confirming here keeps the rows locked for the few statements that
@@ -318,9 +318,8 @@ def _quotas_confirm(decider: _Decider) -> None:
     if not taken:
         return
     rows = (
-        Quota.objects.select_for_update(no_key=True)
-        .filter(pk__in=list(taken))
-        .order_by("pk")
+        Quota.objects.filter(pk__in=list(taken))
+        .locked()
         .values_list("pk", "limit", "used", "reserved", "listed")
     )
     for pk, limit, used, reserved, listed in rows:

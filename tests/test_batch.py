@@ -690,6 +690,9 @@ def test_a_batch_costs_the_same_queries_for_10_and_1000_items(reference_data, op
     # RELEASE; audit; RELEASE
     frame = next(i for i, sql in enumerate(counts[1000]) if sql.startswith("SAVEPOINT"))
     assert len(counts[1000][frame:]) <= 18, counts[1000]
+    # Quota rows are locked in the order every writer locks several in: by agent, then id.
+    locks = [sql for sql in counts[1000] if sql.startswith('SELECT "quotas"') and "FOR NO KEY UPDATE" in sql]
+    assert locks and all('ORDER BY "quotas"."agent_id" ASC, "quotas"."id" ASC' in sql for sql in locks)
 
 
 @pytest.mark.django_db(transaction=True)
