@@ -4,11 +4,13 @@ Every item gets exactly the result the same items sent one by one as single allo
 are decided in order, each against its quota and its budgets as the items before it left them, and a
 refused item refuses nothing else. A batch costs a fixed number of queries whatever its size:
 
-1. read the agents and the current-period quota rows, and open the missing periods (``ON CONFLICT DO
-   NOTHING``), before any row is locked: an insert may wait for another batch opening the same period;
+1. read the agents and the current-period quota rows as last committed, without locking them, and open
+   the periods not found (``ON CONFLICT DO NOTHING``), before any row is locked: an insert may wait for
+   another batch opening the same period;
 2. read the budgets that apply to the items (each agent's, its team's, its organization's, and the runs the
-   items name), the quota rows as last committed, without locking them, and the results already stored
-   under the items' idempotency keys;
+   items name), the quota rows again only if some were opened or this is not the first attempt, and,
+   from the second attempt on, the results already stored under the items' idempotency keys (the first
+   takes them to be unused, as they are unless the batch is a retry: step 7 finds out);
 3. decide every item in Python: a key seen before with the same item replays its stored result and
    charges nothing, with another item it refuses the item (422); an item that a hard budget has no room for
    is refused with 429 ``budget_exceeded``, as a single allocation would be. The usual batch, where every
@@ -28,11 +30,12 @@ allocation over the same team never wait for each other in a cycle.
 
 The budget and quota rows are held from steps 5 and 6 to the commit only, so batches over the same agents
 (an operator's ``/usage/batch`` usually spans the fleet) overlap everywhere else. When a budget or a quota
-no longer has what the batch takes at step 5 or 6, or a concurrent batch took one of its keys meanwhile
-(the INSERT waits for it to commit, then skips the key), everything after step 1 is rolled back to a
-savepoint and decided again; the last attempts lock the budget and quota rows at step 2 instead, so a
-batch always finishes. Waiting for a key cannot deadlock: a batch holding a key it has inserted holds all
-the budget and quota locks it needs already, and keys are inserted in sorted order.
+no longer has what the batch takes at step 5 or 6, or one of its keys is stored already (a retried batch,
+or a concurrent one that took the key meanwhile: the INSERT waits for it to commit, then fails on the
+unique index), everything after step 1 is rolled back to a savepoint and decided again; the last
+attempts lock the budget and quota rows at step 2 instead, so a batch always finishes. Waiting for a key
+cannot deadlock: a batch holding a key it has inserted holds all the budget and quota locks it needs
+already, and keys are inserted in sorted order.
 
 Rows go to PostgreSQL as one array per column (``unnest``), each a text parameter built by one join
 (``allocation.sql.text_array``): a multi-row VALUES list of 10,000 placeholders costs psycopg more to build
@@ -98,12 +101,13 @@ MAX_BATCH_ITEMS = 1000
 # Item keys share the caller's key space with the Idempotency-Key header, under their own prefix.
 ITEM_KEY_PREFIX = "item:"
 MAX_ITEM_KEY_LENGTH = MAX_KEY_LENGTH - len(ITEM_KEY_PREFIX)
-# Deciding again is needed only when a concurrent batch stored one of our keys meanwhile; each attempt
-# knows more stored keys than the one before, so a few always suffice in practice.
-MAX_ATTEMPTS = 5
+# Deciding again is needed when the batch repeats a stored key (the first attempt does not read them) or a
+# concurrent batch stored one of its keys meanwhile; each attempt knows more stored keys than the one
+# before, so a few always suffice in practice.
+MAX_ATTEMPTS = 6
 # The first attempts decide on an unlocked read and lock only to confirm; the later ones lock first, so a
 # batch on quotas that keep moving under it still finishes.
-OPTIMISTIC_ATTEMPTS = 2
+OPTIMISTIC_ATTEMPTS = 3
 
 
 class BatchItem(NamedTuple):
@@ -161,20 +165,34 @@ def allocations_batch_create(
             and agent_refusal(agent_id=item.agent_id, status=agents[item.agent_id].status, reason="") is None
             and prices[item.resource_type_id] is not None
         }
-        quotas_open(pairs, tiers={agent_id: row.tier_id for agent_id, row in agents.items()}, at=now)
+        # The first attempt decides on this read; only periods it did not find are opened (and read again).
+        first_read = _quotas_read(pairs, period_start=period_start, lock=False)
+        if first_read.keys() != pairs:
+            tiers = {agent_id: row.tier_id for agent_id, row in agents.items()}
+            quotas_open(pairs - first_read.keys(), tiers=tiers, at=now)
+            first_read = None
         _constraints_immediate()
+        # The first attempt takes its keys to be unused, as they are unless the batch is a retry: storing
+        # them says whether one was not (``_KeyTaken``), and the next attempts read the stored ones first.
+        keys_fresh = True
         for attempt in range(MAX_ATTEMPTS):
             optimistic = attempt < OPTIMISTIC_ATTEMPTS
             try:
                 with transaction.atomic():
                     # Budget rows before quota rows: the lock order of every writer (ledger.budgets).
                     budgets = _budgets_read(items, agents, pairs, now=now, lock=not optimistic)
-                    quotas = _quotas_read(pairs, period_start=period_start, lock=not optimistic)
-                    stored = _results_read(keys, principal=principal)
+                    quotas = (
+                        first_read
+                        if attempt == 0 and first_read is not None
+                        else _quotas_read(pairs, period_start=period_start, lock=not optimistic)
+                    )
+                    stored = {} if keys_fresh else _results_read(keys, principal=principal)
                     decider = _Decider(
                         agents=agents, prices=prices, quotas=quotas, budgets=budgets, stored=stored, now=now
                     )
                     results = decider.decide_all(items)
+                    if keys_fresh and decider.keyed_refused:
+                        raise _KeyTaken  # a refused key may be a stored one: decide again, knowing them
                     batch_rows_write(decider.rows, at=now, period_start=period_start)
                     _budgets_charge(decider, now=now)
                     if optimistic:
@@ -182,7 +200,9 @@ def allocations_batch_create(
                     _quotas_update(decider, now=now)
                     _results_store(decider, principal=principal, path=path, now=now)
                 break
-            except (_KeyTaken, _QuotaMoved, _BudgetMoved):
+            except _KeyTaken:
+                keys_fresh = False
+            except (_QuotaMoved, _BudgetMoved):
                 continue
         else:
             raise Conflict(
@@ -595,6 +615,7 @@ class _Decider:
         self.refused: Counter[tuple[str, str]] = Counter()  # (resource type, reason) of refusals decided
         self.accepted = 0
         self.replayed = 0
+        self.keyed_refused = 0  # items with a key that were not accepted
         self._agent_refusals: dict[str, LedgerError | None] = {}
         self._costs: dict[tuple[str, int], tuple[Decimal, str]] = {}
         self._applying: dict[tuple[str, str], tuple[list[_BudgetState], str]] = {}
@@ -719,13 +740,14 @@ class _Decider:
             earlier = self.owned.get(key) or self.stored.get(key)
             if earlier is not None:
                 return self._replay(index, item, earlier)
-        if item.error is not None:
-            return _refused(index, item.error)
-        refusal = self._refusal(item)
-        if refusal is not None:
+        refusal = item.error or self._refusal(item)
+        if refusal is None:
+            return self._accept(index, item)
+        if key:
+            self.keyed_refused += 1
+        if item.error is None:
             self.refused[(item.resource_type_id, refusal.code)] += 1
-            return _refused(index, refusal)
-        return self._accept(index, item)
+        return _refused(index, refusal)
 
     def _replay(self, index: int, item: BatchItem, earlier: _StoredResult) -> dict:
         if earlier.fingerprint != item.fingerprint:

@@ -6,7 +6,6 @@ import datetime as dt
 import time
 from dataclasses import dataclass
 
-from django.contrib.auth import get_user_model
 from django.db import DEFAULT_DB_ALIAS
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
@@ -93,13 +92,11 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
 def key_lookup(hashed: str) -> ApiKey | None:
     """The active key of hash ``hashed`` with its agent (or its operator, if still active staff)."""
-    api_key = ApiKey.objects.select_related("agent").filter(key_hash=hashed, revoked_at=None).first()
+    api_key = ApiKey.objects.select_related("agent", "user").filter(key_hash=hashed, revoked_at=None).first()
     if api_key is not None and api_key.user_id is not None:
-        # Operator keys are few and off the hot path: their user is read on its own.
-        user = get_user_model().objects.filter(pk=api_key.user_id, is_active=True, is_staff=True).first()
-        if user is None:
+        user = api_key.user
+        if not (user.is_active and user.is_staff):
             return None
-        api_key.user = user
     return api_key
 
 
