@@ -274,7 +274,7 @@ def lease_open(
         now=now,
         run_id=run_id,
     )
-    Allocation.objects.filter(pk=allocation.pk).update(lease=True)
+    Allocation.objects.filter(pk=allocation.pk, agent_id=allocation.agent_id).update(lease=True)
     allocation.lease = True
     return allocation
 
@@ -361,7 +361,9 @@ def hold_settle(
     allocation = _open_hold(agent=agent, allocation_id=allocation_id, settling=True, now=now)
     held = allocation.amount
     with transaction.atomic():
-        claimed = Allocation.objects.filter(pk=allocation.pk, status=Allocation.Status.HELD).update(
+        claimed = Allocation.objects.filter(
+            pk=allocation.pk, agent_id=allocation.agent_id, status=Allocation.Status.HELD
+        ).update(
             status=Allocation.Status.SETTLED,
             settled_amount=amount,
             cost_usd=usage_cost(amount, allocation.unit_price_usd),
@@ -376,14 +378,15 @@ def hold_settle(
             release=_quoted_cost(allocation),
         )
         extra = amount - held
-        updated = Quota.objects.filter(quota_fits(extra), pk=allocation.quota_id).update(
+        quota_row = Quota.objects.filter(pk=allocation.quota_id, agent_id=allocation.agent_id)
+        updated = quota_row.filter(quota_fits(extra)).update(
             reserved=F("reserved") - held,
             used=F("used") + amount,
             spent_usd=F("spent_usd") + usage_cost(amount, allocation.unit_price_usd),
             updated_at=now,
         )
         if not updated:
-            quota = Quota.objects.get(pk=allocation.quota_id)
+            quota = quota_row.get()
             raise QuotaExceeded(
                 f"settling {amount:,} needs {extra:,} more {allocation.resource_type_id} than held; "
                 f"{max(quota.available, 0):,} available",
@@ -404,10 +407,9 @@ def hold_settle(
                 idempotency_key=idempotency_key,
                 metadata=None,
                 at=now,
-                period_start=Quota.objects.values_list("period_start", flat=True).get(pk=allocation.quota_id),
+                period_start=quota_row.values_list("period_start", flat=True).get(),
             )
-    allocation.refresh_from_db()
-    return allocation
+    return Allocation.objects.get(pk=allocation.pk, agent_id=allocation.agent_id)
 
 
 def _budgets_apply(allocation: Allocation, *, now: dt.datetime, **change: Decimal) -> None:
@@ -424,17 +426,16 @@ def hold_release(*, agent: Agent, allocation_id, now: dt.datetime | None = None)
     now = now or timezone.now()
     allocation = _open_hold(agent=agent, allocation_id=allocation_id)
     with transaction.atomic():
-        claimed = Allocation.objects.filter(pk=allocation.pk, status=Allocation.Status.HELD).update(
-            status=Allocation.Status.RELEASED, finished_at=now
-        )
+        claimed = Allocation.objects.filter(
+            pk=allocation.pk, agent_id=allocation.agent_id, status=Allocation.Status.HELD
+        ).update(status=Allocation.Status.RELEASED, finished_at=now)
         if not claimed:
             raise Conflict(f"allocation {allocation.pk} is no longer an open hold", code="hold_not_open")
         _budgets_apply(allocation, now=now, release=_quoted_cost(allocation))
-        Quota.objects.filter(pk=allocation.quota_id).update(
+        Quota.objects.filter(pk=allocation.quota_id, agent_id=allocation.agent_id).update(
             reserved=F("reserved") - allocation.amount, updated_at=now
         )
-    allocation.refresh_from_db()
-    return allocation
+    return Allocation.objects.get(pk=allocation.pk, agent_id=allocation.agent_id)
 
 
 def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> int:

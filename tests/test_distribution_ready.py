@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import re
 import threading
 import time
 from decimal import Decimal
@@ -284,3 +285,32 @@ def test_a_share_and_a_purchase_of_the_same_two_quota_rows_wait_for_each_other_i
     assert errors == {}
     assert (_quota("a-first").limit, _quota("z-last").limit) == (1_000_000 + 700 - 300, 1_000_000 - 700 + 300)
     assert Grant.objects.count() == 4
+
+
+# --- Lookups by id name the agent ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["settle", "release"])
+def test_ending_a_hold_reads_and_writes_its_allocation_and_quota_rows_by_id_and_agent(reference_data, end):
+    from allocation.services import hold_release, hold_settle
+
+    agent = _agent("a-holder")
+    hold = allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1_000, hold=True)
+    with CaptureQueriesContext(connection) as queries:
+        if end == "settle":
+            hold_settle(agent=agent, allocation_id=hold.pk, amount=400)
+        else:
+            hold_release(agent=agent, allocation_id=hold.pk)
+
+    by_id = [
+        q["sql"]
+        for q in queries
+        if q["sql"].startswith(("SELECT", "UPDATE"))
+        and re.search(
+            r'FROM "(allocation_allocation|quotas)"|UPDATE "(allocation_allocation|quotas)"', q["sql"]
+        )
+        and re.search(r'"(allocation_allocation|quotas)"\."id" = ', q["sql"])
+    ]
+    assert len(by_id) >= 3, by_id  # the hold read, its claim, its quota
+    assert all('"agent_id" = ' in sql for sql in by_id), by_id
+    assert _quota("a-holder").reserved == 0
