@@ -652,6 +652,29 @@ def test_racing_batches_with_the_same_item_keys_charge_each_key_once():
     assert IdempotencyRecord.objects.count() == len(charged)
 
 
+def test_a_batch_that_locks_before_deciding_decides_the_same(reference_data, operator_client, monkeypatch):
+    """The last attempts lock the quota rows at their read (in QUOTA_LOCK_ORDER) and decide under the lock:
+    every attempt decides like that here, and the results are those of the optimistic path."""
+    from allocation import batch
+
+    monkeypatch.setattr(batch, "OPTIMISTIC_ATTEMPTS", 0)
+    for agent_id in ("z-locked", "a-locked"):
+        agent_create(agent_id=agent_id, tier_code="CUSTOM", custom_limits={"AI_TOKENS": 1_000})
+    items = [
+        {"agent_id": agent_id, "resource_type": "AI_TOKENS", "amount": 400}
+        for _ in range(3)
+        for agent_id in ("z-locked", "a-locked")
+    ]
+    with CaptureQueriesContext(connection) as queries:
+        body = _ok(_post(operator_client, _usage_url(), items))
+
+    assert _statuses(body) == [201, 201, 201, 201, 429, 429]
+    locks = [q["sql"] for q in queries.captured_queries if "FOR NO KEY UPDATE OF q" in q["sql"]]
+    assert len(locks) == 1 and "JOIN quotas AS q" in locks[0], locks  # read and locked at once, no confirm
+    for agent_id in ("z-locked", "a-locked"):
+        assert _assert_ledger_matches(agent_id).used == 800
+
+
 def test_a_batch_costs_the_same_queries_for_10_and_1000_items(reference_data, operator_client):
     agent_ids = [f"counted-{n}" for n in range(5)]
     team = team_create(id="counted", organization_id=organization_create(id="counted-org").pk)
@@ -691,8 +714,8 @@ def test_a_batch_costs_the_same_queries_for_10_and_1000_items(reference_data, op
     frame = next(i for i, sql in enumerate(counts[1000]) if sql.startswith("SAVEPOINT"))
     assert len(counts[1000][frame:]) <= 18, counts[1000]
     # Quota rows are locked in the order every writer locks several in: by agent, then id.
-    locks = [sql for sql in counts[1000] if sql.startswith('SELECT "quotas"') and "FOR NO KEY UPDATE" in sql]
-    assert locks and all('ORDER BY "quotas"."agent_id" ASC, "quotas"."id" ASC' in sql for sql in locks)
+    locks = [sql for sql in counts[1000] if "FOR NO KEY UPDATE OF q" in sql]
+    assert locks and all("ORDER BY q.agent_id, q.id FOR NO KEY UPDATE" in sql for sql in locks)
 
 
 @pytest.mark.django_db(transaction=True)
