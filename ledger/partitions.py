@@ -1,12 +1,21 @@
-"""Monthly partitions of the append-only tables, created ahead of time, and retention of old rows.
+"""Monthly partitions of the ledger's growing tables, created ahead of time, and retention of old rows.
 
-Four tables grow with every call and are only ever appended to: the usage log, the audit trail, executions
-and scaling events. Each is range-partitioned by month on its time column (``created_at``), with one
-``DEFAULT`` partition that takes any row whose month has no partition yet (a clock far ahead, a back-dated
-import), so that an insert never fails for want of a partition. A partitioned table's primary key must hold
-the partition key, so the database key is ``(id, created_at)``; Django still knows ``id`` alone as the key,
-and ids come from one sequence owned by the column (PostgreSQL 15 has no identity columns on partitioned
-tables), so they stay unique.
+Five tables grow with every call: the usage log, the audit trail, executions and scaling events (only ever
+appended to), and allocations. Each is range-partitioned by month, with one ``DEFAULT`` partition that
+takes any row whose month has no partition yet (a clock far ahead, a back-dated import), so that an insert
+never fails for want of a partition. A ``PartitionedTable`` says how: its partition column and where a
+month starts in that column's values.
+
+- The four append-only tables are partitioned on their time column, ``created_at``. A partitioned table's
+  primary key must hold the partition key, so their database key is ``(id, created_at)``; Django still
+  knows ``id`` alone as the key, and ids come from one sequence owned by the column (PostgreSQL 15 has no
+  identity columns on partitioned tables), so they stay unique.
+- Allocations are partitioned on their primary key ``id`` itself. Their ids are version 7 UUIDs
+  (``ledger.ids``), whose first 48 bits are the Unix milliseconds of their making, so a month is one range
+  of ids: from the smallest UUID of its first millisecond to that of the next month's. The key stays
+  ``(id)``, and every lookup by id (settle, release, a read, a batch's replay) reads one partition. An id
+  that is no version 7 UUID (a version 4 one of an older row) falls in the default partition, but for the
+  rare one whose first bits happen to land in a month's range.
 
 ``partitions_maintain`` (the periodic task ``ledger.partitions_maintain``) creates the partitions of the
 current month and the next ``GRID_PARTITIONS_AHEAD_MONTHS``, moving into a new partition whatever rows the
@@ -15,8 +24,9 @@ default partition already holds for its month, in the same transaction. It then 
 to ``GRID_RETENTION_DUMP_DIR`` as a gzipped CSV when that is set, and dropped. Dropping a month is one
 catalog change, not billions of deletes, and the append-only triggers (which refuse DELETE) are left alone.
 
-Allocations and alerts are not partitioned (docs/operations.md says why): their retention deletes old
-finished rows in bounded chunks, each chunk its own short transaction.
+A month of allocations that still holds an open hold is not dropped: retention keeps it, and the next run
+tries again once the hold has ended. Alerts are not partitioned (docs/operations.md says why): their
+retention deletes old rows in bounded chunks, each chunk its own short transaction.
 
 The tables are named here, not imported as models, so that migrations can call the same code.
 """
@@ -28,6 +38,7 @@ import gzip
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +49,49 @@ from django.utils import timezone
 logger = logging.getLogger(__name__)
 
 
+def _timestamp_literal(moment: dt.datetime) -> str:
+    # A bound with its offset written out: the session's time zone must not move a month's edges.
+    return f"'{moment:%Y-%m-%d %H:%M:%S}+00'"
+
+
+def _uuid7_floor(moment: dt.datetime) -> str:
+    """The smallest version 7 UUID of ``moment``'s millisecond: every id made before it sorts below."""
+    milliseconds = int(moment.timestamp() * 1000)
+    digits = f"{milliseconds:012x}" + "0" * 20
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def _uuid7_literal(moment: dt.datetime) -> str:
+    return f"'{_uuid7_floor(moment)}'"
+
+
+# The month (UTC, without time zone) of a row by its partition column; NULL for a row that belongs to no
+# month (an id that is no version 7 UUID), which stays in the default partition.
+_CREATED_MONTH_SQL = "date_trunc('month', created_at AT TIME ZONE 'UTC')"
+_UUID7_MONTH_SQL = (
+    "CASE WHEN substr(id::text, 15, 1) = '7' THEN date_trunc('month', "
+    "to_timestamp(('x' || substr(id::text, 1, 8) || substr(id::text, 10, 4))::bit(48)::bigint / 1000.0) "
+    "AT TIME ZONE 'UTC') END"
+)
+
+
 @dataclass(frozen=True)
 class PartitionedTable:
     key: str  # its name in GRID_RETENTION
     table: str
-    column: str
+    column: str  # the partition key
+    # The SQL literal of the partition key's lowest value in the month starting at the given moment.
+    bound: Callable[[dt.datetime], str] = _timestamp_literal
+    month_sql: str = _CREATED_MONTH_SQL
+    # Ids from a sequence owned by the column (the primary key then holds the partition column too), or
+    # given by the application (the partition column is the primary key).
+    id_sequence: bool = True
+    # Rows retention must not drop (SQL condition): a month holding one is kept whole, until the next run.
+    keep_sql: str = ""
+
+    @property
+    def primary_key(self) -> str:
+        return self.column if self.column == "id" else f"id, {self.column}"
 
 
 PARTITIONED_TABLES = (
@@ -50,9 +99,19 @@ PARTITIONED_TABLES = (
     PartitionedTable("audit_trail", "allocation_auditrecord", "created_at"),
     PartitionedTable("executions", "optimization_execution", "created_at"),
     PartitionedTable("scaling_events", "optimization_scalingevent", "created_at"),
+    # An open hold still counts in its quota's reserved units: settled, released or expired, it may go.
+    PartitionedTable(
+        "allocations",
+        "allocation_allocation",
+        "id",
+        bound=_uuid7_literal,
+        month_sql=_UUID7_MONTH_SQL,
+        id_sequence=False,
+        keep_sql="status = 'held'",
+    ),
 )
-# Retention by chunked delete, for the two tables that stay unpartitioned.
-CHUNKED_TABLES = ("allocations", "alerts")
+# Retention by chunked delete, for the table that stays unpartitioned.
+CHUNKED_TABLES = ("alerts",)
 DEFAULT_AHEAD_MONTHS = 3
 DELETE_CHUNK = 5000
 # How long attaching or detaching a partition waits for the parent's lock before the run gives up (and the
@@ -97,13 +156,8 @@ def _month_of(table: str, name: str) -> dt.datetime | None:
     return dt.datetime(int(found[1]), int(found[2]), 1, tzinfo=dt.UTC)
 
 
-def _literal(moment: dt.datetime) -> str:
-    # A bound with its offset written out: the session's time zone must not move a month's edges.
-    return f"'{moment:%Y-%m-%d %H:%M:%S}+00'"
-
-
-def _bounds(month: dt.datetime) -> str:
-    return f"FOR VALUES FROM ({_literal(month)}) TO ({_literal(month_add(month, 1))})"
+def _bounds(spec: PartitionedTable, month: dt.datetime) -> str:
+    return f"FOR VALUES FROM ({spec.bound(month)}) TO ({spec.bound(month_add(month, 1))})"
 
 
 # --- catalog ------------------------------------------------------------------------------------------
@@ -225,17 +279,18 @@ def _rebuild(cursor, table: str, *, create: str, after_create: list[str], key: s
     for statement in after_create:
         cursor.execute(statement.format(old=old))
     cursor.execute(f"INSERT INTO {table} ({found['columns']}) SELECT {found['columns']} FROM {old}")
-    # The next id continues after the old sequence's last one (none yet: it starts at 1) and after every id
-    # the rows hold.
-    issued = (
-        f"(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {old}_id_seq)"
-        if sequence
-        else "0"
-    )
-    cursor.execute(
-        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-        f"GREATEST({issued}, (SELECT coalesce(max(id), 0) FROM {old})) + 1, false)"
-    )
+    if _fetch(cursor, "SELECT pg_get_serial_sequence(%s, 'id')", [table])[0][0]:
+        # The next id continues after the old sequence's last one (none yet: it starts at 1) and after
+        # every id the rows hold.
+        issued = (
+            f"(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {old}_id_seq)"
+            if sequence
+            else "0"
+        )
+        cursor.execute(
+            f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+            f"GREATEST({issued}, (SELECT coalesce(max(id), 0) FROM {old})) + 1, false)"
+        )
     cursor.execute(f"DROP TABLE {old}")
     cursor.execute(f"ALTER TABLE {table} ADD CONSTRAINT {found['primary']} PRIMARY KEY ({key})")
     for _, definition in found["indexes"]:
@@ -250,8 +305,8 @@ def _rebuild(cursor, table: str, *, create: str, after_create: list[str], key: s
 
 
 def table_partition(cursor, table: str, *, now: dt.datetime | None = None, ahead: int | None = None) -> None:
-    """Turn ``table`` into a table partitioned by month on its time column: a default partition, one for
-    each month that has rows and for ``now``'s month to ``ahead`` months after, its rows copied over.
+    """Turn ``table`` into a table partitioned by month on its partition column: a default partition, one
+    for each month that has rows and for ``now``'s month to ``ahead`` months after, its rows copied over.
 
     Only months with rows get a partition of their own: one back-dated row must not make a partition for
     every month since (a row written later for a month between lands in the default partition)."""
@@ -260,7 +315,8 @@ def table_partition(cursor, table: str, *, now: dt.datetime | None = None, ahead
         return
     with_rows = _fetch(
         cursor,
-        f"SELECT DISTINCT date_trunc('month', {spec.column} AT TIME ZONE 'UTC') FROM {table} ORDER BY 1",
+        f"SELECT DISTINCT month FROM (SELECT {spec.month_sql} AS month FROM {table}) AS months "
+        "WHERE month IS NOT NULL ORDER BY 1",
     )
     current = month_start(now or timezone.now())
     months = {month.replace(tzinfo=dt.UTC) for (month,) in with_rows}
@@ -269,33 +325,44 @@ def table_partition(cursor, table: str, *, now: dt.datetime | None = None, ahead
     )
     partitions = [f"CREATE TABLE {default_partition_name(table)} PARTITION OF {table} DEFAULT"]
     partitions += [
-        f"CREATE TABLE {partition_name(table, month)} PARTITION OF {table} {_bounds(month)}"
+        f"CREATE TABLE {partition_name(table, month)} PARTITION OF {table} {_bounds(spec, month)}"
         for month in sorted(months)
     ]
+    sequence = (
+        [
+            f"CREATE SEQUENCE {table}_id_seq AS bigint OWNED BY {table}.id",
+            f"ALTER TABLE {table} ALTER COLUMN id SET DEFAULT nextval('{table}_id_seq'::regclass)",
+        ]
+        if spec.id_sequence
+        else []
+    )
     _rebuild(
         cursor,
         table,
         create=f"CREATE TABLE {table} (LIKE {{old}} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
         f"INCLUDING STORAGE INCLUDING COMMENTS) PARTITION BY RANGE ({spec.column})",
-        after_create=[
-            f"CREATE SEQUENCE {table}_id_seq AS bigint OWNED BY {table}.id",
-            f"ALTER TABLE {table} ALTER COLUMN id SET DEFAULT nextval('{table}_id_seq'::regclass)",
-            *partitions,
-        ],
-        key=f"id, {spec.column}",
+        after_create=[*sequence, *partitions],
+        key=spec.primary_key,
     )
 
 
 def table_unpartition(cursor, table: str) -> None:
-    """Undo ``table_partition``: one plain table again, with an identity ``id`` as Django makes it."""
+    """Undo ``table_partition``: one plain table again, with an identity ``id`` as Django makes it where
+    the ids came from a sequence."""
+    spec = table_spec(table)
     if not is_partitioned(table, cursor=cursor):
         return
+    # A sequence's id default is not copied: the sequence goes with the old table, an identity replaces it.
     _rebuild(
         cursor,
         table,
-        create=f"CREATE TABLE {table} (LIKE {{old}} INCLUDING CONSTRAINTS INCLUDING STORAGE "
-        "INCLUDING COMMENTS)",
-        after_create=[f"ALTER TABLE {table} ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY"],
+        create=f"CREATE TABLE {table} (LIKE {{old}} {'' if spec.id_sequence else 'INCLUDING DEFAULTS '}"
+        "INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMMENTS)",
+        after_create=(
+            [f"ALTER TABLE {table} ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY"]
+            if spec.id_sequence
+            else []
+        ),
         key="id",
     )
     # The partitions went with the old parent (DROP TABLE drops them); any detached month stays.
@@ -329,22 +396,20 @@ def partition_create(*, table: str, month: dt.datetime) -> int | None:
         cursor.execute(
             f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
         )
-        upper = month_add(month, 1)
+        within = f"{spec.column} >= {spec.bound(month)} AND {spec.column} < {spec.bound(month_add(month, 1))}"
         # The partition's bound as a constraint, so that attaching it need not scan it to check.
         cursor.execute(
-            f"ALTER TABLE {name} ADD CONSTRAINT {name}_bound CHECK ({spec.column} IS NOT NULL AND "
-            f"{spec.column} >= {_literal(month)} AND {spec.column} < {_literal(upper)})"
+            f"ALTER TABLE {name} ADD CONSTRAINT {name}_bound CHECK ({spec.column} IS NOT NULL AND {within})"
         )
         columns = _definitions(cursor, table)["columns"]
         # Straight from the default partition: the parent's append-only trigger (a statement trigger)
         # does not fire for a statement on a partition.
         cursor.execute(
-            f"WITH moved AS (DELETE FROM {default} WHERE {spec.column} >= %s AND {spec.column} < %s "
-            f"RETURNING {columns}) INSERT INTO {name} ({columns}) SELECT {columns} FROM moved",
-            [month, upper],
+            f"WITH moved AS (DELETE FROM {default} WHERE {within} "
+            f"RETURNING {columns}) INSERT INTO {name} ({columns}) SELECT {columns} FROM moved"
         )
         moved = cursor.rowcount
-        cursor.execute(f"ALTER TABLE {table} ATTACH PARTITION {name} {_bounds(month)}")
+        cursor.execute(f"ALTER TABLE {table} ATTACH PARTITION {name} {_bounds(spec, month)}")
         cursor.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_bound")
     if moved:
         logger.info("partition %s created, %s rows moved from %s", name, moved, default)
@@ -404,25 +469,28 @@ def partition_dump(
 
 
 def default_partition_expire(*, table: str, cutoff: dt.datetime, dump_dir: str | None = None) -> int:
-    """Delete the rows of ``table``'s default partition older than ``cutoff`` (rows written for a month that
-    had no partition, or whose partition retention already dropped), dumped first to
+    """Delete the rows of ``table``'s default partition created before ``cutoff`` (rows written for a month
+    that had no partition, or whose partition retention already dropped, or allocations whose ids are no
+    version 7 UUIDs) but those retention must keep, dumped first to
     ``dump_dir``/``<default partition>_before_YYYYMM.csv.gz`` when given; return how many. One transaction:
     a failed dump deletes nothing."""
     spec = table_spec(table)
     default = default_partition_name(table)
+    # By the time of making, which every partitioned table has, whatever its partition column.
+    expired = "created_at < %s" + (f" AND NOT ({spec.keep_sql})" if spec.keep_sql else "")
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {default} WHERE {spec.column} < %s)", [cutoff])
+        cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {default} WHERE {expired})", [cutoff])
         if not cursor.fetchone()[0]:
             return 0
         if dump_dir:
             partition_dump(
                 name=f"{default}_before_{cutoff:%Y%m}",
                 directory=dump_dir,
-                query=f"SELECT * FROM {default} WHERE {spec.column} < %s ORDER BY {spec.column}, id",
+                query=f"SELECT * FROM {default} WHERE {expired} ORDER BY created_at, id",
                 params=[cutoff],
             )
         # Straight on the partition: the parent's append-only trigger refuses deletes through the parent.
-        cursor.execute(f"DELETE FROM {default} WHERE {spec.column} < %s", [cutoff])
+        cursor.execute(f"DELETE FROM {default} WHERE {expired}", [cutoff])
         deleted = cursor.rowcount
     logger.info("%s rows of %s before %s deleted", deleted, default, cutoff)
     return deleted
@@ -433,18 +501,41 @@ def partitions_expire(
 ) -> list[str]:
     """Detach, dump (to ``dump_dir`` if given) and drop ``table``'s partitions of months before the
     retention cutoff; return their names. The default partition stays, less its rows before the cutoff."""
+    return _partitions_expire(table=table, months=months, now=now, dump_dir=dump_dir)[0]
+
+
+class _Kept(Exception):
+    """A detached partition holds rows retention must keep: its detaching is rolled back."""
+
+
+def _partitions_expire(
+    *, table: str, months: int, now: dt.datetime | None = None, dump_dir: str | None = None
+) -> tuple[list[str], list[str]]:
+    """``partitions_expire``'s work; returns the partitions dropped, and those past the cutoff kept for
+    rows retention must keep (open holds), which the next run tries again."""
+    spec = table_spec(table)
     cutoff = retention_cutoff(months=months, now=now)
     expired = [
         name
         for name in attached_partitions(table)
         if (month := _month_of(table, name)) is not None and month_add(month, 1) <= cutoff
     ]
+    kept = []
     for name in expired:
         # Its own short transaction: detaching locks the parent against writers until commit, and the dump
         # may take long.
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-            cursor.execute(f"ALTER TABLE {table} DETACH PARTITION {name}")
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                cursor.execute(f"ALTER TABLE {table} DETACH PARTITION {name}")
+                # Looked at once detached, under the lock detaching takes: no row can change meanwhile.
+                if spec.keep_sql:
+                    cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {name} WHERE {spec.keep_sql})")
+                    if cursor.fetchone()[0]:
+                        raise _Kept(name)
+        except _Kept:
+            logger.warning("partition %s kept past retention: it holds rows where %s", name, spec.keep_sql)
+            kept.append(name)
     with connection.cursor() as cursor:
         leftovers = _detached_partitions(cursor, table)
     dropped = []
@@ -460,26 +551,7 @@ def partitions_expire(
         logger.info("partition %s dropped (retention %s months)", name, months)
         dropped.append(name)
     default_partition_expire(table=table, cutoff=cutoff, dump_dir=dump_dir)
-    return dropped
-
-
-def _uuid7_floor(moment: dt.datetime) -> str:
-    """The smallest version 7 UUID of ``moment``'s millisecond: every id made before it sorts below."""
-    milliseconds = int(moment.timestamp() * 1000)
-    digits = f"{milliseconds:012x}" + "0" * 20
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
-
-
-def allocations_expire(*, months: int, now: dt.datetime | None = None, chunk: int = DELETE_CHUNK) -> int:
-    """Delete allocations created before the retention cutoff that are no longer open holds, ``chunk`` at
-    a time; return how many. Their ids are version 7 UUIDs, time-ordered, so the primary-key index finds
-    the old ones without an index on the time."""
-    cutoff = retention_cutoff(months=months, now=now)
-    sql = (
-        "DELETE FROM allocation_allocation WHERE id IN (SELECT id FROM allocation_allocation "
-        "WHERE id < %s AND created_at < %s AND status <> 'held' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
-    )
-    return _delete_in_chunks(sql, [_uuid7_floor(cutoff), cutoff, chunk], chunk)
+    return dropped, kept
 
 
 def alerts_expire(*, months: int, now: dt.datetime | None = None, chunk: int = DELETE_CHUNK) -> int:
@@ -507,17 +579,19 @@ def _delete_in_chunks(sql: str, params: list, chunk: int) -> int:
 
 
 def partitions_maintain(*, now: dt.datetime | None = None) -> dict:
-    """The periodic task's work: partitions ahead, then retention of every table that has one."""
+    """The periodic task's work: partitions ahead, then retention of every table that has one. Its result
+    names the partitions created and dropped, those past retention kept for open holds, and how many rows
+    of each unpartitioned table were deleted."""
     now = now or timezone.now()
     dump_dir = settings.GRID_RETENTION_DUMP_DIR or None
-    result: dict = {"created": partitions_ahead(now=now), "dropped": [], "deleted": {}}
+    result: dict = {"created": partitions_ahead(now=now), "dropped": [], "kept": [], "deleted": {}}
     for spec in PARTITIONED_TABLES:
         months = retention_months(spec.key)
         if months is not None and is_partitioned(spec.table):
-            result["dropped"] += partitions_expire(
-                table=spec.table, months=months, now=now, dump_dir=dump_dir
-            )
-    expire = {"allocations": allocations_expire, "alerts": alerts_expire}
+            dropped, kept = _partitions_expire(table=spec.table, months=months, now=now, dump_dir=dump_dir)
+            result["dropped"] += dropped
+            result["kept"] += kept
+    expire = {"alerts": alerts_expire}
     for key in CHUNKED_TABLES:
         months = retention_months(key)
         if months is not None:

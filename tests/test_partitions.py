@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import gzip
-import uuid
 from decimal import Decimal
 
 import pytest
@@ -26,7 +25,8 @@ from tests.factories import AgentFactory
 
 pytestmark = pytest.mark.django_db
 
-PARTITIONED = ["usage_logs", "allocation_auditrecord", "optimization_execution", "optimization_scalingevent"]
+BY_TIME = ["usage_logs", "allocation_auditrecord", "optimization_execution", "optimization_scalingevent"]
+PARTITIONED = [*BY_TIME, "allocation_allocation"]  # allocations by id (tests/test_allocation_partitions.py)
 NOV = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 DEC = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 
@@ -57,16 +57,16 @@ def agent(reference_data):
     return AgentFactory(id="part-agent", tier_id="PRO")
 
 
-def test_the_append_only_tables_are_partitioned_by_month_and_the_others_are_not():
+def test_the_ledger_tables_are_partitioned_by_month_and_alerts_are_not():
     found = dict(
         _query(
             "SELECT c.relname, p.partstrat FROM pg_partitioned_table p "
             "JOIN pg_class c ON c.oid = p.partrelid WHERE c.relname = ANY(%s)",
-            [[*PARTITIONED, "allocation_allocation", "optimization_alert"]],
+            [[*PARTITIONED, "optimization_alert"]],
         )
     )
     assert found == dict.fromkeys(PARTITIONED, "r")
-    for table in PARTITIONED:
+    for table in BY_TIME:
         key = _query(
             "SELECT pg_get_partkeydef(to_regclass(%s)), pg_get_constraintdef(c.oid) FROM pg_constraint c "
             "WHERE c.conrelid = to_regclass(%s) AND c.contype = 'p'",
@@ -86,7 +86,12 @@ def test_the_foreign_keys_and_checks_still_hold_on_every_partition(agent):
             [PARTITIONED],
         )
     )
-    assert foreign_keys == {"usage_logs": 1, "optimization_execution": 1, "optimization_scalingevent": 2}
+    assert foreign_keys == {
+        "usage_logs": 1,
+        "optimization_execution": 1,
+        "optimization_scalingevent": 2,
+        "allocation_allocation": 1,
+    }
     for row in (
         {"agent_id": "nobody", "created_at": DEC},
         {"agent_id": "nobody", "created_at": dt.datetime(2001, 1, 1, tzinfo=dt.UTC)},  # the default partition
@@ -297,31 +302,9 @@ def test_the_allocation_hot_path_works_across_a_month_boundary(agent):
     assert (november.used, november.reserved, december.used) == (4_000, 0, 2_000)
 
 
-def _uuid7_at(moment: dt.datetime) -> uuid.UUID:
-    milliseconds = int(moment.timestamp() * 1000)
-    value = milliseconds << 80 | (0x7 << 76) | (0x2 << 62) | uuid.uuid4().int & ((1 << 62) - 1)
-    return uuid.UUID(int=value)
-
-
-def _allocation(agent, created_at: dt.datetime, status: str) -> Allocation:
-    quota = Quota.objects.filter(agent=agent).first()
-    return Allocation.objects.create(
-        id=_uuid7_at(created_at), agent=agent, resource_type_id=quota.resource_type_id, quota=quota, amount=1,
-        unit_price_usd=Decimal("0.1"), status=status, created_at=created_at,
-        expires_at=created_at + dt.timedelta(days=400) if status == "held" else None,
-    )  # fmt: skip
-
-
-def test_allocation_and_alert_retention_deletes_old_finished_rows_in_chunks(agent, settings):
+def test_alert_retention_deletes_old_rows_in_chunks(agent):
     now = dt.datetime(2027, 6, 10, tzinfo=dt.UTC)
-    # Its quota serves the rows below; the allocation itself is dated by the wall clock (today), which is
-    # before the cutoff too.
-    made_today = services.allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=1, now=now)
     old = dt.datetime(2027, 1, 10, tzinfo=dt.UTC)
-    old_done = [_allocation(agent, old + dt.timedelta(minutes=minute), "committed") for minute in range(5)]
-    old_open = _allocation(agent, old, "held")
-    recent = _allocation(agent, dt.datetime(2027, 5, 2, tzinfo=dt.UTC), "settled")
-    Allocation.objects.filter(pk=old_open.pk).update(created_at=old)  # auto_now_add set it at save
 
     def alert(key: str, created_at: dt.datetime, notified_at=None) -> Alert:
         row = Alert.objects.create(
@@ -330,20 +313,15 @@ def test_allocation_and_alert_retention_deletes_old_finished_rows_in_chunks(agen
         Alert.objects.filter(pk=row.pk).update(created_at=created_at, notified_at=notified_at)
         return row
 
-    gone = alert("old", old)
-    AlertDelivery.objects.create(alert=gone, channel="email", target="ops@example.com")
+    gone = [alert("old", old), alert("old-too", old)]
+    AlertDelivery.objects.create(alert=gone[0], channel="email", target="ops@example.com")
     still_sent = alert("old-but-still-notified", old, notified_at=dt.datetime(2027, 6, 1, tzinfo=dt.UTC))
     fresh = alert("fresh", dt.datetime(2027, 6, 1, tzinfo=dt.UTC))
-    for row in old_done + [recent]:
-        Allocation.objects.filter(pk=row.pk).update(created_at=row.created_at)
 
-    assert partitions.allocations_expire(months=3, now=now, chunk=2) == 6
-    assert partitions.alerts_expire(months=3, now=now, chunk=1) == 1
+    assert partitions.alerts_expire(months=3, now=now, chunk=1) == 2
 
-    assert not Allocation.objects.filter(pk__in=[made_today.pk] + [row.pk for row in old_done]).exists()
-    assert Allocation.objects.filter(pk__in=[old_open.pk, recent.pk]).count() == 2
     assert set(Alert.objects.values_list("pk", flat=True)) == {still_sent.pk, fresh.pk}
-    assert not AlertDelivery.objects.filter(alert_id=gone.pk).exists()
+    assert not AlertDelivery.objects.filter(alert_id=gone[0].pk).exists()
 
 
 @pytest.mark.django_db(transaction=True, reset_sequences=True)
