@@ -66,7 +66,6 @@ from typing import NamedTuple
 
 import msgspec
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from allocation.api.shared.idempotency import (
@@ -434,28 +433,41 @@ def _budgets_read(
     agent_ids = {agent_id for agent_id, _ in pairs}
     if not agent_ids:
         return _Budgets([], agents, now=now)
-    condition = Q(scope=Budget.Scope.AGENT, agent_id__in=agent_ids)
     team_ids = {agents[agent_id].team_id for agent_id in agent_ids} - {None}
-    if team_ids:
-        condition |= Q(scope=Budget.Scope.TEAM, team_id__in=team_ids)
     organization_ids = {agents[agent_id].organization_id for agent_id in agent_ids} - {None}
-    if organization_ids:
-        condition |= Q(scope=Budget.Scope.ORGANIZATION, organization_id__in=organization_ids)
-    runs = {
-        (item.agent_id, item.run_id)
-        for item in items
-        if item.error is None and item.run_id and item.agent_id in agent_ids
-    }
-    if runs:
-        condition |= Q(
-            scope=Budget.Scope.RUN,
-            agent_id__in={agent_id for agent_id, _ in runs},
-            run_id__in={run_id for _, run_id in runs},
-        )
-    queryset = Budget.objects.filter(condition).order_by("pk")
-    if lock:
-        queryset = queryset.select_for_update(no_key=True)
-    return _Budgets(list(queryset), agents, now=now)
+    runs = sorted(
+        {
+            (item.agent_id, item.run_id)
+            for item in items
+            if item.error is None and item.run_id and item.agent_id in agent_ids
+        }
+    )
+    params = [
+        Budget.Scope.AGENT,
+        text_array(sorted(agent_ids)),
+        Budget.Scope.TEAM,
+        text_array(sorted(team_ids)),
+        Budget.Scope.ORGANIZATION,
+        text_array(sorted(organization_ids)),
+        text_array([agent_id for agent_id, _ in runs]),
+        text_array([run_id for _, run_id in runs]),
+        Budget.Scope.RUN,
+    ]
+    return _Budgets(list(Budget.objects.raw(_BUDGETS_SQL[lock], params)), agents, now=now)
+
+
+# Each scope's budgets through its own index, then the rows in id order (and locked so, when asked).
+_BUDGETS_SQL = {
+    lock: f"""SELECT * FROM {Budget._meta.db_table} WHERE id IN (
+    SELECT id FROM {Budget._meta.db_table} WHERE scope = %s AND agent_id = ANY(%s::text[])
+    UNION ALL SELECT id FROM {Budget._meta.db_table} WHERE scope = %s AND team_id = ANY(%s::text[])
+    UNION ALL SELECT id FROM {Budget._meta.db_table} WHERE scope = %s AND organization_id = ANY(%s::text[])
+    UNION ALL SELECT b.id FROM {Budget._meta.db_table} AS b
+        JOIN unnest(%s::text[], %s::text[]) AS r (agent_id, run_id)
+        ON b.agent_id = r.agent_id AND b.run_id = r.run_id WHERE b.scope = %s
+) ORDER BY id{" FOR NO KEY UPDATE" if lock else ""}"""
+    for lock in (False, True)
+}
 
 
 def _budgets_charge(decider: _Decider, *, now: dt.datetime) -> None:
