@@ -9,6 +9,7 @@ from decimal import Decimal
 from django.db.models import Q, Sum
 from django.utils import timezone
 
+from ledger.invariants import MAX_HOLD_TTL_SECONDS
 from ledger.models import Agent, AgentLimitOverride, Quota, ResourcePrice, UsageLog
 from ledger.periods import month_bounds
 from ledger.reference_cache import tier_limits
@@ -53,8 +54,14 @@ def quota_reconciliation(*, quota: Quota) -> dict[str, int]:
 
     # A usage row's agent and resource type are its quota's (the composite foreign key): naming them lets
     # the (agent, resource type, time) index find the rows, as usage_logs has no index on quota_id alone.
+    # Its rows are written from the period's start until its last hold ends (a hold lives at most
+    # MAX_HOLD_TTL_SECONDS): the time bound keeps the read to the period's partitions.
     rows = UsageLog.objects.filter(
-        agent_id=quota.agent_id, resource_type_id=quota.resource_type_id, quota=quota
+        agent_id=quota.agent_id,
+        resource_type_id=quota.resource_type_id,
+        quota=quota,
+        created_at__gte=quota.period_start,
+        created_at__lt=quota.period_end + dt.timedelta(seconds=MAX_HOLD_TTL_SECONDS),
     )
     used = rows.filter(kind__in=UsageLog.CONSUMPTION_KINDS).aggregate(total=Sum("amount"))["total"] or 0
     spent = rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.db import connection
-from django.db.models import Count, DecimalField, ExpressionWrapper, F, Max, Q, Sum, Value
+from django.db.models import Count, DecimalField, ExpressionWrapper, F, Q, Sum, Value
 from django.utils import timezone
 
 from ledger.models import Agent, Budget, Quota
@@ -296,14 +296,3 @@ def cost_spike_ratio(*, now: dt.datetime | None = None, agent_ids=None) -> dict[
             "ratio": cents(last_hour / hourly),
         }
     return result
-
-
-def last_scaling_at(*, agent_ids=None) -> dict[str, dt.datetime]:
-    from optimization.models import ScalingEvent
-
-    rows = (
-        _agents_filter(ScalingEvent.objects.all(), agent_ids)
-        .values("agent_id")
-        .annotate(last=Max("created_at"))
-    )
-    return {row["agent_id"]: row["last"] for row in rows.order_by()}

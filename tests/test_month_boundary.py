@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from django.db import connection
 from django.db.models import Sum
+from django.test.utils import CaptureQueriesContext
 
 from allocation import services
 from ledger.models import Grant, Quota, UsageLog
@@ -137,3 +138,21 @@ def test_a_share_after_midnight_moves_the_new_periods_quota(agent):
 def test_the_readme_shows_the_reconciliation_query_the_tests_run():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert RECONCILIATION_SQL in readme
+
+
+def test_a_quotas_reconciliation_counts_a_settlement_after_its_period_and_reads_only_its_time(agent):
+    from ledger.selectors import quota_reconciliation
+
+    hold = services.allocation_create(
+        agent=agent, resource_type_id="COMPUTE_MS", amount=300_000, hold=True, now=BEFORE_MIDNIGHT
+    )
+    services.hold_settle(agent=agent, allocation_id=hold.pk, amount=200_000, now=AFTER_MIDNIGHT)
+    november = _quota(agent, "COMPUTE_MS", NOV)
+
+    with CaptureQueriesContext(connection) as queries:
+        expected = quota_reconciliation(quota=november)
+
+    assert (expected["used"], expected["spent_usd"]) == (november.used, november.spent_usd) == (200_000, 2)
+    reads = [q["sql"] for q in queries.captured_queries if '"usage_logs"' in q["sql"]]
+    assert reads and all('"usage_logs"."created_at" >= ' in sql for sql in reads)
+    assert all('"usage_logs"."created_at" < ' in sql for sql in reads)
