@@ -203,13 +203,22 @@ JOIN quotas q ON q.agent_id = {SWEEP_ID} AND q.resource_type_id = 'AI_TOKENS' AN
 CROSS JOIN generate_series(0, 2) AS k
 """
 
+# A version 7 UUID made an hour ago (the holds' created_at), as the grid's own ids are: the hold lands in its
+# month's partition of allocations, which are partitioned by id (``ledger/partitions.py``).
+_UUID7_HOUR_AGO_SQL = """encode(set_byte(
+    overlay(uuid_send(gen_random_uuid())
+            placing substring(int8send(
+                floor(extract(epoch FROM now() - interval '1 hour') * 1000)::bigint) FROM 3)
+            FROM 1 FOR 6),
+    6, (get_byte(uuid_send(gen_random_uuid()), 6) & 15) | 112), 'hex')::uuid"""
+
 # One hold of one AI token on one agent in twenty, written as already expired: SWEEP_HOLDS_ARM_SQL opens
 # them (and reserves their quota) before each run of the expiry sweep, so every run has all of them to end.
 SWEEP_HOLDS_SQL = f"""
 INSERT INTO allocation_allocation (id, agent_id, resource_type_id, quota_id, amount, unit_price_usd, cost_usd,
                                    status, task_id, expires_at, created_at, finished_at, run_id, lease,
                                    budget_ids)
-SELECT gen_random_uuid(), q.agent_id, q.resource_type_id, q.id, 1, 0.000001, 0, 'expired',
+SELECT {_UUID7_HOUR_AGO_SQL}, q.agent_id, q.resource_type_id, q.id, 1, 0.000001, 0, 'expired',
        '{SWEEP_HOLD_TASK}', now() - interval '1 minute', now() - interval '1 hour', now(), '', false,
        '{{}}'::bigint[]
 FROM generate_series(%(first)s, %(last)s) AS g

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 import uuid
 from decimal import Decimal
 
@@ -75,6 +76,11 @@ def test_sweep_fleet_holds_open_again_and_the_expiry_service_ends_them():
     holds = Allocation.objects.filter(task_id=db.SWEEP_HOLD_TASK)
     assert sorted(holds.values_list("agent_id", flat=True)) == ["sw-07", "sw-27", "sw-47"]
     assert not holds.filter(status=Allocation.Status.HELD).exists()  # written ended: opened before a sweep
+    # Version 7 ids of an hour ago, as the grid's own: each lands in its month's partition of allocations.
+    hour_ago_ms = (time.time() - 3600) * 1000
+    for hold_id in holds.values_list("id", flat=True):
+        assert hold_id.version == 7
+        assert abs((hold_id.int >> 80) - hour_ago_ms) < 60_000
 
     for _ in range(2):  # every run of the expiry sweep finds all of them open again
         with connection.cursor() as cursor:
