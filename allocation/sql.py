@@ -289,9 +289,10 @@ BEGIN
         reserved = reserved + CASE WHEN p_hold THEN p_amount ELSE 0 END,
         spent_usd = spent_usd + p_cost,
         updated_at = p_now
-    WHERE id = v_quota AND {quota_fits_sql("p_amount")};
+    WHERE id = v_quota AND agent_id = p_agent_id AND {quota_fits_sql("p_amount")};
     IF NOT FOUND THEN
-        SELECT {QUOTA_AVAILABLE_SQL} INTO v_available FROM quotas WHERE id = v_quota;
+        SELECT {QUOTA_AVAILABLE_SQL} INTO v_available
+        FROM quotas WHERE id = v_quota AND agent_id = p_agent_id;
         RAISE EXCEPTION USING ERRCODE = '{QUOTA_EXCEEDED}', MESSAGE = 'quota exceeded',
             DETAIL = v_available::text;
     END IF;

@@ -314,3 +314,11 @@ def test_ending_a_hold_reads_and_writes_its_allocation_and_quota_rows_by_id_and_
     assert len(by_id) >= 3, by_id  # the hold read, its claim, its quota
     assert all('"agent_id" = ' in sql for sql in by_id), by_id
     assert _quota("a-holder").reserved == 0
+
+
+def test_the_allocation_statement_writes_its_quota_row_by_id_and_agent(reference_data):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT prosrc FROM pg_proc WHERE proname = 'grid_allocate'")
+        (source,) = cursor.fetchone()
+    updates = re.findall(r"UPDATE quotas.*?;", source, flags=re.S)
+    assert updates and all("WHERE id = v_quota AND agent_id = p_agent_id" in sql for sql in updates)
