@@ -216,3 +216,18 @@ def test_monitor_data_lists_every_budget_that_applies_with_what_remains(fleet, a
     # The page's first render carries the same figures.
     page = admin_client_logged_in.get(f"{reverse('dashboard:resources')}?agent={agent.pk}").content.decode()
     assert 'data-panel="budgets"' in page and shown[daily.pk]["remaining_usd"] in page
+
+
+def test_the_scaling_activity_shown_is_that_of_the_last_month(fleet, admin_client_logged_in):
+    now = timezone.now()
+    for days, reason in ((40, "old"), (1, "recent")):
+        ScalingEvent.objects.create(
+            agent=fleet, direction="up", kind="horizontal", trigger="manual", before=1, after=2,
+            reason=reason, created_at=now - dt.timedelta(days=days),
+        )  # fmt: skip
+
+    fleet_data = admin_client_logged_in.get(reverse("dashboard:fleet-data")).json()
+    monitor = admin_client_logged_in.get(f"{reverse('dashboard:resources-data')}?agent={fleet.pk}").json()
+
+    for shown in (fleet_data["scaling_events"], monitor["scaling_events"]):
+        assert [event["reason"] for event in shown] == ["recent"]

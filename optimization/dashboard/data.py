@@ -51,6 +51,10 @@ def resource_url(agent_id: str) -> str:
 # --- Fleet ----------------------------------------------------------------------------------------------
 
 
+# The latest scaling events shown are those of the last month: the read stays within the newest partitions.
+RECENT_SCALING = dt.timedelta(days=31)
+
+
 def fleet_overview(*, now: dt.datetime | None = None) -> dict:
     now = now or timezone.now()
     by_tier_status = {
@@ -97,7 +101,10 @@ def fleet_overview(*, now: dt.datetime | None = None) -> dict:
             for worst, agent_id, resource, resource_pct, budget_pct in nearest[:10]
         ],
         "open_alerts": [_alert(alert) for alert in Alert.objects.filter(acknowledged_at__isnull=True)[:20]],
-        "scaling_events": [_scaling_event(event) for event in ScalingEvent.objects.all()[:20]],
+        "scaling_events": [
+            _scaling_event(event)
+            for event in ScalingEvent.objects.filter(created_at__gte=now - RECENT_SCALING)[:20]
+        ],
     }
 
 
@@ -299,6 +306,9 @@ def agent_monitor(*, agent: Agent, now: dt.datetime | None = None) -> dict:
         "cost": cost_chart(agent=agent, now=now),
         "performance": performance(agent=agent, now=now),
         "alerts": [_alert(alert) for alert in agent.alerts.filter(acknowledged_at__isnull=True)[:50]],
-        "scaling_events": [_scaling_event(event) for event in agent.scaling_events.all()[:20]],
+        "scaling_events": [
+            _scaling_event(event)
+            for event in agent.scaling_events.filter(created_at__gte=now - RECENT_SCALING)[:20]
+        ],
         "recommendations": recommendations(agent=agent, now=now),
     }
