@@ -460,7 +460,7 @@ def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> i
             holds = Allocation.objects.filter(status=Allocation.Status.HELD, expires_at__lte=now)
             if after is not None:
                 # After the last hold of the batch before, in (expiry, id) order: a range scan of
-                # allocation_open_hold_idx from that expiry on, not a read of every expired hold again.
+                # allocation_open_hold_order_idx from that expiry on, not a read of every expired hold again.
                 holds = holds.filter(expires_at__gte=after[0]).exclude(expires_at=after[0], pk__lte=after[1])
             holds = list(
                 # Only the allocation rows are locked here (not the joined quota): budgets come first.

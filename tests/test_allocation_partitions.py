@@ -80,7 +80,7 @@ def test_allocations_are_partitioned_by_range_on_their_id_with_a_default_partiti
     assert DEFAULT in partitions.attached_partitions(TABLE)
     assert _query("SELECT pg_get_serial_sequence(%s, 'id')", [TABLE]) == [(None,)]  # ids come from Python
     indexes = _query("SELECT relname, relkind FROM pg_class WHERE relname LIKE 'allocation\\_%%idx'")
-    assert {"allocation_agent_time_idx", "allocation_open_hold_idx"} <= {name for name, _ in indexes}
+    assert {"allocation_agent_time_idx", "allocation_open_hold_order_idx"} <= {name for name, _ in indexes}
     assert _query(
         "SELECT conname, condeferrable, condeferred FROM pg_constraint WHERE conrelid = to_regclass(%s) "
         "AND contype IN ('f', 'c') ORDER BY 1",

@@ -8,6 +8,7 @@ hold exactly once.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 from decimal import Decimal
 
@@ -192,3 +193,22 @@ def test_a_crash_loses_only_the_batch_in_flight_and_the_next_run_ends_every_hold
     assert holds_expire(now=EXPIRED, batch_size=2) == 10
     assert outcome() == expected
     assert UsageLog.objects.filter(metadata__lease_expired=True).count() == 7
+
+
+@pytest.mark.django_db
+def test_a_batch_reads_its_holds_in_the_index_order_without_sorting_every_expired_hold(reference_data):
+    """The open-hold index gives the sweep's whole order (expiry, id): each partition's scan stops at the
+    batch's size, where an index on the expiry alone had every expired hold read and sorted for each batch."""
+    fleet(7)
+    with CaptureQueriesContext(connection) as queries:
+        holds_expire(now=EXPIRED, batch_size=2)
+    read = next(
+        q["sql"] for q in queries.captured_queries if "FOR UPDATE" in q["sql"] and "LIMIT 2" in q["sql"]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")  # the plan a large table gets, on a few rows
+        cursor.execute("SET LOCAL enable_bitmapscan = off")
+        cursor.execute(f"EXPLAIN {read}")
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "allocation_open_hold_order_idx" in plan or "expires_at_id_idx" in plan, plan
+    assert not re.search(r"(^|->\s+)(Incremental )?Sort\s+\(cost", plan, flags=re.M), plan
