@@ -17,7 +17,8 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import BooleanField, F, Q
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from allocation import sql
@@ -459,9 +460,10 @@ def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> i
         with transaction.atomic():
             holds = Allocation.objects.filter(status=Allocation.Status.HELD, expires_at__lte=now)
             if after is not None:
-                # After the last hold of the batch before, in (expiry, id) order: a range scan of
-                # allocation_open_hold_order_idx from that expiry on, not a read of every expired hold again.
-                holds = holds.filter(expires_at__gte=after[0]).exclude(expires_at=after[0], pk__lte=after[1])
+                # After the last hold of the batch before, in (expiry, id) order: one row comparison, so the
+                # range scan of allocation_open_hold_order_idx starts right after it, also among the holds
+                # that share its expiry, not a read of every expired hold again.
+                holds = holds.filter(_after_hold(after))
             holds = list(
                 # Only the allocation rows are locked here (not the joined quota): budgets come first.
                 holds.select_for_update(skip_locked=True, of=("self",))
@@ -477,6 +479,12 @@ def holds_expire(*, now: dt.datetime | None = None, batch_size: int = 5000) -> i
         after = (holds[-1]["expires_at"], holds[-1]["pk"])
 
 
+def _after_hold(after: tuple[dt.datetime, object]) -> RawSQL:
+    """``(expires_at, id) > (%s, %s)``: the sweep's keyset, as one condition the index answers."""
+    table = Allocation._meta.db_table
+    return RawSQL(f'("{table}"."expires_at", "{table}"."id") > (%s, %s)', after, output_field=BooleanField())
+
+
 _EXPIRING = (
     "pk",
     "agent_id",
@@ -488,7 +496,6 @@ _EXPIRING = (
     "budget_ids",
     "lease",
     "expires_at",
-    "quota__period_start",
 )
 
 
@@ -551,7 +558,10 @@ def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
     # sweep (or a share) taking some of the same rows then waits instead of deadlocking.
     quota_ids = sorted(reserved)
     agent_ids = {hold["agent_id"] for hold in holds}
-    list(Quota.objects.filter(pk__in=quota_ids, agent_id__in=agent_ids).locked().values_list("pk"))
+    # Locked and read at once: each hold's period, for a lease's usage row. Not joined into the read of the
+    # holds, which would then join every expired hold it scans rather than the batch alone.
+    locked = Quota.objects.filter(pk__in=quota_ids, agent_id__in=agent_ids).locked()
+    periods = dict(locked.values_list("pk", "period_start"))
     bulk_update_columns(
         model=Quota,
         pks=quota_ids,
@@ -576,7 +586,7 @@ def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
             kind=UsageLog.Kind.SETTLEMENT,
             metadata={"allocation_id": str(hold["pk"]), "lease_expired": True},
             created_at=now,
-            period_start=hold["quota__period_start"],
+            period_start=periods[hold["quota_id"]],
         )
         for hold in leases
     )
