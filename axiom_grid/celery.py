@@ -22,6 +22,7 @@ from celery.signals import (
     before_task_publish,
     setup_logging,
     worker_init,
+    worker_process_init,
     worker_ready,
 )
 
@@ -65,6 +66,15 @@ def _refuse_the_public_secret_key(**kwargs) -> None:
         ensure_secret_key()
     except ImproperlyConfigured as error:
         raise SystemExit(str(error)) from None
+
+
+@worker_process_init.connect
+def _tune_collector(**kwargs) -> None:
+    # In each pool process once it has started: a fleet sweep makes its objects batch after batch, and at
+    # Python's default threshold every few batches set off a full collection that scans all of Django too.
+    from axiom_grid.startup import collector_tune
+
+    collector_tune()
 
 
 @worker_ready.connect

@@ -28,7 +28,8 @@ def collector_tune() -> None:
     request would import (the URL conf and every view), move everything alive so far into the permanent
     generation the collector never scans (``gc.freeze``), and collect the young generation less often.
     Objects are still freed by reference counting the moment they are no longer used; only cycles wait
-    longer. Called by gunicorn's ``post_worker_init`` (``gunicorn.conf.py``)."""
+    longer. Called by gunicorn's ``post_worker_init`` (``gunicorn.conf.py``) and in each Celery pool process
+    (``worker_process_init``, ``axiom_grid.celery``)."""
     import gc
 
     from django.urls import get_resolver

@@ -28,6 +28,10 @@ def _setup() -> None:
     django.setup()
     from django.db import connection
 
+    from axiom_grid.startup import collector_tune
+
+    collector_tune()  # as in a Celery pool process, where the sweeps run (axiom_grid.celery)
+
     connection.ensure_connection()  # a worker is connected before its task arrives
 
 

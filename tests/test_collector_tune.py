@@ -1,6 +1,6 @@
 """A gunicorn worker tunes its garbage collector once its application is loaded (``post_worker_init`` in
-``gunicorn.conf.py``): what is alive then is frozen out of the collector's sight, and the young generation
-is collected less often."""
+``gunicorn.conf.py``), and so does each Celery pool process (``worker_process_init``): what is alive then
+is frozen out of the collector's sight, and the young generation is collected less often."""
 
 from __future__ import annotations
 
@@ -33,3 +33,18 @@ def test_gunicorns_post_worker_init_freezes_what_is_loaded_and_raises_the_young_
     assert gc.get_freeze_count() > 10_000
     assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, middle, old)
     assert gc.get_count()[0] < 100  # collected, then frozen: nothing young left over
+
+
+def test_a_celery_pool_process_tunes_its_collector_once_started(collector_restored):
+    """The fleet sweeps run in Celery's pool processes: the same tuning, from ``worker_process_init``."""
+    from celery.signals import worker_process_init
+
+    import axiom_grid.celery  # noqa: F401  (connects the worker's signals)
+
+    assert gc.get_freeze_count() == 0
+    _, middle, old = gc.get_threshold()
+
+    worker_process_init.send(sender=None)
+
+    assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, middle, old)
