@@ -49,6 +49,7 @@ class SweepProfile:
     load_rate: float  # allocations per second of scenario 9's load
     load_connections: int
     load_quiet_seconds: float  # the load without a sweep, before each sweep
+    names: tuple[str, ...] = SWEEPS  # the sweeps that run (--sweeps)
 
     @property
     def timeout(self) -> float:
@@ -79,14 +80,17 @@ QUICK = SweepProfile(
 )
 
 
-def sweep_profile(*, quick: bool, agents: int | None, reference: int | None) -> SweepProfile:
-    """The profile with the sizes asked for. A reference at or above the fleet size becomes a tenth of it."""
+def sweep_profile(
+    *, quick: bool, agents: int | None, reference: int | None, names: tuple[str, ...] = SWEEPS
+) -> SweepProfile:
+    """The profile with the sizes and sweeps asked for. A reference at or above the fleet size becomes a
+    tenth of it."""
     profile = QUICK if quick else FULL
     agents = agents or profile.agents
     reference = reference or profile.reference
     if reference >= agents:
         reference = max(1, agents // 10)
-    return replace(profile, agents=agents, reference=reference)
+    return replace(profile, agents=agents, reference=reference, names=names)
 
 
 # --- The fleet ------------------------------------------------------------------------------------------
@@ -276,12 +280,12 @@ def sweeps(report: Report, profile: SweepProfile) -> None:
     for size in (small, large):
         fleet_grow(report, profile, size)
         measured[size] = {}
-        for name in SWEEPS:
+        for name in profile.names:
             _before(name)
             log(f"scenario 4: {name} over {size:,} agents")
             result = measured[size][name] = SweepProcess(name, profile.timeout).result()
             log(f"scenario 4: {name} over {size:,} agents: {_result_text(result, profile.timeout)}")
-    for name in SWEEPS:
+    for name in profile.names:
         _sweep_rows(report, f"4 {name}", measured[small][name], measured[large][name], small, large, profile)
 
 
@@ -432,7 +436,7 @@ def under_load(report: Report, profile: SweepProfile, other_agents: list[tuple[s
     )
     _load(server, targets, profile, seconds=profile.load_quiet_seconds)  # warm the workers (caches)
     target = TARGETS["load_max_ms"]
-    for name in SWEEPS:
+    for name in profile.names:
         scenario = f"9 {name}"
         _before(name)
         log(f"scenario 9: allocation load alone ({profile.load_quiet_seconds:.0f} s), then during {name}")

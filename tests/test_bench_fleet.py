@@ -103,6 +103,19 @@ def test_sweep_profile_takes_the_fleet_size_and_a_smaller_reference():
     assert sweep_profile(quick=True, agents=None, reference=None).agents == 1_000
 
 
+def test_bench_runs_the_sweeps_it_is_told_to_and_refuses_unknown_ones(capsys):
+    from bench.run import _arguments
+    from bench.worker import SWEEPS
+
+    assert _arguments([]).sweeps == SWEEPS
+    assert _arguments(["--sweeps", "holds_expire, budget_sweep"]).sweeps == ("holds_expire", "budget_sweep")
+    chosen = sweep_profile(quick=False, agents=None, reference=None, names=("holds_expire",))
+    assert chosen.names == ("holds_expire",)
+    with pytest.raises(SystemExit):
+        _arguments(["--sweeps", "holds_expire,no_such_sweep"])
+    assert "not a sweep: no_such_sweep" in capsys.readouterr().err
+
+
 def test_bench_redis_url_prefers_its_own_database(monkeypatch):
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/3")
     monkeypatch.setenv("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
