@@ -51,7 +51,7 @@ from decimal import Decimal
 from statistics import NormalDist
 
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
@@ -265,7 +265,11 @@ def experiment_create(
     }
     agents = _agents_get(agent_ids or [])
 
-    experiment = Experiment.objects.create(name=name, description=description, started_at=now)
+    try:
+        with transaction.atomic():
+            experiment = Experiment.objects.create(name=name, description=description, started_at=now)
+    except IntegrityError as exc:  # a concurrent create of the same name committed first
+        raise Conflict(f"an experiment named {name!r} exists already", code="already_exists") from exc
     for arm_in in arms:
         policy = policies.get(arm_in["name"])
         if policy is not None:
