@@ -138,6 +138,22 @@ def test_an_arms_rules_replace_the_agents_own_until_the_experiment_ends(no_seed_
     assert _fired() == {("own-rule", "treated")}
 
 
+def test_an_arms_throttle_is_lifted_once_the_experiment_ends(no_seed_rules):
+    treated = _agent_at("treated", 90)
+    experiment = _experiment(treatment=[treated])
+    experiment.arms.get().rules.add(_rule("arm-throttle", action="throttle"))
+
+    rules_evaluate(now=T0)
+    treated.refresh_from_db()
+    assert (treated.status, treated.status_reason) == ("throttled", "rule:arm-throttle")
+
+    experiment_stop(experiment=experiment, now=T0 + dt.timedelta(minutes=1))
+    rules_evaluate(now=T0 + dt.timedelta(minutes=2))
+
+    treated.refresh_from_db()
+    assert (treated.status, treated.status_reason) == ("active", "")
+
+
 def test_an_experiment_not_yet_started_changes_nothing(no_seed_rules):
     treated = _agent_at("treated", 90)
     experiment = _experiment(treatment=[treated], started_at=T0 + DAY)
@@ -360,6 +376,7 @@ def test_apply_winner_gives_every_agent_the_winning_strategy(two_arms):
     cheap_arm.scaling_policy = policy
     cheap_arm.save()
     cheap_arm.rules.add(_rule("cheap-rule", action="notify", threshold=75))
+    cheap_arm.rules.add(_rule("free-tier-rule", scope="tier", tier_id="FREE", threshold=77))  # no PRO agent
     own = _rule("dear-own-rule", scope="agent", agent_id="dear")
     ScalingPolicy.objects.create(agent=dear, scale_up_threshold=95, scale_down_threshold=50)
     _executions(cheap, ["0.01", "0.02"] * 20, successes=36)
@@ -374,6 +391,7 @@ def test_apply_winner_gives_every_agent_the_winning_strategy(two_arms):
         scope="agent", metric="resource_utilization_percent", threshold=75
     )
     assert sorted(copies.values_list("agent_id", flat=True)) == ["cheap", "cheap-2", "dear"]
+    assert not OptimizationRule.objects.filter(scope="agent", threshold=77).exists()
     own.refresh_from_db()
     assert own.enabled is False  # the arm's rules replaced the agent's own
     for agent_id in ("cheap", "cheap-2", "dear"):

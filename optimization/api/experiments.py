@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from django.db.models import Count, Prefetch
 from django.urls import path
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, serializers
@@ -119,16 +120,20 @@ def _experiments():
     ).select_related("applied_arm")
 
 
-def experiment_payload(experiment: Experiment) -> dict:
-    from django.utils import timezone
+def _status(experiment: Experiment, now) -> str:
+    if experiment_is_running(experiment, now):
+        return "running"
+    return "scheduled" if experiment.started_at > now else "ended"
 
+
+def experiment_payload(experiment: Experiment) -> dict:
     arms = list(experiment.arms.all())
     return render(
         {
             "id": experiment.pk,
             "name": experiment.name,
             "description": experiment.description,
-            "status": "running" if experiment_is_running(experiment, timezone.now()) else "ended",
+            "status": _status(experiment, timezone.now()),
             "started_at": experiment.started_at,
             "ended_at": experiment.ended_at,
             "applied_arm": None if experiment.applied_arm_id is None else experiment.applied_arm.name,

@@ -21,8 +21,9 @@ under the arm's strategy:
   ``deal_max_unit_price_usd`` from buying a deal dearer than that a unit (``arm_deal_refusal``).
 
 Once the experiment ends its agents go back to their own strategy. Stopping it with ``apply_winner`` gives
-every assigned agent the winning arm's strategy as its own first: a copy of each arm rule scoped to the
-agent (the agent's earlier agent-scoped rules are disabled, as the arm's replaced them), and the arm's
+every assigned agent the winning arm's strategy as its own first: a copy of each arm rule that reaches it
+(within the rule's scope), scoped to the agent (the agent's earlier agent-scoped rules are disabled, as the
+arm's replaced them), and the arm's
 scaling policy as the agent's own. A deal preference has no per-agent home and ends with the experiment.
 
 Report. Per arm, over the executions of its agents from ``started_at`` until ``ended_at`` (or now):
@@ -308,14 +309,25 @@ def _rule_copy_name(rule: OptimizationRule, agent_id: str) -> str:
     return f"{rule.name[:60]} @{agent_id[:20]}~{digest}"[:100]
 
 
+def _rule_reaches(rule: OptimizationRule, *, agent_id: str, tier_id: str) -> bool:
+    """Whether an arm's ``rule`` reached an agent of the arm: within its own scope (``_scope`` in the rules
+    evaluation)."""
+    if rule.scope == OptimizationRule.Scope.TIER:
+        return rule.tier_id == tier_id
+    if rule.scope == OptimizationRule.Scope.AGENT:
+        return rule.agent_id == agent_id
+    return True
+
+
 def _strategy_apply(*, experiment: Experiment, arm: ExperimentArm) -> dict:
     """Give every agent assigned to ``experiment`` the strategy of ``arm`` as its own, set-based: a fixed
     number of statements for any number of agents."""
-    agent_ids = list(
+    tiers = dict(
         ExperimentAssignment.objects.filter(experiment=experiment)
         .order_by("agent_id")
-        .values_list("agent_id", flat=True)
+        .values_list("agent_id", "agent__tier_id")
     )
+    agent_ids = list(tiers)
     arm_rules = list(arm.rules.order_by("pk"))
     arm_rule_ids = {rule.pk for rule in arm_rules}
     # The arm's rules replaced the agents' own agent-scoped rules while it ran; they still do.
@@ -335,6 +347,7 @@ def _strategy_apply(*, experiment: Experiment, arm: ExperimentArm) -> dict:
         )
         for rule in arm_rules
         for agent_id in agent_ids
+        if _rule_reaches(rule, agent_id=agent_id, tier_id=tiers[agent_id])
     ]
     # By name: a copy made for the agent by an earlier experiment is brought up to date and enabled again.
     OptimizationRule.objects.bulk_create(
