@@ -239,7 +239,8 @@ class RuleState(models.Model):
 
 
 class ScalingPolicy(models.Model):
-    """How an agent (or each agent of a tier) scales on a metric; an agent's own policy beats its tier's."""
+    """How an agent (or each agent of a tier) scales on a metric; an agent's own policy beats its tier's.
+    A policy owned by neither is an experiment arm's (``ExperimentArm.scaling_policy``)."""
 
     agent = models.OneToOneField(
         Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="scaling_policy"
@@ -271,10 +272,11 @@ class ScalingPolicy(models.Model):
     class Meta:
         verbose_name_plural = "scaling policies"
         constraints = [
+            # At most one owner: an agent's, a tier's, or neither (an experiment arm's, which the arm's
+            # foreign key points at).
             models.CheckConstraint(
-                condition=Q(agent__isnull=False, tier__isnull=True)
-                | Q(agent__isnull=True, tier__isnull=False),
-                name="scaling_policy_agent_or_tier",
+                condition=Q(agent__isnull=True) | Q(tier__isnull=True),
+                name="scaling_policy_one_owner_at_most",
             ),
             # Hysteresis: a gap between the two thresholds is what stops flapping between up and down.
             models.CheckConstraint(
@@ -403,6 +405,14 @@ class Experiment(models.Model):
     description = models.TextField(blank=True)
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField(null=True, blank=True)
+    applied_arm = models.ForeignKey(
+        "ExperimentArm",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The arm whose strategy was given to every assigned agent when the experiment was stopped.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -418,6 +428,12 @@ class ExperimentArm(models.Model):
     weight = models.PositiveIntegerField(default=1, help_text="Share of agents assigned to this arm.")
     rules = models.ManyToManyField(OptimizationRule, blank=True, related_name="+")
     scaling_policy = models.ForeignKey(ScalingPolicy, on_delete=models.SET_NULL, null=True, blank=True)
+    # How the optimizer's automatic deal buying treats the arm's agents while the experiment runs: it only
+    # ever holds back (an agent still needs its budget to buy anything automatically).
+    buy_deals = models.BooleanField(default=True, help_text="Whether the optimizer may buy deals for them.")
+    deal_max_unit_price_usd = models.DecimalField(
+        **UNIT_PRICE, null=True, blank=True, help_text="The most a unit of a deal bought for them may cost."
+    )
 
     class Meta:
         ordering = ["experiment_id", "name"]

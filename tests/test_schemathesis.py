@@ -55,6 +55,10 @@ OPERATION_RULES = {
     ("PUT", "/api/v1/agents/{agent_id}/scaling-policy"): "positive_data_acceptance",
     # min_instances at most max_instances (invalid_instances).
     ("PATCH", "/api/v1/agents/{agent_id}"): "positive_data_acceptance",
+    # Arm names unique within the experiment, rule and agent ids that exist, a valid arm policy.
+    ("POST", "/api/v1/experiments"): "positive_data_acceptance",
+    # Agent ids that exist.
+    ("POST", "/api/v1/experiments/{experiment_id}/agents"): "positive_data_acceptance",
 }
 
 

@@ -35,7 +35,7 @@ class ExecutionAdmin(ViewOnlyAdmin):
 class ExperimentArmInline(admin.TabularInline):
     model = ExperimentArm
     extra = 0
-    fields = ("name", "weight", "scaling_policy", "rules")
+    fields = ("name", "weight", "scaling_policy", "rules", "buy_deals", "deal_max_unit_price_usd")
     filter_horizontal = ("rules",)
 
 
@@ -45,7 +45,7 @@ class ExperimentAdmin(admin.ModelAdmin):
     search_fields = ("name", "description")
     date_hierarchy = "started_at"
     inlines = [ExperimentArmInline]
-    readonly_fields = ("report",)
+    readonly_fields = ("applied_arm", "report")
     actions = ["assign_active_agents"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Experiment]:

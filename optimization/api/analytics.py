@@ -1,4 +1,5 @@
-"""Performance analytics endpoints: metrics, analysis, recommendations, optimize, and experiment reports.
+"""Performance analytics endpoints: metrics, analysis, recommendations and optimize (experiment reports are
+in ``optimization.api.experiments``).
 
 The numbers come from ``optimization.services.analytics`` / ``recommendations`` / ``experiments``; these
 views validate the query, call one service and render it: money and percentages as decimal strings, times
@@ -20,20 +21,17 @@ from rest_framework.response import Response
 from allocation.api.compat import camelize
 from allocation.api.serializers import StrictSerializer
 from allocation.api.shared import converters  # noqa: F401  (registers <agent_id:...>)
-from allocation.api.shared.auth import IsOperator
 from allocation.api.shared.mutation import run_mutation
 from allocation.api.shared.schema import errors
-from allocation.api.shared.views import AgentScopedView, GridAPIView, valid
-from ledger.errors import FeatureDisabled, NotFound
+from allocation.api.shared.views import AgentScopedView, valid
+from ledger.errors import FeatureDisabled
 from ledger.models import Agent
-from optimization.models import Experiment
 from optimization.services.analytics import (
     DEFAULT_WINDOW_HOURS,
     MAX_WINDOW_HOURS,
     agent_analysis,
     agent_metrics,
 )
-from optimization.services.experiments import experiment_report
 from optimization.services.recommendations import agent_recommendations, optimization_run
 
 
@@ -123,29 +121,6 @@ class OptimizeView(AgentScopedView):
         return run_mutation(request, action="agent.optimize", agent_id=agent_id, handler=optimize)
 
 
-class ExperimentReportView(GridAPIView):
-    permission_classes = [IsOperator]
-
-    @extend_schema(responses=OpenApiTypes.OBJECT, summary="An A/B experiment's results per arm (operator)")
-    @errors(FeatureDisabled)
-    def get(self, request, experiment_id):
-        experiment = Experiment.objects.filter(pk=experiment_id).first()
-        if experiment is None:
-            raise NotFound(f"experiment {experiment_id} not found")
-        arms = experiment_report(experiment=experiment)
-        return Response(
-            render(
-                {
-                    "experiment_id": experiment.pk,
-                    "name": experiment.name,
-                    "started_at": experiment.started_at,
-                    "ended_at": experiment.ended_at,
-                    "arms": arms,
-                }
-            )
-        )
-
-
 # --- /api/resources actions (registered by the app's ready()) --------------------------------------------
 
 
@@ -183,9 +158,4 @@ urlpatterns = [
         name="agent-recommendations",
     ),
     path("v1/agents/<agent_id:agent_id>/optimize", OptimizeView.as_view(), name="agent-optimize"),
-    path(
-        "v1/experiments/<int:experiment_id>/report",
-        ExperimentReportView.as_view(),
-        name="experiment-report",
-    ),
 ]

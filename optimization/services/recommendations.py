@@ -34,7 +34,8 @@ Rules
 
 ``optimization_run`` applies only high-priority items that are safe: scaling within bounds, and deal
 purchases whose cost keeps the period's spend within the agent's monthly budget (an agent without a budget
-buys nothing automatically). Tier changes and sharing always need an operator.
+buys nothing automatically), and that the agent's arm of a running A/B experiment allows (its ``buy_deals``
+and ``deal_max_unit_price_usd``). Tier changes and sharing always need an operator.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from optimization.services.analytics import (
     resource_snapshots,
     scaled,
 )
+from optimization.services.experiments import arm_deal_refusal, experiment_arm_running
 from optimization.services.scaling import scaling_apply, scaling_bounds, scaling_policy_resolve
 
 PRIORITY_RANK = {"high": 0, "medium": 1, "low": 2}
@@ -527,8 +529,11 @@ def optimization_run(*, agent: Agent, actor: str, now: dt.datetime | None = None
             {key: item[key] for key in ("id", "type", "resource_type", "priority")} | {"reason": reason}
         )
 
+    arm = experiment_arm_running(agent_id=agent.pk, now=context.clock.now)
     for item in recommendations:
         reason = apply_refusal(item, spent=spent, budget=budget)
+        if reason is None and item["type"] == "buy_deal":
+            reason = arm_deal_refusal(arm=arm, unit_price_usd=item["action"]["unit_price_usd"])
         if reason is not None:
             skip(item, reason)
             continue

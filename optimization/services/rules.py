@@ -10,6 +10,12 @@ The fleet is evaluated in chunks of agents by id, each in its own short transact
 from ``optimization.selectors`` for the chunk's id range, one query per metric and window; the states are
 kept set-based, two statements per rule, and no state is loaded into Python; throttles and lifts are one
 statement each per chunk. Only scaling calls a per-agent service, for the agents a rule scales.
+
+A/B experiments: an agent assigned to an arm of a running experiment is evaluated against the arm's rules
+instead of its own agent-scoped ones, and a rule that belongs to an arm reaches only the agents of the
+running arms that hold it (``optimization.services.experiments``). What the arms hold is read once per
+evaluation, the chunk's assignments once per chunk (only while an experiment runs): still no statement per
+agent.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from ledger.errors import LedgerError
 from ledger.invariants import RULE_THROTTLE_PREFIX
 from ledger.models import Agent, OptimizationRule
 from ledger.periodic import session_lock
-from optimization.models import Alert, AlertDelivery, RuleState
+from optimization.models import Alert, AlertDelivery, Experiment, RuleState
 from optimization.selectors import (
     AgentRange,
     agent_chunks,
@@ -41,6 +47,7 @@ from optimization.selectors import (
     resource_utilization,
 )
 from optimization.services.alerts import alerts_dispatch
+from optimization.services.experiments import arm_of_agents, arm_rule_targets, experiment_running_q
 from optimization.services.scaling import scaling_apply
 
 logger = logging.getLogger(__name__)
@@ -197,22 +204,51 @@ class _Chunk:
 
     agents: dict[str, tuple[str, str, str]]  # id -> (tier, status, status reason)
     range: AgentRange
+    arms: dict[str, int] = field(default_factory=dict)  # id -> arm of a running experiment, if assigned
 
     def in_tier(self, tier_id: str) -> set[str]:
         return {agent_id for agent_id, (tier, _, _) in self.agents.items() if tier == tier_id}
 
 
-def _chunks(size: int) -> Iterator[_Chunk]:
+@dataclass(frozen=True)
+class _Arms:
+    """What the experiments' arms hold at ``now``: every rule that belongs to an arm, the running arms of
+    each, and whether any experiment runs (else no chunk needs its assignments)."""
+
+    rules_in_arms: set[int]
+    running_arms_of_rule: dict[int, set[int]]
+    any_running: bool
+
+    @classmethod
+    def read(cls, now: dt.datetime) -> _Arms:
+        in_arms, running = arm_rule_targets(now=now)
+        return cls(in_arms, running, Experiment.objects.filter(experiment_running_q(now)).exists())
+
+
+def _chunks(size: int, arms: _Arms | None = None, now: dt.datetime | None = None) -> Iterator[_Chunk]:
     for agents_range, rows in agent_chunks(size=size, fields=("pk", "tier_id", "status", "status_reason")):
+        assigned = {}
+        if arms is not None and arms.any_running:
+            assigned = arm_of_agents(agent_ids=agents_range, now=now)
         yield _Chunk(
-            agents={pk: (tier, status, reason) for pk, tier, status, reason in rows}, range=agents_range
+            agents={pk: (tier, status, reason) for pk, tier, status, reason in rows},
+            range=agents_range,
+            arms=assigned,
         )
 
 
-def _scope(rule: OptimizationRule, chunk: _Chunk) -> set[str] | None:
-    """The chunk's agents ``rule`` covers; None for every agent of the chunk with a value."""
+def _scope(rule: OptimizationRule, chunk: _Chunk, arms: _Arms | None = None) -> set[str] | None:
+    """The chunk's agents ``rule`` covers; None for every agent of the chunk with a value.
+
+    A rule of an arm covers, within its own scope, the agents of the running arms that hold it, and nobody
+    else. An agent in a running arm is not covered by its own agent-scoped rules: the arm's replace them."""
+    if arms is not None and rule.pk in arms.rules_in_arms:
+        running = arms.running_arms_of_rule.get(rule.pk, set())
+        members = {agent_id for agent_id, arm_id in chunk.arms.items() if arm_id in running}
+        natural = _scope(rule, chunk)
+        return members & (chunk.agents.keys() if natural is None else natural)
     if rule.scope == OptimizationRule.Scope.AGENT:
-        return {rule.agent_id} & chunk.agents.keys()
+        return {rule.agent_id} & chunk.agents.keys() - chunk.arms.keys()
     if rule.scope == OptimizationRule.Scope.TIER:
         return chunk.in_tier(rule.tier_id)
     if rule.metric == Metric.THROUGHPUT_PER_HOUR:
@@ -220,9 +256,11 @@ def _scope(rule: OptimizationRule, chunk: _Chunk) -> set[str] | None:
     return None
 
 
-def _true_subjects(rule: OptimizationRule, metrics: _Metrics, chunk: _Chunk) -> Values:
+def _true_subjects(
+    rule: OptimizationRule, metrics: _Metrics, chunk: _Chunk, arms: _Arms | None = None
+) -> Values:
     """(agent, subject) -> value for the chunk's in-scope subjects whose condition holds now."""
-    scope = _scope(rule, chunk)
+    scope = _scope(rule, chunk, arms)
     # An agent created in the chunk's id range after the chunk was read waits for the next evaluation.
     known = chunk.agents.keys() if scope is None else scope
     values = {key: value for key, value in metrics.values(rule).items() if key[0] in known}
@@ -305,10 +343,11 @@ def rules_evaluate(*, now: dt.datetime | None = None, chunk_size: int = RULES_CH
             return report.as_dict()
         rules = list(OptimizationRule.objects.filter(enabled=True).order_by("pk"))
         report.rules = len(rules)
+        arms = _Arms.read(now)
         dispatch = False
-        for chunk in _chunks(chunk_size):
+        for chunk in _chunks(chunk_size, arms, now):
             with transaction.atomic():
-                dispatch |= _chunk_evaluate(rules, chunk, now, report)
+                dispatch |= _chunk_evaluate(rules, chunk, now, report, arms)
             report.chunks += 1
     if dispatch:
         alerts_dispatch(now=now)
@@ -316,7 +355,11 @@ def rules_evaluate(*, now: dt.datetime | None = None, chunk_size: int = RULES_CH
 
 
 def _chunk_evaluate(
-    rules: list[OptimizationRule], chunk: _Chunk, now: dt.datetime, report: RulesReport
+    rules: list[OptimizationRule],
+    chunk: _Chunk,
+    now: dt.datetime,
+    report: RulesReport,
+    arms: _Arms | None = None,
 ) -> bool:
     """Evaluate ``rules`` for one chunk; whether alerts were written in SQL (and want dispatching)."""
     metrics = _Metrics(now, chunk.range)
@@ -331,7 +374,7 @@ def _chunk_evaluate(
     holding: dict[int, set[str]] = {}  # throttle rule -> agents for which its condition holds now
     alerted = False
     for rule in rules:
-        true_now = _true_subjects(rule, metrics, chunk)
+        true_now = _true_subjects(rule, metrics, chunk, arms)
         report.conditions_true += len(true_now)
         if rule.action == Action.THROTTLE:
             holding[rule.pk] = {agent_id for agent_id, _ in true_now}
