@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optimization.api import alerts, analytics, executions, marketplace, scaling
+from optimization.api import alerts, analytics, executions, marketplace, scaling, trends
 
 urlpatterns = [
     *executions.urlpatterns,
@@ -10,4 +10,5 @@ urlpatterns = [
     *alerts.urlpatterns,
     *scaling.urlpatterns,
     *marketplace.urlpatterns,
+    *trends.urlpatterns,
 ]
