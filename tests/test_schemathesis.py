@@ -55,6 +55,9 @@ OPERATION_RULES = {
     ("PUT", "/api/v1/agents/{agent_id}/scaling-policy"): "positive_data_acceptance",
     # min_instances at most max_instances (invalid_instances).
     ("PATCH", "/api/v1/agents/{agent_id}"): "positive_data_acceptance",
+    # start on or before end, at most 366 days apart, end before 9999-12-31 (invalid_range).
+    ("GET", "/api/v1/agents/{agent_id}/daily-spend"): "positive_data_acceptance",
+    ("GET", "/api/v1/agents/{agent_id}/cost-per-success"): "positive_data_acceptance",
 }
 
 

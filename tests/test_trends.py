@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from ledger.budgets import budget_create
 from ledger.models import Agent, OptimizationRule
+from ledger.partitions import partition_create
 from ledger.rules_yaml import parse_rules
 from ledger.services import agent_create
 from optimization.models import Alert, Execution, UsageRollup
@@ -138,6 +139,19 @@ def test_metrics_leave_missing_durations_out_of_latency_and_unknown_outcomes_out
     blank_performance = agent_metrics(agent=blank, window_hours=1, now=T0)["performance"]
     assert (blank_performance["executions"], blank_performance["p95_duration_ms"]) == (1, None)
     assert blank_performance["error_rate_percent"] is None
+
+
+def test_a_monthly_partition_created_after_the_migration_takes_executions_without_outcome(reference_data):
+    partition_create(table="optimization_execution", month=dt.datetime(2031, 3, 1, tzinfo=UTC))
+    agent = agent_create(agent_id="later", tier_code="PRO")
+    _executions(agent, [(dt.datetime(2031, 3, 5, tzinfo=UTC), None, None)])
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT tableoid::regclass::text, success, duration_ms FROM optimization_execution "
+            "WHERE agent_id = 'later'"
+        )
+        assert cursor.fetchall() == [("optimization_execution_p203103", None, None)]
 
 
 # --- Daily spend and cost per successful task -----------------------------------------------------------
