@@ -315,6 +315,16 @@ def test_degradation_without_a_baseline_or_without_a_current_hour_has_no_ratio(f
     assert idle["p95_duration_ms"]["ratio"] is None and idle["error_rate"]["ratio"] is None
 
 
+def test_degradation_ratios_are_of_the_exact_figures(reference_data):
+    agent = agent_create(agent_id="rare", tier_code="PRO")
+    _executions(agent, [(T0 - dt.timedelta(days=3), True, 100), (T0 - 30 * MINUTE, True, 100)])
+
+    throughput = degradation(agent_id="rare", now=T0)["throughput_per_hour"]
+
+    # One execution a week is 0.01 an hour to two places; one in the last hour is 168 times that.
+    assert throughput == {"current": Decimal("1.00"), "baseline": Decimal("0.01"), "ratio": Decimal("168.00")}
+
+
 def test_degradation_partial_renders_each_metric_with_its_level(fleet):
     html = render_to_string(
         "dashboard/_degradation.html", {"degradation": degradation(agent_id="degraded", now=T0)}

@@ -9,10 +9,11 @@
   successful executions; null on a day without one. An execution whose outcome was not reported is not a
   success.
 - **Degradation** (``degradation``): the last hour against the trailing 7 days before it, for the p95
-  duration, the error rate and the throughput. ``ratio`` = current / baseline to two places; null when
-  either side has no value or the baseline is zero (nothing to compare with: such a metric never makes a
-  rule fire). Executions without a duration are left out of the p95, those without an outcome out of the
-  error rate; both count in the throughput.
+  duration, the error rate (percent) and the throughput (per hour). ``ratio`` = current / baseline to two
+  places, of the exact figures (before they are rounded to two places themselves); null when either side
+  has no value or the baseline is zero (nothing to compare with: such a metric never makes a rule fire).
+  Executions without a duration are left out of the p95, those without an outcome out of the error rate;
+  both count in the throughput.
 
 Every read is bounded by time: executions are partitioned by month on ``created_at``, so only the
 partitions of the range are read, through the (agent, created_at) index.
@@ -30,7 +31,7 @@ from django.utils import timezone
 
 from ledger.errors import LedgerError
 from ledger.models import Budget
-from ledger.money import cents, money_round, percent
+from ledger.money import cents, money_round
 from optimization.models import Execution
 from optimization.rollups import UsageWindow, agents_sql, usage_totals
 
@@ -141,18 +142,25 @@ GROUP BY e.agent_id
 """
 
 
-def _ratio(current: Decimal | None, baseline: Decimal | None) -> Decimal | None:
-    if current is None or baseline is None or baseline <= 0:
-        return None
-    return cents(current / baseline)
-
-
 def _figure(current: Decimal | None, baseline: Decimal | None) -> dict:
-    return {"current": current, "baseline": baseline, "ratio": _ratio(current, baseline)}
+    """Both sides to two places; the ratio of the exact values (a baseline of 1 execution a week is 0.01 an
+    hour to two places, and the ratio to that would be off by two fifths)."""
+    ratio = None
+    if current is not None and baseline is not None and baseline > 0:
+        ratio = cents(current / baseline)
+    return {
+        "current": None if current is None else cents(current),
+        "baseline": None if baseline is None else cents(baseline),
+        "ratio": ratio,
+    }
 
 
-def _p95(value: float | None) -> Decimal | None:
-    return None if value is None else cents(Decimal(str(value)))
+def _exact(value: float | None) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
+def _error_percent(failed: int, known: int) -> Decimal | None:
+    return Decimal(failed) * 100 / known if known else None
 
 
 def degradation_figures(*, now: dt.datetime | None = None, agent_ids=None) -> dict[str, dict]:
@@ -169,10 +177,12 @@ def degradation_figures(*, now: dt.datetime | None = None, agent_ids=None) -> di
     result = {}
     for agent_id, runs, ok, failed, p95, base_runs, base_ok, base_failed, base_p95 in rows:
         result[agent_id] = {
-            "p95_duration_ms": _figure(_p95(p95), _p95(base_p95)),
-            "error_rate": _figure(percent(failed, ok + failed), percent(base_failed, base_ok + base_failed)),
+            "p95_duration_ms": _figure(_exact(p95), _exact(base_p95)),
+            "error_rate": _figure(
+                _error_percent(failed, ok + failed), _error_percent(base_failed, base_ok + base_failed)
+            ),
             "throughput_per_hour": _figure(
-                cents(Decimal(runs)), cents(Decimal(base_runs) / BASELINE_HOURS) if base_runs else None
+                Decimal(runs), Decimal(base_runs) / BASELINE_HOURS if base_runs else None
             ),
         }
     return result
