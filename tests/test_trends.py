@@ -26,6 +26,7 @@ from optimization.models import Alert, Execution, UsageRollup
 from optimization.selectors import duration_percentiles, execution_stats
 from optimization.services.analytics import agent_metrics
 from optimization.services.executions import execution_record
+from optimization.services.recommendations import agent_recommendations
 from optimization.services.rollups import usage_rollups_backfill
 from optimization.services.rules import rules_evaluate
 from optimization.services.trends import cost_per_successful_task, daily_spend, degradation
@@ -139,6 +140,22 @@ def test_metrics_leave_missing_durations_out_of_latency_and_unknown_outcomes_out
     blank_performance = agent_metrics(agent=blank, window_hours=1, now=T0)["performance"]
     assert (blank_performance["executions"], blank_performance["p95_duration_ms"]) == (1, None)
     assert blank_performance["error_rate_percent"] is None
+
+
+def test_the_failed_execution_recommendation_rates_failures_among_known_outcomes(reference_data):
+    agent = agent_create(agent_id="unreported", tier_code="PRO")
+    early = dt.datetime(2025, 6, 5, tzinfo=UTC)
+    outcomes = [True, False] + [None] * 18
+    for i, success in enumerate(outcomes):
+        _run(agent, early + i * HOUR, success=success)
+
+    items = agent_recommendations(agent=agent, now=dt.datetime(2025, 6, 11, tzinfo=UTC))
+
+    (reduce,) = [item for item in items if item["type"] == "reduce_resource"]
+    # 1 of the 2 known outcomes failed (50 %), not 1 of 20 executions (5 %, under the 10 % limit).
+    assert reduce["evidence"]["error_rate_percent"] == Decimal("50.00")
+    assert (reduce["evidence"]["executions"], reduce["evidence"]["failures"]) == (20, 1)
+    assert reduce["rationale"].startswith("1 of 2 executions with a known outcome this period failed")
 
 
 def test_a_monthly_partition_created_after_the_migration_takes_executions_without_outcome(reference_data):
