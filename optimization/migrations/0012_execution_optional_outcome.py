@@ -2,6 +2,8 @@
 
 ``optimization_execution`` is partitioned by month (0011): ``ALTER COLUMN ... DROP NOT NULL`` on the parent
 reaches every partition, and only changes the catalog (no rewrite, no scan), so it is quick on a large table.
+Partitions created later take the parent's columns as they are. Reversing it fails while any execution has
+no duration or no outcome: there is no true value to give them.
 """
 
 from django.db import migrations, models
