@@ -9,6 +9,7 @@ endpoint answers 403 ``feature_disabled``.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 from django.urls import path
 from django.utils import timezone
@@ -47,13 +48,12 @@ def _days(rows: list[dict]) -> list[dict]:
 
 
 class _TrendView(AgentScopedView):
-    series = staticmethod(daily_spend)
-
-    def get(self, request, agent_id):
+    def series_response(self, series: Callable[..., list[dict]]) -> Response:
+        """The days ``series`` (a service of ``optimization.services.trends``) gives for the query's range."""
         agent = self.agent()
         analytics_ensure_enabled()
-        query = valid(DayRangeQuery, request.query_params.dict())
-        rows = self.series(agent_id=agent.pk, start=query["start"], end=query["end"])
+        query = valid(DayRangeQuery, self.request.query_params.dict())
+        rows = series(agent_id=agent.pk, start=query["start"], end=query["end"])
         return Response(
             render(
                 {
@@ -67,8 +67,6 @@ class _TrendView(AgentScopedView):
 
 
 class DailySpendView(_TrendView):
-    series = staticmethod(daily_spend)
-
     @extend_schema(
         parameters=[DayRangeQuery],
         responses=OpenApiTypes.OBJECT,
@@ -76,12 +74,10 @@ class DailySpendView(_TrendView):
     )
     @errors(FeatureDisabled, invalid_range=LedgerError)
     def get(self, request, agent_id):
-        return super().get(request, agent_id)
+        return self.series_response(daily_spend)
 
 
 class CostPerSuccessView(_TrendView):
-    series = staticmethod(cost_per_successful_task)
-
     @extend_schema(
         parameters=[DayRangeQuery],
         responses=OpenApiTypes.OBJECT,
@@ -89,7 +85,7 @@ class CostPerSuccessView(_TrendView):
     )
     @errors(FeatureDisabled, invalid_range=LedgerError)
     def get(self, request, agent_id):
-        return super().get(request, agent_id)
+        return self.series_response(cost_per_successful_task)
 
 
 class DegradationView(AgentScopedView):
