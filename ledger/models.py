@@ -521,6 +521,9 @@ class OptimizationRule(models.Model):
         COST_SPIKE_RATIO = "cost_spike_ratio", "Cost spike ratio"
         P95_DURATION_MS = "p95_duration_ms", "p95 duration (ms)"
         THROUGHPUT_PER_HOUR = "throughput_per_hour", "Throughput per hour"
+        P95_DURATION_VS_BASELINE = "p95_duration_vs_baseline", "p95 duration vs the 7-day baseline"
+        ERROR_RATE_VS_BASELINE = "error_rate_vs_baseline", "Error rate vs the 7-day baseline"
+        THROUGHPUT_VS_BASELINE = "throughput_vs_baseline", "Throughput vs the 7-day baseline"
 
     class Operator(models.TextChoices):
         GT = ">", ">"

@@ -33,8 +33,10 @@ class Execution(models.Model):
     agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="executions", db_index=False)
     superpower = models.CharField(max_length=100)
     resources = models.JSONField(default=dict, help_text="resource type -> units taken")
-    duration_ms = models.PositiveIntegerField()
-    success = models.BooleanField()
+    # Both optional: an execution without a duration counts in cost, not in latency; one without an outcome
+    # (success unknown) counts in cost and throughput, not in success or error rates.
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    success = models.BooleanField(null=True, blank=True, help_text="Empty: the outcome was not reported.")
     output_units = models.PositiveIntegerField(default=1, help_text="Useful output, for efficiency scores.")
     cost_usd = models.DecimalField(**COST)
     task_id = models.CharField(max_length=200, blank=True)
@@ -45,7 +47,8 @@ class Execution(models.Model):
         indexes = [models.Index(fields=["agent", "created_at"], name="execution_agent_time_idx")]
 
     def __str__(self) -> str:
-        return f"{self.agent_id} {self.superpower} ({'ok' if self.success else 'failed'})"
+        outcome = {True: "ok", False: "failed", None: "outcome unknown"}[self.success]
+        return f"{self.agent_id} {self.superpower} ({outcome})"
 
 
 class AlertSettings(models.Model):

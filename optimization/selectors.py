@@ -201,7 +201,8 @@ def execution_stats(
     *, since: dt.datetime, until: dt.datetime | None = None, agent_ids=None
 ) -> dict[str, dict]:
     """agent -> executions, failures, error rate %, throughput per hour and output over [since, until).
-    One query."""
+    One query. An execution whose outcome is unknown (``success`` null) counts in executions, throughput
+    and cost, not in successes, failures or the error rate."""
     until = until or timezone.now()
     hours = Decimal((until - since).total_seconds()) / 3600
     rows = (
@@ -209,6 +210,7 @@ def execution_stats(
         .values("agent_id")
         .annotate(
             executions=Count("id"),
+            successes=Count("id", filter=Q(success=True)),
             failures=Count("id", filter=Q(success=False)),
             output=Sum("output_units", filter=Q(success=True)),
             cost=Sum("cost_usd"),
@@ -218,6 +220,7 @@ def execution_stats(
     return {
         row["agent_id"]: execution_figures(
             executions=row["executions"],
+            successes=row["successes"],
             failures=row["failures"],
             output=row["output"],
             cost=row["cost"],
@@ -227,13 +230,17 @@ def execution_stats(
     }
 
 
-def execution_figures(*, executions: int, failures: int, output, cost, hours: Decimal) -> dict:
-    """One agent's ``execution_stats`` entry from its counts and sums over a window of ``hours``."""
+def execution_figures(
+    *, executions: int, successes: int, failures: int, output, cost, hours: Decimal
+) -> dict:
+    """One agent's ``execution_stats`` entry from its counts and sums over a window of ``hours``. The
+    error rate is over the executions with a known outcome: null when none has one."""
     return {
         "executions": executions,
         "failures": failures,
-        "successes": executions - failures,
-        "error_rate_percent": percent(failures, executions),
+        "successes": successes,
+        "outcome_unknown": executions - successes - failures,
+        "error_rate_percent": percent(failures, successes + failures),
         "throughput_per_hour": cents(Decimal(executions) / hours) if hours else None,
         "output_units": output or 0,
         "cost_usd": cost or Decimal(0),
@@ -248,10 +255,12 @@ def percentile_value(value: float) -> Decimal:
 def duration_percentiles(
     *, since: dt.datetime, until: dt.datetime | None = None, agent_ids=None, percentiles=(50, 95)
 ) -> dict[str, dict[int, Decimal]]:
-    """agent -> {50: p50 ms, 95: p95 ms} of execution durations (``percentile_cont``). One query."""
+    """agent -> {50: p50 ms, 95: p95 ms} of execution durations (``percentile_cont``). One query. Only
+    executions with a duration count; an agent with none in the window is left out."""
     until = until or timezone.now()
     queryset = _agents_filter(
-        Execution.objects.filter(created_at__gte=since, created_at__lt=until), agent_ids
+        Execution.objects.filter(created_at__gte=since, created_at__lt=until, duration_ms__isnull=False),
+        agent_ids,
     )
     sql, params = queryset.values("agent_id", "duration_ms").query.sql_with_params()
     columns = ", ".join(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optimization.api import alerts, analytics, executions, experiments, marketplace, scaling
+from optimization.api import alerts, analytics, executions, experiments, marketplace, scaling, trends
 
 urlpatterns = [
     *executions.urlpatterns,
@@ -11,4 +11,5 @@ urlpatterns = [
     *scaling.urlpatterns,
     *marketplace.urlpatterns,
     *experiments.urlpatterns,
+    *trends.urlpatterns,
 ]

@@ -59,6 +59,9 @@ OPERATION_RULES = {
     ("POST", "/api/v1/experiments"): "positive_data_acceptance",
     # Agent ids that exist.
     ("POST", "/api/v1/experiments/{experiment_id}/agents"): "positive_data_acceptance",
+    # start on or before end, at most 366 days apart, end before 9999-12-31 (invalid_range).
+    ("GET", "/api/v1/agents/{agent_id}/daily-spend"): "positive_data_acceptance",
+    ("GET", "/api/v1/agents/{agent_id}/cost-per-success"): "positive_data_acceptance",
 }
 
 

@@ -27,8 +27,20 @@ from optimization.services.executions import execution_record
 class ExecutionIn(StrictSerializer):
     superpower = serializers.CharField(max_length=100)
     resources = ResourceAmountsField(allow_empty=False)
-    duration_ms = serializers.IntegerField(min_value=0, max_value=2**31 - 1)
-    success = serializers.BooleanField()
+    duration_ms = serializers.IntegerField(
+        min_value=0,
+        max_value=2**31 - 1,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="How long it took. Left out: the execution counts in cost and throughput, not in latency.",
+    )
+    success = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="How it went. Left out: unknown, not counted in success or error rates.",
+    )
     output_units = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
     task_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     run_id = serializers.CharField(

@@ -198,13 +198,14 @@ def period_executions(*, agent: Agent, clock: PeriodClock) -> PeriodExecutions:
         agent=agent, created_at__gte=clock.start, created_at__lt=clock.end
     ).aggregate(
         executions=Count("id"),
+        successes=Count("id", filter=Q(success=True)),
         failures=Count("id", filter=Q(success=False)),
         output=Sum("output_units", filter=Q(success=True)),
         failed_cost=Sum("cost_usd", filter=Q(success=False)),
     )
     return PeriodExecutions(
         executions=row["executions"],
-        successes=row["executions"] - row["failures"],
+        successes=row["successes"],
         failures=row["failures"],
         output_units=row["output"] or 0,
         failed_cost_usd=row["failed_cost"] or Decimal(0),
@@ -258,6 +259,7 @@ _SPEND_CTES, _SPEND_PARTS, _ = window_sql(
 _ACTIVITY_SQL = f"""
 WITH {_SPEND_CTES}
 SELECT count(*) FILTER (WHERE e.in_window),
+       count(*) FILTER (WHERE e.in_window AND e.success),
        count(*) FILTER (WHERE e.in_window AND NOT e.success),
        sum(e.output_units) FILTER (WHERE e.in_window AND e.success),
        sum(e.cost_usd) FILTER (WHERE e.in_window),
@@ -291,15 +293,21 @@ def agent_activity(*, agent: Agent, since: dt.datetime, clock: PeriodClock) -> A
     }
     with connection.cursor() as cursor:
         cursor.execute(_ACTIVITY_SQL, params)
-        executions, failures, output, cost, p50, p95, period_successes, spend = cursor.fetchone()
+        executions, successes, failures, output, cost, p50, p95, period_successes, spend = cursor.fetchone()
     hours = Decimal((clock.now - since).total_seconds()) / 3600
     return AgentActivity(
         window_stats=execution_figures(
-            executions=executions, failures=failures, output=output, cost=cost, hours=hours
+            executions=executions,
+            successes=successes,
+            failures=failures,
+            output=output,
+            cost=cost,
+            hours=hours,
         )
         if executions
         else None,
-        window_durations={50: percentile_value(p50), 95: percentile_value(p95)} if executions else {},
+        # percentile_cont skips null durations: null when no execution of the window has one.
+        window_durations={50: percentile_value(p50), 95: percentile_value(p95)} if p50 is not None else {},
         period_successes=period_successes,
         forecast_spend_usd=spend or Decimal(0),
     )

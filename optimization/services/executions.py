@@ -24,8 +24,8 @@ def execution_record(
     agent: Agent,
     superpower: str,
     resources: dict[str, int],
-    duration_ms: int,
-    success: bool,
+    duration_ms: int | None = None,
+    success: bool | None = None,
     output_units: int | None = None,
     task_id: str = "",
     idempotency_key: str = "",
@@ -34,6 +34,9 @@ def execution_record(
 ) -> Execution:
     """Allocate every listed resource and record the execution; one refused resource refuses them all.
     Each allocation is charged to the agent's budgets, and to run ``run_id``'s if named.
+
+    ``duration_ms`` None: the execution counts in cost, not in latency. ``success`` None: the outcome is
+    unknown; it counts in cost and throughput, not in success or error rates, and has no output by default.
 
     Before the first resource is taken, the agent's budgets (by id) and then its quota rows of the listed
     resources (in ``QUOTA_LOCK_ORDER``, by agent then id) are locked, each set in one statement: the lock
@@ -52,7 +55,7 @@ def execution_record(
             resources=dict(sorted(resources.items())),
             duration_ms=duration_ms,
             success=success,
-            output_units=(1 if success else 0) if output_units is None else output_units,
+            output_units=(1 if success is True else 0) if output_units is None else output_units,
             cost_usd=Decimal(0),
             task_id=task_id,
             created_at=now,

@@ -326,7 +326,9 @@ def _share_items(context: _Context) -> list[dict]:
 
 def _reduce_items(context: _Context) -> list[dict]:
     executions = period_executions(agent=context.agent, clock=context.clock)
-    error_rate = percent(executions.failures, executions.executions)
+    # Over the executions with a known outcome: one that did not report it is neither a success nor a failure.
+    known = executions.successes + executions.failures
+    error_rate = percent(executions.failures, known)
     if error_rate is None or error_rate <= ERROR_RATE_LIMIT:
         return []
     clock = context.clock
@@ -350,7 +352,7 @@ def _reduce_items(context: _Context) -> list[dict]:
             priority="medium",
             saving=saving,
             rationale=(
-                f"{executions.failures:,} of {executions.executions:,} executions this period failed "
+                f"{executions.failures:,} of {known:,} executions with a known outcome this period failed "
                 f"({error_rate}%, over the {ERROR_RATE_LIMIT}% limit); they cost "
                 f"{_money(executions.failed_cost_usd)} so far, {_money(saving)} over a whole month."
             ),

@@ -49,6 +49,7 @@ from optimization.selectors import (
 from optimization.services.alerts import alerts_dispatch
 from optimization.services.experiments import arm_of_agents, arm_rule_targets, experiment_running_q
 from optimization.services.scaling import scaling_apply
+from optimization.services.trends import degradation_figures
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,17 @@ DEFAULT_RECOMMENDATIONS = {
     Metric.COST_SPIKE_RATIO: "Check for a runaway loop or an unusually large job in the last hour.",
     Metric.P95_DURATION_MS: "Slow executions: consider scaling up or splitting the work.",
     Metric.THROUGHPUT_PER_HOUR: "Throughput is off its usual level: consider scaling to match the load.",
+    Metric.P95_DURATION_VS_BASELINE: "Executions are slower than over the past week: look for what changed.",
+    Metric.ERROR_RATE_VS_BASELINE: "Executions fail more than over the past week: look for what changed.",
+    Metric.THROUGHPUT_VS_BASELINE: "Throughput is off its level of the past week: consider scaling to match.",
+}
+
+# Metrics comparing the last hour with the 7 days before it (``optimization.services.trends``): the key of
+# the figure whose ratio they read.
+BASELINE_METRICS = {
+    Metric.P95_DURATION_VS_BASELINE: "p95_duration_ms",
+    Metric.ERROR_RATE_VS_BASELINE: "error_rate",
+    Metric.THROUGHPUT_VS_BASELINE: "throughput_per_hour",
 }
 
 # About the largest value RuleState.last_value holds (20 digits, 6 of them decimals). A cost spike against
@@ -163,6 +175,15 @@ class _Metrics:
             )
             column = "error_rate_percent" if metric == Metric.ERROR_RATE_PERCENT else "throughput_per_hour"
             return {(agent, ""): row[column] for agent, row in rows.items() if row[column] is not None}
+        if metric in BASELINE_METRICS:
+            # The three share one query per chunk; an agent without a ratio (no baseline) has no value.
+            rows = self._once(("degradation",), lambda: degradation_figures(now=now, agent_ids=agents))
+            figure = BASELINE_METRICS[metric]
+            return {
+                (agent, ""): row[figure]["ratio"]
+                for agent, row in rows.items()
+                if row[figure]["ratio"] is not None
+            }
         logger.warning("rule %s has an unknown metric %r", rule.name, metric)
         return {}
 

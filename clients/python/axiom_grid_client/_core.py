@@ -462,8 +462,8 @@ def record_execution(
     agent_id: str,
     superpower: str,
     resources: Mapping[str, int],
-    duration_ms: int,
-    success: bool,
+    duration_ms: int | None = None,
+    success: bool | None = None,
     *,
     output_units: int | None = None,
     run_id: str | None = None,
@@ -473,9 +473,11 @@ def record_execution(
     body: dict[str, Any] = {
         "superpower": superpower,
         "resources": dict(resources),
-        "duration_ms": int(duration_ms),
-        "success": bool(success),
     }
+    if duration_ms is not None:
+        body["duration_ms"] = int(duration_ms)
+    if success is not None:
+        body["success"] = bool(success)
     if output_units is not None:
         body["output_units"] = int(output_units)
     if run_id:

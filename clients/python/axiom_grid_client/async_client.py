@@ -289,15 +289,16 @@ class AsyncGrid:
         agent_id: str,
         superpower: str,
         resources: Mapping[str, int],
-        duration_ms: int,
-        success: bool,
+        duration_ms: int | None = None,
+        success: bool | None = None,
         output_units: int | None = None,
         run_id: str | None = None,
         *,
         task_id: str | None = None,
         idempotency_key: str | None = None,
     ) -> Execution:
-        """Take every resource of an execution (all or nothing) and record it."""
+        """Take every resource of an execution (all or nothing) and record it. Without ``duration_ms`` it
+        counts in cost, not in latency; without ``success`` its outcome is unknown (not in error rates)."""
         return await self._call(
             _core.record_execution(
                 agent_id,

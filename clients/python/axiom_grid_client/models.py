@@ -262,8 +262,8 @@ class Execution(Model):
     agent_id: str
     superpower: str
     resources: dict[str, int] = dataclasses.field(default_factory=dict)
-    duration_ms: int = 0
-    success: bool = False
+    duration_ms: int | None = None  # None: not reported
+    success: bool | None = None  # None: the outcome is unknown
     output_units: int | None = None
     cost_usd: Decimal | None = None
     task_id: str = ""
