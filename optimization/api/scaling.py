@@ -104,6 +104,9 @@ class ScalingPolicyOut(serializers.ModelSerializer):
         "its tier's default, or none (auto-scaling off)"
     )
     scope = serializers.SerializerMethodField(help_text="The same as source (kept for existing clients)")
+    # Null with source "none": no policy row governs the agent.
+    id = serializers.IntegerField(read_only=True, allow_null=True)
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
     agent_id = serializers.CharField(allow_null=True)
     tier = serializers.CharField(source="tier_id", allow_null=True)
 
