@@ -269,6 +269,20 @@ def test_notices_go_to_each_enabled_url_once_and_to_no_email(reference_data, rec
     ]
 
 
+def test_a_notice_is_written_only_for_an_agent_some_endpoint_listens_to(reference_data, receiver):
+    heard = agent_at("heard", percent=90, instances=2)
+    agent_at("unheard", percent=90, instances=2)
+    endpoint(receiver.url("/off"), enabled=False)
+    scaling_evaluate(now=T0)
+    assert ScalingEvent.objects.count() == 2 and not Alert.objects.exists()  # nobody listens: no rows
+
+    endpoint(receiver.url("/heard"), agent=heard)
+    scaling_evaluate(now=T0 + dt.timedelta(hours=1))  # out of cooldown: both scale again
+
+    assert ScalingEvent.objects.count() == 4
+    assert list(Alert.objects.values_list("agent_id", flat=True)) == ["heard"]
+
+
 # --- Set-based within the sweep's chunks ----------------------------------------------------------------
 
 

@@ -810,9 +810,6 @@ def _scaling_state() -> dict:
 
 def _assert_scaled_exactly_once() -> None:
     assert ScalingEvent.objects.count() == FLEET // 4 * 3
-    # Each event has its one scaling notice, written with it.
-    notices = Counter(Alert.objects.filter(kind=Alert.Kind.SCALING).values_list("data__event_id", flat=True))
-    assert notices == dict.fromkeys(ScalingEvent.objects.values_list("pk", flat=True), 1)
     assert Grant.objects.count() == FLEET // 4
     step = BASE_LIMIT * QUOTA_STEP_PERCENT // 100
     expected = {
@@ -846,28 +843,18 @@ def _assert_scaled_exactly_once() -> None:
 
 
 def _alerts_state() -> dict:
-    """The budget sweep's alerts and deliveries (the scaling sweep's notices, webhooks only, are not its)."""
-    budget = Alert.objects.filter(kind=Alert.Kind.BUDGET)
-    return {
-        "alerts": budget.count(),
-        "deliveries": AlertDelivery.objects.filter(alert__kind=Alert.Kind.BUDGET).count(),
-    }
+    return {"alerts": Alert.objects.count(), "deliveries": AlertDelivery.objects.count()}
 
 
 def _assert_alerted_exactly_once() -> None:
     alerts = Counter(
-        (agent_id, data["threshold"])
-        for agent_id, data in Alert.objects.filter(kind=Alert.Kind.BUDGET).values_list("agent_id", "data")
+        (agent_id, data["threshold"]) for agent_id, data in Alert.objects.values_list("agent_id", "data")
     )
     expected = {(f"fleet-{g:05d}", threshold): 1 for g in range(0, FLEET, 2) for threshold in (50, 80, 90)}
     assert alerts == expected
     # Alerts and deliveries agree: an alert queued for delivery has its one delivery, one not yet queued
     # (beyond each chunk's fan-out batch: the periodic delivery task fans the rest out) has none.
-    queued = set(
-        Alert.objects.filter(kind=Alert.Kind.BUDGET)
-        .exclude(delivery_queued_at=None)
-        .values_list("pk", flat=True)
-    )
+    queued = set(Alert.objects.exclude(delivery_queued_at=None).values_list("pk", flat=True))
     delivered = Counter(AlertDelivery.objects.values_list("alert_id", flat=True))
     assert FAN_OUT_BATCH_SIZE <= len(queued) < len(expected)
     assert delivered == dict.fromkeys(queued, 1)

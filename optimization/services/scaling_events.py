@@ -10,6 +10,10 @@ written by ``scaling_events_record``, in one statement for any number of events:
 * one webhook delivery per alert and enabled endpoint (the agent's and the global ones, one per URL), which
   the alert delivery sends signed and retries like every alert.
 
+A notice is written only for an agent that some enabled endpoint listens to: the event is the history, and
+a fleet without receivers pays nothing for notices (a sweep that scales 50,000 agents would otherwise write
+50,000 alert rows that go nowhere). An endpoint added later does not receive earlier events.
+
 One statement, so a sweep's chunk writes its events, alerts and deliveries in the same number of statements
 for 3 agents as for 3,000, and a crash loses all three or none of them. Scaling notices go to webhooks only,
 not to alert emails: a fleet scales all day, and a mailbox is no orchestrator. The alert is recorded already
@@ -88,6 +92,11 @@ WITH events AS (
            ),
            'scaling:' || e.id, %(at)s, %(at)s, %(at)s, %(acknowledger)s
     FROM events e
+    -- Only for an agent some enabled endpoint listens to: a notice nobody receives would be a row per
+    -- event for nothing (the event itself is the history).
+    WHERE EXISTS (
+        SELECT 1 FROM {webhooks} w WHERE w.enabled AND (w.agent_id IS NULL OR w.agent_id = e.agent_id)
+    )
     ON CONFLICT (dedup_key) DO NOTHING
     RETURNING id, agent_id
 ), deliveries AS (
