@@ -24,8 +24,9 @@ Auto-scaling (``scaling_evaluate``, every five minutes) follows these rules:
   period (a ``scaling`` grant), recorded as a ``vertical`` event whose before/after is that quota's limit.
   Nothing is ever taken away vertically.
 
-Every change is recorded with its ``scaling`` alert and the alert's webhook deliveries, in one statement
-(``optimization/services/scaling_events.py``): an orchestrator hears of each one, auto, rule or manual.
+Every change is recorded with its ``scaling`` alert and the alert's webhook deliveries (when an enabled
+endpoint listens to the agent), in one statement (``optimization/services/scaling_events.py``): an
+orchestrator hears of each one, auto, rule or manual.
 
 Only changes are recorded: a decision that changes nothing (at a bound, in cooldown) writes no event, so it
 does not restart the cooldown either. An event at the evaluation's own time or later also counts as a
