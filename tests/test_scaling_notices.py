@@ -361,6 +361,21 @@ def test_every_agent_has_a_policy_inherited_from_its_tier_and_overrides_it(refer
     assert_error(operator_client.delete(policy_url("pro-agent")), 404, "not_found")
 
 
+def test_the_demo_agents_answer_their_tiers_policy(reference_data, operator_client):
+    from ledger.demo import DEMO_AGENTS, demo_data_load
+
+    demo_data_load()
+    for agent_id, tier, *_ in DEMO_AGENTS:
+        response = operator_client.get(policy_url(agent_id))
+        assert response.status_code == 200, (agent_id, response.content)
+        body = response.json()
+        assert (body["source"], body["tier"], body["enabled"]) == (
+            "tier",
+            tier,
+            tier in {"PRO", "ENTERPRISE"},
+        )
+
+
 def test_an_agent_whose_tier_has_no_policy_answers_auto_scaling_off(reference_data, operator_client):
     agent_create(agent_id="custom-agent", tier_code="CUSTOM", custom_limits={"AI_TOKENS": 10})
     ScalingPolicy.objects.filter(tier_id="CUSTOM").delete()  # an operator removed it
