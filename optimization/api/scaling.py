@@ -15,7 +15,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.urls import path
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
@@ -28,6 +28,7 @@ from allocation.api.shared.views import AgentScopedView, valid
 from ledger.errors import Conflict, LedgerError, NotFound
 from optimization.models import ScalingEvent, ScalingPolicy
 from optimization.services.scaling import (
+    PolicySource,
     scaling_apply,
     scaling_bounds,
     scaling_policy_effective,
@@ -37,6 +38,7 @@ from optimization.services.scaling import (
 )
 
 NO_POLICY = "none"
+SOURCES = [PolicySource.EXPERIMENT, PolicySource.AGENT, PolicySource.TIER, NO_POLICY]
 
 MAX_INSTANCES = 10_000
 THRESHOLD = {"max_digits": 6, "decimal_places": 2, "min_value": Decimal("0")}
@@ -130,8 +132,9 @@ class ScalingPolicyOut(serializers.ModelSerializer):
             "updated_at",
         ]
 
+    @extend_schema_field(serializers.ChoiceField(choices=SOURCES))
     def get_source(self, obj: ScalingPolicy) -> str:
-        return self.context.get("source") or ("agent" if obj.agent_id else "tier")
+        return self.context.get("source") or (PolicySource.AGENT if obj.agent_id else PolicySource.TIER)
 
     def get_scope(self, obj: ScalingPolicy) -> str:
         return self.get_source(obj)
@@ -205,7 +208,9 @@ class ScalingPolicyView(AgentScopedView):
             _ensure_operator(request, "change a scaling policy")
             policy, created = scaling_policy_set(agent=agent, **valid(ScalingPolicyIn, body))
             # The override as written (source "agent"), even while an experiment's arm governs the agent.
-            return (201 if created else 200), ScalingPolicyOut(policy, context={"source": "agent"}).data
+            return (201 if created else 200), ScalingPolicyOut(
+                policy, context={"source": PolicySource.AGENT}
+            ).data
 
         return run_mutation(request, action="scaling.policy", agent_id=agent_id, handler=save)
 
