@@ -27,13 +27,15 @@ from ledger.periods import month_bounds
 from ledger.reference_cache import resource_type_codes, tier_limits
 from ledger.rules_yaml import RuleSpec, parse_rules
 from ledger.selectors import base_limits
+from ledger.signals import reference_data_loaded
 
 # --- Reference data -------------------------------------------------------------------------------------
 
 
 @transaction.atomic
 def reference_data_load() -> dict[str, int]:
-    """Create the resource types, first prices, tiers, tier quotas and seed rules that are missing.
+    """Create the resource types, first prices, tiers, tier quotas and seed rules that are missing, then
+    what the apps built on the ledger add (``reference_data_loaded``: the tiers' default scaling policies).
 
     Idempotent and non-destructive: what an operator has since edited in the admin is left as it is.
     Returns how many rows of each kind were created.
@@ -69,6 +71,8 @@ def reference_data_load() -> dict[str, int]:
         if spec.name not in existing:
             _rule_save(spec)
             created["rules"] += 1
+    for _, counts in reference_data_loaded.send(sender=reference_data_load):
+        created.update(counts or {})
     return created
 
 

@@ -151,6 +151,7 @@ BODIES = {
     ("optimization:alert-settings", "PUT"): {"budget_thresholds": [10], "email": "thief@example.com"},
     ("optimization:scaling", "POST"): {"direction": "up"},
     ("optimization:scaling-policy", "PUT"): {"enabled": False},
+    ("optimization:scaling-policy", "DELETE"): {},
     ("optimization:agent-deals", "POST"): {
         "resource_type": "AI_TOKENS",
         "amount": 10,
@@ -289,8 +290,10 @@ def snapshot() -> dict:
         "purchases": Purchase.objects.count(),
         "executions": Execution.objects.count(),
         "scaling_events": ScalingEvent.objects.count(),
-        "scaling_policies": sorted(
-            ScalingPolicy.objects.values_list("agent_id", "tier_id", "enabled", "scale_up_threshold")
+        "scaling_policies": list(  # the tiers' (reference data) and B's own
+            ScalingPolicy.objects.order_by("pk").values_list(
+                "agent_id", "tier_id", "enabled", "scale_up_threshold"
+            )
         ),
     }
 

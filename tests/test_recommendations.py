@@ -248,6 +248,9 @@ def test_no_reduce_resource_at_exactly_10_percent(reference_data):
 
 def _policy(**fields) -> ScalingPolicy:
     defaults = {"scale_up_threshold": Decimal("80"), "scale_down_threshold": Decimal("30"), "step": 2}
+    if "tier_id" in fields:  # every tier has its default policy (reference data): this rewrites it
+        tier = fields.pop("tier_id")
+        return ScalingPolicy.objects.update_or_create(tier_id=tier, defaults={**defaults, **fields})[0]
     return ScalingPolicy.objects.create(**{**defaults, **fields})
 
 
@@ -305,6 +308,11 @@ def test_scaling_on_budget_utilization_and_not_with_auto_scaling_off(reference_d
 def test_no_scaling_recommendation_without_a_policy(reference_data):
     agent = agent_create(agent_id="unmanaged", tier_code="PRO")
     allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=850_000, now=EARLY)
+    # The PRO tier's default policy (reference data) governs it: 85 % is past its 80 %.
+    (scale,) = _of_type(agent_recommendations(agent=agent, now=NOW), "scale_up")
+    assert scale["action"]["step"] == 1
+
+    ScalingPolicy.objects.filter(tier_id="PRO").delete()
     assert not [i for i in agent_recommendations(agent=agent, now=NOW) if i["type"].startswith("scale_")]
 
 

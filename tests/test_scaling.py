@@ -58,7 +58,9 @@ def _policy(agent: Agent | None = None, tier: str | None = None, **fields) -> Sc
         "cooldown_seconds": COOLDOWN,
         **fields,
     }
-    return ScalingPolicy.objects.create(agent=agent, tier_id=tier, **values)
+    if tier is not None:  # every tier has its default policy (reference data): this rewrites it
+        return ScalingPolicy.objects.update_or_create(tier_id=tier, defaults=values)[0]
+    return ScalingPolicy.objects.create(agent=agent, **values)
 
 
 def _use(agent: Agent, amount: int, resource_type: str = "AI_TOKENS") -> None:
@@ -336,12 +338,15 @@ def test_policy_api_refuses_bad_input_and_agents(reference_data, operator_client
     keyed = keyed_agent(id="self-managed")
     url = reverse("optimization:scaling-policy", args=[keyed.id])
 
-    assert_error(operator_client.get(url), 404, "not_found")
+    inherited = operator_client.get(url)  # every agent has a policy: its tier's until it has its own
+    assert (inherited.status_code, inherited.json()["source"]) == (200, "tier")
     assert_error(keyed.client.put(url, {"enabled": False}, format="json"), 403, "forbidden")
+    assert_error(keyed.client.delete(url), 403, "forbidden")
     overlapping = {"scale_up_threshold": "40", "scale_down_threshold": "60"}
     assert_error(operator_client.put(url, overlapping, format="json"), 400, "invalid_policy")
     assert_error(operator_client.put(url, {"cooldown": 5}, format="json"), 400, "validation_error")
-    assert not ScalingPolicy.objects.exists()
+    assert_error(operator_client.delete(url), 404, "not_found")  # no override to drop
+    assert not ScalingPolicy.objects.filter(agent__isnull=False).exists()
 
     operator_client.put(url, {"max_instances": 3}, format="json")
     assert keyed.client.get(url).json()["max_instances"] == 3  # an agent may read its own

@@ -51,7 +51,8 @@ def tier_policy(**fields) -> ScalingPolicy:
         "cooldown_seconds": COOLDOWN,
         **fields,
     }
-    return ScalingPolicy.objects.create(tier_id="PRO", **values)
+    # The PRO tier's default policy (reference data), rewritten.
+    return ScalingPolicy.objects.update_or_create(tier_id="PRO", defaults=values)[0]
 
 
 def fleet(**policy) -> None:
@@ -146,7 +147,8 @@ def test_chunks_of_two_decide_what_one_chunk_decides(reference_data):
 
 @pytest.mark.django_db
 def test_an_agent_policy_governs_its_agent_in_whichever_chunk_it_falls(reference_data):
-    """Without any tier policy, only agents with their own policy are read, chunk by chunk."""
+    """With every tier's policy off, only agents with their own policy are read, chunk by chunk."""
+    ScalingPolicy.objects.filter(tier__isnull=False).update(enabled=False)
     for index in range(5):
         agent = agent_at(f"own-{index}", percent=90, instances=1)
         if index % 2 == 0:
@@ -161,7 +163,8 @@ def test_an_agent_policy_governs_its_agent_in_whichever_chunk_it_falls(reference
 
 
 @pytest.mark.django_db
-def test_no_policy_at_all_reads_no_chunk(reference_data):
+def test_no_enabled_policy_at_all_reads_no_chunk(reference_data):
+    ScalingPolicy.objects.filter(tier__isnull=False).update(enabled=False)
     agent_at("agent-a", percent=90, instances=2)
     assert scaling_evaluate(now=T0, chunk_size=2)["chunks"] == 0
     assert not ScalingEvent.objects.exists()

@@ -666,17 +666,19 @@ def _fleet_seed() -> None:
         )
         cursor.execute("ANALYZE ledger_agent")
         cursor.execute("ANALYZE quotas")
-    ScalingPolicy.objects.create(
+    ScalingPolicy.objects.update_or_create(  # the PRO tier's default policy (reference data), rewritten
         tier_id="PRO",
-        metric="resource_utilization_percent",
-        scale_up_threshold=80,
-        scale_down_threshold=30,
-        step=1,
-        min_instances=1,
-        max_instances=3,
-        quota_step_percent=QUOTA_STEP_PERCENT,
-        cooldown_seconds=600,
-        enabled=True,
+        defaults={
+            "metric": "resource_utilization_percent",
+            "scale_up_threshold": 80,
+            "scale_down_threshold": 30,
+            "step": 1,
+            "min_instances": 1,
+            "max_instances": 3,
+            "quota_step_percent": QUOTA_STEP_PERCENT,
+            "cooldown_seconds": 600,
+            "enabled": True,
+        },
     )
 
 

@@ -3,8 +3,10 @@
 * ``POST /api/v1/agents/{id}/scaling`` ``{"direction": "up"|"down", "step"?, "reason"?}``: operator only
   (an agent's key on itself answers 403 ``forbidden``; on another agent 404, as everywhere). 201 with the
   scaling event, or 200 ``{"changed": false, ...}`` when the agent is already at that bound.
-* ``GET|PUT /api/v1/agents/{id}/scaling-policy``: the policy that governs the agent (its own, else its
-  tier's, with ``scope``); PUT (operator) creates or changes the agent's own policy, ``enabled`` included.
+* ``GET|PUT|DELETE /api/v1/agents/{id}/scaling-policy``: the policy that governs the agent, for every agent,
+  with ``source`` (``experiment``, ``agent``, ``tier``; ``none`` with ``enabled: false`` when no policy
+  applies); PUT (operator) creates or changes the agent's own policy (the override), ``enabled`` included;
+  DELETE (operator) drops the override and answers the policy that governs the agent again.
 * ``GET /api/v1/agents/{id}/scaling-events``: newest first, cursor-paginated.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.urls import path
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
@@ -26,11 +28,17 @@ from allocation.api.shared.views import AgentScopedView, valid
 from ledger.errors import Conflict, LedgerError, NotFound
 from optimization.models import ScalingEvent, ScalingPolicy
 from optimization.services.scaling import (
+    PolicySource,
     scaling_apply,
     scaling_bounds,
+    scaling_policy_effective,
+    scaling_policy_override_delete,
     scaling_policy_resolve,
     scaling_policy_set,
 )
+
+NO_POLICY = "none"
+SOURCES = [PolicySource.EXPERIMENT, PolicySource.AGENT, PolicySource.TIER, NO_POLICY]
 
 MAX_INSTANCES = 10_000
 THRESHOLD = {"max_digits": 6, "decimal_places": 2, "min_value": Decimal("0")}
@@ -91,7 +99,16 @@ class ScalingPolicyIn(StrictSerializer):
 
 
 class ScalingPolicyOut(serializers.ModelSerializer):
-    scope = serializers.SerializerMethodField()
+    """A policy as it governs the agent; ``source`` (in the context) says where it comes from."""
+
+    source = serializers.SerializerMethodField(
+        help_text="Where the agent's policy comes from: its arm of a running experiment, its own override, "
+        "its tier's default, or none (auto-scaling off)"
+    )
+    scope = serializers.SerializerMethodField(help_text="The same as source (kept for existing clients)")
+    # Null with source "none": no policy row governs the agent.
+    id = serializers.IntegerField(read_only=True, allow_null=True)
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
     agent_id = serializers.CharField(allow_null=True)
     tier = serializers.CharField(source="tier_id", allow_null=True)
 
@@ -99,6 +116,7 @@ class ScalingPolicyOut(serializers.ModelSerializer):
         model = ScalingPolicy
         fields = [
             "id",
+            "source",
             "scope",
             "agent_id",
             "tier",
@@ -114,8 +132,21 @@ class ScalingPolicyOut(serializers.ModelSerializer):
             "updated_at",
         ]
 
+    @extend_schema_field(serializers.ChoiceField(choices=SOURCES))
+    def get_source(self, obj: ScalingPolicy) -> str:
+        return self.context.get("source") or (PolicySource.AGENT if obj.agent_id else PolicySource.TIER)
+
     def get_scope(self, obj: ScalingPolicy) -> str:
-        return "agent" if obj.agent_id else "tier"
+        return self.get_source(obj)
+
+
+def _effective_policy_out(agent) -> dict:
+    """The policy that governs ``agent`` as the API shows it: every agent has an answer, a disabled
+    placeholder (``source: none``) when no policy applies."""
+    policy, source = scaling_policy_effective(agent=agent)
+    if policy is None:
+        policy, source = ScalingPolicy(enabled=False), NO_POLICY
+    return ScalingPolicyOut(policy, context={"source": source}).data
 
 
 class ScaleView(AgentScopedView):
@@ -163,10 +194,7 @@ class ScaleView(AgentScopedView):
 class ScalingPolicyView(AgentScopedView):
     @extend_schema(responses=ScalingPolicyOut, summary="The scaling policy that governs the agent")
     def get(self, request, agent_id):
-        policy = scaling_policy_resolve(agent=self.agent())
-        if policy is None:
-            raise NotFound(f"agent {agent_id!r} has no scaling policy, of its own or of its tier")
-        return Response(ScalingPolicyOut(policy).data)
+        return Response(_effective_policy_out(self.agent()))
 
     @extend_schema(
         request=ScalingPolicyIn,
@@ -179,9 +207,28 @@ class ScalingPolicyView(AgentScopedView):
             agent = self.agent()
             _ensure_operator(request, "change a scaling policy")
             policy, created = scaling_policy_set(agent=agent, **valid(ScalingPolicyIn, body))
-            return (201 if created else 200), ScalingPolicyOut(policy).data
+            # The override as written (source "agent"), even while an experiment's arm governs the agent.
+            return (201 if created else 200), ScalingPolicyOut(
+                policy, context={"source": PolicySource.AGENT}
+            ).data
 
         return run_mutation(request, action="scaling.policy", agent_id=agent_id, handler=save)
+
+    @extend_schema(
+        request=None,
+        responses={200: ScalingPolicyOut},
+        summary="Drop the agent's own scaling policy: its tier's governs it again (operator)",
+    )
+    @errors(forbidden=403)
+    def delete(self, request, agent_id):
+        def drop(body):
+            agent = self.agent()
+            _ensure_operator(request, "change a scaling policy")
+            if not scaling_policy_override_delete(agent=agent):
+                raise NotFound(f"agent {agent_id!r} has no scaling policy of its own")
+            return 200, _effective_policy_out(agent)
+
+        return run_mutation(request, action="scaling.policy_delete", agent_id=agent_id, handler=drop)
 
 
 class ScalingEventPagination(CursorPagination):

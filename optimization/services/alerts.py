@@ -94,6 +94,12 @@ def alerts_dispatch(*, now: dt.datetime | None = None) -> None:
     transaction.on_commit(_delivery_enqueue)
 
 
+def alert_delivery_enqueue_on_commit() -> None:
+    """Ask for delivery once the current transaction commits (at once outside one): for alerts and
+    deliveries written in SQL by another service (scaling's)."""
+    transaction.on_commit(_delivery_enqueue)
+
+
 def _delivery_enqueue() -> None:
     """Ask a worker to deliver now rather than at the next periodic run. A broker that is down loses
     nothing: the deliveries are rows, and the periodic ``alerts_deliver`` picks them up."""

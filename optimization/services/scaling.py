@@ -2,9 +2,12 @@
 
 Auto-scaling (``scaling_evaluate``, every five minutes) follows these rules:
 
-* **Policy**: an agent's own ``ScalingPolicy`` wins over its tier's. No policy, or a policy with
-  ``enabled=False``, means the agent is not auto-scaled (an agent's disabled policy also hides its tier's:
-  that is how one agent of a tier is taken out of auto-scaling).
+* **Policy**: the agent's *effective* policy (``agents_with_effective_scaling_policy``, one SQL fragment):
+  the policy of its arm when it is assigned to an arm of a running experiment (``ended_at`` null) that has
+  one, else its own (the override an operator PUTs), else its tier's. Every tier has a default policy
+  (``TIER_DEFAULT_POLICIES``: on for PRO and ENTERPRISE, off for FREE and CUSTOM). No policy, or a policy
+  with ``enabled=False``, means the agent is not auto-scaled (an agent's disabled policy also hides its
+  tier's: that is how one agent of a tier is taken out of auto-scaling).
 * **Metric**: ``resource_utilization_percent`` is the agent's most utilized resource this period
   (used + reserved over the limit); ``budget_utilization_percent`` is this period's spend over the monthly
   budget. An agent with nothing to measure (no quota opened this period, no budget) is left alone.
@@ -21,16 +24,21 @@ Auto-scaling (``scaling_evaluate``, every five minutes) follows these rules:
   period (a ``scaling`` grant), recorded as a ``vertical`` event whose before/after is that quota's limit.
   Nothing is ever taken away vertically.
 
+Every change is recorded with its ``scaling`` alert and the alert's webhook deliveries (when an enabled
+endpoint listens to the agent), in one statement (``optimization/services/scaling_events.py``): an
+orchestrator hears of each one, auto, rule or manual.
+
 Only changes are recorded: a decision that changes nothing (at a bound, in cooldown) writes no event, so it
 does not restart the cooldown either. An event at the evaluation's own time or later also counts as a
 cooldown, so an evaluation run again at the same time changes nothing, whatever the cooldown.
 
 The evaluation streams through the fleet: chunks of agents by id, each in its own short transaction with a
 fixed number of set-based statements (one for the chunk's instance counts, one for its quota limits, one
-for its grants, one for its events), reading the metrics for the chunk's id range only. Each chunk first
-locks the agents it may scale, so two evaluations running at once take turns chunk by chunk and the second
-sees the first one's events (and is then in cooldown). No lock outlives its chunk, and a crash loses only
-the chunk in flight: the next evaluation finds the agents of the chunks done in their cooldown.
+for its grants, one for its events with their alerts and deliveries), reading the metrics for the chunk's
+id range only. Each chunk first locks the agents it may scale, so two evaluations running at once take
+turns chunk by chunk and the second sees the first one's events (and is then in cooldown). No lock outlives
+its chunk, and a crash loses only the chunk in flight: the next evaluation finds the agents of the chunks
+done in their cooldown.
 """
 
 from __future__ import annotations
@@ -42,20 +50,27 @@ from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 from django.db.models import (
-    Exists,
+    BigIntegerField,
+    Case,
+    CharField,
     Max,
     OuterRef,
-    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
 )
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from ledger.bulk import bulk_insert, bulk_update_column
+from ledger.bulk import bulk_update_column
 from ledger.errors import Conflict, LedgerError
-from ledger.models import Agent, Grant, Quota
+from ledger.models import Agent, Grant, Quota, Tier
 from ledger.periods import month_bounds
 from optimization import selectors
-from optimization.models import ScalingEvent, ScalingPolicy
+from optimization.models import ExperimentAssignment, ScalingEvent, ScalingPolicy
 from optimization.selectors import AgentRange, agent_chunks
+from optimization.services.scaling_events import ScalingChange, scaling_events_record
 
 AUTO_ACTOR = "auto-scaler"
 RESOURCE_METRIC = "resource_utilization_percent"
@@ -76,14 +91,111 @@ POLICY_FIELDS = (
 )
 
 
+# Each tier's default policy, created where missing (never overwritten) by the data migration
+# optimization 0014 and by ``load_reference_data``. The thresholds are the product description's: 80 %
+# utilization is its warning level (scale up past it); below 30 % an instance is mostly idle. FREE is off
+# (one instance is what the tier buys) and so is CUSTOM (a contract's agents are scaled as agreed, by an
+# operator's policy per agent); both can be switched on per agent or for the tier.
+TIER_DEFAULT_POLICIES: dict[str, dict] = {
+    "FREE": {"enabled": False, "max_instances": 2, "quota_step_percent": 0, "cooldown_seconds": 600},
+    "PRO": {"enabled": True, "max_instances": 10, "quota_step_percent": 0, "cooldown_seconds": 600},
+    "ENTERPRISE": {"enabled": True, "max_instances": 50, "quota_step_percent": 10, "cooldown_seconds": 300},
+    "CUSTOM": {"enabled": False, "max_instances": 10, "quota_step_percent": 0, "cooldown_seconds": 600},
+}
+TIER_POLICY_COMMON = {
+    "metric": RESOURCE_METRIC,
+    "scale_up_threshold": Decimal("80"),
+    "scale_down_threshold": Decimal("30"),
+    "step": 1,
+    "min_instances": 1,
+}
+
+
+class PolicySource:
+    """Where an agent's effective policy comes from, in the order that decides."""
+
+    EXPERIMENT = "experiment"
+    AGENT = "agent"
+    TIER = "tier"
+
+
 # --- Policies and bounds --------------------------------------------------------------------------------
 
 
+def agents_with_effective_scaling_policy(agents: QuerySet[Agent]) -> QuerySet[Agent]:
+    """``agents`` annotated with ``effective_policy_id`` and ``effective_policy_source``: the one place that
+    says which policy governs an agent, for one agent (``scaling_policy_effective``) and for a sweep's chunk
+    alike. In this order:
+
+    1. ``experiment``: the scaling policy of the agent's arm in a running experiment (``ended_at`` null),
+       when the arm has one; in several, the experiment started last;
+    2. ``agent``: the agent's own policy (the override);
+    3. ``tier``: its tier's policy.
+
+    Null, both, when none applies. Three index lookups per agent, in the query that reads the agents."""
+    running_arm = (
+        ExperimentAssignment.objects.filter(
+            agent_id=OuterRef("pk"), experiment__ended_at__isnull=True, arm__scaling_policy__isnull=False
+        )
+        .order_by("-experiment__started_at", "-experiment_id")
+        .values("arm__scaling_policy_id")[:1]
+    )
+    own = ScalingPolicy.objects.filter(agent_id=OuterRef("pk")).values("pk")[:1]
+    of_tier = ScalingPolicy.objects.filter(tier_id=OuterRef("tier_id")).values("pk")[:1]
+    return agents.annotate(
+        experiment_policy_id=Subquery(running_arm, output_field=BigIntegerField()),
+        own_policy_id=Subquery(own, output_field=BigIntegerField()),
+        tier_policy_id=Subquery(of_tier, output_field=BigIntegerField()),
+    ).annotate(
+        effective_policy_id=Coalesce(
+            "experiment_policy_id", "own_policy_id", "tier_policy_id", output_field=BigIntegerField()
+        ),
+        effective_policy_source=Case(
+            When(experiment_policy_id__isnull=False, then=Value(PolicySource.EXPERIMENT)),
+            When(own_policy_id__isnull=False, then=Value(PolicySource.AGENT)),
+            When(tier_policy_id__isnull=False, then=Value(PolicySource.TIER)),
+            default=None,
+            output_field=CharField(),
+        ),
+    )
+
+
+def scaling_policy_effective(*, agent: Agent) -> tuple[ScalingPolicy | None, str | None]:
+    """The policy that governs ``agent`` (enabled or not) and where it comes from (a ``PolicySource``), or
+    (None, None). Two queries."""
+    found = (
+        agents_with_effective_scaling_policy(Agent.objects.filter(pk=agent.pk))
+        .values_list("effective_policy_id", "effective_policy_source")
+        .first()
+    )
+    if found is None or found[0] is None:
+        return None, None
+    policy = ScalingPolicy.objects.filter(pk=found[0]).first()
+    return policy, (found[1] if policy is not None else None)
+
+
 def scaling_policy_resolve(*, agent: Agent) -> ScalingPolicy | None:
-    """The policy that governs ``agent``: its own, else its tier's (enabled or not). One query."""
-    policies = list(ScalingPolicy.objects.filter(Q(agent_id=agent.pk) | Q(tier_id=agent.tier_id)))
-    own = next((policy for policy in policies if policy.agent_id == agent.pk), None)
-    return own or next(iter(policies), None)
+    """The policy that governs ``agent`` (``scaling_policy_effective``), enabled or not."""
+    return scaling_policy_effective(agent=agent)[0]
+
+
+def scaling_policy_override_delete(*, agent: Agent) -> bool:
+    """Drop the agent's own policy, so that its tier's governs it again. Returns whether there was one."""
+    deleted, _ = ScalingPolicy.objects.filter(agent_id=agent.pk).delete()
+    return bool(deleted)
+
+
+def tier_scaling_policies_ensure() -> int:
+    """Create the default policy (``TIER_DEFAULT_POLICIES``) of every tier that has none. A tier's policy
+    an operator has written is left as it is. Returns how many were created."""
+    have = set(ScalingPolicy.objects.filter(tier_id__isnull=False).values_list("tier_id", flat=True))
+    missing = [
+        ScalingPolicy(tier_id=code, **TIER_POLICY_COMMON, **TIER_DEFAULT_POLICIES[code])
+        for code in Tier.objects.filter(code__in=list(TIER_DEFAULT_POLICIES)).values_list("code", flat=True)
+        if code not in have
+    ]
+    # ignore_conflicts: a load running at the same time may have created one meanwhile; it is the same.
+    return len(ScalingPolicy.objects.bulk_create(missing, ignore_conflicts=True))
 
 
 def scaling_bounds(*, agent_min: int, agent_max: int, policy: ScalingPolicy | None) -> tuple[int, int]:
@@ -184,17 +296,13 @@ def scaling_apply(
     if after == before:
         return None
     Agent.objects.filter(pk=agent.pk).update(instance_count=after, updated_at=now)
-    return ScalingEvent.objects.create(
-        agent=agent,
-        direction=direction,
-        kind=ScalingEvent.Kind.HORIZONTAL,
+    (event,) = scaling_events_record(
+        changes=[ScalingChange(agent.pk, direction, ScalingEvent.Kind.HORIZONTAL, before, after, reason)],
         trigger=trigger,
-        before=before,
-        after=after,
-        reason=reason[:300],
-        actor=actor[:150],
-        created_at=now,
+        actor=actor,
+        now=now,
     )
+    return event
 
 
 # --- The fleet, in chunks -------------------------------------------------------------------------------
@@ -267,45 +375,40 @@ def scaling_evaluate(*, now: dt.datetime | None = None, chunk_size: int = SCALIN
     """
     now = now or timezone.now()
     summary = _summary()
-    by_tier = {policy.tier_id: policy for policy in ScalingPolicy.objects.filter(tier_id__isnull=False)}
-    if not by_tier and not ScalingPolicy.objects.filter(agent_id__isnull=False).exists():
+    if not ScalingPolicy.objects.filter(enabled=True).exists():
         return summary
     for agents in _chunks(chunk_size):
         with transaction.atomic():
-            _chunk_evaluate(agents=agents, by_tier=by_tier, now=now, summary=summary)
+            _chunk_evaluate(agents=agents, now=now, summary=summary)
         summary["chunks"] += 1
     return summary
 
 
-def _chunk_evaluate(
-    *, agents: AgentRange, by_tier: dict[str, ScalingPolicy], now: dt.datetime, summary: dict
-) -> None:
+def _chunk_evaluate(*, agents: AgentRange, now: dt.datetime, summary: dict) -> None:
     """Evaluate and scale the agents in ``agents``' id range, adding to ``summary``. Call it in a
-    transaction: at most eleven statements whatever the number of agents (the agents' lock, their own
-    policies, the metrics in three queries, their recent events, then one statement each for the instance
-    counts, the quota locks, the limits, the grants and the events)."""
+    transaction: at most eleven statements whatever the number of agents (the agents' lock with their
+    effective policies, those policies, the metrics in three queries, their recent events, then one
+    statement each for the instance counts, the quota locks, the limits, the grants and the events with
+    their alerts and deliveries)."""
     # Lock first, read the rest after: an evaluation running at the same time waits here for this chunk and
     # then sees its events (and is in cooldown). NO KEY UPDATE: allocations, whose rows only reference the
-    # agent, are not blocked by it.
-    governed_filter = Exists(ScalingPolicy.objects.filter(agent_id=OuterRef("pk")))
-    if by_tier:
-        governed_filter |= Q(tier_id__in=list(by_tier))
+    # agent, are not blocked by it. Only agents whose effective policy is enabled are locked.
     rows = list(
-        Agent.objects.select_for_update(no_key=True, of=("self",))
-        .filter(governed_filter, **agents.lookups("pk"))
+        agents_with_effective_scaling_policy(
+            Agent.objects.select_for_update(no_key=True, of=("self",)).filter(**agents.lookups("pk"))
+        )
+        .filter(effective_policy_id__in=Subquery(ScalingPolicy.objects.filter(enabled=True).values("pk")))
         .order_by("pk")
-        .values_list("pk", "tier_id", "instance_count", "min_instances", "max_instances")
+        .values_list("pk", "instance_count", "min_instances", "max_instances", "effective_policy_id")
     )
     if not rows:
         return
-    by_agent = {
-        policy.agent_id: policy for policy in ScalingPolicy.objects.filter(**agents.lookups("agent_id"))
-    }
-    governed = []
-    for agent_id, tier_id, count, agent_min, agent_max in rows:
-        policy = by_agent.get(agent_id) or by_tier.get(tier_id)
-        if policy is not None and policy.enabled:
-            governed.append((agent_id, count, agent_min, agent_max, policy))
+    policies = ScalingPolicy.objects.in_bulk({row[4] for row in rows})
+    governed = [
+        (agent_id, count, agent_min, agent_max, policies[policy_id])
+        for agent_id, count, agent_min, agent_max, policy_id in rows
+        if policy_id in policies and policies[policy_id].enabled
+    ]
     if not governed:
         return
     summary["evaluated"] += len(governed)
@@ -390,18 +493,14 @@ def _chunk_evaluate(
         )
     grants = _vertical_apply(decisions=vertical, now=now)
     decisions = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL or d.quota_id]
-    bulk_insert(
-        model=ScalingEvent,
-        columns={
-            "agent_id": [d.agent_id for d in decisions],
-            "direction": [d.direction for d in decisions],
-            "kind": [d.kind for d in decisions],
-            "resource_type_id": [d.resource_type_id for d in decisions],
-            "before": [d.before for d in decisions],
-            "after": [d.after for d in decisions],
-            "reason": [d.reason[:300] for d in decisions],
-        },
-        constants={"trigger": ScalingEvent.Trigger.AUTO, "actor": AUTO_ACTOR, "created_at": now},
+    scaling_events_record(
+        changes=[
+            ScalingChange(d.agent_id, d.direction, d.kind, d.before, d.after, d.reason, d.resource_type_id)
+            for d in decisions
+        ],
+        trigger=ScalingEvent.Trigger.AUTO,
+        actor=AUTO_ACTOR,
+        now=now,
     )
     summary["scaled_up"] += sum(1 for d in horizontal if d.direction == UP)
     summary["scaled_down"] += sum(1 for d in horizontal if d.direction == DOWN)
@@ -456,9 +555,15 @@ def _vertical_apply(*, decisions: list[_Decision], now: dt.datetime) -> int:
 __all__ = [
     "POLICY_FIELDS",
     "SCALING_CHUNK",
+    "TIER_DEFAULT_POLICIES",
+    "PolicySource",
+    "agents_with_effective_scaling_policy",
     "scaling_apply",
     "scaling_bounds",
     "scaling_evaluate",
+    "scaling_policy_effective",
+    "scaling_policy_override_delete",
     "scaling_policy_resolve",
     "scaling_policy_set",
+    "tier_scaling_policies_ensure",
 ]
