@@ -46,10 +46,22 @@ def test_pages_need_a_staff_login(fleet, client, django_user_model):
     assert client.get(reverse("dashboard:fleet")).status_code == 302
 
 
+def _rollups_built() -> None:
+    """The rollups of the demo's history, as the backfill command and the upkeep build them."""
+    from optimization.rollups import floor_day
+    from optimization.services.rollups import usage_rollups_backfill
+
+    now = timezone.now()
+    usage_rollups_backfill(
+        since=month_bounds(now)[0] - dt.timedelta(days=1), until=floor_day(now) + dt.timedelta(days=1)
+    )
+
+
 def test_fleet_page_and_data(fleet, admin_client_logged_in):
     from optimization.services.alerts import budget_sweep
 
     budget_sweep()  # the demo's budgets past a threshold alert, as the beat sweep would
+    _rollups_built()
     page = admin_client_logged_in.get(reverse("dashboard:fleet"))
     assert page.status_code == 200
     assert b'id="fleet-data"' in page.content
@@ -98,12 +110,14 @@ def test_fleet_page_queries_are_bounded_whatever_the_fleet(fleet, monkeypatch):
     monkeypatch.setattr(dashboard_data, "EXACT_COUNT_CAP", bound - 1)
     monkeypatch.setattr(dashboard_data, "NEAREST_ALERTS_READ", bound)
     budget_sweep()
+    _rollups_built()
     with CaptureQueriesContext(connection) as small:
         dashboard_data.fleet_overview()
     for index in range(40):
         agent = AgentFactory(id=f"agent-more-{index:03d}", monthly_budget_usd=Decimal("1"))
         allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=60_000)
     budget_sweep()
+    _rollups_built()
     with CaptureQueriesContext(connection) as large:
         dashboard_data.fleet_overview()
     assert Agent.objects.count() == 44

@@ -20,7 +20,7 @@ from ledger.money import cents, money_text, percent
 from ledger.periods import month_bounds
 from ledger.services import quotas_open_all
 from optimization import selectors
-from optimization.models import Alert, ScalingEvent
+from optimization.models import Alert, FleetUsageRollup, ScalingEvent, UsageRollup
 from optimization.rollups import UsageWindow, usage_totals
 from optimization.services.analytics import efficiency_score
 from optimization.services.recommendations import recommendations_for
@@ -107,21 +107,20 @@ def _linear_forecast(*, spent: Decimal, start: dt.datetime, end: dt.datetime, no
 
 
 def fleet_spend(*, now: dt.datetime) -> dict:
-    """The fleet's spend this period, per day, and the forecast at that pace. One statement over the daily
-    and hourly rollups (``optimization.rollups``): the rows it reads grow with the days, not the agents."""
+    """The fleet's spend this period, per day, and the forecast at that pace, from the fleet's daily
+    rollups (``FleetUsageRollup``): one query of at most a row per day and resource type, however many
+    agents. The figures are those of the rollups' last upkeep run (every five minutes)."""
     start, end = month_bounds(now)
     days = [(start + dt.timedelta(days=i)).date() for i in range((now.date() - start.date()).days + 1)]
-    totals = usage_totals(
-        windows={"period": UsageWindow(start)},
-        group_by=("day",),
-        where="period_start = %(period)s",
-        params={"period": start},
-    )
+    rows = FleetUsageRollup.objects.filter(
+        granularity=UsageRollup.Granularity.DAY,
+        period_start=start,
+    ).values_list("bucket_start", "cost_usd")
     per_day: dict[dt.date, Decimal] = {}
-    for (_, day), figures in totals.items():
+    for bucket_start, cost in rows:
         # A settlement made just after the period ended belongs to it: it counts on the last day shown.
-        key = min(max(day, days[0]), days[-1])
-        per_day[key] = per_day.get(key, Decimal(0)) + figures.cost_usd
+        key = min(max(bucket_start.astimezone(dt.UTC).date(), days[0]), days[-1])
+        per_day[key] = per_day.get(key, Decimal(0)) + cost
     spent = sum(per_day.values(), Decimal(0))
     return {
         "period_start": start.date().isoformat(),

@@ -116,7 +116,8 @@
         el("div", {}, [el("dt", {text: "Forecast for the period (to " + day(spend.period_end) + ")"}), el("dd", {"data-figure": "forecast", text: money(spend.forecast_usd)})]),
         el("div", {}, [el("dt", {text: "Agents"}), el("dd", {"data-figure": "agents", text: (data.total_estimated ? "≈ " : "") + fmt(data.total_agents)})])
       ]),
-      el("div", {class: "chart-wrap"}, [dailyBars(spend.days, panel ? panel.clientWidth : 720)])
+      el("div", {class: "chart-wrap"}, [dailyBars(spend.days, panel ? panel.clientWidth : 720)]),
+      el("p", {class: "muted", text: "From the usage rollups, brought up to date every five minutes."})
     ]));
     setPanel(root, "tiers", table(["Tier"].concat(statuses).concat(["Total"]), data.tiers.map(function (t) {
       return [t.tier].concat(statuses.map(function (s) { return count(t.counts[s]); })).concat([(t.estimated ? "≈ " : "") + fmt(t.total)]);
