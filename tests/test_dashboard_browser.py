@@ -264,14 +264,20 @@ def _assert_readable(page, width: int) -> None:
 
 @pytest.mark.parametrize("width", [1280, 390])
 def test_pages_render_at_desktop_and_phone_widths(seeded, page_for, live_server, width):
+    from optimization.rollups import floor_day
     from optimization.services.alerts import budget_sweep
+    from optimization.services.rollups import usage_rollups_backfill
 
     budget_sweep()
+    now = timezone.now()
+    usage_rollups_backfill(since=month_bounds(now)[0], until=floor_day(now) + dt.timedelta(days=1))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = page_for(width)
     page.goto(f"{live_server.url}/dashboard/")
     page.wait_for_selector('[data-panel="nearest"] table')
-    assert page.query_selector('[data-panel="spend"] svg.bars rect[data-day]')
+    bars = page.query_selector_all('[data-panel="spend"] svg.bars rect[data-day]')
+    assert len(bars) == (now.date() - month_bounds(now)[0].date()).days + 1
+    assert max(bar.bounding_box()["height"] for bar in bars) > 50
     assert page.inner_text('[data-figure="forecast"]').startswith("$")
     # The tier table keeps its Total column on a phone: each row's total is on screen.
     totals = page.query_selector_all('[data-panel="tiers"] td[data-label="Total"]')
