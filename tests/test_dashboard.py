@@ -38,12 +38,14 @@ def _current_quotas(agent_id: str):
 
 def test_pages_need_a_staff_login(fleet, client, django_user_model):
     resources = f"{reverse('dashboard:resources')}?agent=agent-123"
-    for url in (reverse("dashboard:fleet"), resources, reverse("dashboard:fleet-data")):
+    csv = f"{reverse('dashboard:usage-csv')}?agent=agent-123"
+    for url in (reverse("dashboard:fleet"), resources, reverse("dashboard:fleet-data"), csv):
         response = client.get(url)
         assert response.status_code == 302 and "/admin/login/" in response["Location"]
     django_user_model.objects.create_user("visitor", password="pw-visitor-1")
     client.login(username="visitor", password="pw-visitor-1")
     assert client.get(reverse("dashboard:fleet")).status_code == 302
+    assert client.get(reverse("dashboard:agent-search"), {"q": "agent"}).status_code == 302
 
 
 def _rollups_built() -> None:
