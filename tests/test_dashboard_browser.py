@@ -243,6 +243,7 @@ TEXT_SIZES = """() => {
 CLIPPED_CELLS = """() => Array.from(document.querySelectorAll('td, th')).filter(cell => {
   if (cell.closest('thead') && getComputedStyle(cell.closest('thead')).position === 'absolute') return false;
   const card = cell.closest('.card').getBoundingClientRect(), box = cell.getBoundingClientRect();
+  if (!box.width && !box.height) return false;  // not displayed at this width
   return box.right > card.right + 1 || box.left < card.left - 1;
 }).map(cell => cell.textContent.trim().slice(0, 30))"""
 
@@ -296,6 +297,14 @@ def test_pages_render_at_desktop_and_phone_widths(seeded, page_for, live_server,
     background = page.evaluate("getComputedStyle(document.getElementById('outlook')).backgroundColor")
     assert background == "rgb(253, 238, 238)"
     page.wait_for_selector('[data-panel="range"] table')
+    # Spend per day: a row per day of the period so far, and the link to those days' usage as CSV.
+    days = (timezone.now().date() - month_bounds(timezone.now())[0].date()).days + 1
+    assert len(page.query_selector_all('[data-panel="range"] tbody tr')) == days
+    csv = page.get_attribute("a.csv", "href")
+    assert csv.startswith("/dashboard/resources/usage.csv?agent=agent-456&since=")
+    if width < 600:  # on a phone the resource types fold into one line per day
+        assert not page.query_selector('[data-panel="range"] td.per-type').is_visible()
+        assert page.query_selector('[data-panel="range"] td.by-type').is_visible()
     page.screenshot(path=str(ARTIFACTS / f"resources-{width}.png"), full_page=True)
     _assert_readable(page, width)
     # The cost chart's labels are drawn at least 12 px tall whatever the width.

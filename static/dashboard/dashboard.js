@@ -242,13 +242,22 @@
 
   function rangeTable(range) {
     if (!range) return empty("");
-    var headers = ["Day", "Total"].concat(range.resource_types);
+    // A column per resource type on a wide screen; on a phone they fold into one "By type" line per day.
+    var headers = ["Day", "Total"].concat(range.resource_types).concat(["By type"]);
     var rows = range.days.slice().reverse().map(function (d) {
-      return [day(d.day), money(d.total_usd)].concat(range.resource_types.map(function (code) { return money(d.by_type[code]); }));
+      var byType = range.resource_types.filter(function (code) { return Number(d.by_type[code]); })
+        .map(function (code) { return code + " " + money(d.by_type[code]); }).join(" · ") || "–";
+      return [day(d.day), money(d.total_usd)].concat(range.resource_types.map(function (code) { return money(d.by_type[code]); })).concat([byType]);
+    });
+    var spend = table(headers, rows, "Spend per day by resource type", "range");
+    spend.querySelectorAll("tr").forEach(function (tr) {
+      var cells = tr.children;
+      for (var i = 2; i < cells.length - 1; i++) cells[i].classList.add("per-type");
+      cells[cells.length - 1].classList.add("by-type");
     });
     return el("div", {}, [
       el("p", {text: "Spent " + money(range.total_usd) + " from " + day(range.since) + " to " + day(range.until) + ", newest day first."}),
-      table(headers, rows, "Spend per day by resource type", "range")
+      spend
     ]);
   }
 
