@@ -186,6 +186,13 @@ def test_unknown_agent_gets_a_helpful_404_page(fleet, admin_client_logged_in):
     assert "Django" not in page and "Traceback" not in page
     data = admin_client_logged_in.get(f"{reverse('dashboard:resources-data')}?agent=agent-1")
     assert data.status_code == 404 and data.json()["error"]["code"] == "not_found"
+    action = admin_client_logged_in.post(
+        reverse("dashboard:action", args=["scale"]),
+        {"agent": "agent-1", "direction": "up"},
+        HTTP_ACCEPT="application/json",
+    )
+    assert action.status_code == 404 and action.json()["error"]["code"] == "not_found"
+    assert not ScalingEvent.objects.exists() and not AuditRecord.objects.exists()
 
 
 def test_agent_picker_suggests_ids_that_start_with_the_text(fleet, admin_client_logged_in):

@@ -17,6 +17,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from allocation import exports
 from allocation.api.shared.audit import audit_record
+from allocation.api.shared.errors import error_body
 from ledger.errors import LedgerError
 from ledger.models import Agent
 from optimization.dashboard import data
@@ -130,9 +131,7 @@ def resources_data(request: HttpRequest) -> JsonResponse:
     try:
         agent = _agent(request)
     except UnknownAgent as exc:
-        return JsonResponse(
-            {"error": {"code": "not_found", "message": f"no agent {exc.agent_id!r}"}}, status=404
-        )
+        return JsonResponse(error_body("not_found", f"no agent {exc.agent_id!r}"), status=404)
     since, until, _ = _range(request)
     return JsonResponse(data.agent_monitor(agent=agent, since=since, until=until))
 
@@ -229,6 +228,8 @@ def action(request: HttpRequest, name: str) -> HttpResponse:
     try:
         agent = _agent(request)
     except UnknownAgent as exc:
+        if request.headers.get("Accept", "").startswith("application/json"):
+            return JsonResponse(error_body("not_found", f"no agent {exc.agent_id!r}"), status=404)
         return _not_found(request, exc.agent_id)
     actor = f"user:{request.user.get_username()}"
     body = {key: value for key, value in request.POST.items() if key != "csrfmiddlewaretoken"}
