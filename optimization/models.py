@@ -526,3 +526,33 @@ class UsageRollupState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: [{self.covered_from:%Y-%m-%dT%H}, {self.sealed_through:%Y-%m-%dT%H})"
+
+
+class FleetUsageRollup(models.Model):
+    """The whole fleet's usage per hour or per day, resource type and quota period: the agents' rollups
+    (``UsageRollup``) of each bucket summed, kept by the same upkeep (``optimization.services.rollups``), so
+    that the fleet page reads a few rows per day however many agents there are."""
+
+    granularity = models.CharField(max_length=4, choices=UsageRollup.Granularity.choices)
+    bucket_start = models.DateTimeField()
+    resource_type = models.ForeignKey(
+        ResourceType, on_delete=models.DO_NOTHING, related_name="+", db_constraint=False, db_index=False
+    )
+    period_start = models.DateTimeField()
+    units = models.BigIntegerField()
+    cost_usd = models.DecimalField(**ROLLUP_COST)
+    calls = models.BigIntegerField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "fleet_usage_rollups"
+        ordering = ["granularity", "bucket_start", "resource_type_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["granularity", "bucket_start", "resource_type", "period_start"],
+                name="fleet_usage_rollup_bucket_key",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"fleet {self.granularity} {self.bucket_start:%Y-%m-%dT%H} {self.resource_type_id}"

@@ -103,7 +103,9 @@ def page_for(browser, live_server, admin_user, client):
         page = context.new_page()
         page.console_errors = []
         page.outside_requests = []
+        page.failed_responses = []
         page.on("console", lambda msg: msg.type == "error" and page.console_errors.append(msg.text))
+        page.on("response", lambda r: r.status >= 400 and page.failed_responses.append(f"{r.status} {r.url}"))
         page.on("pageerror", lambda exc: page.console_errors.append(str(exc)))
 
         def guard(route):
@@ -219,19 +221,39 @@ def test_resource_monitor_shows_each_budget_remaining_and_flags_a_refusing_one(s
     assert page.outside_requests == []
 
 
-@pytest.mark.parametrize("width", [1280, 390])
-def test_pages_render_at_desktop_and_phone_widths(seeded, page_for, live_server, width):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page = page_for(width)
-    page.goto(f"{live_server.url}/dashboard/")
-    page.wait_for_selector('[data-panel="top"] table')
-    assert "agent-" in page.inner_text('[data-panel="top"]')
-    page.screenshot(path=str(ARTIFACTS / f"fleet-{width}.png"), full_page=True)
-    page.click(f'[data-panel="top"] a[href$="agent={seeded.pk}"]')
-    page.wait_for_selector("figure.gauge")
-    page.screenshot(path=str(ARTIFACTS / f"resources-{width}.png"), full_page=True)
+# Every piece of text on the page, with its rendered size: CSS font size for HTML, the drawn height of SVG
+# text (a scaled drawing shrinks its labels without changing their CSS size).
+TEXT_SIZES = """() => {
+  const found = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const text = walker.currentNode.textContent.trim();
+    const el = walker.currentNode.parentElement;
+    if (!text || !el || el.closest('.sr-only, [hidden], title, script, style, datalist')) continue;
+    const box = el.getBoundingClientRect();
+    if (!box.width || !box.height) continue;
+    // An SVG label's drawn box is about its font size tall; an HTML element's font size is computed.
+    const size = el.closest('svg') ? box.height : parseFloat(getComputedStyle(el).fontSize);
+    found.push({text: text.slice(0, 40), size: size});
+  }
+  return found;
+}"""
+
+# Table cells cut off by their card (a card scrolls sideways rather than widening the page).
+CLIPPED_CELLS = """() => Array.from(document.querySelectorAll('td, th')).filter(cell => {
+  if (cell.closest('thead') && getComputedStyle(cell.closest('thead')).position === 'absolute') return false;
+  const card = cell.closest('.card').getBoundingClientRect(), box = cell.getBoundingClientRect();
+  if (!box.width && !box.height) return false;  // not displayed at this width
+  return box.right > card.right + 1 || box.left < card.left - 1;
+}).map(cell => cell.textContent.trim().slice(0, 30))"""
+
+
+def _assert_readable(page, width: int) -> None:
     # Nothing wider than the viewport: readable without sideways scrolling of the page.
     assert page.evaluate("document.documentElement.scrollWidth") <= width
+    small = [item for item in page.evaluate(TEXT_SIZES) if item["size"] < 11.5]
+    assert small == [], small
+    assert page.evaluate(CLIPPED_CELLS) == []
     # Every control has an accessible name.
     unnamed = page.evaluate(
         """Array.from(document.querySelectorAll('button, input:not([type=hidden]), select')).filter(el =>
@@ -239,5 +261,88 @@ def test_pages_render_at_desktop_and_phone_widths(seeded, page_for, live_server,
             'label[for="' + el.id + '"]')))).length"""
     )
     assert unnamed == 0
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_pages_render_at_desktop_and_phone_widths(seeded, page_for, live_server, width):
+    from optimization.rollups import floor_day
+    from optimization.services.alerts import budget_sweep
+    from optimization.services.rollups import usage_rollups_backfill
+
+    budget_sweep()
+    now = timezone.now()
+    usage_rollups_backfill(since=month_bounds(now)[0], until=floor_day(now) + dt.timedelta(days=1))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = page_for(width)
+    page.goto(f"{live_server.url}/dashboard/")
+    page.wait_for_selector('[data-panel="nearest"] table')
+    bars = page.query_selector_all('[data-panel="spend"] svg.bars rect[data-day]')
+    assert len(bars) == (now.date() - month_bounds(now)[0].date()).days + 1
+    assert max(bar.bounding_box()["height"] for bar in bars) > 50
+    assert page.inner_text('[data-figure="forecast"]').startswith("$")
+    # The tier table keeps its Total column on a phone: each row's total is on screen.
+    totals = page.query_selector_all('[data-panel="tiers"] td[data-label="Total"]')
+    assert len(totals) == 4 and all(cell.is_visible() for cell in totals)
+    assert all(cell.bounding_box()["x"] + cell.bounding_box()["width"] <= width for cell in totals)
+    page.screenshot(path=str(ARTIFACTS / f"fleet-{width}.png"), full_page=True)
+    _assert_readable(page, width)
+
+    page.click(f'[data-panel="nearest"] a[href$="agent={seeded.pk}"]')
+    page.wait_for_selector("figure.gauge")
+    # The forecast against the budget is the first thing under the heading, in words and colour.
+    outlook = page.query_selector("#outlook")
+    assert outlook.get_attribute("data-level") == "critical"
+    assert "runs out on" in outlook.inner_text() and "Over budget" in outlook.inner_text()
+    assert outlook.bounding_box()["y"] < page.query_selector("#h-gauges").bounding_box()["y"]
+    background = page.evaluate("getComputedStyle(document.getElementById('outlook')).backgroundColor")
+    assert background == "rgb(253, 238, 238)"
+    page.wait_for_selector('[data-panel="range"] table')
+    # Spend per day: a row per day of the period so far, and the link to those days' usage as CSV.
+    days = (timezone.now().date() - month_bounds(timezone.now())[0].date()).days + 1
+    assert len(page.query_selector_all('[data-panel="range"] tbody tr')) == days
+    csv = page.get_attribute("a.csv", "href")
+    assert csv.startswith("/dashboard/resources/usage.csv?agent=agent-456&since=")
+    if width < 600:  # on a phone the resource types fold into one line per day
+        assert not page.query_selector('[data-panel="range"] td.per-type').is_visible()
+        assert page.query_selector('[data-panel="range"] td.by-type').is_visible()
+    page.screenshot(path=str(ARTIFACTS / f"resources-{width}.png"), full_page=True)
+    _assert_readable(page, width)
+    # The cost chart's labels are drawn at least 12 px tall whatever the width.
+    heights = [label.bounding_box()["height"] for label in page.query_selector_all("svg.chart text.axis")]
+    assert heights and min(heights) >= 12
+    # Every y-axis label has the same form: "$" and a number with the same decimals.
+    labels = [
+        label.text_content() for label in page.query_selector_all("svg.chart text.axis[text-anchor=end]")
+    ]
+    assert (
+        len({len(label.split(".")[-1]) if "." in label else 0 for label in labels if label.startswith("$")})
+        == 1
+    )
+
     assert page.console_errors == []
+    assert page.outside_requests == []
+    assert page.failed_responses == []
+
+
+def test_unknown_agent_page_and_the_agent_picker(seeded, page_for, live_server):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = page_for(390)
+    response = page.goto(f"{live_server.url}/dashboard/resources/?agent=agent-4")
+    assert response.status == 404
+    assert "No agent “agent-4”" in page.inner_text("h1")
+    page.screenshot(path=str(ARTIFACTS / "not-found-390.png"), full_page=True)
+    _assert_readable(page, 390)
+    # The picker suggests matching ids as they are typed, and opens the one chosen.
+    page.fill("#agent-picker", "agent-4")
+    page.wait_for_function("document.querySelectorAll('#agent-options option').length > 0")
+    assert page.eval_on_selector_all("#agent-options option", "o => o.map(x => x.value)") == ["agent-456"]
+    page.fill("#agent-picker", "agent-456")
+    page.press("#agent-picker", "Enter")
+    page.wait_for_selector("figure.gauge")
+    assert page.url.endswith("agent=agent-456")
+    # Only the page asked for on purpose answered 404; nothing else failed (the favicon is served).
+    assert [entry for entry in page.failed_responses if "agent-4" not in entry] == []
+    assert page.console_errors in ([], [page.console_errors[0]]) and all(
+        "404" in error for error in page.console_errors
+    )
     assert page.outside_requests == []

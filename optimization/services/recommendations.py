@@ -98,7 +98,12 @@ def _item(
 
 
 def _money(value: Decimal) -> str:
-    return f"${cents(value)}"
+    return f"${cents(value):,}"
+
+
+def _moment(value: dt.datetime) -> str:
+    """A time as the dashboard shows every time: "2026-12-06 14:05 UTC"."""
+    return f"{value.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
 
 
 class _Context:
@@ -198,7 +203,7 @@ def _tier_items(context: _Context) -> list[dict]:
                     rationale=(
                         f"{short_text}; {target} covers every projection for "
                         f"{_money(tiers[target] - current_price)} more a month"
-                        + (f"; runs out at {earliest.isoformat()}" if earliest else "")
+                        + (f"; runs out at {_moment(earliest)}" if earliest else "")
                         + "."
                     ),
                     evidence={
@@ -262,7 +267,7 @@ def _deal_items(context: _Context) -> list[dict]:
                     f"({shortfall:,} short); deal {deal.pk} sells {deal.amount_left:,} at "
                     f"{deal.unit_price_usd.normalize():f} a unit against the list price "
                     f"{list_price.normalize():f}: buying {amount:,} saves {_money(saving)}"
-                    + (f"; runs out at {earliest.isoformat()}" if earliest else "")
+                    + (f"; runs out at {_moment(earliest)}" if earliest else "")
                     + "."
                 ),
                 evidence={

@@ -36,7 +36,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from optimization.models import UsageRollupState
+from optimization.models import FleetUsageRollup, UsageRollupState
 from optimization.rollups import (
     CONSUMPTION_SQL,
     DAY,
@@ -56,6 +56,8 @@ DEFAULT_LOOKBACK_SECONDS = 7 * 24 * 3600  # a week
 # A run stops starting chunks after this long (each chunk is at most a day), well within the task's time
 # limit; the next run goes on from the last sealed hour.
 DEFAULT_RUN_SECONDS = 120
+
+FLEET_TABLE = f'"{FleetUsageRollup._meta.db_table}"'
 
 # The advisory lock of every rollup write, in its own namespace ("ROLL") of two-integer keys.
 LOCK_NAMESPACE = 0x524F4C4C
@@ -97,6 +99,48 @@ ON CONFLICT (granularity, bucket_start, agent_id, resource_type_id, period_start
 SET units = EXCLUDED.units, cost_usd = EXCLUDED.cost_usd, calls = EXCLUDED.calls,
     updated_at = EXCLUDED.updated_at
 WHERE (r.units, r.cost_usd, r.calls) IS DISTINCT FROM (EXCLUDED.units, EXCLUDED.cost_usd, EXCLUDED.calls)
+"""
+
+# The fleet's hours and day (``FleetUsageRollup``) from the agents' hours of [lo, hi), all within one UTC day:
+# the hours are summed over every agent, the day from the fleet's hours. Buckets whose figures did not change
+# are not written again.
+_FLEET_SQL = f"""
+WITH hours AS (
+    INSERT INTO {FLEET_TABLE} AS f
+        (granularity, bucket_start, resource_type_id, period_start, units, cost_usd, calls, updated_at)
+    SELECT 'hour', bucket_start, resource_type_id, period_start,
+           sum(units)::bigint, sum(cost_usd), sum(calls)::bigint, %(stamp)s
+    FROM {ROLLUP_TABLE}
+    WHERE granularity = 'hour' AND bucket_start >= %(lo)s AND bucket_start < %(hi)s
+    GROUP BY bucket_start, resource_type_id, period_start
+    ON CONFLICT (granularity, bucket_start, resource_type_id, period_start) DO UPDATE
+    SET units = EXCLUDED.units, cost_usd = EXCLUDED.cost_usd, calls = EXCLUDED.calls,
+        updated_at = EXCLUDED.updated_at
+    WHERE (f.units, f.cost_usd, f.calls) IS DISTINCT FROM (EXCLUDED.units, EXCLUDED.cost_usd, EXCLUDED.calls)
+    RETURNING bucket_start, resource_type_id, period_start, units, cost_usd, calls
+),
+merged AS (
+    -- The day's other hours as they were, with the ones just written (a statement sees the table as it
+    -- was before it began).
+    SELECT resource_type_id, period_start, units, cost_usd, calls FROM hours
+    UNION ALL
+    SELECT f.resource_type_id, f.period_start, f.units, f.cost_usd, f.calls
+    FROM {FLEET_TABLE} f
+    WHERE f.granularity = 'hour'
+      AND f.bucket_start >= %(day)s AND f.bucket_start < %(day)s + interval '24 hours'
+      AND NOT EXISTS (SELECT 1 FROM hours h WHERE h.bucket_start = f.bucket_start
+                      AND h.resource_type_id = f.resource_type_id AND h.period_start = f.period_start)
+)
+INSERT INTO {FLEET_TABLE} AS f
+    (granularity, bucket_start, resource_type_id, period_start, units, cost_usd, calls, updated_at)
+SELECT 'day', %(day)s, resource_type_id, period_start,
+       sum(units)::bigint, sum(cost_usd), sum(calls)::bigint, %(stamp)s
+FROM merged
+GROUP BY resource_type_id, period_start
+ON CONFLICT (granularity, bucket_start, resource_type_id, period_start) DO UPDATE
+SET units = EXCLUDED.units, cost_usd = EXCLUDED.cost_usd, calls = EXCLUDED.calls,
+    updated_at = EXCLUDED.updated_at
+WHERE (f.units, f.cost_usd, f.calls) IS DISTINCT FROM (EXCLUDED.units, EXCLUDED.cost_usd, EXCLUDED.calls)
 """
 
 # A backfill repairs: every day of the range from its hours, changed or not.
@@ -152,6 +196,8 @@ def _recompute(*, lo: dt.datetime, hi: dt.datetime, run: RollupRun, every_day: b
         run.hours_written += cursor.rowcount
         cursor.execute(_ALL_DAYS_SQL if every_day else _DAYS_SQL, params)
         run.days_written += cursor.rowcount
+        # Chunks never cross a UTC midnight (``_chunks``): the fleet's rows of [lo, hi) are of one day.
+        cursor.execute(_FLEET_SQL, {**params, "day": floor_day(lo)})
     run.chunks += 1
 
 

@@ -24,9 +24,26 @@
     return node;
   }
 
+  /* One format everywhere: numbers with thousands separators; money as "$1,234.56" (finer below a dollar,
+     so a run's $0.004 left is not "$0.00"); days as 2026-12-06; moments as 2026-12-06 14:05 UTC. */
   function fmt(n) { return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"); }
-  function money(s) { return s === null || s === undefined ? "–" : "$" + Number(s).toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 2}); }
+  function money(s) {
+    if (s === null || s === undefined) return "–";
+    var n = Number(s);
+    return (n < 0 ? "−$" : "$") + Math.abs(n).toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: Math.abs(n) < 1 ? 6 : 2});
+  }
+  function day(iso) { return iso ? iso.slice(0, 10) : "–"; }
   function when(iso) { return iso ? iso.replace("T", " ").slice(0, 16) + " UTC" : "–"; }
+  /* Axis ticks at round steps (1, 2 or 5 times a power of ten), all labelled with the same decimals. */
+  function ticks(max, count) {
+    var raw = max / count, power = Math.pow(10, Math.floor(Math.log10(raw)));
+    var step = [1, 2, 5, 10].map(function (m) { return m * power; }).filter(function (v) { return v >= raw; })[0];
+    var values = [];
+    for (var v = 0; v <= max + step / 2; v += step) values.push(v);
+    if (values[values.length - 1] < max) values.push(values[values.length - 1] + step);
+    var decimals = step >= 1 ? 0 : 2;
+    return values.map(function (v) { return {value: v, label: "$" + v.toLocaleString("en-US", {minimumFractionDigits: decimals, maximumFractionDigits: decimals})}; });
+  }
   function levelLabel(level) { return level === "critical" ? "Critical" : level === "warning" ? "Warning" : "OK"; }
   function setPanel(root, name, node) {
     var panel = root.querySelector('[data-panel="' + name + '"]');
@@ -38,12 +55,16 @@
   }
   function status(text) { var live = document.getElementById("live-status"); if (live) live.textContent = text; }
 
-  function table(headers, rows, caption) {
+  /* A cell knows its column's name (data-label): on a phone each row becomes a card of label: value. */
+  function cell(header, c) {
+    return c instanceof Node ? el("td", {"data-label": header}, [c]) : el("td", {"data-label": header, text: c});
+  }
+  function table(headers, rows, caption, className) {
     var thead = el("thead", {}, [el("tr", {}, headers.map(function (h) { return el("th", {scope: "col", text: h}); }))]);
     var tbody = el("tbody", {}, rows.map(function (cells) {
-      return el("tr", {}, cells.map(function (c) { return c instanceof Node ? el("td", {}, [c]) : el("td", {text: c}); }));
+      return el("tr", {}, cells.map(function (c, i) { return cell(headers[i], c); }));
     }));
-    return el("table", {}, [caption ? el("caption", {class: "sr-only", text: caption}) : null, thead, tbody]);
+    return el("table", {class: "stack" + (className ? " " + className : "")}, [caption ? el("caption", {class: "sr-only", text: caption}) : null, thead, tbody]);
   }
   function empty(text) { return el("p", {class: "muted", text: text}); }
   function link(href, text) { return el("a", {href: href, text: text}); }
@@ -51,21 +72,64 @@
 
   /* ---------------- Fleet ---------------- */
 
+  function count(c) { return (c.estimated ? "≈ " : "") + fmt(c.count); }
+
+  /* Bars of the fleet's spend per day: its width follows the panel's, so its labels keep their size. */
+  function dailyBars(days, width) {
+    var W = Math.max(Math.round(width || 720), 260), H = W < 500 ? 180 : 220, L = 64, R = 8, T = 10, B = 26;
+    var values = days.map(function (d) { return Number(d.spent_usd); });
+    var scale = ticks(Math.max.apply(null, values.concat([0.01])), 4);
+    var maxY = scale[scale.length - 1].value;
+    var s = svg("svg", {viewBox: "0 0 " + W + " " + H, width: W, height: H, class: "chart bars", role: "img", "aria-labelledby": "spend-title"});
+    var title = svg("title", {id: "spend-title"});
+    title.textContent = "The fleet's spend per day this period";
+    s.appendChild(title);
+    function y(v) { return T + (H - T - B) * (1 - v / maxY); }
+    scale.forEach(function (t) {
+      s.appendChild(svg("line", {x1: L, x2: W - R, y1: y(t.value), y2: y(t.value), class: "grid-line"}));
+      var label = svg("text", {x: L - 6, y: y(t.value) + 4, "text-anchor": "end", class: "axis"});
+      label.textContent = t.label;
+      s.appendChild(label);
+    });
+    var slot = (W - L - R) / Math.max(days.length, 1);
+    days.forEach(function (d, i) {
+      var v = Number(d.spent_usd);
+      s.appendChild(svg("rect", {x: (L + i * slot + slot * 0.15).toFixed(1), width: Math.max(slot * 0.7, 1).toFixed(1),
+                                 y: y(v).toFixed(1), height: Math.max(y(0) - y(v), 0).toFixed(1), class: "bar",
+                                 "data-day": d.day, "data-spent": d.spent_usd}));
+    });
+    [0, days.length - 1].forEach(function (i, n) {
+      if (i < 0 || (n && i === 0)) return;
+      var label = svg("text", {x: n ? W - R : L, y: H - 6, "text-anchor": n ? "end" : "start", class: "axis"});
+      label.textContent = day(days[i].day);
+      s.appendChild(label);
+    });
+    return s;
+  }
+
   function renderFleet(root, data) {
     var statuses = data.statuses;
+    var spend = data.spend, panel = root.querySelector('[data-panel="spend"]');
+    setPanel(root, "spend", el("div", {}, [
+      el("dl", {class: "figures"}, [
+        el("div", {}, [el("dt", {text: "Spent " + day(spend.period_start) + " to today"}), el("dd", {"data-figure": "spent", text: money(spend.spent_usd)})]),
+        el("div", {}, [el("dt", {text: "Forecast for the period (to " + day(spend.period_end) + ")"}), el("dd", {"data-figure": "forecast", text: money(spend.forecast_usd)})]),
+        el("div", {}, [el("dt", {text: "Agents"}), el("dd", {"data-figure": "agents", text: (data.total_estimated ? "≈ " : "") + fmt(data.total_agents)})])
+      ]),
+      el("div", {class: "chart-wrap"}, [dailyBars(spend.days, panel ? panel.clientWidth : 720)]),
+      el("p", {class: "muted", text: "From the usage rollups, brought up to date every five minutes."})
+    ]));
     setPanel(root, "tiers", table(["Tier"].concat(statuses).concat(["Total"]), data.tiers.map(function (t) {
-      return [t.tier].concat(statuses.map(function (s) { return String(t.counts[s]); })).concat([String(t.total)]);
-    }), "Agents by tier and status"));
-    setPanel(root, "top", data.top_spenders.length ? table(["Agent", "Spent"], data.top_spenders.map(function (r) {
-      return [link(r.url, r.agent_id), money(r.spent_usd)];
-    })) : empty("No spend this period."));
-    setPanel(root, "nearest", data.nearest_limits.length ? table(["Agent", "Most used resource", "Budget", "Level"], data.nearest_limits.map(function (r) {
-      return [link(r.url, r.agent_id), r.resource_percent === null ? "–" : r.resource_type + " " + r.resource_percent + "%",
-              r.budget_percent === null ? "–" : r.budget_percent + "%", badge(r.level, levelLabel(r.level))];
-    })) : empty("No quotas opened yet."));
+      return [t.tier].concat(statuses.map(function (s) { return count(t.counts[s]); })).concat([(t.estimated ? "≈ " : "") + fmt(t.total)]);
+    }), "Agents by tier and status", "tiers"));
+    setPanel(root, "nearest", data.budgets_nearest.length ? table(["Budget", "Used", "Remaining", "Status"], data.budgets_nearest.map(function (b) {
+      var name = b.scope + " " + b.scope_id + " (" + b.window + ")";
+      return [b.url ? link(b.url, name) : name, b.percent === null ? "–" : b.percent + "% of " + money(b.limit_usd), money(b.remaining_usd),
+              b.refusing ? badge("critical", "Refusing calls") : badge(b.level, levelLabel(b.level))];
+    }), "Budgets nearest their limits", "nearest") : empty("No budget has crossed an alert threshold this month."));
     setPanel(root, "alerts", alertList(data.open_alerts, false));
     setPanel(root, "scaling", scalingTable(data.scaling_events, true));
-    bind("generated", new Date().toISOString().slice(11, 19) + " UTC");
+    bind("generated", when(data.generated_at));
   }
 
   /* ---------------- One agent ---------------- */
@@ -92,31 +156,33 @@
     ]);
   }
 
-  function costChart(cost) {
-    var W = 720, H = 260, L = 56, R = 12, T = 12, B = 28;
+  /* The chart is drawn at the panel's own width (one SVG unit is one CSS pixel), so its labels are as
+     large on a phone as on a desktop; it is drawn again when the window is resized. */
+  function costChart(cost, width) {
+    var W = Math.max(Math.round(width || 720), 260), H = W < 500 ? 220 : 260, L = 64, R = 12, T = 12, B = 28;
     var days = cost.days.length;
     var totals = [];
     for (var i = 0; i <= cost.today_index; i++) {
       totals.push(cost.series.reduce(function (sum, s) { return sum + Number(s.points[i] || 0); }, 0));
     }
-    var maxY = Math.max(Number(cost.forecast_usd || 0), Number(cost.budget_usd || 0), totals.length ? totals[totals.length - 1] : 0, 0.01) * 1.1;
+    var scale = ticks(Math.max(Number(cost.forecast_usd || 0), Number(cost.budget_usd || 0), totals.length ? totals[totals.length - 1] : 0, 0.01), 4);
+    var maxY = scale[scale.length - 1].value;
     function x(i) { return L + (W - L - R) * (days > 1 ? i / (days - 1) : 0); }
     function y(v) { return T + (H - T - B) * (1 - v / maxY); }
-    var s = svg("svg", {viewBox: "0 0 " + W + " " + H, class: "chart", role: "img", "aria-labelledby": "cost-title",
-                        preserveAspectRatio: "xMidYMid meet"});
+    var s = svg("svg", {viewBox: "0 0 " + W + " " + H, width: W, height: H, class: "chart", role: "img", "aria-labelledby": "cost-title"});
     var title = svg("title", {id: "cost-title"});
     title.textContent = "Cumulative spend this period by resource type, with budget and forecast";
     s.appendChild(title);
-    [0, 0.25, 0.5, 0.75, 1].forEach(function (f) {
-      var v = maxY * f;
-      s.appendChild(svg("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid-line"}));
-      var label = svg("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end", class: "axis"});
-      label.textContent = "$" + v.toFixed(v < 10 ? 2 : 0);
+    scale.forEach(function (t) {
+      s.appendChild(svg("line", {x1: L, x2: W - R, y1: y(t.value), y2: y(t.value), class: "grid-line"}));
+      var label = svg("text", {x: L - 6, y: y(t.value) + 4, "text-anchor": "end", class: "axis"});
+      label.textContent = t.label;
       s.appendChild(label);
     });
-    [0, Math.floor((days - 1) / 2), days - 1].forEach(function (i, n) {
-      var label = svg("text", {x: x(i), y: H - 8, "text-anchor": ["start", "middle", "end"][n], class: "axis"});
-      label.textContent = cost.days[i].slice(5);
+    (W < 500 ? [0, days - 1] : [0, Math.floor((days - 1) / 2), days - 1]).forEach(function (i, n, all) {
+      var anchor = n === 0 ? "start" : n === all.length - 1 ? "end" : "middle";
+      var label = svg("text", {x: x(i), y: H - 8, "text-anchor": anchor, class: "axis"});
+      label.textContent = day(cost.days[i]);
       s.appendChild(label);
     });
     // Stacked areas, one series per resource type.
@@ -139,19 +205,12 @@
       return el("li", {}, [el("span", {class: "swatch", style: "background:" + COLORS[k % COLORS.length]}), document.createTextNode(series.name)]);
     }).concat([
       cost.budget_usd !== null ? el("li", {}, [el("span", {class: "swatch line budget-swatch"}), document.createTextNode("Budget " + money(cost.budget_usd) + " (solid line)")]) : null,
-      el("li", {}, [el("span", {class: "swatch line forecast-swatch"}), document.createTextNode("Forecast " + money(cost.forecast_usd) + " at period end (dashed)")])
+      el("li", {}, [el("span", {class: "swatch line forecast-swatch"}), document.createTextNode("Forecast " + money(cost.forecast_usd) + " by " + day(cost.days[cost.days.length - 1]) + " (dashed)")])
     ]));
     return el("div", {}, [
       el("p", {text: "Spent " + money(cost.spent_usd) + (cost.budget_usd !== null ? " of a " + money(cost.budget_usd) + " budget" : " (no budget set)")}),
       el("div", {class: "chart-wrap"}, [s]), legend
     ]);
-  }
-
-  /* Dollars to the cent, or finer below a dollar (a run's $0.004 left is not "$0.00"). */
-  function dollars(s) {
-    if (s === null || s === undefined) return "–";
-    var n = Number(s);
-    return (n < 0 ? "−$" : "$") + Math.abs(n).toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: Math.abs(n) < 1 ? 6 : 2});
   }
 
   function budgetTable(budgets) {
@@ -162,14 +221,44 @@
       var state = b.refusing ? badge("critical", "Refusing calls")
         : badge(b.level, levelLabel(b.level) + (b.percent === null ? "" : " · " + b.percent + "% used"));
       var cells = [b.scope + " " + b.scope_id + (b.managed ? " (monthly budget)" : ""), b.window,
-        el("strong", {class: "remaining", text: dollars(b.remaining_usd)}),
-        dollars(b.limit_usd) + (Number(b.rollover_usd) ? " + " + dollars(b.rollover_usd) + " rollover" : ""),
-        dollars(b.spent_usd), dollars(b.reserved_usd), ends, b.mode, state];
+        el("strong", {class: "remaining", text: money(b.remaining_usd)}),
+        money(b.limit_usd) + (Number(b.rollover_usd) ? " + " + money(b.rollover_usd) + " rollover" : ""),
+        money(b.spent_usd), money(b.reserved_usd), ends, b.mode, state];
       return el("tr", {"data-budget": String(b.id), "data-remaining": b.remaining_usd, class: b.refusing ? "refusing" : ""},
-        cells.map(function (c) { return c instanceof Node ? el("td", {}, [c]) : el("td", {text: c}); }));
+        cells.map(function (c, i) { return cell(headers[i], c); }));
     });
     var thead = el("thead", {}, [el("tr", {}, headers.map(function (h) { return el("th", {scope: "col", text: h}); }))]);
-    return el("table", {class: "budgets"}, [el("caption", {class: "sr-only", text: "Budgets that apply to this agent"}), thead, el("tbody", {}, rows)]);
+    return el("table", {class: "budgets stack"}, [el("caption", {class: "sr-only", text: "Budgets that apply to this agent"}), thead, el("tbody", {}, rows)]);
+  }
+
+  function outlook(o) {
+    var box = document.getElementById("outlook");
+    if (!box || !o) return;
+    box.className = "outlook " + o.level;
+    box.setAttribute("data-level", o.level);
+    bind("outlook-label", (o.level === "critical" ? "Over budget" : o.level === "warning" ? "Near budget" : "On track") + ":");
+    bind("outlook-message", o.message);
+  }
+
+  function rangeTable(range) {
+    if (!range) return empty("");
+    // A column per resource type on a wide screen; on a phone they fold into one "By type" line per day.
+    var headers = ["Day", "Total"].concat(range.resource_types).concat(["By type"]);
+    var rows = range.days.slice().reverse().map(function (d) {
+      var byType = range.resource_types.filter(function (code) { return Number(d.by_type[code]); })
+        .map(function (code) { return code + " " + money(d.by_type[code]); }).join(" · ") || "–";
+      return [day(d.day), money(d.total_usd)].concat(range.resource_types.map(function (code) { return money(d.by_type[code]); })).concat([byType]);
+    });
+    var spend = table(headers, rows, "Spend per day by resource type", "range");
+    spend.querySelectorAll("tr").forEach(function (tr) {
+      var cells = tr.children;
+      for (var i = 2; i < cells.length - 1; i++) cells[i].classList.add("per-type");
+      cells[cells.length - 1].classList.add("by-type");
+    });
+    return el("div", {}, [
+      el("p", {text: "Spent " + money(range.total_usd) + " from " + day(range.since) + " to " + day(range.until) + ", newest day first."}),
+      spend
+    ]);
   }
 
   function performance(p) {
@@ -244,7 +333,10 @@
     var gauges = el("div", {class: "gauge-row"}, data.gauges.map(gauge));
     setPanel(root, "gauges", gauges);
     setPanel(root, "budgets", budgetTable(data.budgets || []));
-    setPanel(root, "cost", costChart(data.cost));
+    var costPanel = root.querySelector('[data-panel="cost"]');
+    setPanel(root, "cost", costChart(data.cost, costPanel ? costPanel.clientWidth : 720));
+    setPanel(root, "range", rangeTable(data.range));
+    outlook(data.outlook);
     setPanel(root, "performance", performance(data.performance));
     setPanel(root, "controls", controls(a));
     setPanel(root, "alerts", alertList(data.alerts, true));
@@ -278,16 +370,45 @@
       .catch(function () { status("Could not refresh the figures; retrying."); });
   }
 
+  var lastData = null;
+
   function start(rootId, dataId, render) {
     var root = document.getElementById(rootId);
     var initial = document.getElementById(dataId);
     if (!root || !initial) return false;
-    render(root, JSON.parse(initial.textContent));
-    window.setInterval(function () { if (!document.hidden) refresh(root, render); }, POLL_MS);
+    var draw = function (r, data) { lastData = data; render(r, data); };
+    draw(root, JSON.parse(initial.textContent));
+    window.setInterval(function () { if (!document.hidden) refresh(root, draw); }, POLL_MS);
+    var resizing = null, width = window.innerWidth;
+    window.addEventListener("resize", function () {
+      if (window.innerWidth === width) return;
+      width = window.innerWidth;
+      window.clearTimeout(resizing);
+      resizing = window.setTimeout(function () { if (lastData) render(root, lastData); }, 150);
+    });
     return root;
   }
 
+  /* The agent picker suggests ids as they are typed (the server answers at most twenty). */
+  function picker() {
+    var form = document.querySelector("form.picker");
+    if (!form) return;
+    var input = form.querySelector("input[name=agent]"), list = document.getElementById("agent-options"), pending = null;
+    input.addEventListener("input", function () {
+      window.clearTimeout(pending);
+      var text = input.value.trim();
+      if (!text) return;
+      pending = window.setTimeout(function () {
+        fetch(form.getAttribute("data-suggest") + "?q=" + encodeURIComponent(text), {credentials: "same-origin", headers: {"Accept": "application/json"}})
+          .then(function (response) { return response.ok ? response.json() : {agents: []}; })
+          .then(function (result) { list.replaceChildren.apply(list, result.agents.map(function (id) { return el("option", {value: id}); })); })
+          .catch(function () {});
+      }, 200);
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    picker();
     monitorRoot = start("monitor", "monitor-data", renderMonitor);
     if (!monitorRoot) start("fleet", "fleet-data", renderFleet);
   });
