@@ -663,7 +663,9 @@ def test_experiment_admin_shows_arms_inline_and_the_report_per_arm(
     assert response.status_code == 200
     page = response.content.decode()
     assert 'name="arms-0-weight"' in page
-    assert "$0.050000000000" in page and "$0.025000000000" in page
+    # Money as money: trailing zeros trimmed, cents kept.
+    assert "<td>$0.05</td>" in page and "<td>$0.025</td>" in page
+    assert "0.050000000000" not in page
     assert admin_client_logged_in.get(reverse("admin:optimization_experiment_changelist")).status_code == 200
     assert admin_client_logged_in.get(reverse("admin:optimization_experiment_add")).status_code == 200
 
