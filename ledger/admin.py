@@ -170,8 +170,14 @@ class ResourcePriceAdmin(admin.ModelAdmin):
         # A price that has taken effect is history: a new price is a new row from a new moment. Only the
         # note stays editable; a future price can still be corrected before it applies.
         if self._in_effect(obj):
-            return ("resource_type", "unit_price_usd", "effective_from", "created_at")
+            return ("resource_type", "unit_price", "effective_from", "created_at")
         return ("created_at",)
+
+    def get_fields(self, request: HttpRequest, obj=None):
+        if self._in_effect(obj):
+            # The price as money, read-only, where the form would show its twelve decimals.
+            return ("resource_type", "unit_price", "effective_from", "note", "created_at")
+        return super().get_fields(request, obj)
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         # Deleting the price in effect would silently bring back the previous one.
@@ -936,7 +942,9 @@ class BudgetAdmin(admin.ModelAdmin):
                 (None, {"fields": ("scope", "scope_id", "window")}),
                 (None, {"fields": ("limit_usd", "mode", "rollover_percent", "thresholds")}),
             ]
-        limits = {"fields": ("limit_usd", "mode", "rollover_percent", "thresholds")}
+        limits = {
+            "fields": ("limit" if obj.managed else "limit_usd", "mode", "rollover_percent", "thresholds")
+        }
         if obj.managed:
             limits["description"] = (
                 f"This is agent {obj.agent_id}'s monthly budget: to change its limit, change the agent's "
@@ -982,7 +990,7 @@ class BudgetAdmin(admin.ModelAdmin):
             "updated_at",
         ]
         if obj.managed:
-            fields.append("limit_usd")
+            fields.append("limit")  # the limit_usd of the agent's monthly budget, as money
         return fields
 
     def save_model(self, request: HttpRequest, obj, form, change: bool) -> None:

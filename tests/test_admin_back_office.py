@@ -15,10 +15,10 @@ from django.utils import timezone
 
 from allocation.services import allocation_create
 from ledger.errors import AgentThrottled
-from ledger.models import Agent, Quota, ResourcePrice, Tier, UsageLog
+from ledger.models import Agent, Budget, Quota, ResourcePrice, Tier, UsageLog
 from ledger.money import usd_text
 from ledger.periods import month_bounds
-from ledger.services import agent_set_status, quota_open
+from ledger.services import agent_set_status, agent_update, quota_open
 from tests.factories import AgentFactory
 
 pytestmark = pytest.mark.django_db
@@ -63,6 +63,7 @@ def test_usd_text_trims_trailing_zeros_and_keeps_cents(value, text):
 
 def test_prices_and_costs_show_as_money_in_lists_and_view_only_pages(reference_data, admin_client_logged_in):
     agent = AgentFactory(id="agent-money", tier=Tier.objects.get(code="PRO"))
+    agent_update(agent=agent, actor="t", monthly_budget_usd=Decimal("25"))
     allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=3)  # 3 ms at $0.00001
     log = UsageLog.objects.get(agent=agent)
     assert log.unit_price_usd == Decimal("0.000010000000")
@@ -81,6 +82,12 @@ def test_prices_and_costs_show_as_money_in_lists_and_view_only_pages(reference_d
         assert "0.000010000000" not in page and "0.000030000000" not in page, name
     usage = admin_client_logged_in.get(pages["usage log list"]).content.decode()
     assert "$0.00003<" in usage  # its cost
+    price = ResourcePrice.objects.get(resource_type_id="COMPUTE_MS")
+    price_page = admin_client_logged_in.get(reverse("admin:ledger_resourceprice_change", args=[price.pk]))
+    assert "$0.00001<" in price_page.content.decode()  # in effect: shown, not editable
+    budget = Budget.objects.get(agent=agent, managed=True)
+    budget_page = admin_client_logged_in.get(reverse("admin:ledger_budget_change", args=[budget.pk]))
+    assert "$25.00<" in budget_page.content.decode()  # the agent's monthly budget: its limit, read-only
     tiers = admin_client_logged_in.get(reverse("admin:ledger_tier_changelist")).content.decode()
     assert "$10.00<" in tiers and "$100.00<" in tiers
     assert ResourcePrice.objects.filter(unit_price_usd=Decimal("0.00001")).exists()
