@@ -44,21 +44,24 @@ CHANGE_LISTS = [
 ]
 
 
-@pytest.mark.parametrize("model", CHANGE_LISTS)
-def test_change_list_fits_1280_pixels(every_model_has_a_row, page_for, live_server, model):  # noqa: F811
+def test_every_main_change_list_fits_1280_pixels(every_model_has_a_row, page_for, live_server):  # noqa: F811
+    # One page, every list in turn: the fixture's rows are made once (each test flushes the database).
     page = page_for(1280)
-    page.goto(live_server.url + reverse(f"admin:{model}_changelist"))
-    page.wait_for_selector("#changelist")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"admin-{model}-1280.png"), full_page=True)
-    widths = page.evaluate(
-        """() => { const results = document.querySelector('.results');
-        return {document: document.documentElement.scrollWidth,
-                results: results ? results.scrollWidth : 0, visible: results ? results.clientWidth : 0}; }"""
-    )
-    # Nothing wider than the window, and the table needs no scrolling of its own either.
-    assert widths["document"] <= 1280, widths
-    assert widths["results"] <= widths["visible"], widths
+    too_wide = {}
+    for model in CHANGE_LISTS:
+        page.goto(live_server.url + reverse(f"admin:{model}_changelist"))
+        page.wait_for_selector("#result_list")
+        page.screenshot(path=str(ARTIFACTS / f"admin-{model}-1280.png"), full_page=True)
+        widths = page.evaluate(
+            """() => { const results = document.querySelector('.results');
+            return {document: document.documentElement.scrollWidth, results: results.scrollWidth,
+                    visible: results.clientWidth}; }"""
+        )
+        # Nothing wider than the window, and the table needs no scrolling of its own either.
+        if widths["document"] > 1280 or widths["results"] > widths["visible"]:
+            too_wide[model] = widths
+    assert too_wide == {}
     assert page.console_errors == []
 
 
