@@ -274,14 +274,21 @@ def test_a_team_mate_with_spare_quota_is_named_with_the_amount_to_share(saturate
 
     items = agent_recommendations(agent=saturated, now=NOW)
 
-    (share,) = _of_type(items, "share_from_teammate")
-    assert share["resource_type"] == "COMPUTE_MS"
+    shares = {item["resource_type"]: item for item in _of_type(items, "share_from_teammate")}
+    share = shares["COMPUTE_MS"]
     assert share["action"] == {"from_agent": "generous", "resource_type": "COMPUTE_MS", "amount": 33_000_000}
     # 33,000,000 ms at $0.00001: the grant they spare.
     assert share["expected_monthly_saving_usd"] == Decimal("330.00")
     assert share["evidence"]["teammate_unused_units"] == 33_000_000
     assert "generous" in share["rationale"] and "33,000,000" in share["rationale"]
     assert share["safe"] is False
+    # No team-mate has used AI tokens this period: each leaves its whole 10,000,000 (a tie: the first id).
+    assert shares["AI_TOKENS"]["action"] == {
+        "from_agent": "generous",
+        "resource_type": "AI_TOKENS",
+        "amount": 10_000_000,
+    }
+    assert shares["AI_TOKENS"]["expected_monthly_saving_usd"] == Decimal("10.00")
     # The grant is still offered for the whole shortfall.
     assert next(i for i in items if i["id"] == "grant_quota:COMPUTE_MS")["action"]["amount"] == 45_000_000
 
@@ -294,17 +301,25 @@ def test_a_team_mate_shares_at_most_the_shortfall_and_not_with_sharing_off(satur
     agent_team_set(agent=idle, team_id="pair")
     allocation_create(agent=idle, resource_type_id="AI_TOKENS", amount=1, now=EARLY)  # 9,999,997 unused
 
-    (share,) = _of_type(agent_recommendations(agent=saturated, now=NOW), "share_from_teammate")
-    assert (share["resource_type"], share["action"]["amount"]) == ("AI_TOKENS", 9_999_997)
-    assert share["expected_monthly_saving_usd"] == Decimal("9.999997")
+    def shared() -> dict[str, tuple[int, Decimal]]:
+        return {
+            item["resource_type"]: (item["action"]["amount"], item["expected_monthly_saving_usd"])
+            for item in _of_type(agent_recommendations(agent=saturated, now=NOW), "share_from_teammate")
+        }
 
+    assert shared() == {
+        "AI_TOKENS": (9_999_997, Decimal("9.999997")),
+        # Not used yet: its whole 36,000,000, less than the 45,000,000 short.
+        "COMPUTE_MS": (36_000_000, Decimal("360.00")),
+    }
     allocation_create(agent=idle, resource_type_id="COMPUTE_MS", amount=1, now=EARLY)
-    shares = _of_type(agent_recommendations(agent=saturated, now=NOW), "share_from_teammate")
-    compute = next(i for i in shares if i["resource_type"] == "COMPUTE_MS")
-    assert compute["action"]["amount"] == 35_999_997  # all the idle mate has unused: less than 45,000,000
+    assert shared()["COMPUTE_MS"] == (35_999_997, Decimal("359.99997"))
 
+    Agent.objects.filter(pk="idle").update(status=Agent.Status.SUSPENDED)  # a suspended agent gives nothing
+    assert shared() == {}
+    Agent.objects.filter(pk="idle").update(status=Agent.Status.ACTIVE)
     settings.ENABLE_COLLABORATION_SHARING = False
-    assert not _of_type(agent_recommendations(agent=saturated, now=NOW), "share_from_teammate")
+    assert shared() == {}
 
 
 def test_a_cheaper_resource_of_the_same_unit_is_recommended_with_its_saving(saturated):

@@ -28,10 +28,11 @@ Rules
   upgrade_tier item), each resource projected short gets:
   - **grant_quota**: a grant of the shortfall (projection - limit) this period, or a custom limit of the
     projection from the next: saving = -(shortfall x list price). Priority as for upgrade_tier.
-  - **share_from_teammate**: the team-mate (another agent of the same team, with this period's quota
-    open) whose quota of the resource is expected to go unused the most (limit - projection, at most what
-    is available now) gives min(shortfall, that): saving = those units at the list price, the grant they
-    spare. Priority as for upgrade_tier. Only with ``ENABLE_COLLABORATION_SHARING``.
+  - **share_from_teammate**: the team-mate (another agent of the same team, not suspended) whose quota of
+    the resource is expected to go unused the most (limit - projection, at most what is available now;
+    its whole base limit when it has not used the resource this period) gives min(shortfall, that):
+    saving = those units at the list price, the grant they spare. Priority as for upgrade_tier. Only with
+    ``ENABLE_COLLABORATION_SHARING``.
   - **cheaper_resource**: another resource type counted in the same unit at a lower list price (another
     model's tokens, say), with room in the agent's own limit of it (limit - projection): moving
     min(shortfall, room) units there saves (price - its price) x those units. Priority medium.
@@ -61,6 +62,7 @@ from django.db.models import Count
 from ledger.errors import Conflict, LedgerError, NotFound
 from ledger.models import Agent, AgentLimitOverride, Quota, ResourceType, Tier, TierQuota
 from ledger.money import cents, money_round, percent, usage_cost
+from ledger.reference_cache import tier_limits
 from ledger.selectors import prices_in_effect
 from optimization.models import Deal, Execution, ScalingEvent
 from optimization.services.analytics import (
@@ -433,26 +435,42 @@ def _uncovered_items(context: _Context) -> list[dict]:
 
 def _teammate_spares(context: _Context) -> dict[str, tuple[str, int]]:
     """resource type -> (the team-mate expected to leave the most of it unused this period, how much), for
-    the resources projected short. One query over the team's open quota rows."""
+    the resources projected short. A team-mate that has not used a resource yet this period (no quota row
+    opened) leaves its whole base limit. Three queries, whatever the size of the team."""
     agent = context.agent
     if agent.team_id is None or not context.short or not settings.ENABLE_COLLABORATION_SHARING:
         return {}
-    rows = (
-        Quota.objects.filter(
-            agent__team_id=agent.team_id,
-            period_start=context.clock.start,
-            resource_type_id__in=[s.resource_type for s in context.short],
-        )
-        .exclude(agent=agent)
-        .exclude(agent__status=Agent.Status.SUSPENDED)
-        .order_by("agent_id")
-        .values_list("agent_id", "resource_type_id", "limit", "used", "reserved", "listed")
+    codes = [s.resource_type for s in context.short]
+    teammates = dict(
+        Agent.objects.filter(team_id=agent.team_id)
+        .exclude(pk=agent.pk)
+        .exclude(status=Agent.Status.SUSPENDED)
+        .order_by("pk")
+        .values_list("pk", "tier_id")
     )
+    if not teammates:
+        return {}
+    spares: dict[tuple[str, str], int] = {}
+    for agent_id, code, limit, used, reserved, listed in Quota.objects.filter(
+        agent__team_id=agent.team_id, period_start=context.clock.start, resource_type_id__in=codes
+    ).values_list("agent_id", "resource_type_id", "limit", "used", "reserved", "listed"):
+        if agent_id in teammates:
+            projected = context.clock.projected_units(used)
+            spares[(agent_id, code)] = min(limit - projected, limit - used - reserved - listed)
+    overrides = {
+        (agent_id, code): limit
+        for agent_id, code, limit in AgentLimitOverride.objects.filter(
+            agent__team_id=agent.team_id, resource_type_id__in=codes
+        ).values_list("agent_id", "resource_type_id", "limit")
+    }
     best: dict[str, tuple[str, int]] = {}
-    for agent_id, code, limit, used, reserved, listed in rows:
-        spare = min(limit - context.clock.projected_units(used), limit - used - reserved - listed)
-        if spare > 0 and (code not in best or spare > best[code][1]):
-            best[code] = (agent_id, spare)
+    for teammate, tier_id in teammates.items():  # in id order: a tie names the first
+        for code in codes:
+            spare = spares.get((teammate, code))
+            if spare is None:  # not opened this period: its base limit, as base_limits reads it
+                spare = overrides.get((teammate, code), tier_limits(tier_id).get(code, 0))
+            if spare > 0 and (code not in best or spare > best[code][1]):
+                best[code] = (teammate, spare)
     return best
 
 
