@@ -187,13 +187,14 @@ class AllocationAdmin(ViewOnlyAdmin):
         "resource_type",
         "amount_units",
         "settled_units",
-        "cost_usd",
+        "cost_usd_money",
         "status",
         "expires_at",
         "created_at",
     )
     list_filter = ("status", "resource_type")
     search_fields = ("agent__id", "task_id")
+    money_fields = {"unit_price_usd": "unit price", "cost_usd": "cost"}
     list_select_related = ("agent", "resource_type")
     date_hierarchy = "created_at"
     show_full_result_count = False

@@ -10,7 +10,6 @@ Organizations, teams and budgets are created and changed through ``ledger.budget
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
 
 from django import forms
 from django.contrib import admin, messages
@@ -18,7 +17,17 @@ from django.contrib.admin import helpers
 from django.contrib.admin.utils import quote
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models import (
+    Count,
+    DecimalField,
+    ExpressionWrapper,
+    F,
+    OuterRef,
+    QuerySet,
+    Subquery,
+    Sum,
+)
+from django.db.models.functions import Cast, NullIf
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -44,6 +53,7 @@ from ledger.models import (
     TierQuota,
     UsageLog,
 )
+from ledger.money import cents, usd_text
 from ledger.periods import month_bounds
 from ledger.selectors import base_limits, current_quotas, quota_reconciliation
 from ledger.services import AGENT_PLAIN_FIELDS
@@ -56,7 +66,50 @@ def _units(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
-class ViewOnlyAdmin(admin.ModelAdmin):
+def money_column(field: str, description: str):
+    """A column (of a list, or a read-only field) that shows ``field`` as money, "$0.00001" rather than the
+    twelve stored decimals "0.000010000000". Callable as a model admin's method or on its own."""
+
+    @admin.display(description=description, ordering=field)
+    def column(*args) -> str:
+        return usd_text(getattr(args[-1], field))
+
+    column.__name__ = f"{field}_money"
+    return column
+
+
+def _money_names(fields, money_fields) -> list:
+    return [
+        _money_names(name, money_fields)
+        if isinstance(name, list | tuple)
+        else (f"{name}_money" if name in money_fields else name)
+        for name in fields
+    ]
+
+
+class MoneyFieldsMixin:
+    """Shows the money fields named in ``money_fields`` (field -> column title) as money: each gets a
+    ``<field>_money`` column for ``list_display``, and a page that shows the field read-only (every page of
+    a view-only admin) shows that column in its place."""
+
+    money_fields: dict[str, str] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for field, description in cls.money_fields.items():
+            setattr(cls, f"{field}_money", money_column(field, description))
+
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if self.has_change_permission(request, obj):
+            return fieldsets
+        return [
+            (name, {**options, "fields": _money_names(options["fields"], self.money_fields)})
+            for name, options in fieldsets
+        ]
+
+
+class ViewOnlyAdmin(MoneyFieldsMixin, admin.ModelAdmin):
     """The ledger's own rows: visible to whoever may view them, written only by services.
 
     Viewing stays governed by Django's permissions (``has_view_permission``), so a staff user with the
@@ -95,18 +148,20 @@ class ResourceTypeAdmin(admin.ModelAdmin):
         )
         return super().get_queryset(request).annotate(price_in_effect=Subquery(price_now))
 
-    @admin.display(description="price in effect (USD per unit)", ordering="price_in_effect")
-    def current_price(self, obj: ResourceType):
-        return obj.price_in_effect if obj.price_in_effect is not None else "-"
+    @admin.display(description="price in effect (per unit)", ordering="price_in_effect")
+    def current_price(self, obj: ResourceType) -> str:
+        return usd_text(obj.price_in_effect)
 
 
 @admin.register(ResourcePrice)
 class ResourcePriceAdmin(admin.ModelAdmin):
-    list_display = ("resource_type", "unit_price_usd", "effective_from", "note", "created_at")
+    list_display = ("resource_type", "unit_price", "effective_from", "note", "created_at")
     list_filter = ("resource_type",)
     search_fields = ("resource_type__code", "note")
     list_select_related = ("resource_type",)
     date_hierarchy = "effective_from"
+
+    unit_price = money_column("unit_price_usd", "unit price")
 
     def _in_effect(self, obj: ResourcePrice | None) -> bool:
         return obj is not None and obj.effective_from <= timezone.now()
@@ -115,8 +170,14 @@ class ResourcePriceAdmin(admin.ModelAdmin):
         # A price that has taken effect is history: a new price is a new row from a new moment. Only the
         # note stays editable; a future price can still be corrected before it applies.
         if self._in_effect(obj):
-            return ("resource_type", "unit_price_usd", "effective_from", "created_at")
+            return ("resource_type", "unit_price", "effective_from", "created_at")
         return ("created_at",)
+
+    def get_fields(self, request: HttpRequest, obj=None):
+        if self._in_effect(obj):
+            # The price as money, read-only, where the form would show its twelve decimals.
+            return ("resource_type", "unit_price", "effective_from", "note", "created_at")
+        return super().get_fields(request, obj)
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         # Deleting the price in effect would silently bring back the previous one.
@@ -137,7 +198,8 @@ class TierQuotaInline(admin.TabularInline):
 
 @admin.register(Tier)
 class TierAdmin(admin.ModelAdmin):
-    list_display = ("code", "name", "monthly_price_usd", "agent_count", "display_order")
+    list_display = ("code", "name", "monthly_price", "agent_count", "display_order")
+    monthly_price = money_column("monthly_price_usd", "monthly price")
     search_fields = ("code", "name")
     inlines = [TierQuotaInline]
     fieldsets = [
@@ -203,6 +265,15 @@ class ChangeTierForm(forms.Form):
     )
 
 
+class ThrottleForm(forms.Form):
+    # Kept short enough that the reason and who gave it fit the agent's 300-character status reason.
+    reason = forms.CharField(
+        max_length=200,
+        strip=True,
+        help_text="Why: shown on the agent and in its refusals, and kept in the agent's history.",
+    )
+
+
 class GrantQuotaForm(forms.Form):
     resource_type = forms.ModelChoiceField(queryset=ResourceType.objects.all())
     # Bounded so that limit + amount stays far inside the 64-bit limit column.
@@ -222,10 +293,11 @@ class AgentAdmin(admin.ModelAdmin):
         "name",
         "tier",
         "team",
-        "status",
-        "monthly_budget_usd",
+        "status_column",
+        "monthly_budget",
+        "period_spend",
+        "busiest_resource",
         "instance_count",
-        "created_at",
     )
     list_filter = ("tier", "status")
     search_fields = ("id", "name", "team__id")
@@ -235,6 +307,50 @@ class AgentAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     inlines = [AgentLimitOverrideInline]
     actions = ["change_tier", "throttle", "unthrottle", "grant_quota"]
+    monthly_budget = money_column("monthly_budget_usd", "monthly budget")
+
+    def get_queryset(self, request: HttpRequest):
+        # This period's spend and the most used resource, from the agent's quota rows of the current period
+        # (at most one per resource type, found by the quota's (period_start, agent) index): three scalar
+        # subqueries in the page's one query, whatever the number of rows on it.
+        start, _ = month_bounds(timezone.now())
+        period = Quota.objects.filter(agent=OuterRef("pk"), period_start=start).order_by()
+        spend = period.values("agent").annotate(total=Sum("spent_usd")).values("total")
+        # numeric, not bigint: an integer division would drop the hundredths.
+        percent_field = DecimalField(max_digits=30, decimal_places=6)
+        utilization = ExpressionWrapper(
+            Cast(F("used") + F("reserved"), percent_field) * 100 / NullIf(F("limit"), 0),
+            output_field=percent_field,
+        )
+        busiest = period.annotate(utilization=utilization).order_by(
+            F("utilization").desc(nulls_last=True), "resource_type_id"
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                period_spend_usd=Subquery(spend),
+                busiest_utilization=Subquery(busiest.values("utilization")[:1]),
+                busiest_resource_type=Subquery(busiest.values("resource_type_id")[:1]),
+            )
+        )
+
+    @admin.display(description="status", ordering="status")
+    def status_column(self, obj: Agent):
+        if not obj.status_reason:
+            return obj.get_status_display()
+        return format_html("{}<br><small>{}</small>", obj.get_status_display(), obj.status_reason)
+
+    @admin.display(description="spent this period", ordering="period_spend_usd")
+    def period_spend(self, obj: Agent) -> str:
+        return usd_text(obj.period_spend_usd or 0)
+
+    @admin.display(description="most used resource", ordering="busiest_utilization")
+    def busiest_resource(self, obj: Agent):
+        if obj.busiest_resource_type is None:
+            return "-"
+        percent = "-" if obj.busiest_utilization is None else f"{cents(obj.busiest_utilization)}%"
+        return format_html("{}<br><small>{}</small>", percent, obj.busiest_resource_type)
 
     def get_fieldsets(self, request: HttpRequest, obj=None):
         if obj is None:
@@ -415,9 +531,18 @@ class AgentAdmin(admin.ModelAdmin):
         return None
 
     def _set_status(
-        self, request: HttpRequest, queryset: QuerySet[Agent], *, from_status: str, to_status: str
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[Agent],
+        *,
+        from_status: str,
+        to_status: str,
+        why: str = "",
     ):
         reason = f"by {request.user.get_username()} in the admin"
+        if why:
+            # Never starting with "rule:": the rules' evaluation lifts only the throttles its rules set.
+            reason = f"{why} ({reason})"
         changed, skipped = [], []
         for agent in queryset:
             # Only the opposite state is switched: unthrottling must not lift a suspension, and
@@ -429,15 +554,29 @@ class AgentAdmin(admin.ModelAdmin):
             self.log_change(request, agent, f"Set status to {to_status} ({reason}).")
             changed.append(agent.pk)
         if changed:
-            self.message_user(request, f"{len(changed)} agent(s) now {to_status}.", messages.SUCCESS)
+            self.message_user(
+                request, f"{len(changed)} agent(s) now {to_status} ({reason}).", messages.SUCCESS
+            )
         if skipped:
             self.message_user(
                 request, f"Left alone (not {from_status}): {', '.join(skipped)}.", messages.WARNING
             )
 
-    @admin.action(description="Throttle selected agents", permissions=["change"])
+    @admin.action(description="Throttle selected agents (asks why)", permissions=["change"])
     def throttle(self, request: HttpRequest, queryset: QuerySet[Agent]):
-        self._set_status(request, queryset, from_status=Agent.Status.ACTIVE, to_status=Agent.Status.THROTTLED)
+        form = ThrottleForm(request.POST if "apply" in request.POST else None)
+        if not form.is_valid():
+            return self._action_form_response(
+                request, queryset, form=form, action="throttle", title="Throttle agents"
+            )
+        self._set_status(
+            request,
+            queryset,
+            from_status=Agent.Status.ACTIVE,
+            to_status=Agent.Status.THROTTLED,
+            why=form.cleaned_data["reason"],
+        )
+        return None
 
     @admin.action(description="Unthrottle selected agents", permissions=["change"])
     def unthrottle(self, request: HttpRequest, queryset: QuerySet[Agent]):
@@ -500,11 +639,11 @@ def _budget_table(budgets: list[Budget], *, now: dt.datetime):
                 budget.scope_id,
                 budget.window,
                 budget.mode,
-                budget.limit_usd,
-                figures.spent_usd,
-                figures.reserved_usd,
-                figures.rollover_usd,
-                figures.remaining_usd,
+                usd_text(budget.limit_usd),
+                usd_text(figures.spent_usd),
+                usd_text(figures.reserved_usd),
+                usd_text(figures.rollover_usd),
+                usd_text(figures.remaining_usd),
                 _window_end(budget, figures),
             )
         )
@@ -516,7 +655,7 @@ def _budget_table(budgets: list[Budget], *, now: dt.datetime):
     )
     return format_html(
         "<table><thead><tr><th>budget</th><th>scope</th><th>of</th><th>window</th><th>mode</th>"
-        "<th>limit (USD)</th><th>spent</th><th>reserved</th><th>rollover</th><th>remaining</th>"
+        "<th>limit</th><th>spent</th><th>reserved</th><th>rollover</th><th>remaining</th>"
         "<th>window ends (UTC)</th></tr></thead><tbody>{}</tbody></table>",
         body,
     )
@@ -780,13 +919,11 @@ class BudgetAdmin(admin.ModelAdmin):
     form = BudgetAdminForm
     list_display = (
         "id",
-        "scope",
-        "scope_of",
+        "scope_column",
         "window",
         "mode",
-        "limit_usd",
-        "current_window_start",
-        "current_window_end",
+        "limit",
+        "current_window",
         "spent",
         "reserved",
         "rollover",
@@ -797,6 +934,7 @@ class BudgetAdmin(admin.ModelAdmin):
     search_fields = ("agent__id", "team__id", "organization__id", "run_id")
     # Every figure is computed from the row itself (budget_figures): no query per row, no join.
     show_full_result_count = False
+    limit = money_column("limit_usd", "limit")
 
     def get_fieldsets(self, request: HttpRequest, obj=None):
         if obj is None:
@@ -804,7 +942,9 @@ class BudgetAdmin(admin.ModelAdmin):
                 (None, {"fields": ("scope", "scope_id", "window")}),
                 (None, {"fields": ("limit_usd", "mode", "rollover_percent", "thresholds")}),
             ]
-        limits = {"fields": ("limit_usd", "mode", "rollover_percent", "thresholds")}
+        limits = {
+            "fields": ("limit" if obj.managed else "limit_usd", "mode", "rollover_percent", "thresholds")
+        }
         if obj.managed:
             limits["description"] = (
                 f"This is agent {obj.agent_id}'s monthly budget: to change its limit, change the agent's "
@@ -850,7 +990,7 @@ class BudgetAdmin(admin.ModelAdmin):
             "updated_at",
         ]
         if obj.managed:
-            fields.append("limit_usd")
+            fields.append("limit")  # the limit_usd of the agent's monthly budget, as money
         return fields
 
     def save_model(self, request: HttpRequest, obj, form, change: bool) -> None:
@@ -896,6 +1036,11 @@ class BudgetAdmin(admin.ModelAdmin):
         label = f"{obj.agent_id} / {obj.run_id}" if obj.scope == Budget.Scope.RUN else obj.scope_id
         return format_html('<a href="{}">{}</a>', reverse(target[0], args=[quote(target[1])]), label)
 
+    @admin.display(description="scope", ordering="scope")
+    def scope_column(self, obj: Budget):
+        # The scope and whose it is in one column: the list must fit a 1280 px window.
+        return format_html("{}<br>{}", obj.get_scope_display(), self.scope_of(obj))
+
     @admin.display(description="window start (UTC)")
     def current_window_start(self, obj: Budget) -> str:
         return f"{self._figures(obj).window_start:%Y-%m-%d %H:%M}"
@@ -904,21 +1049,26 @@ class BudgetAdmin(admin.ModelAdmin):
     def current_window_end(self, obj: Budget) -> str:
         return _window_end(obj, self._figures(obj))
 
+    @admin.display(description="current window (UTC)")
+    def current_window(self, obj: Budget):
+        # One column for the list, its two ends on two lines: the list must fit a 1280 px window.
+        return format_html("{}<br>{}", self.current_window_start(obj), self.current_window_end(obj))
+
     @admin.display(description="spent")
-    def spent(self, obj: Budget) -> Decimal:
-        return self._figures(obj).spent_usd
+    def spent(self, obj: Budget) -> str:
+        return usd_text(self._figures(obj).spent_usd)
 
     @admin.display(description="reserved")
-    def reserved(self, obj: Budget) -> Decimal:
-        return self._figures(obj).reserved_usd
+    def reserved(self, obj: Budget) -> str:
+        return usd_text(self._figures(obj).reserved_usd)
 
     @admin.display(description="rollover")
-    def rollover(self, obj: Budget) -> Decimal:
-        return self._figures(obj).rollover_usd
+    def rollover(self, obj: Budget) -> str:
+        return usd_text(self._figures(obj).rollover_usd)
 
     @admin.display(description="remaining")
-    def remaining(self, obj: Budget) -> Decimal:
-        return self._figures(obj).remaining_usd
+    def remaining(self, obj: Budget) -> str:
+        return usd_text(self._figures(obj).remaining_usd)
 
     @admin.display(description="refusing", boolean=True)
     def refusing(self, obj: Budget) -> bool | None:
@@ -964,11 +1114,13 @@ class QuotaAdmin(ViewOnlyAdmin):
     list_select_related = ("agent", "resource_type")
     date_hierarchy = "period_start"
     inlines = [GrantInline]
+    money_fields = {"spent_usd": "spent this period"}
     fields = (
         ("agent", "resource_type"),
         ("period_start", "period_end"),
         ("used", "reserved", "available_units"),
         ("base_limit", "limit"),
+        "spent_usd",
         "reconciliation",
         "updated_at",
     )
@@ -1068,10 +1220,11 @@ class UsageLogAdmin(ViewOnlyAdmin):
         "resource_type",
         "kind",
         "amount_units",
-        "unit_price_usd",
-        "cost_usd",
+        "unit_price_usd_money",
+        "cost_usd_money",
         "task_id",
     )
+    money_fields = {"unit_price_usd": "unit price", "cost_usd": "cost"}
     list_filter = ("kind", "resource_type", "agent__tier")
     search_fields = ("agent__id", "task_id", "idempotency_key")
     list_select_related = ("agent", "resource_type")

@@ -14,7 +14,7 @@ from django.db import models
 from django.db.models import F, Q
 
 from ledger.invariants import quota_available, quota_fits
-from ledger.money import cents
+from ledger.money import cents, usd_text
 
 MONEY = {"max_digits": 20, "decimal_places": 2}
 UNIT_PRICE = {"max_digits": 24, "decimal_places": 12}
@@ -66,7 +66,8 @@ class ResourcePrice(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.resource_type_id} ${self.unit_price_usd} from {self.effective_from:%Y-%m-%d %H:%M}"
+        price = usd_text(self.unit_price_usd)
+        return f"{self.resource_type_id} {price} from {self.effective_from:%Y-%m-%d %H:%M}"
 
 
 class Tier(models.Model):
@@ -386,7 +387,9 @@ class UsageLog(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.agent_id} {self.kind} {self.amount:,} {self.resource_type_id} ${self.cost_usd}"
+        return (
+            f"{self.agent_id} {self.kind} {self.amount:,} {self.resource_type_id} {usd_text(self.cost_usd)}"
+        )
 
 
 BUDGET_MONEY = {"max_digits": 20, "decimal_places": 6}
@@ -495,7 +498,7 @@ class Budget(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.scope} {self.scope_id} {self.window} ${self.limit_usd}"
+        return f"{self.scope} {self.scope_id} {self.window} {usd_text(self.limit_usd)}"
 
     @property
     def scope_id(self) -> str:

@@ -37,3 +37,12 @@ def money_text(value: Decimal) -> str:
     if value.as_tuple().exponent > -2:
         value = cents(value)
     return f"{value:f}"
+
+
+def usd_text(value: Decimal | int | None) -> str:
+    """An amount of money as people read it in the back office: "$0.00001", "$12.50", "-$3.00" (``money_text``
+    with the sign before the dollar sign); "-" for none."""
+    if value is None:
+        return "-"
+    value = Decimal(value)
+    return f"{'-' if value < 0 else ''}${money_text(abs(value))}"

@@ -13,6 +13,7 @@ from django.db.models import F, Q
 
 from ledger.models import COST, UNIT_PRICE, Agent, OptimizationRule, Quota, ResourceType, Tier
 from ledger.models import DEFAULT_BUDGET_THRESHOLDS as LEDGER_BUDGET_THRESHOLDS
+from ledger.money import usd_text
 from optimization.webhooks import webhook_secret_generate, webhook_secret_validate
 
 DEFAULT_BUDGET_THRESHOLDS = list(LEDGER_BUDGET_THRESHOLDS)
@@ -381,7 +382,7 @@ class Deal(models.Model):
 
     def __str__(self) -> str:
         seller = self.seller_id or "platform"
-        return f"{self.amount_left:,} {self.resource_type_id} @ ${self.unit_price_usd} from {seller}"
+        return f"{self.amount_left:,} {self.resource_type_id} @ {usd_text(self.unit_price_usd)} from {seller}"
 
 
 class Purchase(models.Model):

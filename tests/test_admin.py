@@ -558,16 +558,21 @@ def test_change_tier_action_without_a_tier_shows_the_form_again_and_changes_noth
     assert Agent.objects.get(pk=pro_agent.pk).tier_id == "PRO"
 
 
-def test_throttle_and_unthrottle_actions_switch_status_with_the_operator_as_reason(
+def test_throttle_and_unthrottle_actions_switch_status_with_the_reason_and_the_operator(
     pro_agent, admin_client_logged_in
 ):
     other = AgentFactory(id="agent-other")
 
-    response = _run_action(admin_client_logged_in, "throttle", [pro_agent, other])
+    response = _run_action(
+        admin_client_logged_in, "throttle", [pro_agent, other], reason="runaway loop", apply="Apply"
+    )
     assert response.status_code == 302
     for agent in (pro_agent, other):
         agent.refresh_from_db()
-        assert (agent.status, agent.status_reason) == (Agent.Status.THROTTLED, "by operator in the admin")
+        assert (agent.status, agent.status_reason) == (
+            Agent.Status.THROTTLED,
+            "runaway loop (by operator in the admin)",
+        )
 
     _run_action(admin_client_logged_in, "unthrottle", [pro_agent])
     pro_agent.refresh_from_db()

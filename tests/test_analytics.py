@@ -338,12 +338,24 @@ def test_analysis_optimization_actions_name_bottlenecks_that_nothing_else_reliev
     assert all(action["type"] != "relieve_bottleneck" for action in actions)
 
 
-def test_analysis_action_for_a_bottleneck_without_a_remedy(reference_data):
+def test_analysis_action_for_a_bottleneck_no_tier_relieves_is_a_grant(reference_data):
     agent = agent_create(agent_id="top", tier_code="ENTERPRISE")  # no dearer tier to move to
     allocation_create(agent=agent, resource_type_id="NETWORK_REQS", amount=95_000, now=NOW - HOUR)
     actions = agent_analysis(agent=agent, now=NOW)["optimization_actions"]
-    assert actions[0]["type"] == "relieve_bottleneck"
+    assert actions[0]["type"] == "grant_quota"
     assert actions[0]["priority"] == "high"
+    assert actions[0]["resource_type"] == "NETWORK_REQS"
+    # The grant relieves the bottleneck: it is not listed again as one without a remedy.
+    assert not [action for action in actions if action["type"] == "relieve_bottleneck"]
+
+
+def test_analysis_action_for_a_bottleneck_without_a_remedy(reference_data):
+    # Running out within the week, but the projection fits the limit: nothing is short, nothing to grant.
+    agent = agent_create(agent_id="top", tier_code="ENTERPRISE")
+    allocation_create(agent=agent, resource_type_id="NETWORK_REQS", amount=30_000, now=NOW - HOUR)
+    actions = agent_analysis(agent=agent, now=NOW)["optimization_actions"]
+    assert actions[0]["type"] == "relieve_bottleneck"
+    assert actions[0]["priority"] == "medium"  # forecast to run out, not yet at 90 %
     assert actions[0]["resource_type"] == "NETWORK_REQS"
 
 
@@ -651,7 +663,9 @@ def test_experiment_admin_shows_arms_inline_and_the_report_per_arm(
     assert response.status_code == 200
     page = response.content.decode()
     assert 'name="arms-0-weight"' in page
-    assert "$0.050000000000" in page and "$0.025000000000" in page
+    # Money as money: trailing zeros trimmed, cents kept.
+    assert "<td>$0.05</td>" in page and "<td>$0.025</td>" in page
+    assert "0.050000000000" not in page
     assert admin_client_logged_in.get(reverse("admin:optimization_experiment_changelist")).status_code == 200
     assert admin_client_logged_in.get(reverse("admin:optimization_experiment_add")).status_code == 200
 

@@ -109,8 +109,9 @@ def test_budget_list_shows_the_current_window_with_an_ended_one_rolled_over(team
     today_start, today_end = window_bounds("day", timezone.now())
     assert admin.current_window_start(row) == f"{today_start:%Y-%m-%d %H:%M}"
     assert admin.current_window_end(row) == f"{today_end:%Y-%m-%d %H:%M}"
-    assert (admin.spent(row), admin.rollover(row), admin.remaining(row)) == (0, Decimal("5"), Decimal("15"))
-    assert "15.000000000000" in page.content.decode()
+    assert (admin.spent(row), admin.rollover(row), admin.remaining(row)) == ("$0.00", "$5.00", "$15.00")
+    # Money as money: not the twelve stored decimals.
+    assert "$15.00" in page.content.decode() and "15.000000000000" not in page.content.decode()
 
 
 def test_budget_list_filters_and_searches_by_scope_id_and_run(spending_agent, admin_client_logged_in):
@@ -337,7 +338,7 @@ def test_agent_team_is_set_in_the_admin_and_shown_with_its_budgets(team, admin_c
 
     page = admin_client_logged_in.get(_url(Agent, "change", agent.pk)).content.decode()
     assert reverse("admin:ledger_budget_change", args=[budget.pk]) in page
-    assert "3.000000" in page  # its team's budget, all of it remaining
+    assert "<td>$3.00</td>" in page  # its team's budget, all of it remaining
     listing = admin_client_logged_in.get(_url(Agent, "changelist"), {"q": "team-search"})
     assert [row.pk for row in listing.context["cl"].result_list] == ["agent-joined"]
 

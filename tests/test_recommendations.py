@@ -18,8 +18,9 @@ from django.utils import timezone
 
 from allocation.keys import api_key_issue
 from allocation.services import allocation_create
+from ledger.budgets import agent_team_set, team_create
 from ledger.errors import LedgerError
-from ledger.models import Agent, Grant, Quota
+from ledger.models import Agent, Grant, Quota, ResourcePrice, ResourceType, TierQuota
 from ledger.services import agent_create, quota_open
 from optimization.models import Deal, ScalingEvent, ScalingPolicy
 from optimization.services.executions import execution_record
@@ -203,6 +204,166 @@ def test_no_deal_recommendations_when_the_marketplace_is_switched_off(short_agen
     settings.ENABLE_MARKETPLACE_OPTIMIZATION = False
     _deal("0.0000005", 15_000)
     assert not _of_type(agent_recommendations(agent=short_agent, now=NOW), "buy_deal")
+
+
+# --- When no tier covers -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saturated(reference_data) -> Agent:
+    """An ENTERPRISE agent projected at 225 % of its compute and AI-token limits, with nothing burning now.
+
+    A third of the period has gone: 27,000,000 ms project to 81,000,000 against 36,000,000 (45,000,000
+    short, $450 at $0.00001), 7,500,000 tokens to 22,500,000 against 10,000,000 (12,500,000 short, $12.50).
+    """
+    agent = agent_create(agent_id="saturated", tier_code="ENTERPRISE")
+    allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=27_000_000, now=EARLY)
+    allocation_create(agent=agent, resource_type_id="AI_TOKENS", amount=7_500_000, now=EARLY)
+    return agent
+
+
+def test_the_top_tier_running_out_gets_grants_priced_at_the_list_price(saturated):
+    items = agent_recommendations(agent=saturated, now=NOW)
+
+    assert not _of_type(items, "upgrade_tier")  # nothing above ENTERPRISE
+    assert [i for i in _summary(items) if i[0] == "grant_quota"] == [
+        ("grant_quota", "AI_TOKENS", "medium", Decimal("-12.50")),
+        ("grant_quota", "COMPUTE_MS", "medium", Decimal("-450.00")),
+    ]
+    compute = next(i for i in items if i["id"] == "grant_quota:COMPUTE_MS")
+    assert compute["action"] == {
+        "resource_type": "COMPUTE_MS",
+        "amount": 45_000_000,
+        "limit_after": 81_000_000,
+        "unit_price_usd": Decimal("0.00001"),
+        "cost_usd": Decimal("450.00"),
+    }
+    assert compute["evidence"]["shortfall"] == 45_000_000
+    assert compute["evidence"]["projected_units"] == 81_000_000
+    assert "45,000,000 short" in compute["rationale"] and "$450.00" in compute["rationale"]
+    # A grant needs an operator: the optimizer never applies one.
+    assert compute["safe"] is False
+    # No team, no cheaper resource of the same unit, no deals: nothing else relieves the shortage.
+    assert not [i for i in items if i["type"] in ("share_from_teammate", "cheaper_resource", "buy_deal")]
+
+
+def test_grants_are_urgent_when_the_resource_runs_out_within_a_week(reference_data):
+    agent = agent_create(agent_id="saturated-now", tier_code="ENTERPRISE")
+    # 27,000,000 ms in the last 12 hours: the 9,000,000 left last 8 hours.
+    allocation_create(agent=agent, resource_type_id="COMPUTE_MS", amount=27_000_000, now=NOW - 12 * HOUR)
+    (grant,) = _of_type(agent_recommendations(agent=agent, now=NOW), "grant_quota")
+    assert grant["priority"] == "high"
+    assert grant["evidence"]["projected_exhaustion_at"] == NOW + 8 * HOUR
+
+
+def test_a_team_mate_with_spare_quota_is_named_with_the_amount_to_share(saturated):
+    team_create(id="search-team")
+    agent_team_set(agent=saturated, team_id="search-team")
+    saturated.refresh_from_db()
+    # 1,000,000 ms project to 3,000,000: 33,000,000 of 36,000,000 expected to go unused.
+    generous = agent_create(agent_id="generous", tier_code="ENTERPRISE")
+    agent_team_set(agent=generous, team_id="search-team")
+    allocation_create(agent=generous, resource_type_id="COMPUTE_MS", amount=1_000_000, now=EARLY)
+    # Leaves less unused (18,000,000), so the more generous one is named.
+    modest = agent_create(agent_id="modest", tier_code="ENTERPRISE")
+    agent_team_set(agent=modest, team_id="search-team")
+    allocation_create(agent=modest, resource_type_id="COMPUTE_MS", amount=6_000_000, now=EARLY)
+    # Outside the team: not asked, however much it has.
+    stranger = agent_create(agent_id="stranger", tier_code="ENTERPRISE")
+    allocation_create(agent=stranger, resource_type_id="COMPUTE_MS", amount=1, now=EARLY)
+
+    items = agent_recommendations(agent=saturated, now=NOW)
+
+    shares = {item["resource_type"]: item for item in _of_type(items, "share_from_teammate")}
+    share = shares["COMPUTE_MS"]
+    assert share["action"] == {"from_agent": "generous", "resource_type": "COMPUTE_MS", "amount": 33_000_000}
+    # 33,000,000 ms at $0.00001: the grant they spare.
+    assert share["expected_monthly_saving_usd"] == Decimal("330.00")
+    assert share["evidence"]["teammate_unused_units"] == 33_000_000
+    assert "generous" in share["rationale"] and "33,000,000" in share["rationale"]
+    assert share["safe"] is False
+    # No team-mate has used AI tokens this period: each leaves its whole 10,000,000 (a tie: the first id).
+    assert shares["AI_TOKENS"]["action"] == {
+        "from_agent": "generous",
+        "resource_type": "AI_TOKENS",
+        "amount": 10_000_000,
+    }
+    assert shares["AI_TOKENS"]["expected_monthly_saving_usd"] == Decimal("10.00")
+    # The grant is still offered for the whole shortfall.
+    assert next(i for i in items if i["id"] == "grant_quota:COMPUTE_MS")["action"]["amount"] == 45_000_000
+
+
+def test_a_team_mate_shares_at_most_the_shortfall_and_not_with_sharing_off(saturated, settings):
+    team_create(id="pair")
+    agent_team_set(agent=saturated, team_id="pair")
+    saturated.refresh_from_db()
+    idle = agent_create(agent_id="idle", tier_code="ENTERPRISE")
+    agent_team_set(agent=idle, team_id="pair")
+    allocation_create(agent=idle, resource_type_id="AI_TOKENS", amount=1, now=EARLY)  # 9,999,997 unused
+
+    def shared() -> dict[str, tuple[int, Decimal]]:
+        return {
+            item["resource_type"]: (item["action"]["amount"], item["expected_monthly_saving_usd"])
+            for item in _of_type(agent_recommendations(agent=saturated, now=NOW), "share_from_teammate")
+        }
+
+    assert shared() == {
+        "AI_TOKENS": (9_999_997, Decimal("9.999997")),
+        # Not used yet: its whole 36,000,000, less than the 45,000,000 short.
+        "COMPUTE_MS": (36_000_000, Decimal("360.00")),
+    }
+    allocation_create(agent=idle, resource_type_id="COMPUTE_MS", amount=1, now=EARLY)
+    assert shared()["COMPUTE_MS"] == (35_999_997, Decimal("359.99997"))
+
+    Agent.objects.filter(pk="idle").update(status=Agent.Status.SUSPENDED)  # a suspended agent gives nothing
+    assert shared() == {}
+    Agent.objects.filter(pk="idle").update(status=Agent.Status.ACTIVE)
+    settings.ENABLE_COLLABORATION_SHARING = False
+    assert shared() == {}
+
+
+def test_a_cheaper_resource_of_the_same_unit_is_recommended_with_its_saving(saturated):
+    # A smaller model's tokens: counted in tokens too, at a fifth of the price, 20,000,000 a month.
+    ResourceType.objects.create(code="AI_TOKENS_MINI", name="Small model tokens", unit="tokens")
+    ResourcePrice.objects.create(
+        resource_type_id="AI_TOKENS_MINI", unit_price_usd=Decimal("0.0000002"), effective_from=EARLY
+    )
+    TierQuota.objects.create(tier_id="ENTERPRISE", resource_type_id="AI_TOKENS_MINI", limit=20_000_000)
+
+    (cheaper,) = _of_type(agent_recommendations(agent=saturated, now=NOW), "cheaper_resource")
+
+    assert cheaper["resource_type"] == "AI_TOKENS"
+    assert cheaper["action"] == {
+        "from_resource_type": "AI_TOKENS",
+        "to_resource_type": "AI_TOKENS_MINI",
+        "amount": 12_500_000,
+    }
+    # 12,500,000 tokens x ($0.000001 - $0.0000002)
+    assert cheaper["expected_monthly_saving_usd"] == Decimal("10.00")
+    assert cheaper["priority"] == "medium"
+
+
+def test_the_top_tier_running_out_can_buy_cheaper_deals(saturated):
+    _deal("0.000005", 10_000_000, resource_type="COMPUTE_MS")
+    (deal,) = _of_type(agent_recommendations(agent=saturated, now=NOW), "buy_deal")
+    # 10,000,000 ms at half the list price
+    assert deal["expected_monthly_saving_usd"] == Decimal("50.00")
+
+
+def test_no_grant_when_a_dearer_tier_covers(short_agent):
+    assert not _of_type(agent_recommendations(agent=short_agent, now=NOW), "grant_quota")
+
+
+def test_the_hard_case_renders_dollar_effects_as_strings(saturated):
+    _, raw_key = api_key_issue(agent=saturated)
+    client = client_with_key(raw_key)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timezone, "now", lambda: NOW)
+        response = client.get(reverse("optimization:agent-recommendations", args=["saturated"]))
+    assert response.status_code == 200, response.content
+    grants = {i["id"]: i for i in response.json()["recommendations"] if i["type"] == "grant_quota"}
+    assert grants["grant_quota:COMPUTE_MS"]["expected_monthly_saving_usd"] == "-450.000000000000"
+    assert grants["grant_quota:COMPUTE_MS"]["action"]["cost_usd"] == "450.000000000000"
 
 
 # --- Failed executions ----------------------------------------------------------------------------------

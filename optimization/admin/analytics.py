@@ -17,13 +17,23 @@ from django.utils.html import format_html, format_html_join
 from ledger.admin import ViewOnlyAdmin
 from ledger.errors import LedgerError
 from ledger.models import Agent
+from ledger.money import usd_text
 from optimization.models import Execution, Experiment, ExperimentArm, ExperimentAssignment
 from optimization.services.experiments import experiment_assign, experiment_report
 
 
 @admin.register(Execution)
 class ExecutionAdmin(ViewOnlyAdmin):
-    list_display = ("created_at", "agent", "superpower", "success", "duration_ms", "output_units", "cost_usd")
+    list_display = (
+        "created_at",
+        "agent",
+        "superpower",
+        "success",
+        "duration_ms",
+        "output_units",
+        "cost_usd_money",
+    )
+    money_fields = {"cost_usd": "cost"}
     list_filter = ("success",)
     search_fields = ("agent__id", "superpower", "task_id")
     date_hierarchy = "created_at"
@@ -84,10 +94,8 @@ class ExperimentAdmin(admin.ModelAdmin):
                     row["agents"],
                     row["executions"],
                     row["successes"],
-                    f"${row['spend_usd']:f}",
-                    "-"
-                    if row["cost_per_successful_task_usd"] is None
-                    else f"${row['cost_per_successful_task_usd']:f}",
+                    usd_text(row["spend_usd"]),
+                    usd_text(row["cost_per_successful_task_usd"]),
                 )
                 for row in rows
             ),

@@ -8,11 +8,12 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from ledger.admin import MoneyFieldsMixin, money_column
 from optimization.models import Deal, Purchase
 from optimization.services.marketplace import deals_expire
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(MoneyFieldsMixin, admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
 
@@ -40,8 +41,10 @@ class SellerKindFilter(admin.SimpleListFilter):
 
 class PurchaseInline(admin.TabularInline):
     model = Purchase
-    fields = ("buyer", "amount", "unit_price_usd", "cost_usd", "created_at")
+    fields = ("buyer", "amount", "unit_price", "cost", "created_at")
     readonly_fields = fields
+    unit_price = money_column("unit_price_usd", "unit price")
+    cost = money_column("cost_usd", "cost")
     extra = 0
     can_delete = False
 
@@ -57,12 +60,13 @@ class DealAdmin(ReadOnlyAdmin):
         "seller_display",
         "amount_left",
         "amount_total",
-        "unit_price_usd",
+        "unit_price_usd_money",
         "status",
         "expires_at",
         "created_at",
     )
     list_filter = ("status", "resource_type", SellerKindFilter)
+    money_fields = {"unit_price_usd": "unit price"}
     search_fields = ("seller__id",)
     list_select_related = ("resource_type", "seller")
     date_hierarchy = "created_at"
@@ -91,7 +95,8 @@ class DealAdmin(ReadOnlyAdmin):
 
 @admin.register(Purchase)
 class PurchaseAdmin(ReadOnlyAdmin):
-    list_display = ("created_at", "buyer", "deal", "amount", "unit_price_usd", "cost_usd")
+    list_display = ("created_at", "buyer", "deal", "amount", "unit_price_usd_money", "cost_usd_money")
+    money_fields = {"unit_price_usd": "unit price", "cost_usd": "cost"}
     search_fields = ("buyer__id",)
     list_select_related = ("buyer", "deal", "deal__resource_type")
     date_hierarchy = "created_at"

@@ -498,7 +498,8 @@ def efficiency_score(*, agent: Agent, now: dt.datetime | None = None) -> Decimal
 
 def optimization_actions_derive(*, bottlenecks: list[dict], recommendations: list[dict]) -> list[dict]:
     """A short to-do list: the high and medium recommendations, then bottlenecks that no recommendation
-    addresses (a resource running out with no tier or deal that relieves it). At most five."""
+    addresses (a resource running out with no tier, deal, grant or team-mate that relieves it). At most
+    five."""
     actions = [
         {
             "type": item["type"],
@@ -510,7 +511,9 @@ def optimization_actions_derive(*, bottlenecks: list[dict], recommendations: lis
         if item["priority"] in ("high", "medium")
     ]
     relieved = {
-        item["resource_type"] for item in recommendations if item["type"] in ("upgrade_tier", "buy_deal")
+        item["resource_type"]
+        for item in recommendations
+        if item["type"] in ("upgrade_tier", "buy_deal", "grant_quota", "share_from_teammate")
     }
     if any(item["type"] == "upgrade_tier" for item in recommendations):
         relieved |= {item["resource_type"] for item in bottlenecks}

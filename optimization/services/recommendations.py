@@ -24,6 +24,19 @@ Rules
 - **share_unused**: when a projection is under 50 % of the limit: the units expected to go unused
   (limit - projection, at most what is available now) are worth their list price to another agent.
   Priority low. Only with ``ENABLE_COLLABORATION_SHARING``.
+- **When no tier covers** (the top tier runs out, or the agent's limits are its own overrides: no
+  upgrade_tier item), each resource projected short gets:
+  - **grant_quota**: a grant of the shortfall (projection - limit) this period, or a custom limit of the
+    projection from the next: saving = -(shortfall x list price). Priority as for upgrade_tier.
+  - **share_from_teammate**: the team-mate (another agent of the same team, not suspended) whose quota of
+    the resource is expected to go unused the most (limit - projection, at most what is available now;
+    its whole base limit when it has not used the resource this period) gives min(shortfall, that):
+    saving = those units at the list price, the grant they spare. Priority as for upgrade_tier. Only with
+    ``ENABLE_COLLABORATION_SHARING``.
+  - **cheaper_resource**: another resource type counted in the same unit at a lower list price (another
+    model's tokens, say), with room in the agent's own limit of it (limit - projection): moving
+    min(shortfall, room) units there saves (price - its price) x those units. Priority medium.
+  Cheaper deals of the marketplace are buy_deal items whatever the tier.
 - **reduce_resource**: when more than 10 % of this period's executions failed: saving = the cost of the
   failed executions so far / elapsed fraction (their projected monthly cost). Priority medium.
 - **scale_up / scale_down**: when the agent's scaling policy (its own, else its tier's; an enabled one:
@@ -48,8 +61,9 @@ from django.db import transaction
 from django.db.models import Count
 
 from ledger.errors import Conflict, LedgerError, NotFound
-from ledger.models import Agent, AgentLimitOverride, Tier, TierQuota
+from ledger.models import Agent, AgentLimitOverride, Quota, ResourceType, Tier, TierQuota
 from ledger.money import cents, money_round, percent, usage_cost
+from ledger.reference_cache import tier_limits
 from ledger.selectors import prices_in_effect
 from optimization.models import Deal, Execution, ScalingEvent
 from optimization.services.analytics import (
@@ -70,7 +84,9 @@ SHORT_HORIZON = dt.timedelta(days=7)
 ERROR_RATE_LIMIT = Decimal("10")
 SHARE_BELOW_PERCENT = 50
 DEALS_CONSIDERED = 200
-OPERATOR_ONLY = frozenset({"upgrade_tier", "downgrade_tier", "share_unused"})
+OPERATOR_ONLY = frozenset(
+    {"upgrade_tier", "downgrade_tier", "share_unused", "grant_quota", "share_from_teammate"}
+)
 SCALING_TYPES = frozenset({"scale_up", "scale_down"})
 ZERO = money_round(Decimal(0))
 
@@ -329,6 +345,164 @@ def _share_items(context: _Context) -> list[dict]:
     return items
 
 
+def _uncovered_items(context: _Context) -> list[dict]:
+    """What can relieve a resource that no tier covers: a grant, a team-mate's spare quota, a cheaper
+    resource of the same unit. Each short resource is priced at its list price."""
+    items = []
+    teammates = _teammate_spares(context)
+    units = dict(ResourceType.objects.values_list("code", "unit"))
+    for snapshot in context.short:
+        code = snapshot.resource_type
+        price = context.prices.get(code)
+        if price is None:
+            continue
+        projected = context.projections[code]
+        shortfall = projected - snapshot.limit
+        urgent, earliest = context.urgent([snapshot])
+        priority = "high" if urgent else "medium"
+        runs_out = f"; runs out at {earliest.isoformat()}" if earliest else ""
+        short_text = (
+            f"{code} is projected at {projected:,} against a {snapshot.limit:,} limit ({shortfall:,} short)"
+        )
+        evidence = {
+            "projected_units": projected,
+            "limit": snapshot.limit,
+            "shortfall": shortfall,
+            "list_unit_price_usd": price,
+            "projected_exhaustion_at": earliest,
+        }
+        cost = usage_cost(shortfall, price)
+        items.append(
+            _item(
+                kind="grant_quota",
+                resource_type=code,
+                priority=priority,
+                saving=-cost,
+                rationale=(
+                    f"{short_text} and no tier covers it: a grant of {shortfall:,} this period (or a custom "
+                    f"limit of {projected:,}) costs {_money(cost)} a month at the list price "
+                    f"{price.normalize():f}{runs_out}."
+                ),
+                evidence=evidence,
+                action={
+                    "resource_type": code,
+                    "amount": shortfall,
+                    "limit_after": projected,
+                    "unit_price_usd": price,
+                    "cost_usd": cost,
+                },
+            )
+        )
+        spare = teammates.get(code)
+        if spare is not None:
+            teammate, spare_units = spare
+            amount = min(shortfall, spare_units)
+            value = usage_cost(amount, price)
+            items.append(
+                _item(
+                    kind="share_from_teammate",
+                    resource_type=code,
+                    priority=priority,
+                    saving=value,
+                    rationale=(
+                        f"{short_text}; team-mate {teammate} is expected to leave {spare_units:,} unused: "
+                        f"sharing {amount:,} spares a grant worth {_money(value)} at the list price "
+                        f"{price.normalize():f}{runs_out}."
+                    ),
+                    evidence={**evidence, "teammate_unused_units": spare_units},
+                    action={"from_agent": teammate, "resource_type": code, "amount": amount},
+                )
+            )
+        alternative = _cheaper_alternative(context, code=code, units=units, price=price)
+        if alternative is not None:
+            other, other_price, room = alternative
+            amount = min(shortfall, room)
+            saving = usage_cost(amount, price - other_price)
+            items.append(
+                _item(
+                    kind="cheaper_resource",
+                    resource_type=code,
+                    priority="medium",
+                    saving=saving,
+                    rationale=(
+                        f"{short_text}; {other} is counted in {units[code]} too, at "
+                        f"{other_price.normalize():f} a unit against {price.normalize():f}, with {room:,} "
+                        f"expected to go unused: moving {amount:,} of the work there saves {_money(saving)}."
+                    ),
+                    evidence={
+                        **evidence,
+                        "alternative_unit_price_usd": other_price,
+                        "alternative_unused_units": room,
+                    },
+                    action={"from_resource_type": code, "to_resource_type": other, "amount": amount},
+                )
+            )
+    return items
+
+
+def _teammate_spares(context: _Context) -> dict[str, tuple[str, int]]:
+    """resource type -> (the team-mate expected to leave the most of it unused this period, how much), for
+    the resources projected short. A team-mate that has not used a resource yet this period (no quota row
+    opened) leaves its whole base limit. Three queries, whatever the size of the team."""
+    agent = context.agent
+    if agent.team_id is None or not context.short or not settings.ENABLE_COLLABORATION_SHARING:
+        return {}
+    codes = [s.resource_type for s in context.short]
+    teammates = dict(
+        Agent.objects.filter(team_id=agent.team_id)
+        .exclude(pk=agent.pk)
+        .exclude(status=Agent.Status.SUSPENDED)
+        .order_by("pk")
+        .values_list("pk", "tier_id")
+    )
+    if not teammates:
+        return {}
+    spares: dict[tuple[str, str], int] = {}
+    for agent_id, code, limit, used, reserved, listed in Quota.objects.filter(
+        agent__team_id=agent.team_id, period_start=context.clock.start, resource_type_id__in=codes
+    ).values_list("agent_id", "resource_type_id", "limit", "used", "reserved", "listed"):
+        if agent_id in teammates:
+            projected = context.clock.projected_units(used)
+            spares[(agent_id, code)] = min(limit - projected, limit - used - reserved - listed)
+    overrides = {
+        (agent_id, code): limit
+        for agent_id, code, limit in AgentLimitOverride.objects.filter(
+            agent__team_id=agent.team_id, resource_type_id__in=codes
+        ).values_list("agent_id", "resource_type_id", "limit")
+    }
+    best: dict[str, tuple[str, int]] = {}
+    for teammate, tier_id in teammates.items():  # in id order: a tie names the first
+        for code in codes:
+            spare = spares.get((teammate, code))
+            if spare is None:  # not opened this period: its base limit, as base_limits reads it
+                spare = overrides.get((teammate, code), tier_limits(tier_id).get(code, 0))
+            if spare > 0 and (code not in best or spare > best[code][1]):
+                best[code] = (teammate, spare)
+    return best
+
+
+def _cheaper_alternative(
+    context: _Context, *, code: str, units: dict[str, str], price: Decimal
+) -> tuple[str, Decimal, int] | None:
+    """The cheapest other resource type counted in the same unit as ``code`` (``units``: code -> unit) with
+    room left in the agent's own limit: (its code, its list price, the units expected to go unused)."""
+    best = None
+    for snapshot in context.snapshots:
+        other = snapshot.resource_type
+        other_price = context.prices.get(other)
+        if (
+            other == code
+            or units.get(other) != units.get(code)
+            or other_price is None
+            or other_price >= price
+        ):
+            continue
+        room = min(snapshot.limit - context.projections[other], snapshot.available)
+        if room > 0 and (best is None or other_price < best[1]):
+            best = (other, other_price, room)
+    return best
+
+
 def _reduce_items(context: _Context) -> list[dict]:
     executions = period_executions(agent=context.agent, clock=context.clock)
     # Over the executions with a known outcome: one that did not report it is neither a success nor a failure.
@@ -421,8 +595,11 @@ def _scaling_items(context: _Context) -> list[dict]:
 
 
 def _ranked(context: _Context) -> list[dict]:
+    tier_items = _tier_items(context)
+    covered = any(item["type"] == "upgrade_tier" for item in tier_items)
     items = [
-        *_tier_items(context),
+        *tier_items,
+        *([] if covered else _uncovered_items(context)),
         *_deal_items(context),
         *_share_items(context),
         *_reduce_items(context),
