@@ -421,3 +421,32 @@ def test_the_scaling_activity_shown_is_that_of_the_last_month(fleet, admin_clien
 
     for shown in (fleet_data["scaling_events"], monitor["scaling_events"]):
         assert [event["reason"] for event in shown] == ["recent"]
+
+
+def test_monitor_shows_the_last_hour_against_its_baseline(fleet, admin_client_logged_in):
+    from optimization.models import Execution
+
+    now = timezone.now()
+    rows = [(now - dt.timedelta(days=2, minutes=i), 100) for i in range(20)]
+    rows += [(now - dt.timedelta(minutes=5 + i), 300) for i in range(10)]
+    Execution.objects.bulk_create(
+        Execution(
+            agent_id="agent-research",
+            superpower="search",
+            resources={},
+            duration_ms=duration,
+            success=True,
+            cost_usd=Decimal("0.01"),
+            created_at=at,
+        )
+        for at, duration in rows
+    )
+    data = admin_client_logged_in.get(f"{reverse('dashboard:resources-data')}?agent=agent-research").json()
+    p95 = data["degradation"]["p95_duration_ms"]
+    figures = (Decimal(p95["current"]), Decimal(p95["baseline"]), Decimal(p95["ratio"]))
+    assert figures == (Decimal(300), Decimal(100), Decimal(3))
+    page = admin_client_logged_in.get(
+        f"{reverse('dashboard:resources')}?agent=agent-research"
+    ).content.decode()
+    row = re.search(r'<tr data-metric="p95_duration_ms">.*?</tr>', page, re.S).group(0)
+    assert "300.00 ms" in row and "100.00 ms" in row and 'class="badge critical"' in row

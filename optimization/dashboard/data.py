@@ -25,6 +25,7 @@ from optimization.rollups import UsageWindow, usage_totals
 from optimization.services.analytics import efficiency_score
 from optimization.services.recommendations import recommendations_for
 from optimization.services.scaling import scaling_policy_resolve
+from optimization.services.trends import degradation
 
 WARNING_PERCENT = Decimal("80")
 CRITICAL_PERCENT = Decimal("90")
@@ -495,9 +496,8 @@ def agent_monitor(
         "budgets": applying,
         "cost": cost,
         "range": spend_range(agent=agent, since=since or default_since, until=until or default_until),
-        # DEGRADATION PANEL: the lead wires optimization.services.trends.degradation(agent_id=agent.pk,
-        # now=now) in here once that module is merged; the template shows the panel when it is not None.
-        "degradation": None,
+        # The last hour against the 7 days before it: p95 duration, error rate and throughput.
+        "degradation": degradation(agent_id=agent.pk, now=now),
         "performance": performance(agent=agent, now=now),
         "alerts": [_alert(alert) for alert in agent.alerts.filter(acknowledged_at__isnull=True)[:50]],
         "scaling_events": [

@@ -118,8 +118,6 @@ def resources(request: HttpRequest) -> HttpResponse:
             "monitor": monitor,
             "range_problem": problem,
             "data_url": f"{reverse('dashboard:resources-data')}?{query}",
-            # DEGRADATION PANEL: the lead sets this from optimization.services.trends.degradation(...)
-            # (the same value as monitor["degradation"]) once that module is merged.
             "degradation": monitor["degradation"],
         },
     )
