@@ -18,7 +18,7 @@ from allocation.keys import api_key_issue
 from allocation.services import allocation_create
 from ledger.models import Agent
 from ledger.services import agent_create
-from optimization.models import Execution, Experiment, ExperimentArm, ExperimentAssignment
+from optimization.models import Execution, Experiment, ExperimentArm, ExperimentAssignment, ScalingPolicy
 from optimization.services.analytics import agent_analysis, agent_metrics, efficiency_score
 from optimization.services.executions import execution_record
 from optimization.services.experiments import experiment_assign, experiment_report
@@ -340,6 +340,8 @@ def test_analysis_optimization_actions_name_bottlenecks_that_nothing_else_reliev
 
 def test_analysis_action_for_a_bottleneck_no_tier_relieves_is_a_grant(reference_data):
     agent = agent_create(agent_id="top", tier_code="ENTERPRISE")  # no dearer tier to move to
+    # and no vertical scaling either: the tier's default policy (which grows limits) switched off.
+    ScalingPolicy.objects.filter(tier_id="ENTERPRISE").update(enabled=False)
     allocation_create(agent=agent, resource_type_id="NETWORK_REQS", amount=95_000, now=NOW - HOUR)
     actions = agent_analysis(agent=agent, now=NOW)["optimization_actions"]
     assert actions[0]["type"] == "grant_quota"

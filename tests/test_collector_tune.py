@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def collector_restored():
+    # From a process whose collector nothing has tuned yet (a Celery worker a test started in this process
+    # may have tuned it).
+    gc.unfreeze()
     threshold = gc.get_threshold()
     yield
     gc.unfreeze()

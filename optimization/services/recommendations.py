@@ -61,6 +61,7 @@ from django.db import transaction
 from django.db.models import Count
 
 from ledger.errors import Conflict, LedgerError, NotFound
+from ledger.invariants import quota_available
 from ledger.models import Agent, AgentLimitOverride, Quota, ResourceType, Tier, TierQuota
 from ledger.money import cents, money_round, percent, usage_cost
 from ledger.reference_cache import tier_limits
@@ -463,7 +464,9 @@ def _teammate_spares(context: _Context) -> dict[str, tuple[str, int]]:
     ).values_list("agent_id", "resource_type_id", "limit", "used", "reserved", "listed"):
         if agent_id in teammates:
             projected = context.clock.projected_units(used)
-            spares[(agent_id, code)] = min(limit - projected, limit - used - reserved - listed)
+            spares[(agent_id, code)] = min(
+                limit - projected, quota_available(limit=limit, used=used, reserved=reserved, listed=listed)
+            )
     overrides = {
         (agent_id, code): limit
         for agent_id, code, limit in AgentLimitOverride.objects.filter(
