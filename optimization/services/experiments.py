@@ -61,19 +61,10 @@ from ledger.models import Agent, OptimizationRule
 from ledger.money import cents, money_round
 from optimization.models import Execution, Experiment, ExperimentArm, ExperimentAssignment, ScalingPolicy
 from optimization.services.analytics import analytics_ensure_enabled
+from optimization.services.scaling import POLICY_FIELDS
 
-# What a scaling policy of an arm may set: everything but its owner.
-ARM_POLICY_FIELDS = (
-    "metric",
-    "scale_up_threshold",
-    "scale_down_threshold",
-    "step",
-    "min_instances",
-    "max_instances",
-    "quota_step_percent",
-    "cooldown_seconds",
-    "enabled",
-)
+# What a scaling policy of an arm may set: everything but its owner, as for any policy.
+ARM_POLICY_FIELDS = POLICY_FIELDS
 # Copied from an arm rule into the agent's own rule when the winner is applied.
 RULE_COPY_FIELDS = (
     "description",
