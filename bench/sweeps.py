@@ -12,6 +12,7 @@ transactions) is theirs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -202,7 +203,8 @@ def _sweep_backends_end() -> None:
 class SweepProcess:
     """``python -m bench.worker sweep NAME`` started in the background, its output in temporary files."""
 
-    def __init__(self, name: str, timeout: float):
+    def __init__(self, name: str, timeout: float, *, wait: bool = False):
+        """With ``wait`` the worker sets up, then starts the sweep only on ``go()``."""
         self.name = name
         self.timeout = timeout
         # Files, not pipes: nothing reads the worker's output until it ends, and a full pipe would stop it.
@@ -210,10 +212,10 @@ class SweepProcess:
         self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in result()
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", "sweep", name],
+            [sys.executable, "-m", "bench.worker", "sweep", name, *(["--wait"] if wait else [])],
             cwd=ROOT,
             env=_sweep_env(timeout),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
             stdout=self.output,
             stderr=self.errors,
         )
@@ -226,6 +228,13 @@ class SweepProcess:
             if "BENCH_READY" in self.output.read():
                 return
             time.sleep(0.05)
+
+    def go(self) -> None:
+        """Start the sweep of a worker started with ``wait`` (once it is ready)."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):  # a worker that already failed: result() says why
+                self.process.stdin.write(b"go\n")
+                self.process.stdin.close()
 
     def done(self) -> bool:
         return self.process.poll() is not None or time.monotonic() - self.started > self.timeout + 30
@@ -409,6 +418,22 @@ def _load(
     )
 
 
+def _started(sweep: SweepProcess):
+    """The load's stop condition that starts ``sweep`` when the load claims its first request: the
+    requests claimed while it runs are the ones measured, even when it takes less than one request."""
+    started = False
+
+    def until() -> bool:
+        nonlocal started
+        if not started:
+            started = True
+            sweep.go()
+            return False
+        return sweep.done()
+
+    return until
+
+
 def _load_text(result: LoadResult) -> str:
     slowest = max(result.latencies_ms) if result.latencies_ms else None
     return f"p99 {ms(result.p99_ms)}, max {ms(slowest)} ({result.requests:,} requests)"
@@ -441,9 +466,9 @@ def under_load(report: Report, profile: SweepProfile, other_agents: list[tuple[s
         _before(name)
         log(f"scenario 9: allocation load alone ({profile.load_quiet_seconds:.0f} s), then during {name}")
         quiet = _load(server, targets, profile, seconds=profile.load_quiet_seconds)
-        sweep = SweepProcess(name, profile.timeout)
+        sweep = SweepProcess(name, profile.timeout, wait=True)
         sweep.wait_ready()
-        during = _load(server, targets, profile, seconds=profile.timeout + 30, until=sweep.done)
+        during = _load(server, targets, profile, seconds=profile.timeout + 30, until=_started(sweep))
         result = sweep.result()
         errors = _server_errors(quiet) + _server_errors(during)
         log(f"scenario 9: {name}: without {_load_text(quiet)}; during {_load_text(during)}, {errors} errors")

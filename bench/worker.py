@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -240,6 +241,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("sweep")
     sweep.add_argument("name", choices=SWEEPS)
+    sweep.add_argument("--wait", action="store_true", help="after BENCH_READY, start on a line on stdin")
     allocate = commands.add_parser("allocate")
     allocate.add_argument("agents", help="agent ids, comma-separated: one thread each")
     allocate.add_argument("--count", type=int, required=True)
@@ -249,6 +251,8 @@ def main() -> None:
     _setup()
     if args.command == "sweep":
         print("BENCH_READY", flush=True)  # set up and connected: the sweep starts now
+        if args.wait:
+            sys.stdin.readline()  # ...or once told to (SweepProcess.go), when something must start first
         result = _sweep(args.name)
     else:
         result = _allocate(args.agents.split(","), args.count, args.seconds, args.warmup)
