@@ -315,14 +315,9 @@ SCALING_CHUNK = 2000
 
 
 @dataclass
-class _Decision:
-    agent_id: str
-    direction: str
-    kind: str
-    before: int
-    after: int
-    reason: str
-    resource_type_id: str | None = None
+class _Decision(ScalingChange):
+    """A change the sweep decided, with what a vertical one needs to be applied."""
+
     quota_step_percent: int = 0
     quota_id: int | None = None
 
@@ -494,10 +489,7 @@ def _chunk_evaluate(*, agents: AgentRange, now: dt.datetime, summary: dict) -> N
     grants = _vertical_apply(decisions=vertical, now=now)
     decisions = [d for d in decisions if d.kind == ScalingEvent.Kind.HORIZONTAL or d.quota_id]
     scaling_events_record(
-        changes=[
-            ScalingChange(d.agent_id, d.direction, d.kind, d.before, d.after, d.reason, d.resource_type_id)
-            for d in decisions
-        ],
+        changes=decisions,
         trigger=ScalingEvent.Trigger.AUTO,
         actor=AUTO_ACTOR,
         now=now,
