@@ -131,6 +131,22 @@ def bulk_insert(
     return _execute_with_arrays(sql, params)
 
 
+def plan_by_key() -> None:
+    """For the rest of the current transaction, have PostgreSQL reach rows through their keys: no
+    sequential scans, hash joins or merge joins while anything else can do.
+
+    For a batch whose statements each find a few thousand rows by key (``id = ANY(...)``, a join over
+    ``unnest``). On a table of a few times that many rows the planner judges a scan of the whole table
+    cheaper; each batch then reads all of it, so a sweep of many batches grows with the square of the
+    table, and the scans push the rows the batch needs out of the buffer cache. ``SET LOCAL``: it ends with
+    the transaction, and only discourages (a statement with no other plan still runs)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), "
+            "set_config('enable_mergejoin', 'off', true)"
+        )
+
+
 def _execute_with_arrays(sql: str, params: list) -> int:
     with server_bound_cursor() as cursor:
         cursor.execute(sql, params)

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
@@ -14,6 +14,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from allocation import services
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.tasks import holds_expire_task, idempotency_cleanup_task
+from ledger.bulk import plan_by_key
 from ledger.models import Quota
 from ledger.services import agent_create
 from tests.factories import fleet_create
@@ -83,6 +84,43 @@ def test_expiry_sweep_query_count_does_not_grow_with_agents(reference_data):
     assert counts[0] == counts[1]
     assert not Quota.objects.filter(reserved__gt=0).exists()
     assert not Allocation.objects.filter(status=Allocation.Status.HELD).exists()
+
+
+def _allocation_scans() -> tuple[int, int]:
+    """Sequential and index scans of the allocations' tables (every partition) in this test's transaction."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(sum(seq_scan), 0), coalesce(sum(idx_scan), 0) FROM pg_stat_xact_user_tables "
+            "WHERE relname LIKE 'allocation\\_allocation%%'"
+        )
+        return tuple(int(value) for value in cursor.fetchone())
+
+
+def test_each_batch_of_the_expiry_sweep_finds_its_holds_by_key(reference_data):
+    """The batch is most of the table here, where a planner left alone reads every allocation for each
+    batch: the sweep's statements go through the indexes, batch after batch."""
+    now = timezone.now()
+    _expired_holds_fleet(150, now=now)
+    seq_before, index_before = _allocation_scans()
+    assert services.holds_expire(now=now, batch_size=100) == 300
+    seq_after, index_after = _allocation_scans()
+    assert seq_after == seq_before
+    assert index_after > index_before
+    assert not Allocation.objects.filter(status=Allocation.Status.HELD).exists()
+    assert not Quota.objects.filter(reserved__gt=0).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_keyed_planning_ends_with_its_transaction():
+    def setting() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('enable_seqscan'), current_setting('enable_hashjoin')")
+            return cursor.fetchone()
+
+    with transaction.atomic():
+        plan_by_key()
+        assert setting() == ("off", "off")
+    assert setting() == ("on", "on")
 
 
 def test_idempotency_cleanup_keeps_the_last_24_hours(reference_data):
