@@ -12,8 +12,9 @@ embedded server (``initdb`` on first use) and stops it when the command ends; wi
 ``--stop`` stops a server that a killed command left running. ``embedded_database()`` does the same in Python.
 
 The server listens on 127.0.0.1 only, on a free port (never the machine's 5432), without a Unix socket,
-with trust authentication like a Homebrew install (a development server), and with ``max_connections``
-bounded. Several commands may share it (``make run`` in one terminal, ``make test`` in another): each
+with trust authentication like a Homebrew install (a development server), with ``max_connections``
+bounded and a buffer pool sized to the machine (``shared_buffers_mb``).
+Several commands may share it (``make run`` in one terminal, ``make test`` in another): each
 registers its process in ``var/postgres.lock`` under a file lock, and the last one to leave stops it. A
 server left running by a killed command is adopted; what a killed server left behind (its backends, a
 ``postmaster.pid`` naming a dead pid) is cleared before a new one starts. Unix only (``fcntl``), like the
@@ -40,6 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DATABASE_NAME = "axiom_grid"
 SUPERUSER = "postgres"
 MAX_CONNECTIONS = 100
+# PostgreSQL's own default buffer pool is 128 MB, which a fleet outgrows: a million agents' quota rows take
+# about 0.8 GB, and a sweep over them then writes back every page it changes while it runs. The server gets a
+# quarter of the machine's memory instead, between those bounds; EMBEDDED_POSTGRES_SHARED_BUFFERS (in MB)
+# sets it.
+SHARED_BUFFERS_MIN_MB = 128
+SHARED_BUFFERS_MAX_MB = 2048
 # Crash recovery after a killed run replays the WAL before the server accepts connections.
 START_TIMEOUT_SECONDS = 120
 STOP_TIMEOUT_SECONDS = 60
@@ -79,6 +86,28 @@ def settings_url(data_dir: Path) -> str:
     if port is not None:
         return database_url(port)
     return f"postgres://{SUPERUSER}@{str(data_dir).replace('/', '%2F')}/{DATABASE_NAME}"
+
+
+def shared_buffers_mb(*, memory_bytes: int | None = None) -> int:
+    """The embedded server's ``shared_buffers`` in MB: ``EMBEDDED_POSTGRES_SHARED_BUFFERS`` when set, else a
+    quarter of the machine's memory, at least SHARED_BUFFERS_MIN_MB and at most SHARED_BUFFERS_MAX_MB."""
+    configured = os.environ.get("EMBEDDED_POSTGRES_SHARED_BUFFERS", "").strip().lower().removesuffix("mb")
+    if configured:
+        try:
+            value = int(configured)
+        except ValueError:
+            raise EmbeddedPostgresError(
+                f"EMBEDDED_POSTGRES_SHARED_BUFFERS must be a whole number of MB, not {configured!r}"
+            ) from None
+        if value < 16:
+            raise EmbeddedPostgresError("EMBEDDED_POSTGRES_SHARED_BUFFERS must be at least 16 (MB)")
+        return value
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return SHARED_BUFFERS_MIN_MB
+    return max(SHARED_BUFFERS_MIN_MB, min(SHARED_BUFFERS_MAX_MB, memory_bytes // 4 // 2**20))
 
 
 class EmbeddedPostgres:
@@ -237,7 +266,7 @@ class EmbeddedPostgres:
             port = _free_port()
             options = (
                 f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
-                f"-c max_connections={MAX_CONNECTIONS}"
+                f"-c max_connections={MAX_CONNECTIONS} -c shared_buffers={shared_buffers_mb()}MB"
             )
             try:
                 wait = ["-w", "-t", str(START_TIMEOUT_SECONDS)]

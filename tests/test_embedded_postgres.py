@@ -18,14 +18,20 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-from axiom_grid.embedded_postgres import EmbeddedPostgres, running_port
+from axiom_grid.embedded_postgres import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    running_port,
+    shared_buffers_mb,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = [sys.executable, "-m", "axiom_grid.embedded_postgres"]
 QUERY = (
     "import json, os, psycopg; url = os.environ['DATABASE_URL']; "
     "row = psycopg.connect(url).execute(\"SELECT current_setting('server_version_num')::int, "
-    "current_setting('max_connections')::int, current_setting('listen_addresses'), current_database()\")"
+    "current_setting('max_connections')::int, current_setting('listen_addresses'), current_database(), "
+    "pg_size_bytes(current_setting('shared_buffers')) / 1048576\")"
     ".fetchone(); print(json.dumps([url, *row]))"
 )
 
@@ -54,8 +60,8 @@ def background(data_dir: Path, *command: str) -> subprocess.Popen:
     return subprocess.Popen([*LAUNCHER, "--data-dir", str(data_dir), "--", *command], env=environment())
 
 
-def query(data_dir: Path) -> tuple[str, int, int, str, str]:
-    result = launch(data_dir, sys.executable, "-c", QUERY)
+def query(data_dir: Path, env: dict[str, str] | None = None) -> tuple[str, int, int, str, str, int]:
+    result = launch(data_dir, sys.executable, "-c", QUERY, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     return tuple(json.loads(result.stdout))
@@ -82,14 +88,35 @@ def wait_until(condition, timeout: float = 60) -> None:
 
 
 def test_launcher_starts_the_server_gives_the_command_its_url_and_stops_it(data_dir):
-    url, version, max_connections, listen, database = query(data_dir)
+    url, version, max_connections, listen, database, shared_buffers = query(data_dir)
     parts = urlsplit(url)
     assert (parts.scheme, parts.hostname, parts.path) == ("postgres", "127.0.0.1", "/axiom_grid")
     assert parts.port != 5432
     assert version // 10000 == 18
     assert (max_connections, listen, database) == (100, "127.0.0.1", "axiom_grid")
+    assert shared_buffers == shared_buffers_mb() >= 128
     assert (data_dir / "PG_VERSION").exists()  # kept between runs
     assert not (data_dir / "postmaster.pid").exists()
+    assert server_processes(data_dir) == []
+
+
+def test_the_buffer_pool_is_a_quarter_of_memory_within_bounds(monkeypatch):
+    monkeypatch.delenv("EMBEDDED_POSTGRES_SHARED_BUFFERS", raising=False)
+    gib = 2**30
+    assert shared_buffers_mb(memory_bytes=24 * gib) == 2048  # at most 2 GB
+    assert shared_buffers_mb(memory_bytes=4 * gib) == 1024
+    assert shared_buffers_mb(memory_bytes=gib // 4) == 128  # never below PostgreSQL's own default
+    monkeypatch.setenv("EMBEDDED_POSTGRES_SHARED_BUFFERS", "512MB")
+    assert shared_buffers_mb(memory_bytes=24 * gib) == 512
+    for wrong in ("a lot", "8"):
+        monkeypatch.setenv("EMBEDDED_POSTGRES_SHARED_BUFFERS", wrong)
+        with pytest.raises(EmbeddedPostgresError, match="EMBEDDED_POSTGRES_SHARED_BUFFERS"):
+            shared_buffers_mb()
+
+
+def test_the_buffer_pool_setting_reaches_the_server(data_dir):
+    *_, shared_buffers = query(data_dir, env=environment(EMBEDDED_POSTGRES_SHARED_BUFFERS="96"))
+    assert shared_buffers == 96
     assert server_processes(data_dir) == []
 
 
