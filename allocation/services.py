@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import BooleanField, F, Q
+from django.db.models import BooleanField, CharField, F, Q
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
@@ -500,6 +500,10 @@ _EXPIRING = (
 )
 
 
+# A row's tuple id, as text (``ledger.bulk.bulk_update_columns``'s ``tids``).
+_TID = RawSQL("ctid::text", (), output_field=CharField())
+
+
 def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
     """Mark ``holds`` expired and move their quota and money: released, or used in full for a lease.
 
@@ -567,7 +571,8 @@ def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
     # Locked and read at once: each hold's period, for a lease's usage row. Not joined into the read of the
     # holds, which would then join every expired hold it scans rather than the batch alone.
     locked = Quota.objects.filter(pk__in=quota_ids, agent_id__in=agent_ids).locked()
-    periods = dict(locked.values_list("pk", "period_start"))
+    found = {pk: (period, tid) for pk, period, tid in locked.values_list("pk", "period_start", _TID)}
+    periods = {pk: period for pk, (period, _tid) in found.items()}
     bulk_update_columns(
         model=Quota,
         pks=quota_ids,
@@ -578,6 +583,7 @@ def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
         },
         add=True,
         touch=now,
+        tids=[found[pk][1] for pk in quota_ids],  # locked just above: found again on their pages
     )
     # A lease's charge belongs to its hold's period, as any settlement does.
     UsageLog.objects.bulk_create(

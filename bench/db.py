@@ -113,6 +113,39 @@ def database_recreate(url: str) -> None:
         conn.execute(f'CREATE DATABASE "{name}"')
 
 
+def database_copy(url: str, *, suffix: str) -> str:
+    """Copy the database ``url`` names, as it is, to ``<its name><suffix>`` on the same server (replacing
+    one left by a killed run); returns the copy's URL. The source must have no other sessions. A file copy
+    (``STRATEGY FILE_COPY``): the database's files as they are, without logging every page of them."""
+    name = database_name(url) + suffix
+    copy = _with_database(url, name)
+    database_drop(copy)
+    with psycopg.connect(_with_database(url, "postgres"), autocommit=True, connect_timeout=10) as conn:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{database_name(url)}" STRATEGY FILE_COPY')
+                return copy
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() > deadline:
+                    raise
+                # The bench's own sessions (a thread's connection left open): the database is the bench's.
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    [database_name(url)],
+                )
+                time.sleep(1)
+
+
+def database_drop(url: str) -> None:
+    name = database_name(url)
+    if "bench" not in name:
+        raise RuntimeError(f"refusing to drop {name!r}: a bench database's name contains 'bench'")
+    with psycopg.connect(_with_database(url, "postgres"), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def server_facts(url: str) -> dict:
     with psycopg.connect(url, connect_timeout=10) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]

@@ -109,7 +109,14 @@ def sweep_profile(
 _fleet = {"agents": 0}
 
 
-def _sql(statement: str, params=None) -> None:
+def _sql(statement: str, params=None, *, url: str | None = None) -> None:
+    """Run ``statement`` in the bench database, or in the database ``url`` names (the reference copy)."""
+    if url is not None:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(statement, params)
+        return
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -142,6 +149,7 @@ def fleet_grow(report: Report, profile: SweepProfile, agents: int) -> None:
     # visibility map and statistics up to date), not autovacuum working through the new rows while sweeps
     # are timed.
     _sql("VACUUM (ANALYZE)")
+    _checkpoint(report)
     _fleet["agents"] = agents
     quotas = _scalar("SELECT count(*) FROM quotas WHERE agent_id LIKE 'sw-%%'")
     report.add(
@@ -149,6 +157,21 @@ def fleet_grow(report: Report, profile: SweepProfile, agents: int) -> None:
         f"fleet of {agents:,} agents (SQL generate + VACUUM ANALYZE)",
         f"{quotas:,} quota rows; agents {first:,}-{agents:,} in {time.perf_counter() - started:.0f} s",
     )
+
+
+def _checkpoint(report: Report) -> None:
+    """Finish the checkpoint that writing the fleet started, so that it does not go on writing pages out
+    under the sweeps that are timed next (a checkpoint is spread over minutes, and every page it writes is
+    logged in full again when a sweep next changes it). A server where the bench's user may not
+    (``pg_checkpoint``) is measured without it, and the table says so."""
+    from django.db import DatabaseError
+
+    try:
+        _sql("CHECKPOINT")
+    except DatabaseError as exc:
+        note = f"scenario 4: no CHECKPOINT after writing the fleet ({str(exc).strip().splitlines()[0]})"
+        if note not in report.notes:
+            report.notes.append(note)
 
 
 def _policies_create() -> None:
@@ -175,26 +198,27 @@ def _policies_create() -> None:
         )
 
 
-def _before(name: str) -> None:
+def _before(name: str, url: str | None = None) -> None:
     """What each sweep starts from: no alerts, states or scaling events, every agent as generated
     (the firing evaluation instead starts from the states the evaluation before it left), and every
-    expiring hold open again for the expiry sweep."""
+    expiring hold open again for the expiry sweep. In the bench database, or in the one ``url`` names."""
     if name != "rules_evaluate_firing":
         for statement in db.SWEEP_RESET_SQL.split(";"):
             if statement.strip():
-                _sql(statement)
+                _sql(statement, url=url)
     if name == "holds_expire":
-        _sql(db.SWEEP_HOLDS_ARM_SQL)
-        # The statistics a running server's autovacuum keeps: the fleet's ANALYZE saw every hold ended, and a
+        _sql(db.SWEEP_HOLDS_ARM_SQL, url=url)
+        # The state a running server's autovacuum keeps: the fleet's statistics saw every hold ended (a
         # planner told there are no open holds sorts all of them for each batch instead of reading the
-        # open-hold index in order.
-        _sql("ANALYZE allocation_allocation")
+        # open-hold index in order), and the run before left dead rows that autovacuum would otherwise
+        # clean up while this run is timed.
+        _sql("VACUUM (ANALYZE) allocation_allocation", url=url)
 
 
 # --- One sweep in its own process -----------------------------------------------------------------------
 
 
-def _sweep_env(timeout: float) -> dict[str, str]:
+def _sweep_env(timeout: float, database_url: str | None = None) -> dict[str, str]:
     """The sweep worker's environment. JIT is off for its session (``BENCH_SWEEP_PGOPTIONS`` overrides):
     PostgreSQL cannot interrupt a JIT compilation (neither a timeout nor a cancel nor pg_terminate_backend
     ends it), and a statement whose size grows with the fleet can take minutes to compile, holding up every
@@ -203,27 +227,32 @@ def _sweep_env(timeout: float) -> dict[str, str]:
     options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
     return {
         **os.environ,
+        **({"DATABASE_URL": database_url} if database_url else {}),
         "PGAPPNAME": SWEEP_APPLICATION_NAME,
         "PGOPTIONS": f"{options} -c statement_timeout={int(timeout * 1000)}",
     }
 
 
-def _sweep_backends_end() -> None:
-    """End the server sessions a killed sweep worker left behind (they would go on holding row locks)."""
+def _sweep_backends_end(database_url: str | None = None) -> None:
+    """End the server sessions a killed sweep worker left behind (they would go on holding row locks), in
+    the bench database or in the one ``database_url`` names."""
     _sql(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE datname = current_database() AND application_name = %s AND pid <> pg_backend_pid()",
         [SWEEP_APPLICATION_NAME],
+        url=database_url,
     )
 
 
 class SweepProcess:
     """``python -m bench.worker sweep NAME`` started in the background, its output in temporary files."""
 
-    def __init__(self, name: str, timeout: float, *, wait: bool = False):
-        """With ``wait`` the worker sets up, then starts the sweep only on ``go()``."""
+    def __init__(self, name: str, timeout: float, *, wait: bool = False, database_url: str | None = None):
+        """With ``wait`` the worker sets up, then starts the sweep only on ``go()``. ``database_url``: another
+        database than the bench's (the reference copy)."""
         self.name = name
         self.timeout = timeout
+        self.database_url = database_url
         # Files, not pipes: nothing reads the worker's output until it ends, and a full pipe would stop it.
         self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in result()
         self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in result()
@@ -231,7 +260,7 @@ class SweepProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", "sweep", name, *(["--wait"] if wait else [])],
             cwd=ROOT,
-            env=_sweep_env(timeout),
+            env=_sweep_env(timeout, database_url),
             stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
             stdout=self.output,
             stderr=self.errors,
@@ -264,7 +293,7 @@ class SweepProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            _sweep_backends_end()
+            _sweep_backends_end(self.database_url)
             return {"timeout": True}
         finally:
             self.output.seek(0)
@@ -294,7 +323,12 @@ def _outcome_text(name: str, outcome) -> str:
 
 
 def sweeps(report: Report, profile: SweepProfile) -> None:
-    """Scenario 4: every sweep at the reference size and at the fleet size, each in a fresh process."""
+    """Scenario 4: every sweep at the reference size and at the fleet size, each run in a fresh process.
+
+    The fleet is grown to the reference size and the bench database copied (the reference database), then
+    grown to the full size; the runs at the two sizes then take turns, each in its own database on the same
+    server, so that the machine's speed, which drifts by tens of percent over minutes on a shared VM, is
+    the same for both sides of each ratio."""
     small, large = profile.reference, profile.agents
     _policies_create()
     options = os.environ.get("BENCH_SWEEP_PGOPTIONS", "-c jit=off")
@@ -302,30 +336,55 @@ def sweeps(report: Report, profile: SweepProfile) -> None:
         f"scenarios 4 and 9: each sweep runs in a fresh process with PGOPTIONS '{options}' "
         "(PostgreSQL cannot interrupt a JIT compilation, not even at the statement timeout)"
     )
-    measured: dict[int, dict[str, dict]] = {}
-    for size in (small, large):
-        fleet_grow(report, profile, size)
-        measured[size] = {}
+    report.notes.append(
+        f"scenario 4: the {small:,}-agent fleet is a copy of the bench database made at that size; the runs "
+        "at the two sizes alternate"
+    )
+    fleet_grow(report, profile, small)
+    reference_url = _reference_copy()
+    try:
+        fleet_grow(report, profile, large)
         for name in profile.names:
-            measured[size][name] = _sweep_measure(name, size, profile)
-    for name in profile.names:
-        _sweep_rows(report, f"4 {name}", measured[small][name], measured[large][name], small, large, profile)
+            little, big = _sweep_measure(name, {small: reference_url, large: None}, profile)
+            _sweep_rows(report, f"4 {name}", little, big, small, large, profile)
+    finally:
+        db.database_drop(reference_url)
 
 
-def _sweep_measure(name: str, size: int, profile: SweepProfile) -> dict:
-    """One sweep over the fleet as it is: a run in a fresh process, from the state ``_before`` sets; a short
-    one again, up to the profile's ``runs`` in all, and then the median run, with the number of runs as
-    ``runs``."""
-    runs: list[dict] = []
-    while True:
-        _before(name)
-        log(f"scenario 4: {name} over {size:,} agents" + (f", run {len(runs) + 1}" if runs else ""))
-        result = SweepProcess(name, profile.timeout).result()
-        log(f"scenario 4: {name} over {size:,} agents: {_result_text(result, profile.timeout)}")
-        runs.append(result)
-        short = not result.get("timeout") and result["seconds"] < REPEAT_UNDER_SECONDS
-        if not short or name in NOT_REPEATABLE or len(runs) >= profile.runs:
-            break
+def _reference_copy() -> str:
+    """A copy of the bench database as it is now, named after it (``..._reference``); returns its URL.
+    Copying needs the bench database without sessions: this process's own is closed first (Django opens it
+    again when next used)."""
+    from django.db import connections
+
+    connections.close_all()
+    log("sweeps: copying the fleet as the reference database")
+    return db.database_copy(os.environ["DATABASE_URL"], suffix="_reference")
+
+
+def _sweep_measure(name: str, databases: dict[int, str | None], profile: SweepProfile) -> list[dict]:
+    """One sweep at each size (fleet size -> the URL of its database, None for the bench database): runs
+    in fresh processes from the state ``_before`` sets, the sizes taking turns. A size whose run is short
+    runs again, up to the profile's ``runs`` in all, and gives its median run, with the number of runs as
+    ``runs``. The results in the order of ``databases``."""
+    runs: dict[int, list[dict]] = {size: [] for size in databases}
+    pending = list(databases)
+    while pending:
+        for size in list(pending):
+            url = databases[size]
+            _before(name, url)
+            count = len(runs[size])
+            log(f"scenario 4: {name} over {size:,} agents" + (f", run {count + 1}" if count else ""))
+            result = SweepProcess(name, profile.timeout, database_url=url).result()
+            log(f"scenario 4: {name} over {size:,} agents: {_result_text(result, profile.timeout)}")
+            runs[size].append(result)
+            short = not result.get("timeout") and result["seconds"] < REPEAT_UNDER_SECONDS
+            if not short or name in NOT_REPEATABLE or len(runs[size]) >= profile.runs:
+                pending.remove(size)
+    return [_median_run(runs[size]) for size in databases]
+
+
+def _median_run(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return runs[0]
     median = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]

@@ -39,11 +39,15 @@ def bulk_update_columns(
     columns: dict[str, list],
     add: bool = False,
     touch: dt.datetime | None = None,
+    tids: list[str] | None = None,
 ) -> int:
     """For each position i, set every field in ``columns`` of the row ``pks[i]`` to its ``values[i]`` (or add
     it, with ``add``). ``touch`` also sets ``updated_at``. Returns the number of rows updated.
 
-    One ``UPDATE ... FROM unnest(pks, values...)``, one array parameter per column.
+    One ``UPDATE ... FROM unnest(pks, values...)``, one array parameter per column. ``tids``: the rows'
+    tuple ids (``ctid``, as text), for rows this transaction has locked, whose ctid cannot change until it
+    ends: each row is then read from its page directly, not found again through the primary key's index
+    (the key is still checked).
     """
     if not pks:
         return 0
@@ -61,11 +65,17 @@ def bulk_update_columns(
         params.append(touch)
     arrays = [f"%b::{pk_type}[]"] + [f"%b::{field.db_type(connection)}[]" for field in fields.values()]
     params += [list(pks), *(list(values) for values in columns.values())]
-    aliases = ", ".join(["pk", *(f"c{i}" for i in range(len(fields)))])
+    aliases = ["pk", *(f"c{i}" for i in range(len(fields)))]
+    where = f"t.{quote(meta.pk.column)} = v.pk"
+    if tids is not None:
+        arrays.append("%b::text[]::tid[]")
+        params.append(list(tids))
+        aliases.append("tid")
+        where = f"t.ctid = v.tid AND {where}"
     sql = (
         f"UPDATE {quote(meta.db_table)} AS t SET {', '.join(assignments)} "
-        f"FROM unnest({', '.join(arrays)}) AS v({aliases}) "
-        f"WHERE t.{quote(meta.pk.column)} = v.pk"
+        f"FROM unnest({', '.join(arrays)}) AS v({', '.join(aliases)}) "
+        f"WHERE {where}"
     )
     return _execute_with_arrays(sql, params)
 

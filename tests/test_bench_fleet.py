@@ -103,6 +103,49 @@ def test_sweep_profile_takes_the_fleet_size_and_a_smaller_reference():
     assert sweep_profile(quick=True, agents=None, reference=None).agents == 1_000
 
 
+def test_scenario_4_alternates_the_sizes_and_reports_the_median_of_short_runs(monkeypatch):
+    """Runs at the two sizes take turns; a short sweep runs ``runs`` times and gives its median run, a long
+    one runs once, and the firing evaluation (whose run changes its own starting state) runs once."""
+    from bench import sweeps
+
+    order: list[tuple[str, str | None]] = []
+    seconds = iter([0.3, 3.0, 0.5, 9.0, 0.2, 0.4, 0.1])
+
+    class Fake:
+        def __init__(self, name, timeout, *, wait=False, database_url=None):
+            order.append((name, database_url))
+            self.name = name
+
+        def result(self):
+            return {
+                "sweep": self.name,
+                "seconds": next(seconds),
+                "queries": 1,
+                "peak_rss_mb": 90.0,
+                "outcome": 0,
+            }
+
+    monkeypatch.setattr(sweeps, "SweepProcess", Fake)
+    monkeypatch.setattr(sweeps, "_before", lambda name, url=None: None)
+    monkeypatch.setattr(sweeps, "log", lambda text: None)
+    profile = sweep_profile(quick=False, agents=None, reference=None)
+    little, big = sweeps._sweep_measure(
+        "holds_expire", {100_000: "postgres://x/ref", 1_000_000: None}, profile
+    )
+    # 0.3 (small), 3.0 (large), 0.5 (small), 9.0 (large: long, done), 0.2 (small, the third)
+    assert order == [("holds_expire", "postgres://x/ref"), ("holds_expire", None)] * 2 + [
+        ("holds_expire", "postgres://x/ref")
+    ]
+    assert (little["seconds"], little["runs"]) == (0.3, 3)
+    assert (big["seconds"], big["runs"]) == (9.0, 2)
+    order.clear()
+    once = sweeps._sweep_measure(
+        "rules_evaluate_firing", {100_000: "postgres://x/ref", 1_000_000: None}, profile
+    )
+    assert [run["seconds"] for run in once] == [0.4, 0.1] and len(order) == 2
+    assert all("runs" not in run for run in once)
+
+
 def test_bench_runs_the_sweeps_it_is_told_to_and_refuses_unknown_ones(capsys):
     from bench.run import _arguments
     from bench.worker import SWEEPS

@@ -36,7 +36,9 @@ def bench_database_url(django_db_setup, django_db_blocker):
     server = f"postgres://{credentials}@{database['HOST'] or '127.0.0.1'}:{database['PORT'] or 5432}"
     yield f"{server}/{name}"
     with django_db_blocker.unblock(), psycopg.connect(f"{server}/postgres", autocommit=True) as maintenance:
-        maintenance.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        for database_name in (name, f"{name}_reference"):  # the copy scenario 4 makes of the fleet
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database_name))
+            maintenance.execute(drop)
 
 
 def test_bench_quick_runs_every_scenario_and_prints_the_table(bench_database_url):
@@ -58,6 +60,13 @@ def test_bench_quick_runs_every_scenario_and_prints_the_table(bench_database_url
     for scenario in SCENARIOS:
         assert re.search(rf"^\| {scenario} \S", output, re.M), f"no row for scenario {scenario}\n{output}"
     assert "| ERROR" not in output, output
+    assert "note: scenario 4: the 200-agent fleet is a copy of the bench database" in output, output
+    with psycopg.connect(bench_database_url.rsplit("/", 1)[0] + "/postgres") as maintenance:
+        copies = maintenance.execute(
+            "SELECT count(*) FROM pg_database WHERE datname = %s",
+            [bench_database_url.rsplit("/", 1)[1] + "_reference"],
+        ).fetchone()[0]
+    assert copies == 0  # the bench dropped its copy
     ratio = r"RATIO to the bare baseline \(no middleware\): {}, median of rounds"
     for scenario in ("1 many agents", "3 hot agent", "7 budgets spread", "7 budgets hot team"):
         for measure in ("throughput", "p99"):
