@@ -573,7 +573,7 @@ def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
     locked = Quota.objects.filter(pk__in=quota_ids, agent_id__in=agent_ids).locked()
     found = {pk: (period, tid) for pk, period, tid in locked.values_list("pk", "period_start", _TID)}
     periods = {pk: period for pk, (period, _tid) in found.items()}
-    bulk_update_columns(
+    updated = bulk_update_columns(
         model=Quota,
         pks=quota_ids,
         columns={
@@ -585,6 +585,8 @@ def _holds_end(holds: list[dict], *, now: dt.datetime) -> None:
         touch=now,
         tids=[found[pk][1] for pk in quota_ids],  # locked just above: found again on their pages
     )
+    if updated != len(quota_ids):  # cannot happen while the rows are locked; never end holds half-way
+        raise RuntimeError(f"hold expiry updated {updated} of {len(quota_ids)} quota rows")
     # A lease's charge belongs to its hold's period, as any settlement does.
     UsageLog.objects.bulk_create(
         UsageLog(

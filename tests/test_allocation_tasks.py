@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 from django.core.management import call_command
 from django.db import connection, transaction
+from django.db.models.expressions import RawSQL
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
@@ -14,7 +15,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from allocation import services
 from allocation.models import Allocation, IdempotencyRecord
 from allocation.tasks import holds_expire_task, idempotency_cleanup_task
-from ledger.bulk import plan_by_key
+from ledger.bulk import bulk_update_columns, plan_by_key
 from ledger.models import Quota
 from ledger.services import agent_create
 from tests.factories import fleet_create
@@ -108,6 +109,24 @@ def test_each_batch_of_the_expiry_sweep_finds_its_holds_by_key(reference_data):
     assert index_after > index_before
     assert not Allocation.objects.filter(status=Allocation.Status.HELD).exists()
     assert not Quota.objects.filter(reserved__gt=0).exists()
+
+
+def test_rows_locked_in_the_transaction_are_updated_by_their_tuple_ids(reference_data):
+    now = timezone.now()
+    ids = fleet_create("tid", 3, at=now, resource_type="COMPUTE_MS")
+    with transaction.atomic():
+        rows = list(
+            Quota.objects.filter(agent_id__in=ids)
+            .locked()
+            .annotate(tid=RawSQL("ctid::text", ()))
+            .values_list("pk", "tid")
+        )
+        pks, tids = [pk for pk, _ in rows], [tid for _, tid in rows]
+        assert bulk_update_columns(model=Quota, pks=pks, columns={"reserved": [5] * 3}, tids=tids) == 3
+        # A tuple id that is not the row's (here: the next row's) updates nothing, even with the right key.
+        shifted = tids[1:] + tids[:1]
+        assert bulk_update_columns(model=Quota, pks=pks, columns={"reserved": [7] * 3}, tids=shifted) == 0
+    assert sorted(Quota.objects.filter(agent_id__in=ids).values_list("reserved", flat=True)) == [5, 5, 5]
 
 
 @pytest.mark.django_db(transaction=True)
