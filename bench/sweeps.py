@@ -208,10 +208,9 @@ def _before(name: str, url: str | None = None) -> None:
                 _sql(statement, url=url)
     if name == "holds_expire":
         _sql(db.SWEEP_HOLDS_ARM_SQL, url=url)
-        # The state a running server's autovacuum keeps: the fleet's statistics saw every hold ended (a
-        # planner told there are no open holds sorts all of them for each batch instead of reading the
-        # open-hold index in order), and the run before left dead rows that autovacuum would otherwise
-        # clean up while this run is timed.
+        # The state a running server's autovacuum keeps: statistics that know of the open holds (the
+        # fleet's saw every hold ended), and none of the dead rows the run before left, which autovacuum
+        # would otherwise clean up while this run is timed.
         _sql("VACUUM (ANALYZE) allocation_allocation", url=url)
 
 

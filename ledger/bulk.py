@@ -148,8 +148,11 @@ def plan_by_key() -> None:
     For a batch whose statements each find a few thousand rows by key (``id = ANY(...)``, a join over
     ``unnest``). On a table of a few times that many rows the planner judges a scan of the whole table
     cheaper; each batch then reads all of it, so a sweep of many batches grows with the square of the
-    table, and the scans push the rows the batch needs out of the buffer cache. ``SET LOCAL``: it ends with
-    the transaction, and only discourages (a statement with no other plan still runs)."""
+    table, and the scans push the rows the batch needs out of the buffer cache. It also keeps a batch read
+    ``ORDER BY`` an index ``LIMIT n`` on the index's order when the statistics count too few matching rows
+    (an ANALYZE from before they came), rather than sorting every one of them for each batch. ``SET
+    LOCAL``: it ends with the transaction, and only discourages (a statement with no other plan still
+    runs)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true), "
