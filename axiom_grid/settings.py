@@ -345,3 +345,23 @@ GRID_RETENTION = {
 }
 # A directory: each partition that retention drops is first written there as <partition>.csv.gz. Empty: none.
 GRID_RETENTION_DUMP_DIR = os.environ.get("GRID_RETENTION_DUMP_DIR", "")
+
+
+def env_positive_int(name: str, default: int) -> int:
+    """A whole number of at least 1 from the environment, else ``default``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ImproperlyConfigured(f"{name} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+# --- Usage rollups (docs/operations.md, "Rollups") ---------------------------------------------------------
+# An hour is sealed once it ended this long ago: a usage row committed later than this after its time is
+# counted only by a run within the lookback, or by the backfill.
+USAGE_ROLLUP_LATE_SECONDS = env_positive_int("USAGE_ROLLUP_LATE_SECONDS", 2 * 3600)
+# How far back a run recomputes the hours of rows that arrived late (written before the range it covers).
+USAGE_ROLLUP_LOOKBACK_SECONDS = env_positive_int("USAGE_ROLLUP_LOOKBACK_SECONDS", 7 * 24 * 3600)
+# Hours recomputed per transaction.
+USAGE_ROLLUP_CHUNK_HOURS = env_positive_int("USAGE_ROLLUP_CHUNK_HOURS", 1)

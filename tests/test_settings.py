@@ -144,3 +144,33 @@ def test_check_refuses_an_older_server_and_warns_about_a_newer_one(monkeypatch, 
     assert message.id == expected
     assert f"PostgreSQL {server_version // 10000}" in message.msg
     assert "PostgreSQL 15 to 18" in message.msg
+
+
+ROLLUP_PROBE = (
+    "import json, django; from django.conf import settings; django.setup(); "
+    "from optimization.services import rollups; "
+    "print(json.dumps([rollups.late_window().total_seconds(), rollups.lookback_window().total_seconds(), "
+    "rollups.chunk_hours()]))"
+)
+
+
+def test_the_rollup_windows_come_from_the_environment(tmp_path):
+    def windows(**env) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", ROLLUP_PROBE],
+            cwd=ROOT,
+            env=probe_env(tmp_path, **env),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    assert json.loads(windows().stdout.strip().splitlines()[-1]) == [7200, 604800, 1]
+    given = windows(
+        USAGE_ROLLUP_LATE_SECONDS="600", USAGE_ROLLUP_LOOKBACK_SECONDS="86400", USAGE_ROLLUP_CHUNK_HOURS="6"
+    )
+    assert json.loads(given.stdout.strip().splitlines()[-1]) == [600, 86400, 6]
+    for wrong in ("0", "two hours", "-5"):
+        refused = windows(USAGE_ROLLUP_LATE_SECONDS=wrong)
+        assert refused.returncode != 0
+        assert "USAGE_ROLLUP_LATE_SECONDS must be a whole number of at least 1" in refused.stderr
