@@ -337,7 +337,14 @@ def test_each_task_sent_through_the_broker_runs_on_exactly_one_of_two_workers(no
             timeout=TASK_TIMEOUT_SECONDS
         )  # 0 expired, or skipped while the other worker's run held the lock
 
-    events = {name: _task_events(nodes.workers.log(name)) for name in nodes.workers.names}
+    # A result is stored before its worker logs "succeeded": wait (bounded) until every task's line is there.
+    deadline = time.monotonic() + TASK_TIMEOUT_SECONDS
+    while True:
+        events = {name: _task_events(nodes.workers.log(name)) for name in nodes.workers.names}
+        logged = sum(counted[(result.id, "succeeded")] for result in sent for counted in events.values())
+        if logged >= len(sent) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     ran_on: dict[str, list[str]] = {}
     for result in sent:
         for name, counted in events.items():
