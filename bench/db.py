@@ -95,22 +95,9 @@ class DatabaseLock:
 
 
 def database_recreate(url: str) -> None:
-    name = database_name(url)
-    if "bench" not in name:
-        raise RuntimeError(f"refusing to drop {name!r}: a bench database's name contains 'bench'")
+    database_drop(url)
     with psycopg.connect(_with_database(url, "postgres"), autocommit=True, connect_timeout=10) as conn:
-        # FORCE: a server left over from a run that was killed may still hold connections. A session busy
-        # in code that does not look at interrupts (a JIT compile) takes longer to go: try for a while.
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                break
-            except psycopg.errors.ObjectInUse:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{database_name(url)}"')
 
 
 def database_copy(url: str, *, suffix: str) -> str:
@@ -139,11 +126,22 @@ def database_copy(url: str, *, suffix: str) -> str:
 
 
 def database_drop(url: str) -> None:
+    """Drop the bench database ``url`` names, if it exists (only a name containing "bench")."""
     name = database_name(url)
     if "bench" not in name:
         raise RuntimeError(f"refusing to drop {name!r}: a bench database's name contains 'bench'")
     with psycopg.connect(_with_database(url, "postgres"), autocommit=True, connect_timeout=10) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        # FORCE: a server left over from a run that was killed may still hold connections. A session busy
+        # in code that does not look at interrupts (a JIT compile) takes longer to go: try for a while.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
 
 
 def server_facts(url: str) -> dict:

@@ -38,16 +38,17 @@ def probe_env(tmp_path, **env) -> dict[str, str]:
     return clean
 
 
+def probe_run(tmp_path, code: str = PROBE, **env) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with exactly the given environment."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=probe_env(tmp_path, **env), capture_output=True, text=True
+    )
+
+
 def probe(tmp_path, **env) -> dict:
     """Import the settings in a fresh interpreter with exactly the given environment."""
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=ROOT,
-        env=probe_env(tmp_path, **env),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = probe_run(tmp_path, **env)
+    out.check_returncode()
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -156,14 +157,7 @@ ROLLUP_PROBE = (
 
 def test_the_rollup_windows_come_from_the_environment(tmp_path):
     def windows(**env) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-c", ROLLUP_PROBE],
-            cwd=ROOT,
-            env=probe_env(tmp_path, **env),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        return probe_run(tmp_path, ROLLUP_PROBE, **env)
 
     assert json.loads(windows().stdout.strip().splitlines()[-1]) == [7200, 604800, 1]
     given = windows(
